@@ -1,0 +1,255 @@
+//! Reading the official checkpoint files unchanged: sharded or single PyTorch
+//! pickles (through candle's pickle reader, which never executes pickled code)
+//! and sharded or single safetensors (memory-mapped).
+//!
+//! Tensors are read one at a time; a safetensors range is released from the
+//! page cache right after its copy, so loading never holds two copies of the weights.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::Metadata;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// The checkpoint file layouts glm2rs reads, in order of preference.
+pub const WEIGHT_FILES: [&str; 4] = [
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+];
+
+enum Shard {
+    Safetensors {
+        path: PathBuf,
+        mmap: Mmap,
+        data_start: usize,
+        meta: Metadata,
+    },
+    Pickle {
+        path: PathBuf,
+        pth: candle_core::pickle::PthTensors,
+    },
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let is_safetensors = path.extension().is_some_and(|e| e == "safetensors");
+        if !path.is_file() {
+            return Err(Error::checkpoint(path, "file not found"));
+        }
+        if is_safetensors {
+            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the file is only read; a concurrent truncation by another process is
+            // the usual caveat of memory-mapped model files.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                Error::checkpoint(path, format!("not a complete safetensors file ({e:?}); truncated or corrupt?"))
+            })?;
+            Ok(Shard::Safetensors {
+                path: path.to_path_buf(),
+                mmap,
+                data_start: 8 + n,
+                meta,
+            })
+        } else {
+            let pth = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
+                Error::checkpoint(path, format!("not a readable PyTorch checkpoint ({e}); truncated or corrupt?"))
+            })?;
+            Ok(Shard::Pickle {
+                path: path.to_path_buf(),
+                pth,
+            })
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Shard::Safetensors { path, .. } | Shard::Pickle { path, .. } => path,
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        match self {
+            Shard::Safetensors { meta, .. } => meta.tensors().into_keys().collect(),
+            Shard::Pickle { pth, .. } => pth.tensor_infos().keys().cloned().collect(),
+        }
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        match self {
+            Shard::Safetensors { meta, .. } => meta.info(name).map(|i| i.shape.clone()),
+            Shard::Pickle { pth, .. } => pth.tensor_infos().get(name).map(|i| i.layout.dims().to_vec()),
+        }
+    }
+
+    /// Read one tensor onto the CPU in its stored dtype.
+    fn read(&self, name: &str) -> Result<Tensor> {
+        let missing = || Error::checkpoint(self.path(), format!("tensor {name} not found in this file"));
+        match self {
+            Shard::Safetensors {
+                path,
+                mmap,
+                data_start,
+                meta,
+            } => {
+                let info = meta.info(name).ok_or_else(missing)?;
+                let dtype = match info.dtype {
+                    safetensors::Dtype::F16 => DType::F16,
+                    safetensors::Dtype::BF16 => DType::BF16,
+                    safetensors::Dtype::F32 => DType::F32,
+                    safetensors::Dtype::F64 => DType::F64,
+                    safetensors::Dtype::U8 => DType::U8,
+                    safetensors::Dtype::I64 => DType::I64,
+                    other => {
+                        return Err(Error::checkpoint(path, format!("tensor {name}: unsupported dtype {other:?}")))
+                    }
+                };
+                let (start, end) = info.data_offsets;
+                let bytes = &mmap[data_start + start..data_start + end];
+                let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
+                // The copy is made: let the kernel drop these file pages from our resident set.
+                // SAFETY: the map is read-only and never written; the pages are re-read from
+                // the file if touched again.
+                unsafe {
+                    let _ = mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, data_start + start, end - start);
+                }
+                Ok(t)
+            }
+            Shard::Pickle { path, pth } => match pth.get(name) {
+                Ok(Some(t)) => Ok(t),
+                Ok(None) => Err(missing()),
+                Err(e) => Err(Error::checkpoint(path, format!("tensor {name}: {e}; truncated or corrupt?"))),
+            },
+        }
+    }
+}
+
+/// An opened checkpoint: every shard, and which shard holds which tensor.
+pub struct Checkpoint {
+    shards: Vec<Shard>,
+    index: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Open the weights of a model directory (see [`WEIGHT_FILES`]).
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+        }
+        for name in WEIGHT_FILES {
+            let path = dir.join(name);
+            if !path.is_file() {
+                continue;
+            }
+            return if name.ends_with(".index.json") {
+                Self::open_index(&path)
+            } else {
+                Self::open_files(&[path])
+            };
+        }
+        Err(Error::checkpoint(
+            dir,
+            format!("no weights found: expected one of {}", WEIGHT_FILES.join(", ")),
+        ))
+    }
+
+    /// Open a `*.index.json` with its `weight_map`; every shard it names must exist.
+    pub fn open_index(index_path: &Path) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct Index {
+            weight_map: BTreeMap<String, String>,
+        }
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let idx: Index = serde_json::from_str(&text)
+            .map_err(|e| Error::checkpoint(index_path, format!("malformed index: {e}")))?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut shard_of_file: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut shards = vec![];
+        let mut index = HashMap::new();
+        for (tensor, file) in &idx.weight_map {
+            let next = shards.len();
+            let i = match shard_of_file.get(file.as_str()) {
+                Some(&i) => i,
+                None => {
+                    let path = dir.join(file);
+                    if !path.is_file() {
+                        return Err(Error::checkpoint(
+                            &path,
+                            format!("shard listed in {} is missing (it holds {tensor})", index_path.display()),
+                        ));
+                    }
+                    shards.push(Shard::open(&path)?);
+                    shard_of_file.insert(file, next);
+                    next
+                }
+            };
+            index.insert(tensor.clone(), i);
+        }
+        Ok(Self { shards, index })
+    }
+
+    /// Open a list of weight files (each `.safetensors` or PyTorch pickle).
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut shards = vec![];
+        let mut index = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let shard = Shard::open(p)?;
+            for name in shard.names() {
+                index.insert(name, i);
+            }
+            shards.push(shard);
+        }
+        Ok(Self { shards, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.index.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    fn shard(&self, name: &str) -> Result<&Shard> {
+        match self.index.get(name) {
+            Some(&i) => Ok(&self.shards[i]),
+            None => Err(Error::checkpoint(
+                self.shards.first().map(|s| s.path()).unwrap_or(Path::new("?")),
+                format!("tensor {name} is in no file of this checkpoint"),
+            )),
+        }
+    }
+
+    /// The stored shape of a tensor, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let shard = self.shard(name).ok()?;
+        shard.shape(name)
+    }
+
+    /// Read a tensor, check its shape, and convert it to `dtype` on `device`.
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let shard = self.shard(name)?;
+        if let Some(stored) = shard.shape(name) {
+            if stored != shape {
+                return Err(Error::checkpoint(
+                    shard.path(),
+                    format!("tensor {name} has shape {stored:?}, the config implies {shape:?}"),
+                ));
+            }
+        }
+        let t = shard.read(name)?;
+        if t.dims() != shape {
+            return Err(Error::checkpoint(
+                shard.path(),
+                format!("tensor {name} has shape {:?}, the config implies {shape:?}", t.dims()),
+            ));
+        }
+        // Convert on the CPU for float sources (one tensor at a time), then move.
+        let t = t.to_dtype(dtype)?;
+        Ok(t.to_device(device)?)
+    }
+}

@@ -1,0 +1,288 @@
+//! One sequence being generated: its cache, its sampler and its stop rules.
+//! A [`Generator`] owns everything that changes while generating; the model is shared.
+
+use crate::error::{Error, Result};
+use crate::model::{Cache, Glm2Model, Logits};
+use crate::sampling::{Sampler, SamplingConfig};
+use crate::tokenizer::{TextStream, Tokenizer};
+use candle_core::Tensor;
+use std::sync::Arc;
+
+/// Used when neither `max_new_tokens` nor `max_length` is given.
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
+
+/// Everything that shapes one generation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationConfig {
+    /// Most tokens to generate (the eos included).
+    pub max_new_tokens: Option<usize>,
+    /// Most tokens of prompt plus output, as the official code's `max_length`.
+    pub max_length: Option<usize>,
+    pub sampling: SamplingConfig,
+    /// Ids that end generation besides the model's eos (kept as the last id, as eos is).
+    pub stop_token_ids: Vec<u32>,
+    /// Texts that end generation; the text stops before the first occurrence.
+    pub stop_strings: Vec<String>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced eos or a stop id.
+    Stop,
+    /// A stop string appeared in the text.
+    StopString,
+    /// `max_new_tokens`, `max_length` or the context was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FinishReason::Stop | FinishReason::StopString => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One generation in progress.
+pub struct Generator {
+    model: Arc<Glm2Model>,
+    tokenizer: Arc<Tokenizer>,
+    cache: Cache,
+    sampler: Sampler,
+    stop_ids: Vec<u32>,
+    stop_strings: Vec<String>,
+    /// Prompt and generated ids.
+    ids: Vec<u32>,
+    prompt_len: usize,
+    /// Generation ends when `ids.len()` reaches this.
+    limit: usize,
+    /// Ids not yet run through the model.
+    to_feed: Vec<u32>,
+    text: TextStream,
+    /// Decoded text held back because it may begin a stop string.
+    held: String,
+    /// All text has been returned.
+    text_done: bool,
+    finished: Option<FinishReason>,
+}
+
+impl Generator {
+    /// Prepare a generation from `prompt` ids. Nothing runs until the first step.
+    pub fn new(
+        model: Arc<Glm2Model>,
+        tokenizer: Arc<Tokenizer>,
+        prompt: Vec<u32>,
+        cfg: &GenerationConfig,
+    ) -> Result<Self> {
+        let cache = model.new_cache();
+        Self::with_cache(model, tokenizer, cache, prompt, cfg)
+    }
+
+    /// Continue after what `cache` already holds: `prompt` are the ids to add before generating.
+    pub fn with_cache(
+        model: Arc<Glm2Model>,
+        tokenizer: Arc<Tokenizer>,
+        cache: Cache,
+        prompt: Vec<u32>,
+        cfg: &GenerationConfig,
+    ) -> Result<Self> {
+        if prompt.is_empty() && cache.is_empty() {
+            return Err(Error::invalid("the prompt is empty"));
+        }
+        let vocab = model.config().padded_vocab_size;
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
+            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary ({vocab})")));
+        }
+        let context = model.max_context();
+        let prompt_len = cache.len() + prompt.len();
+        if prompt_len >= context {
+            return Err(Error::invalid(format!(
+                "the prompt has {prompt_len} tokens and leaves no room in the model context of {context} tokens"
+            )));
+        }
+        let mut limit = context;
+        if let Some(m) = cfg.max_length {
+            if prompt_len >= m {
+                return Err(Error::invalid(format!(
+                    "the prompt has {prompt_len} tokens, not fewer than max_length = {m}"
+                )));
+            }
+            limit = limit.min(m);
+        }
+        match cfg.max_new_tokens {
+            Some(0) => return Err(Error::invalid("max_new_tokens must be at least 1")),
+            Some(n) => limit = limit.min(prompt_len.saturating_add(n)),
+            None if cfg.max_length.is_none() => limit = limit.min(prompt_len + DEFAULT_MAX_NEW_TOKENS),
+            None => {}
+        }
+        if cfg.stop_strings.iter().any(|s| s.is_empty()) {
+            return Err(Error::invalid("stop strings must not be empty"));
+        }
+        let sampler = Sampler::new(cfg.sampling.clone())?;
+        let mut stop_ids = model.config().eos_token_id.to_vec();
+        stop_ids.extend(&cfg.stop_token_ids);
+        Ok(Self {
+            model,
+            tokenizer,
+            cache,
+            sampler,
+            stop_ids,
+            stop_strings: cfg.stop_strings.clone(),
+            ids: prompt.clone(),
+            prompt_len: prompt.len(),
+            limit: limit - (prompt_len - prompt.len()),
+            to_feed: prompt,
+            text: TextStream::new(),
+            held: String::new(),
+            text_done: false,
+            finished: None,
+        })
+    }
+
+    /// Prompt and generated ids so far (ids held in the cache before this generation excluded).
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    /// The generated ids (an eos or stop id that ended generation included).
+    pub fn generated_ids(&self) -> &[u32] {
+        &self.ids[self.prompt_len..]
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    pub fn finish_reason(&self) -> Option<FinishReason> {
+        self.finished
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
+    }
+
+    /// The cache (holds the prompt and every generated token that has been fed back).
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Run the ids not yet in the cache (e.g. the last generated token) through the model, so
+    /// that the cache holds the whole sequence; returns the cache.
+    pub fn into_cache(mut self, feed_last: bool) -> Result<Cache> {
+        if feed_last && !self.to_feed.is_empty() {
+            let ids = std::mem::take(&mut self.to_feed);
+            let input = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+            self.model.forward(&input, &mut self.cache, Logits::Last)?;
+        }
+        Ok(self.cache)
+    }
+
+    /// Ids generated but not yet fed to the model.
+    pub fn unfed_ids(&self) -> &[u32] {
+        &self.to_feed
+    }
+
+    /// One decoding step: feed pending ids, pick the next token. `None` once finished.
+    pub fn next_token(&mut self) -> Result<Option<u32>> {
+        if self.finished.is_some() {
+            return Ok(None);
+        }
+        let ids = std::mem::take(&mut self.to_feed);
+        let input = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+        let logits = match self.model.forward(&input, &mut self.cache, Logits::Last) {
+            Ok(l) => l,
+            Err(e) => {
+                // Keep the sequence consistent: nothing was appended for a failed step.
+                self.finished = Some(FinishReason::Length);
+                return Err(e);
+            }
+        };
+        let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let token = self.sampler.sample(&mut row, &self.ids);
+        self.ids.push(token);
+        self.to_feed.push(token);
+        if self.stop_ids.contains(&token) {
+            self.finished = Some(FinishReason::Stop);
+        } else if self.ids.len() >= self.limit {
+            self.finished = Some(FinishReason::Length);
+        }
+        Ok(Some(token))
+    }
+
+    /// Advance until some text is ready; returns it, or `None` when the generation is over.
+    /// The pieces join to exactly the decode of the generated ids (cut before a stop string).
+    pub fn next_text(&mut self) -> Result<Option<String>> {
+        fn some(s: String) -> Option<String> {
+            (!s.is_empty()).then_some(s)
+        }
+        loop {
+            if self.text_done {
+                return Ok(None);
+            }
+            if self.finished.is_some() {
+                // Flush what the stream and the stop-string filter still hold.
+                let rest = self.text.finish(&self.tokenizer)?;
+                self.held.push_str(&rest);
+                self.text_done = true;
+                let out = std::mem::take(&mut self.held);
+                return Ok(match self.cut_at_stop(out) {
+                    Err(before) => {
+                        self.finished = Some(FinishReason::StopString);
+                        some(before)
+                    }
+                    Ok(all) => some(all),
+                });
+            }
+            let Some(token) = self.next_token()? else { continue };
+            let piece = self.text.push(&self.tokenizer, token)?; // eos and specials add no text
+            self.held.push_str(&piece);
+            let held = std::mem::take(&mut self.held);
+            match self.cut_at_stop(held) {
+                Err(before) => {
+                    self.finished = Some(FinishReason::StopString);
+                    self.text_done = true;
+                    return Ok(some(before));
+                }
+                Ok(text) => {
+                    // Hold back a tail that could still grow into a stop string.
+                    let keep = self.stop_prefix_len(&text);
+                    let (emit, hold) = text.split_at(text.len() - keep);
+                    self.held = hold.to_string();
+                    if !emit.is_empty() {
+                        return Ok(Some(emit.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `Err(text before the stop)` if a stop string occurs in `text`, else `Ok(text)`.
+    fn cut_at_stop(&self, text: String) -> std::result::Result<String, String> {
+        let first = self.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min();
+        match first {
+            Some(i) => Err(text[..i].to_string()),
+            None => Ok(text),
+        }
+    }
+
+    /// Length of the longest suffix of `text` that is a proper prefix of a stop string.
+    fn stop_prefix_len(&self, text: &str) -> usize {
+        let mut best = 0;
+        for s in &self.stop_strings {
+            for (i, _) in s.char_indices().skip(1) {
+                if i > best && text.ends_with(&s[..i]) {
+                    best = i;
+                }
+            }
+        }
+        best
+    }
+
+    /// Generate to the end; returns the generated ids (eos included when produced).
+    pub fn run_to_end(&mut self) -> Result<Vec<u32>> {
+        while self.next_token()?.is_some() {}
+        Ok(self.generated_ids().to_vec())
+    }
+}

@@ -1,0 +1,245 @@
+//! glm2rs: a fast inference engine for the ChatGLM2-6B family on candle.
+//!
+//! ```no_run
+//! use glm2rs::{Model, LoadOptions, GenerationConfig};
+//! let model = Model::from_dir("chatglm2-6b".as_ref(), &LoadOptions::default())?;
+//! let cfg = GenerationConfig { max_new_tokens: Some(32), ..Default::default() };
+//! let mut gen = model.generator_for_prompt(&glm2rs::build_prompt("你好", &[]), &cfg)?;
+//! while let Some(piece) = gen.next_text()? {
+//!     print!("{piece}");
+//! }
+//! # Ok::<(), glm2rs::Error>(())
+//! ```
+
+pub mod chat_format;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use chat_format::build_prompt;
+pub use config::Glm2Config;
+pub use error::{Error, Result};
+pub use generate::{FinishReason, GenerationConfig, Generator};
+pub use model::{Cache, Glm2Model, Logits};
+pub use sampling::SamplingConfig;
+pub use tokenizer::{TextStream, Tokenizer};
+
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Parse a device string: `"cpu"`, `"cuda"`, `"cuda:N"`, `"metal"`, `"metal:N"`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let s = s.trim().to_ascii_lowercase();
+    let (kind, index) = match s.split_once(':') {
+        Some((k, i)) => {
+            let i: usize = i
+                .parse()
+                .map_err(|_| Error::invalid(format!("device \"{s}\": the index must be a number")))?;
+            (k.to_string(), i)
+        }
+        None => (s.clone(), 0),
+    };
+    match kind.as_str() {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => Device::new_cuda(index)
+            .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}"))),
+        "metal" | "mps" => Device::new_metal(index)
+            .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}"))),
+        _ => Err(Error::invalid(format!(
+            "unknown device \"{s}\": use \"cpu\", \"cuda\", \"cuda:N\" or \"metal\""
+        ))),
+    }
+}
+
+/// Parse a dtype string; `None` means `"auto"`.
+pub fn parse_dtype(s: &str) -> Result<Option<DType>> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(None),
+        "float32" | "f32" | "fp32" | "float" => Ok(Some(DType::F32)),
+        "float16" | "f16" | "fp16" | "half" => Ok(Some(DType::F16)),
+        "bfloat16" | "bf16" => Ok(Some(DType::BF16)),
+        other => Err(Error::invalid(format!(
+            "unknown dtype \"{other}\": use \"auto\", \"float32\", \"float16\" or \"bfloat16\""
+        ))),
+    }
+}
+
+/// The name of a dtype as Python users write it.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "other",
+    }
+}
+
+/// Physical memory of this machine in bytes, if known.
+fn total_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// What `dtype="auto"` picks:
+/// - CUDA: bfloat16 (the range of float32, half the memory);
+/// - Metal: float16;
+/// - CPU: float32 when the float32 weights take at most 40% of physical memory (exact and, on
+///   CPU, fastest per element), else float16 — the official checkpoints' own dtype, and the
+///   16-bit type that candle's CPU matmul runs natively.
+pub fn auto_dtype(cfg: &Glm2Config, device: &Device) -> DType {
+    match device {
+        Device::Cuda(_) => DType::BF16,
+        Device::Metal(_) => DType::F16,
+        Device::Cpu => {
+            let f32_bytes = cfg.num_parameters() as u64 * 4;
+            match total_memory_bytes() {
+                Some(total) if f32_bytes * 10 <= total * 4 => DType::F32,
+                _ => DType::F16,
+            }
+        }
+    }
+}
+
+/// How to load a model.
+pub struct LoadOptions<'a> {
+    pub device: Device,
+    /// `None`: see [`auto_dtype`].
+    pub dtype: Option<DType>,
+    /// Called with (tensors done, tensors in all) while loading.
+    pub progress: Option<&'a dyn Fn(usize, usize)>,
+    /// Force ChatGLM3's tokenizer (role tokens); `None`: decided from the checkpoint.
+    pub chatglm3: Option<bool>,
+}
+
+impl Default for LoadOptions<'_> {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+            progress: None,
+            chatglm3: None,
+        }
+    }
+}
+
+/// A loaded model with its tokenizer: the shareable entry point of the library.
+#[derive(Clone)]
+pub struct Model {
+    model: Arc<Glm2Model>,
+    tokenizer: Arc<Tokenizer>,
+    config_json: serde_json::Value,
+    dir: PathBuf,
+}
+
+/// Whether a checkpoint directory is a ChatGLM3 one (by its recorded names).
+fn looks_like_chatglm3(dir: &Path, cfg: &Glm2Config) -> bool {
+    let in_name = |s: &str| s.to_ascii_lowercase().contains("chatglm3");
+    if cfg.name_or_path.as_deref().is_some_and(in_name) {
+        return true;
+    }
+    if let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if v.get("name_or_path").and_then(|x| x.as_str()).is_some_and(in_name) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+impl Model {
+    /// Load a Hugging Face style model directory (config.json, tokenizer.model, weights).
+    pub fn from_dir(dir: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
+        }
+        let cfg_path = dir.join("config.json");
+        let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let config = Glm2Config::from_json_str(&cfg_text)
+            .map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
+        let config_json: serde_json::Value = serde_json::from_str(&cfg_text)
+            .map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
+        let chatglm3 = opts.chatglm3.unwrap_or_else(|| looks_like_chatglm3(dir, &config));
+        let tokenizer = Tokenizer::from_spm_file(&dir.join("tokenizer.model"), chatglm3)?;
+        let ckpt = checkpoint::Checkpoint::open_dir(dir)?;
+        let dtype = opts.dtype.unwrap_or_else(|| auto_dtype(&config, &opts.device));
+        let model = Glm2Model::load(&config, &ckpt, dtype, &opts.device, opts.progress)?;
+        Ok(Self {
+            model: Arc::new(model),
+            tokenizer: Arc::new(tokenizer),
+            config_json,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Glm2Model> {
+        &self.model
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn config(&self) -> &Glm2Config {
+        self.model.config()
+    }
+
+    /// `config.json` as read (every key, also those the engine ignores).
+    pub fn config_json(&self) -> &serde_json::Value {
+        &self.config_json
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Logits of every position of `ids` in a fresh context: f32 `[len, vocab]`.
+    pub fn logits(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::invalid("input_ids is empty"));
+        }
+        let mut cache = self.model.new_cache();
+        let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let logits = self.model.forward(&input, &mut cache, Logits::All)?;
+        Ok(logits.squeeze(0)?)
+    }
+
+    /// A generation from prompt ids.
+    pub fn generator(&self, prompt: Vec<u32>, cfg: &GenerationConfig) -> Result<Generator> {
+        Generator::new(self.model.clone(), self.tokenizer.clone(), prompt, cfg)
+    }
+
+    /// A generation from prompt text (encoded with `[gMASK] sop` in front).
+    pub fn generator_for_prompt(&self, prompt: &str, cfg: &GenerationConfig) -> Result<Generator> {
+        let ids = self.tokenizer.encode(prompt, true)?;
+        self.generator(ids, cfg)
+    }
+
+    /// Generate from ids to the end; the new ids (ending with eos when eos was produced).
+    pub fn generate_ids(&self, prompt: &[u32], cfg: &GenerationConfig) -> Result<Vec<u32>> {
+        self.generator(prompt.to_vec(), cfg)?.run_to_end()
+    }
+
+    /// Generate text from prompt text.
+    pub fn generate(&self, prompt: &str, cfg: &GenerationConfig) -> Result<String> {
+        let mut g = self.generator_for_prompt(prompt, cfg)?;
+        let mut out = String::new();
+        while let Some(piece) = g.next_text()? {
+            out.push_str(&piece);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,427 @@
+//! The ChatGLM2 transformer (ChatGLM3 shares it), read top to bottom: rotary embedding, then
+//! the layers bottom-up (RMSNorm, attention, MLP, block), then the model and its `forward`.
+//! Names mirror the checkpoint keys (`transformer.encoder.layers.N.self_attention...`).
+
+use super::kv_cache::Cache;
+use super::linear::Linear;
+use crate::checkpoint::Checkpoint;
+use crate::config::Glm2Config;
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Module, Tensor};
+
+/// Longest query block whose attention scores are materialised at once during prefill.
+const ATTENTION_SCORE_BUDGET: usize = 64 << 20; // f32 elements per block
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding: applied to the first half of each head, interleaved (x0, x1) pairs.
+
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    /// `[seq_length, rotary_dim / 2]`, computed in f32 and rounded to the model dtype as the
+    /// official code does ("to mimic complex32").
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+        // official: RotaryEmbedding(rotary_dim // 2) with n_elem = kv_channels / 2
+        let n_elem = cfg.rotary_dim();
+        let half = n_elem / 2;
+        let theta: Vec<f32> = (0..half)
+            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / n_elem as f32))
+            .collect();
+        let len = cfg.seq_length;
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in 0..len {
+            // chatglm2-6b-32k: positions divided by rope_ratio
+            let pos = p as f32 / cfg.rope_ratio as f32;
+            for &t in &theta {
+                let a = pos * t;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin })
+    }
+
+    /// `x`: `[b, heads, t, kv_channels]` -> same, with positions `start..start + t` rotated.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_b, _h, t, d) = x.dims4()?;
+        let rot = self.cos.dim(1)? * 2;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let x_rot = x.narrow(3, 0, rot)?.contiguous()?;
+        let x_rot = candle_nn::rotary_emb::rope_i(&x_rot, &cos, &sin)?;
+        if rot == d {
+            return Ok(x_rot);
+        }
+        let x_pass = x.narrow(3, rot, d - rot)?;
+        Ok(Tensor::cat(&[&x_rot, &x_pass], 3)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm: statistics in f32, result cast back to the model dtype (official RMSNorm.forward).
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn load(ckpt: &Checkpoint, name: &str, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+        let weight = ckpt.get(&format!("{name}.weight"), &[cfg.hidden_size], dtype, device)?;
+        Ok(Self {
+            weight,
+            eps: cfg.layernorm_epsilon as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-attention with multi-query groups: `query_key_value` -> q [heads], k/v [groups].
+
+#[derive(Debug, Clone)]
+struct SelfAttention {
+    query_key_value: Linear,
+    dense: Linear,
+    num_heads: usize,
+    num_groups: usize,
+    head_dim: usize,
+}
+
+impl SelfAttention {
+    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            query_key_value: Linear::load(
+                ckpt,
+                &format!("{p}.query_key_value"),
+                cfg.hidden_size,
+                cfg.qkv_size(),
+                cfg.add_bias_linear || cfg.add_qkv_bias,
+                dtype,
+                device,
+            )?,
+            dense: Linear::load(
+                ckpt,
+                &format!("{p}.dense"),
+                cfg.projection_size(),
+                cfg.hidden_size,
+                cfg.add_bias_linear,
+                dtype,
+                device,
+            )?,
+            num_heads: cfg.num_attention_heads,
+            num_groups: cfg.kv_groups(),
+            head_dim: cfg.kv_channels,
+        })
+    }
+
+    /// `x`: `[b, t, hidden]`; positions `cache.position()..+t`; keys/values appended to the cache.
+    fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, cache: &mut Cache, layer: usize) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
+        let qkv = self.query_key_value.forward(x)?; // [b, t, (nh + 2 ng) hd]
+        let q = qkv.narrow(2, 0, nh * hd)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [b, nh, t, hd]
+        let k = qkv.narrow(2, nh * hd, ng * hd)?.reshape((b, t, ng, hd))?.transpose(1, 2)?; // [b, ng, t, hd]
+        let v = qkv.narrow(2, (nh + ng) * hd, ng * hd)?.reshape((b, t, ng, hd))?.transpose(1, 2)?;
+        let start = cache.position();
+        let q = rotary.apply(&q, start)?;
+        let k = rotary.apply(&k, start)?;
+        let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // [b, ng, L, hd]
+        let ctx = self.attend(&q, &k_all, &v_all)?; // [b, nh, t, hd]
+        let ctx = ctx.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        self.dense.forward(&ctx).map_err(Error::from)
+    }
+
+    /// Causal attention of `q` `[b, nh, t, hd]` (the last `t` positions) over `k`, `v`
+    /// `[b, ng, L, hd]`, in f32. Heads of one group share its keys without copying them out:
+    /// queries are viewed as `[b, ng, (nh/ng) * t, hd]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let ng = self.num_groups;
+        let r = nh / ng;
+        let l = k.dim(2)?;
+        let past = l - t;
+        let dtype = q.dtype();
+        let k = k.to_dtype(DType::F32)?.contiguous()?;
+        let v = v.to_dtype(DType::F32)?.contiguous()?;
+        let kt = k.t()?; // [b, ng, hd, L]
+        let scale = 1.0 / (hd as f64).sqrt();
+        // Split the queries into blocks so that the score matrix stays bounded.
+        let block = (ATTENTION_SCORE_BUDGET / (b * nh * l).max(1)).clamp(1, t.max(1));
+        let mut outs = Vec::with_capacity(t.div_ceil(block));
+        let mut i0 = 0;
+        while i0 < t {
+            let tc = block.min(t - i0);
+            let visible = past + i0 + tc; // causal: later keys are never needed
+            let qc = q.narrow(2, i0, tc)?.to_dtype(DType::F32)?.contiguous()?.reshape((b, ng, r * tc, hd))?;
+            let kc = kt.narrow(3, 0, visible)?;
+            let vc = v.narrow(2, 0, visible)?;
+            let mut scores = (qc.matmul(&kc)? * scale)?; // [b, ng, r*tc, visible]
+            if tc > 1 {
+                let mut mask = vec![0f32; tc * visible];
+                for i in 0..tc {
+                    for c in (past + i0 + i + 1)..visible {
+                        mask[i * visible + c] = f32::NEG_INFINITY;
+                    }
+                }
+                let mask = Tensor::from_vec(mask, (1, tc, visible), q.device())?
+                    .broadcast_as((r, tc, visible))?
+                    .reshape((r * tc, visible))?;
+                scores = scores.broadcast_add(&mask)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&vc)?; // [b, ng, r*tc, hd]
+            outs.push(out.reshape((b, nh, tc, hd))?);
+            i0 += tc;
+        }
+        let out = if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 2)? };
+        Ok(out.to_dtype(dtype)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MLP: dense_h_to_4h -> SwiGLU -> dense_4h_to_h.
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+}
+
+impl Mlp {
+    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Self {
+            dense_h_to_4h: Linear::load(
+                ckpt,
+                &format!("{p}.dense_h_to_4h"),
+                cfg.hidden_size,
+                2 * cfg.ffn_hidden_size,
+                cfg.add_bias_linear,
+                dtype,
+                device,
+            )?,
+            dense_4h_to_h: Linear::load(
+                ckpt,
+                &format!("{p}.dense_4h_to_h"),
+                cfg.ffn_hidden_size,
+                cfg.hidden_size,
+                cfg.add_bias_linear,
+                dtype,
+                device,
+            )?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.dense_h_to_4h.forward(x)?;
+        let h = candle_nn::ops::swiglu(&h)?;
+        Ok(self.dense_4h_to_h.forward(&h)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One transformer block (GLMBlock).
+
+#[derive(Debug, Clone)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attention: SelfAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    residual_post_layernorm: bool,
+}
+
+impl Block {
+    fn load(ckpt: &Checkpoint, i: usize, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+        let p = format!("transformer.encoder.layers.{i}");
+        Ok(Self {
+            input_layernorm: RmsNorm::load(ckpt, &format!("{p}.input_layernorm"), cfg, dtype, device)?,
+            self_attention: SelfAttention::load(ckpt, &format!("{p}.self_attention"), cfg, dtype, device)?,
+            post_attention_layernorm: RmsNorm::load(ckpt, &format!("{p}.post_attention_layernorm"), cfg, dtype, device)?,
+            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, dtype, device)?,
+            residual_post_layernorm: cfg.apply_residual_connection_post_layernorm,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, cache: &mut Cache, layer: usize) -> Result<Tensor> {
+        let ln = self.input_layernorm.forward(x)?;
+        let attn = self.self_attention.forward(&ln, rotary, cache, layer)?;
+        let residual = if self.residual_post_layernorm { &ln } else { x };
+        let ln_input = (residual + attn)?;
+        let ln2 = self.post_attention_layernorm.forward(&ln_input)?;
+        let mlp = self.mlp.forward(&ln2)?;
+        let residual = if self.residual_post_layernorm { &ln2 } else { &ln_input };
+        Ok((residual + mlp)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The model.
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Every input position: `[b, t, vocab]`.
+    All,
+    /// Only the last position: `[b, 1, vocab]` (generation; saves the output projection).
+    Last,
+}
+
+/// A loaded ChatGLM2 model: weights only, immutable, shareable across threads (`Arc`).
+/// Every call brings its own [`Cache`].
+#[derive(Debug)]
+pub struct Glm2Model {
+    config: Glm2Config,
+    dtype: DType,
+    device: Device,
+    word_embeddings: Tensor,
+    rotary: RotaryEmbedding,
+    layers: Vec<Block>,
+    final_layernorm: Option<RmsNorm>,
+    output_layer: Linear,
+}
+
+/// Loading progress: `(tensors done, tensors in all)`.
+pub type ProgressFn<'a> = &'a dyn Fn(usize, usize);
+
+impl Glm2Model {
+    /// Build the model from an opened checkpoint.
+    pub fn load(
+        cfg: &Glm2Config,
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        progress: Option<ProgressFn<'_>>,
+    ) -> Result<Self> {
+        if cfg.quantization_bit != 0 {
+            return Err(Error::config(format!(
+                "quantization_bit = {}: official quantized checkpoints are not supported by this build yet",
+                cfg.quantization_bit
+            )));
+        }
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::invalid(format!("dtype {dtype:?} is not a float dtype the model runs in")));
+        }
+        let total = cfg.num_layers + 3;
+        let report = |done: usize| {
+            if let Some(p) = progress {
+                p(done, total)
+            }
+        };
+        let word_embeddings = ckpt.get(
+            "transformer.embedding.word_embeddings.weight",
+            &[cfg.padded_vocab_size, cfg.hidden_size],
+            dtype,
+            device,
+        )?;
+        report(1);
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            layers.push(Block::load(ckpt, i, cfg, dtype, device)?);
+            report(2 + i);
+        }
+        let final_layernorm = if cfg.post_layer_norm {
+            Some(RmsNorm::load(ckpt, "transformer.encoder.final_layernorm", cfg, dtype, device)?)
+        } else {
+            None
+        };
+        let output_layer = Linear::load(
+            ckpt,
+            "transformer.output_layer",
+            cfg.hidden_size,
+            cfg.padded_vocab_size,
+            false,
+            dtype,
+            device,
+        )?;
+        report(total - 1);
+        let rotary = RotaryEmbedding::new(cfg, dtype, device)?;
+        report(total);
+        Ok(Self {
+            config: cfg.clone(),
+            dtype,
+            device: device.clone(),
+            word_embeddings,
+            rotary,
+            layers,
+            final_layernorm,
+            output_layer,
+        })
+    }
+
+    pub fn config(&self) -> &Glm2Config {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The longest sequence (prefix entries included) the model can attend over.
+    pub fn max_context(&self) -> usize {
+        self.config.seq_length
+    }
+
+    /// A fresh, empty cache for one sequence.
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(self.config.num_layers, self.config.seq_length)
+    }
+
+    /// Run `input_ids` (`[b, t]`, u32) after what `cache` holds, append their keys and values to
+    /// it, and return f32 logits (`[b, t, vocab]` or `[b, 1, vocab]`).
+    pub fn forward(&self, input_ids: &Tensor, cache: &mut Cache, which: Logits) -> Result<Tensor> {
+        let (_b, t) = input_ids.dims2()?;
+        if t == 0 {
+            return Err(Error::invalid("forward needs at least one token"));
+        }
+        if cache.len() + t > self.config.seq_length || cache.position() + t > self.config.seq_length {
+            return Err(Error::invalid(format!(
+                "sequence of {} tokens exceeds the model context of {} (seq_length)",
+                cache.len() + t,
+                self.config.seq_length
+            )));
+        }
+        let max_id = input_ids.flatten_all()?.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+        if max_id as usize >= self.config.padded_vocab_size {
+            return Err(Error::invalid(format!(
+                "token id {max_id} is outside the vocabulary (padded_vocab_size {})",
+                self.config.padded_vocab_size
+            )));
+        }
+        let mut x = self.embed(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(&x, &self.rotary, cache, i)?;
+        }
+        cache.advance(t, true);
+        if which == Logits::Last {
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        if let Some(norm) = &self.final_layernorm {
+            x = norm.forward(&x)?;
+        }
+        let logits = self.output_layer.forward(&x)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?;
+        let x = self.word_embeddings.index_select(&flat, 0)?;
+        Ok(x.reshape((b, t, self.config.hidden_size))?)
+    }
+}

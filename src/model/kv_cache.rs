@@ -1,0 +1,162 @@
+//! The KV cache of one sequence (or one batch of equally long sequences).
+//! It belongs to the caller, never to the model, so many sequences can share one model.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Room is added in steps of this many positions (and at least doubled), so appending a token
+/// never copies the whole cache: growth is amortised O(1) per token.
+const GROW_STEP: usize = 256;
+
+/// One layer's keys and values: `[batch, groups, capacity, kv_channels]`, the first `len` valid.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    k: Tensor,
+    v: Tensor,
+}
+
+/// The cache of every layer, plus the number of positions it holds.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    layers: Vec<Option<LayerCache>>,
+    /// Valid entries (prefix entries included).
+    len: usize,
+    /// Rotary position of the next token: `len` minus the P-Tuning prefix length.
+    position: usize,
+    /// Largest number of entries ever allowed (the model's context).
+    max_len: usize,
+}
+
+impl Cache {
+    pub fn new(num_layers: usize, max_len: usize) -> Self {
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+            position: 0,
+            max_len,
+        }
+    }
+
+    /// Entries held (prefix entries included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Rotary position of the next token.
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Bytes held by the cache tensors.
+    pub fn allocated_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| 2 * l.k.elem_count() * l.k.dtype().size_in_bytes())
+            .sum()
+    }
+
+    /// Forget everything (keeps nothing allocated).
+    pub fn clear(&mut self) {
+        for l in &mut self.layers {
+            *l = None;
+        }
+        self.len = 0;
+        self.position = 0;
+    }
+
+    /// Drop the entries from `len` on (e.g. to undo a token).
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            let removed = self.len - len;
+            self.len = len;
+            self.position = self.position.saturating_sub(removed);
+        }
+    }
+
+    /// Write `k`, `v` (`[b, groups, t, kv_channels]`, contiguous) of layer `layer` at the end and
+    /// return views of all valid keys and values `[b, groups, len + t, kv_channels]`.
+    /// Call [`Cache::advance`] once all layers of a step have appended.
+    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, g, t, d) = k.dims4()?;
+        let need = self.len + t;
+        let slot = &mut self.layers[layer];
+        let cap = slot.as_ref().map(|l| l.k.dims()[2]).unwrap_or(0);
+        if need > cap {
+            let new_cap = need
+                .max(2 * cap)
+                .div_ceil(GROW_STEP)
+                .saturating_mul(GROW_STEP)
+                .min(self.max_len.max(need));
+            let grow = |old: Option<&Tensor>, dtype: DType, device: &Device| -> Result<Tensor> {
+                let extra = Tensor::zeros((b, g, new_cap - cap, d), dtype, device)?;
+                match old {
+                    Some(old) => Tensor::cat(&[old, &extra], 2),
+                    None => Ok(extra),
+                }
+            };
+            let nk = grow(slot.as_ref().map(|l| &l.k), k.dtype(), k.device())?;
+            let nv = grow(slot.as_ref().map(|l| &l.v), v.dtype(), v.device())?;
+            *slot = Some(LayerCache { k: nk, v: nv });
+        }
+        let lc = slot.as_ref().expect("allocated above");
+        lc.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        lc.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((lc.k.narrow(2, 0, need)?, lc.v.narrow(2, 0, need)?))
+    }
+
+    /// Mark `t` new entries as valid; `rotary` says whether they advance the rotary position
+    /// (prompt tokens do, P-Tuning prefix entries do not).
+    pub fn advance(&mut self, t: usize, rotary: bool) {
+        self.len += t;
+        if rotary {
+            self.position += t;
+        }
+    }
+
+    /// The valid keys and values of a layer (`None` before the first append).
+    pub fn layer(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
+        match &self.layers[layer] {
+            Some(lc) => Ok(Some((lc.k.narrow(2, 0, self.len)?, lc.v.narrow(2, 0, self.len)?))),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_and_keeps_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut c = Cache::new(1, 4096);
+        let mut all = vec![];
+        for step in 0..300 {
+            let t = if step == 0 { 5 } else { 1 };
+            let k = Tensor::rand(0f32, 1f32, (1, 2, t, 4), &dev)?;
+            let (ka, va) = c.append(0, &k, &(&k * 2.0)?)?;
+            c.advance(t, true);
+            all.push(k);
+            let expect = Tensor::cat(&all, 2)?;
+            assert_eq!(ka.dims(), expect.dims());
+            let diff = (ka - &expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0);
+            let diff = (va - (expect * 2.0)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0);
+        }
+        assert_eq!(c.len(), 304);
+        // capacity grew in steps, never one slot at a time
+        assert_eq!(c.allocated_bytes(), 2 * 2 * 512 * 4 * 4);
+        c.truncate(10);
+        assert_eq!((c.len(), c.position()), (10, 10));
+        Ok(())
+    }
+}

@@ -1,0 +1,8 @@
+//! The ChatGLM2 network and its per-sequence state.
+
+pub mod glm2;
+pub mod kv_cache;
+pub mod linear;
+
+pub use glm2::{Glm2Model, Logits};
+pub use kv_cache::Cache;

@@ -1,0 +1,240 @@
+//! Choosing the next token from logits, with transformers' semantics and order:
+//! repetition penalty (also in greedy mode), then temperature, top-k and top-p when sampling.
+
+use crate::error::{Error, Result};
+use rand::{Rng, SeedableRng};
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    /// Sample (`true`) or take the most likely token (`false`).
+    pub do_sample: bool,
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens whose probabilities add up to `top_p`.
+    pub top_p: f64,
+    /// Keep only the `top_k` most likely tokens (0 = no limit).
+    pub top_k: usize,
+    /// > 1 discourages tokens already in the sequence (prompt included), as transformers.
+    pub repetition_penalty: f64,
+    /// Seed of the sampler: the same seed gives the same tokens. `None`: from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self {
+            do_sample: false,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(Error::invalid(format!("temperature must be > 0, got {}", self.temperature)));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(Error::invalid(format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(Error::invalid(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A sampler with its own random state.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    cfg: SamplingConfig,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(cfg: SamplingConfig) -> Result<Self> {
+        cfg.validate()?;
+        let rng = match cfg.seed {
+            Some(s) => rand::rngs::StdRng::seed_from_u64(s),
+            None => rand::rngs::StdRng::from_os_rng(),
+        };
+        Ok(Self { cfg, rng })
+    }
+
+    pub fn config(&self) -> &SamplingConfig {
+        &self.cfg
+    }
+
+    /// Pick the next token from `logits` (one row, f32) given every id of the sequence so far.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        // official InvalidScoreLogitsProcessor: NaN/inf scores would poison sampling
+        if logits.iter().any(|x| !x.is_finite()) {
+            for x in logits.iter_mut() {
+                *x = 0.0;
+            }
+            if logits.len() > 5 {
+                logits[5] = 5e4;
+            }
+        }
+        apply_repetition_penalty(logits, history, self.cfg.repetition_penalty as f32);
+        if !self.cfg.do_sample {
+            return argmax(logits);
+        }
+        let t = self.cfg.temperature as f32;
+        if t != 1.0 {
+            for x in logits.iter_mut() {
+                *x /= t;
+            }
+        }
+        // Candidates sorted by logit, descending (ties: lower id first).
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            logits[b as usize]
+                .partial_cmp(&logits[a as usize])
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.cmp(&b))
+        });
+        if self.cfg.top_k > 0 && self.cfg.top_k < order.len() {
+            // transformers keeps every token whose logit is >= the k-th largest
+            let kth = logits[order[self.cfg.top_k - 1] as usize];
+            let keep = order.iter().take_while(|&&i| logits[i as usize] >= kth).count();
+            order.truncate(keep);
+        }
+        let max = logits[order[0] as usize];
+        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] - max) as f64).exp()).collect();
+        let sum: f64 = probs.iter().sum();
+        for p in probs.iter_mut() {
+            *p /= sum;
+        }
+        if self.cfg.top_p < 1.0 {
+            // transformers: drop the low tail whose cumulative probability is <= 1 - top_p,
+            // always keeping the most likely token.
+            let mut tail = 0.0;
+            let mut keep = probs.len();
+            for (j, p) in probs.iter().enumerate().rev() {
+                tail += p;
+                if tail <= 1.0 - self.cfg.top_p && j > 0 {
+                    keep = j;
+                } else {
+                    break;
+                }
+            }
+            order.truncate(keep);
+            probs.truncate(keep);
+            let s: f64 = probs.iter().sum();
+            for p in probs.iter_mut() {
+                *p /= s;
+            }
+        }
+        let u: f64 = self.rng.random();
+        let mut acc = 0.0;
+        for (j, p) in probs.iter().enumerate() {
+            acc += p;
+            if u < acc {
+                return order[j];
+            }
+        }
+        order[probs.len() - 1]
+    }
+}
+
+/// The index of the largest value (the first one on ties, as torch.argmax).
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// transformers' RepetitionPenaltyLogitsProcessor: each id seen gets its score divided by the
+/// penalty if positive, multiplied if negative.
+pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &id in history {
+        let i = id as usize;
+        if i < logits.len() && seen.insert(i) {
+            let x = logits[i];
+            logits[i] = if x < 0.0 { x * penalty } else { x / penalty };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(do_sample: bool) -> SamplingConfig {
+        SamplingConfig {
+            do_sample,
+            seed: Some(7),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_takes_argmax_first_on_ties() {
+        let mut s = Sampler::new(cfg(false)).unwrap();
+        assert_eq!(s.sample(&mut [0.1, 3.0, 3.0, -1.0], &[]), 1);
+    }
+
+    #[test]
+    fn repetition_penalty_changes_greedy_choice() {
+        let mut s = Sampler::new(SamplingConfig { repetition_penalty: 2.0, ..cfg(false) }).unwrap();
+        // 3.0 / 2 = 1.5 < 2.0
+        assert_eq!(s.sample(&mut [0.0, 3.0, 2.0], &[1, 1]), 2);
+        let mut l = [-2.0f32, 4.0];
+        apply_repetition_penalty(&mut l, &[0, 1], 2.0);
+        assert_eq!(l, [-4.0, 2.0]);
+    }
+
+    #[test]
+    fn same_seed_same_tokens_and_distribution_is_respected() {
+        let logits: Vec<f32> = vec![0.0, (3.0f32).ln(), f32::NEG_INFINITY.max(-30.0)];
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingConfig { seed: Some(seed), ..cfg(true) }).unwrap();
+            (0..4000).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+        };
+        let a = draw(1);
+        assert_eq!(a, draw(1));
+        assert_ne!(a, draw(2));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((ones - 0.75).abs() < 0.03, "p(1) = {ones}");
+        assert!(!a.contains(&2));
+    }
+
+    #[test]
+    fn top_k_and_top_p_cut_the_tail() {
+        let logits = vec![2.0f32, 1.9, 1.8, -5.0];
+        let mut s = Sampler::new(SamplingConfig { top_k: 1, ..cfg(true) }).unwrap();
+        assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
+        // probabilities ~ [0.367, 0.332, 0.300, 0.0003]: top_p 0.5 keeps the first two only
+        let mut s = Sampler::new(SamplingConfig { top_p: 0.5, ..cfg(true) }).unwrap();
+        let seen: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&mut logits.clone(), &[])).collect();
+        assert_eq!(seen, [0u32, 1].into_iter().collect());
+    }
+
+    #[test]
+    fn invalid_parameters_are_errors() {
+        for bad in [
+            SamplingConfig { temperature: 0.0, ..cfg(true) },
+            SamplingConfig { top_p: 0.0, ..cfg(true) },
+            SamplingConfig { top_p: 1.5, ..cfg(true) },
+            SamplingConfig { repetition_penalty: -1.0, ..cfg(true) },
+        ] {
+            assert!(Sampler::new(bad).is_err());
+        }
+    }
+}
