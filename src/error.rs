@@ -32,12 +32,31 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// A bug: an internal invariant failed (a caught panic). Please report it.
+    #[error("internal error: {0}")]
+    Internal(String),
+
     /// An error inside candle (tensor maths, device).
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Run `f`, turning a panic into [`Error::Internal`] so that no panic crosses an API boundary.
+pub fn catch_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "panic".to_string());
+            Err(Error::Internal(msg))
+        }
+    }
+}
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
