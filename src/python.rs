@@ -124,6 +124,23 @@ impl PyTokenizer {
         Ok(catch_panic(|| self.inner.decode(&ids))?)
     }
 
+    /// The text pieces a stream emits for `ids`, one entry per id (empty while a character is
+    /// incomplete); they join to exactly `decode(ids)`.
+    fn stream_decode(&self, ids: Vec<i64>) -> PyResult<Vec<String>> {
+        let ids = to_ids(ids, "stream_decode")?;
+        Ok(catch_panic(|| {
+            let mut ts = crate::TextStream::new();
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(ts.push(&self.inner, id)?);
+            }
+            if let Some(last) = out.last_mut() {
+                last.push_str(&ts.finish(&self.inner)?);
+            }
+            Ok(out)
+        })?)
+    }
+
     /// The official ChatGLM2 prompt: `[Round N]\n\n问：...\n\n答：`.
     #[pyo3(signature = (query, history = None))]
     fn build_prompt(&self, query: &str, history: Option<Vec<(String, String)>>) -> String {

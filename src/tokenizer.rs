@@ -78,6 +78,10 @@ pub struct Tokenizer {
     special_ids: Vec<u32>,
     specials: HashMap<String, u32>,
     vocab_size: u32,
+    /// The byte of each byte-fallback piece (`<0xAB>`), by id.
+    byte_pieces: HashMap<u32, u8>,
+    /// Strip the dummy-prefix space when decoding.
+    strip_leading_space: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -214,12 +218,24 @@ impl Tokenizer {
         }
         special_ids.sort_unstable();
         special_ids.dedup();
+        let byte_pieces = proto
+            .pieces
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.r#type == Some(6))
+            .filter_map(|(i, p)| {
+                let hex = p.piece.as_deref()?.strip_prefix("<0x")?.strip_suffix('>')?;
+                Some((i as u32, u8::from_str_radix(hex, 16).ok()?))
+            })
+            .collect();
         Ok(Self {
             inner,
             n_pieces,
             special_ids,
             specials,
             vocab_size,
+            byte_pieces,
+            strip_leading_space: add_dummy_prefix,
         })
     }
 
@@ -250,9 +266,41 @@ impl Tokenizer {
 
     /// Decode ids to text. Special ids and ids outside the tokenizer (the model's padded
     /// vocabulary is larger) decode to nothing, as in the official tokenizer.
+    ///
+    /// Runs of byte-fallback pieces decode as SentencePiece does: each complete UTF-8 character
+    /// is kept and each byte that is not part of one becomes U+FFFD. (The `tokenizers`
+    /// ByteFallback decoder turns a whole run into U+FFFDs when any byte is invalid, which also
+    /// makes a decoded character vanish when a stray byte follows it.)
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let kept: Vec<u32> = ids.iter().copied().filter(|&id| !self.is_skipped(id)).collect();
-        self.inner.decode(&kept, false).map_err(tok_err)
+        fn flush(bytes: &mut Vec<u8>, out: &mut String) {
+            for chunk in bytes.utf8_chunks() {
+                out.push_str(chunk.valid());
+                for _ in chunk.invalid() {
+                    out.push('\u{FFFD}');
+                }
+            }
+            bytes.clear();
+        }
+        let mut out = String::new();
+        let mut bytes = vec![];
+        for &id in ids {
+            if self.is_skipped(id) {
+                continue;
+            }
+            if let Some(&b) = self.byte_pieces.get(&id) {
+                bytes.push(b);
+                continue;
+            }
+            flush(&mut bytes, &mut out);
+            if let Some(piece) = self.inner.id_to_token(id) {
+                out.push_str(&piece.replace('\u{2581}', " "));
+            }
+        }
+        flush(&mut bytes, &mut out);
+        if self.strip_leading_space && out.starts_with(' ') {
+            out.remove(0);
+        }
+        Ok(out)
     }
 
     /// The piece of one id (`None` for ids outside the vocabulary).

@@ -138,3 +138,19 @@ fn cached_decoding_equals_full_recompute() {
         assert!(d < 1e-5, "step {n}: {d}");
     }
 }
+
+#[test]
+fn text_stream_holds_back_split_characters_and_joins_exactly() {
+    let Some(fx) = fixtures() else { return };
+    let tok = glm2rs::Tokenizer::from_spm_file(&fx.join("model/tokenizer.model"), false).unwrap();
+    let ids = tok.encode("你好👋!", false).unwrap();
+    let mut ts = glm2rs::TextStream::new();
+    let pieces: Vec<String> = ids.iter().map(|&id| ts.push(&tok, id).unwrap()).collect();
+    let rest = ts.finish(&tok).unwrap();
+    assert_eq!(pieces.concat() + &rest, "你好👋!");
+    assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')));
+    // a complete character followed by a stray continuation byte keeps the character
+    let mut ids2 = tok.encode("你", false).unwrap();
+    ids2.push(3 + 0xA0);
+    assert_eq!(tok.decode(&ids2).unwrap(), "你\u{FFFD}");
+}

@@ -1,0 +1,147 @@
+"""An independent float64 NumPy implementation of the official ChatGLM2 forward pass
+(`modeling_chatglm.py`), and a writer of random checkpoints of any shape."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def random_config(**over) -> dict:
+    cfg = {
+        "model_type": "chatglm",
+        "num_layers": 2,
+        "hidden_size": 48,
+        "num_attention_heads": 6,
+        "kv_channels": 12,  # projection 72 != hidden 48
+        "multi_query_attention": True,
+        "multi_query_group_num": 3,
+        "ffn_hidden_size": 80,
+        "padded_vocab_size": 65024,
+        "seq_length": 256,
+        "add_qkv_bias": True,
+        "add_bias_linear": False,
+        "layernorm_epsilon": 1e-5,
+        "rmsnorm": True,
+        "original_rope": True,
+        "post_layer_norm": True,
+        "apply_residual_connection_post_layernorm": False,
+        "torch_dtype": "float16",
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    cfg.update(over)
+    return cfg
+
+
+def random_weights(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random fp16 weights with the checkpoint's names and shapes."""
+    rng = np.random.default_rng(seed)
+    h, v, f = cfg["hidden_size"], cfg["padded_vocab_size"], cfg["ffn_hidden_size"]
+    nh, hd = cfg["num_attention_heads"], cfg["kv_channels"]
+    g = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else nh
+    qkv = nh * hd + 2 * g * hd
+
+    def w(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float16)
+
+    t = {"transformer.embedding.word_embeddings.weight": w(v, h, scale=1.0)}
+    for i in range(cfg["num_layers"]):
+        p = f"transformer.encoder.layers.{i}"
+        t[f"{p}.input_layernorm.weight"] = (1 + w(h, scale=0.1)).astype(np.float16)
+        t[f"{p}.self_attention.query_key_value.weight"] = w(qkv, h)
+        if cfg.get("add_qkv_bias") or cfg.get("add_bias_linear"):
+            t[f"{p}.self_attention.query_key_value.bias"] = w(qkv)
+        t[f"{p}.self_attention.dense.weight"] = w(h, nh * hd)
+        t[f"{p}.post_attention_layernorm.weight"] = (1 + w(h, scale=0.1)).astype(np.float16)
+        t[f"{p}.mlp.dense_h_to_4h.weight"] = w(2 * f, h)
+        t[f"{p}.mlp.dense_4h_to_h.weight"] = w(h, f)
+    t["transformer.encoder.final_layernorm.weight"] = (1 + w(h, scale=0.1)).astype(np.float16)
+    t["transformer.output_layer.weight"] = w(v, h)
+    return t
+
+
+def write_checkpoint(dir: Path, cfg: dict, weights: dict, tokenizer_model: Path, shards: int = 1) -> Path:
+    """A model directory: config.json, tokenizer.model (copied from the fixtures into a temp
+    directory, never into the repository) and safetensors weights, sharded with an index if
+    `shards > 1`."""
+    from safetensors.numpy import save_file
+
+    dir.mkdir(parents=True, exist_ok=True)
+    (dir / "config.json").write_text(json.dumps(cfg))
+    shutil.copyfile(tokenizer_model, dir / "tokenizer.model")
+    names = list(weights)
+    if shards == 1:
+        save_file(weights, str(dir / "model.safetensors"))
+        return dir
+    weight_map = {}
+    for s in range(shards):
+        part = names[s::shards]
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: weights[n] for n in part}, str(dir / fname))
+        weight_map.update({n: fname for n in part})
+    (dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dir
+
+
+def forward(cfg: dict, weights: dict, ids: list[int]) -> np.ndarray:
+    """Logits [len(ids), vocab] in float64, following modeling_chatglm.py step by step."""
+    W = {k: v.astype(np.float64) for k, v in weights.items()}
+    h, nh, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["kv_channels"]
+    g = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else nh
+    eps = cfg["layernorm_epsilon"]
+    n = len(ids)
+
+    def rmsnorm(x, w):
+        return w * (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps))
+
+    # RotaryEmbedding(kv_channels // 2): cache [n, rot/2, 2]
+    rot_dim = hd // 2
+    theta = 1.0 / (10000 ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim))
+    pos = np.arange(n, dtype=np.float64) / cfg.get("rope_ratio", 1.0)
+    ang = np.outer(pos, theta)  # [n, rot/2]
+    cos, sin = np.cos(ang), np.sin(ang)
+
+    def rope(x):  # x [n, heads, hd]
+        xr, xp = x[..., :rot_dim], x[..., rot_dim:]
+        xs = xr.reshape(n, x.shape[1], rot_dim // 2, 2)
+        c, s = cos[:, None, :], sin[:, None, :]
+        out = np.stack([xs[..., 0] * c - xs[..., 1] * s, xs[..., 1] * c + xs[..., 0] * s], -1)
+        return np.concatenate([out.reshape(n, x.shape[1], rot_dim), xp], -1)
+
+    x = W["transformer.embedding.word_embeddings.weight"][ids]
+    causal = np.triu(np.ones((n, n), dtype=bool), 1)
+    for i in range(cfg["num_layers"]):
+        p = f"transformer.encoder.layers.{i}"
+        ln = rmsnorm(x, W[f"{p}.input_layernorm.weight"])
+        qkv = ln @ W[f"{p}.self_attention.query_key_value.weight"].T
+        if f"{p}.self_attention.query_key_value.bias" in W:
+            qkv = qkv + W[f"{p}.self_attention.query_key_value.bias"]
+        q = qkv[:, : nh * hd].reshape(n, nh, hd)
+        k = qkv[:, nh * hd : nh * hd + g * hd].reshape(n, g, hd)
+        v = qkv[:, nh * hd + g * hd :].reshape(n, g, hd)
+        q, k = rope(q), rope(k)
+        # expand each KV group to its nh/g query heads (official unsqueeze/expand)
+        k = np.repeat(k, nh // g, axis=1)
+        v = np.repeat(v, nh // g, axis=1)
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+        scores = np.where(causal[None], -np.inf, scores)
+        scores = scores - scores.max(-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(-1, keepdims=True)
+        ctx = np.einsum("hqk,khd->qhd", probs, v).reshape(n, nh * hd)
+        attn = ctx @ W[f"{p}.self_attention.dense.weight"].T
+        residual = ln if cfg.get("apply_residual_connection_post_layernorm") else x
+        li = residual + attn
+        ln2 = rmsnorm(li, W[f"{p}.post_attention_layernorm.weight"])
+        h4 = ln2 @ W[f"{p}.mlp.dense_h_to_4h.weight"].T
+        a, b = np.split(h4, 2, axis=-1)
+        mlp = (a / (1 + np.exp(-a)) * b) @ W[f"{p}.mlp.dense_4h_to_h.weight"].T
+        residual = ln2 if cfg.get("apply_residual_connection_post_layernorm") else li
+        x = residual + mlp
+    if cfg.get("post_layer_norm", True):
+        x = rmsnorm(x, W["transformer.encoder.final_layernorm.weight"])
+    return x @ W["transformer.output_layer.weight"].T
