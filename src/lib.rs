@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod tokenizer;

@@ -41,7 +41,13 @@ impl Module for Linear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = if x.device().is_cpu() && rows <= crate::kernels::cpu_gemv::MAX_ROWS {
+            // decoding: stream each weight row once (see kernels::cpu_gemv)
+            x2.contiguous()?.apply_op2_no_bwd(&self.weight, &crate::kernels::cpu_gemv::Gemv)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -1,0 +1,94 @@
+"""CPU benchmark: load time, peak RSS, prefill and decode tokens/s of glm2rs on a checkpoint
+(by default a random-weight chatglm2-6b written by make_random_checkpoint.py).
+
+    python benches/bench_cpu.py MODEL_DIR --dtype float16 --prompt 128 --new 16
+
+Each configuration runs in a fresh process so that its peak RSS is its own.
+Prints one markdown table row per run (and JSON with --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+
+def run_one(model_dir: str, dtype: str, prompt_len: int, new: int, reps: int) -> dict:
+    import numpy as np
+
+    import glm2rs
+
+    t0 = time.perf_counter()
+    m = glm2rs.Model.from_pretrained(model_dir, dtype=dtype, progress=True)
+    load_s = time.perf_counter() - t0
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rng = np.random.default_rng(0)
+    ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, prompt_len - 2)]
+    # prefill: one forward over the prompt and the first token
+    pre = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        m.generate_ids(ids, max_new_tokens=1)
+        pre.append(time.perf_counter() - t)
+    prefill_s = min(pre)
+    # decode: time between tokens of a stream, after the first
+    t = time.perf_counter()
+    out = m.generate_ids(ids, max_new_tokens=new + 1)
+    total = time.perf_counter() - t
+    n_dec = len(out) - 1
+    decode_tps = n_dec / max(total - prefill_s, 1e-9)
+    rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {
+        "dtype": m.dtype,
+        "layers": m.config["num_layers"],
+        "load_s": round(load_s, 2),
+        "rss_after_load_gib": round(rss_load, 2),
+        "peak_rss_gib": round(rss_peak, 2),
+        "prompt_tokens": prompt_len,
+        "prefill_s": round(prefill_s, 3),
+        "prefill_tok_s": round(prompt_len / prefill_s, 2),
+        "decode_tokens": n_dec,
+        "decode_tok_s": round(decode_tps, 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--dtype", action="append", help="float16, bfloat16, float32 (repeatable)")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    dtypes = a.dtype or ["float16"]
+    if a.child:
+        print(json.dumps(run_one(a.model, dtypes[0], a.prompt, a.new, a.reps)))
+        return
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+          file=sys.stderr)
+    print("| dtype | layers | load s | RSS after load GiB | peak RSS GiB | prompt | prefill tok/s | decode tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for d in dtypes:
+        cmd = [sys.executable, __file__, a.model, "--dtype", d, "--prompt", str(a.prompt), "--new", str(a.new),
+               "--reps", str(a.reps), "--child"]
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if res.returncode != 0:
+            print(f"| {d} | failed (exit {res.returncode}) | | | | | | |")
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        if a.json:
+            print(json.dumps(r), file=sys.stderr)
+        print(f"| {r['dtype']} | {r['layers']} | {r['load_s']} | {r['rss_after_load_gib']} | {r['peak_rss_gib']} | "
+              f"{r['prompt_tokens']} | {r['prefill_tok_s']} | {r['decode_tok_s']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

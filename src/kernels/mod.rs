@@ -1,0 +1,3 @@
+//! Hand-written kernels where candle's own ops are too slow for this model's shapes.
+
+pub mod cpu_gemv;
