@@ -42,8 +42,9 @@ impl Module for Linear {
         let in_dim = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_dim))?;
-        let y = if x.device().is_cpu() && rows <= crate::kernels::cpu_gemv::MAX_ROWS {
-            // decoding: stream each weight row once (see kernels::cpu_gemv)
+        let y = if x.device().is_cpu() && (rows <= crate::kernels::cpu_gemv::MAX_ROWS || self.weight.dtype() != DType::F32) {
+            // decoding: each weight row streamed once; 16-bit prefill: blocks widened to f32
+            // for an f32 GEMM (see kernels::cpu_gemv)
             x2.contiguous()?.apply_op2_no_bwd(&self.weight, &crate::kernels::cpu_gemv::Gemv)?
         } else {
             x2.matmul(&self.weight.t()?)?
