@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Run every test: Rust unit and golden parity tests, then the pytest suite on the built wheel.
+set -euo pipefail
+cd "$(dirname "$0")"
+python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" pytest "numpy>=1.22" \
+    "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo test --release
+rm -rf dist
+maturin build --release -o dist
+python3 -m pip install -q --disable-pip-version-check --force-reinstall --no-deps dist/glm2rs-*.whl
+python3 -m pytest -q tests
