@@ -19,12 +19,14 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod sampling;
+pub mod session;
 pub mod tokenizer;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use chat_format::build_prompt;
+pub use chat_format::{build_prompt, process_response, ChatFormat, Message};
+pub use session::{ChatSession, ChatStream, ChatTurn};
 pub use config::Glm2Config;
 pub use error::{Error, Result};
 pub use generate::{FinishReason, GenerationConfig, Generator};

@@ -4,12 +4,15 @@
 use crate::error::{catch_panic, Error};
 use crate::generate::{GenerationConfig, Generator};
 use crate::sampling::SamplingConfig;
+use crate::chat_format::{ChatFormat, Message};
+use crate::session::{ChatSession, ChatStream, ChatTurn};
 use crate::{parse_device, parse_dtype, LoadOptions, Model, Tokenizer};
+use std::sync::Mutex;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::{PyDict, PyList, PyTuple};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -145,6 +148,28 @@ impl PyTokenizer {
     #[pyo3(signature = (query, history = None))]
     fn build_prompt(&self, query: &str, history: Option<Vec<(String, String)>>) -> String {
         crate::build_prompt(query, &history.unwrap_or_default())
+    }
+
+    /// Prompt ids of a chat turn: ChatGLM3's `build_chat_input` (`[gMASK] sop`, each message as
+    /// `<|role|>` + metadata line + content, then `<|assistant|>`) for a tokenizer with role
+    /// tokens, else the ChatGLM2 prompt `encode(build_prompt(query, history))`.
+    #[pyo3(signature = (query, history = None, role = "user"))]
+    fn build_chat_input(&self, query: &str, history: Option<Bound<'_, PyAny>>, role: &str) -> PyResult<Vec<u32>> {
+        let msgs = messages_from_py(history.as_ref())?;
+        let q = Message::new(role, query);
+        Ok(catch_panic(|| {
+            if self.inner.has_roles() {
+                let mut all = msgs.clone();
+                all.push(q.clone());
+                crate::chat_format::chatglm3_prompt_ids(&self.inner, &all)
+            } else {
+                if role != "user" {
+                    return Err(Error::invalid(format!("ChatGLM2 has no \"{role}\" role")));
+                }
+                let pairs = crate::session::pairs_from_messages(&msgs)?;
+                self.inner.encode(&crate::build_prompt(query, &pairs), true)
+            }
+        })?)
     }
 
     /// Write a Hugging Face `tokenizer.json`.
@@ -444,6 +469,101 @@ impl PyModel {
         Ok(py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?)
     }
 
+    /// "chatglm2" or "chatglm3".
+    #[getter]
+    fn chat_format(&self) -> &'static str {
+        self.inner.chat_format().name()
+    }
+
+    /// The official `chat`: the whole conversation re-encoded, the response post-processed.
+    /// Returns `(response, history)`; defaults as the official code (sampling, top_p 0.8,
+    /// temperature 0.8, max_length 8192 capped at the context).
+    #[pyo3(signature = (query, history = None, *, max_new_tokens = None, max_length = Some(8192), do_sample = true,
+                        temperature = 0.8, top_p = 0.8, top_k = 0, repetition_penalty = 1.0, seed = None,
+                        stop_token_ids = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn chat<'py>(
+        &self,
+        py: Python<'py>,
+        query: &str,
+        history: Option<Bound<'py, PyAny>>,
+        max_new_tokens: Option<i64>,
+        max_length: Option<i64>,
+        do_sample: bool,
+        temperature: f64,
+        top_p: f64,
+        top_k: i64,
+        repetition_penalty: f64,
+        seed: Option<u64>,
+        stop_token_ids: Option<Vec<i64>>,
+        stop: Option<StopArg>,
+    ) -> PyResult<(String, Bound<'py, PyList>)> {
+        let mut cfg = gen_config(
+            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
+            stop_token_ids, stop.map(|s| s.0),
+        )?;
+        cap_max_length(&mut cfg, &self.inner);
+        let mut msgs = messages_from_py(history.as_ref())?;
+        let model = self.inner.clone();
+        let q = Message::new("user", query);
+        let hist = msgs.clone();
+        let response = py.detach(move || catch_panic(|| model.chat(&q, &hist, &cfg)))?;
+        msgs.push(Message::new("user", query));
+        msgs.push(Message::new("assistant", &response));
+        Ok((response.clone(), history_to_py(py, self.inner.chat_format(), &msgs)?))
+    }
+
+    /// Like `chat`, but an iterator of text deltas (not the cumulative text the official
+    /// `stream_chat` yields). After the end, `.response` and `.history` hold the results.
+    #[pyo3(signature = (query, history = None, *, max_new_tokens = None, max_length = Some(8192), do_sample = true,
+                        temperature = 0.8, top_p = 0.8, top_k = 0, repetition_penalty = 1.0, seed = None,
+                        stop_token_ids = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream_chat(
+        &self,
+        py: Python<'_>,
+        query: &str,
+        history: Option<Bound<'_, PyAny>>,
+        max_new_tokens: Option<i64>,
+        max_length: Option<i64>,
+        do_sample: bool,
+        temperature: f64,
+        top_p: f64,
+        top_k: i64,
+        repetition_penalty: f64,
+        seed: Option<u64>,
+        stop_token_ids: Option<Vec<i64>>,
+        stop: Option<StopArg>,
+    ) -> PyResult<PyChatStream> {
+        let mut cfg = gen_config(
+            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
+            stop_token_ids, stop.map(|s| s.0),
+        )?;
+        cap_max_length(&mut cfg, &self.inner);
+        let msgs = messages_from_py(history.as_ref())?;
+        let model = self.inner.clone();
+        let q = Message::new("user", query);
+        let hist = msgs.clone();
+        let stream = py.detach(move || catch_panic(|| model.chat_stream(&q, &hist, &cfg)))?;
+        Ok(PyChatStream {
+            stream: Some(stream),
+            format: self.inner.chat_format(),
+            query: query.to_string(),
+            history: msgs,
+            response: None,
+        })
+    }
+
+    /// A chat session that keeps its KV cache between turns (`system` needs ChatGLM3).
+    #[pyo3(signature = (system = None))]
+    fn start_chat(&self, system: Option<&str>) -> PyResult<PyChatSession> {
+        let s = self.inner.start_chat(system)?;
+        Ok(PyChatSession {
+            inner: Arc::new(Mutex::new(s)),
+            format: self.inner.chat_format(),
+        })
+    }
+
     fn __repr__(&self) -> String {
         let c = self.inner.config();
         format!(
@@ -454,6 +574,263 @@ impl PyModel {
             self.dtype(),
             self.device()
         )
+    }
+}
+
+/// The official default `max_length` (8192) can exceed a model's context: cap it there.
+fn cap_max_length(cfg: &mut GenerationConfig, model: &Model) {
+    if let Some(m) = cfg.max_length {
+        cfg.max_length = Some(m.min(model.model().max_context()));
+    }
+}
+
+/// History from Python: `(query, response)` pairs or `{"role", "content", "metadata"?}` dicts.
+fn messages_from_py(history: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Message>> {
+    let mut out = vec![];
+    let Some(h) = history else { return Ok(out) };
+    if h.is_none() {
+        return Ok(out);
+    }
+    for item in h.try_iter()? {
+        let item = item?;
+        if let Ok(d) = item.cast::<PyDict>() {
+            let get = |k: &str| -> PyResult<Option<String>> {
+                match d.get_item(k)? {
+                    Some(v) if !v.is_none() => Ok(Some(v.extract()?)),
+                    _ => Ok(None),
+                }
+            };
+            let role = get("role")?.ok_or_else(|| InvalidArgumentError::new_err("history message without \"role\""))?;
+            let content = get("content")?.unwrap_or_default();
+            let mut m = Message::new(&role, &content);
+            m.metadata = get("metadata")?.unwrap_or_default();
+            out.push(m);
+        } else {
+            let (q, a): (String, String) = item.extract().map_err(|_| {
+                InvalidArgumentError::new_err("history items must be (query, response) pairs or role/content dicts")
+            })?;
+            out.push(Message::new("user", &q));
+            out.push(Message::new("assistant", &a));
+        }
+    }
+    Ok(out)
+}
+
+/// History to Python: pairs for ChatGLM2, dicts for ChatGLM3.
+fn history_to_py<'py>(py: Python<'py>, format: ChatFormat, msgs: &[Message]) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    match format {
+        ChatFormat::ChatGlm2 => {
+            for pair in msgs.chunks(2) {
+                let a = pair.get(1).map(|m| m.content.as_str()).unwrap_or("");
+                list.append(PyTuple::new(py, [pair[0].content.as_str(), a])?)?;
+            }
+        }
+        ChatFormat::ChatGlm3 => {
+            for m in msgs {
+                let d = PyDict::new(py);
+                d.set_item("role", &m.role)?;
+                if !m.metadata.is_empty() || m.role == "assistant" {
+                    d.set_item("metadata", &m.metadata)?;
+                }
+                d.set_item("content", &m.content)?;
+                list.append(d)?;
+            }
+        }
+    }
+    Ok(list)
+}
+
+/// Deltas of a one-shot chat answer (see `Model.stream_chat`).
+#[pyclass(module = "glm2rs._glm2rs", name = "ChatStreamer")]
+pub struct PyChatStream {
+    stream: Option<ChatStream>,
+    format: ChatFormat,
+    query: String,
+    history: Vec<Message>,
+    response: Option<String>,
+}
+
+#[pymethods]
+impl PyChatStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
+        let Some(stream) = self.stream.as_mut() else { return Ok(None) };
+        match py.detach(|| catch_panic(|| stream.next_text())) {
+            Ok(Some(piece)) => Ok(Some(piece)),
+            Ok(None) => {
+                let response = stream.response().to_string();
+                self.history.push(Message::new("user", &self.query));
+                self.history.push(Message::new("assistant", &response));
+                self.response = Some(response);
+                self.stream = None;
+                Ok(None)
+            }
+            Err(e) => {
+                self.stream = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The post-processed response (so far, or all of it at the end).
+    #[getter]
+    fn response(&self) -> String {
+        match (&self.response, &self.stream) {
+            (Some(r), _) => r.clone(),
+            (None, Some(s)) => s.response().to_string(),
+            _ => String::new(),
+        }
+    }
+
+    /// The history including this turn, once the stream has ended; before that, without it.
+    #[getter]
+    fn history<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        history_to_py(py, self.format, &self.history)
+    }
+
+    #[getter]
+    fn finish_reason(&self) -> Option<&'static str> {
+        self.stream.as_ref().and_then(|s| s.generator().finish_reason().map(|r| r.as_str()))
+    }
+}
+
+/// A conversation that keeps its KV cache between turns (see `Model.start_chat`).
+#[pyclass(module = "glm2rs._glm2rs", name = "ChatSession", frozen)]
+pub struct PyChatSession {
+    inner: Arc<Mutex<ChatSession>>,
+    format: ChatFormat,
+}
+
+fn lock(s: &Mutex<ChatSession>) -> std::sync::MutexGuard<'_, ChatSession> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[pymethods]
+impl PyChatSession {
+    /// Send a query; returns an iterator of response deltas. The turn is committed to the
+    /// session when the iterator ends, is closed or is dropped.
+    #[pyo3(signature = (query, *, max_new_tokens = None, max_length = None, do_sample = true,
+                        temperature = 0.8, top_p = 0.8, top_k = 0, repetition_penalty = 1.0, seed = None,
+                        stop_token_ids = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &self,
+        py: Python<'_>,
+        query: &str,
+        max_new_tokens: Option<i64>,
+        max_length: Option<i64>,
+        do_sample: bool,
+        temperature: f64,
+        top_p: f64,
+        top_k: i64,
+        repetition_penalty: f64,
+        seed: Option<u64>,
+        stop_token_ids: Option<Vec<i64>>,
+        stop: Option<StopArg>,
+    ) -> PyResult<PyChatTurn> {
+        let cfg = gen_config(
+            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
+            stop_token_ids, stop.map(|s| s.0),
+        )?;
+        let session = self.inner.clone();
+        let query = query.to_string();
+        let turn = py.detach(move || catch_panic(|| lock(&session).begin_turn(&query, &cfg)))?;
+        Ok(PyChatTurn {
+            session: self.inner.clone(),
+            turn: Some(turn),
+            response: None,
+        })
+    }
+
+    /// Send a query and return the whole response.
+    #[pyo3(signature = (query, **kwargs))]
+    fn chat(&self, py: Python<'_>, query: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
+        let me = Py::new(py, PyChatSession { inner: self.inner.clone(), format: self.format })?;
+        let turn = me.bind(py).call_method("send", (query,), kwargs)?;
+        let mut turn: PyRefMut<'_, PyChatTurn> = turn.extract()?;
+        while turn.__next__(py)?.is_some() {}
+        Ok(turn.response.clone().unwrap_or_default())
+    }
+
+    /// `[(query, response), ...]` (ChatGLM2) or role/content dicts (ChatGLM3).
+    #[getter]
+    fn history<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        history_to_py(py, self.format, lock(&self.inner).history())
+    }
+
+    /// Every token the KV cache holds, in order.
+    #[getter]
+    fn token_ids(&self) -> Vec<u32> {
+        lock(&self.inner).token_ids().to_vec()
+    }
+
+    /// Forget the conversation and free the cache.
+    fn reset(&self) -> PyResult<()> {
+        Ok(lock(&self.inner).reset()?)
+    }
+}
+
+/// The deltas of one session turn.
+#[pyclass(module = "glm2rs._glm2rs", name = "ChatTurn")]
+pub struct PyChatTurn {
+    session: Arc<Mutex<ChatSession>>,
+    turn: Option<ChatTurn>,
+    response: Option<String>,
+}
+
+impl PyChatTurn {
+    fn commit(&mut self) -> Result<(), Error> {
+        if let Some(turn) = self.turn.take() {
+            self.response = Some(lock(&self.session).end_turn(turn)?);
+        }
+        Ok(())
+    }
+}
+
+#[pymethods]
+impl PyChatTurn {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
+        let Some(turn) = self.turn.as_mut() else { return Ok(None) };
+        match py.detach(|| catch_panic(|| turn.next_text())) {
+            Ok(Some(piece)) => Ok(Some(piece)),
+            Ok(None) => {
+                py.detach(|| catch_panic(|| self.commit()))?;
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = self.commit();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stop generating; what was generated so far is committed to the session.
+    fn close(&mut self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| catch_panic(|| self.commit()))?)
+    }
+
+    /// The post-processed response so far (all of it once finished).
+    #[getter]
+    fn response(&self) -> String {
+        match (&self.response, &self.turn) {
+            (Some(r), _) => r.clone(),
+            (None, Some(t)) => t.response().to_string(),
+            _ => String::new(),
+        }
+    }
+}
+
+impl Drop for PyChatTurn {
+    fn drop(&mut self) {
+        let _ = catch_panic(|| self.commit());
     }
 }
 
@@ -479,6 +856,9 @@ fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModel>()?;
     m.add_class::<PyTokenizer>()?;
     m.add_class::<PyStream>()?;
+    m.add_class::<PyChatStream>()?;
+    m.add_class::<PyChatSession>()?;
+    m.add_class::<PyChatTurn>()?;
     m.add("Glm2Error", py.get_type::<Glm2Error>())?;
     m.add("LoadError", py.get_type::<LoadError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;

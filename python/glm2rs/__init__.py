@@ -7,6 +7,9 @@
 """
 
 from ._glm2rs import (
+    ChatSession,
+    ChatStreamer,
+    ChatTurn,
     CheckpointError,
     ConfigError,
     Glm2Error,
@@ -21,6 +24,9 @@ from ._glm2rs import (
 
 __all__ = [
     "Model",
+    "ChatSession",
+    "ChatTurn",
+    "ChatStreamer",
     "Tokenizer",
     "TextStreamer",
     "Glm2Error",

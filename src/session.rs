@@ -1,0 +1,347 @@
+//! Chat: the official prompt formats, one-shot chats that re-encode the conversation (as the
+//! official `chat`), and sessions that keep their KV cache between turns so that a turn only
+//! runs its own new tokens.
+
+use crate::chat_format::{
+    build_prompt, chatglm3_message_ids, chatglm3_prompt_ids, chatglm3_stop_ids, ChatFormat, Message, ResponseStream,
+};
+use crate::error::{Error, Result};
+use crate::generate::{GenerationConfig, Generator};
+use crate::model::Cache;
+use crate::Model;
+
+/// ChatGLM2 history as (query, response) pairs; other roles are an error.
+pub fn pairs_from_messages(history: &[Message]) -> Result<Vec<(String, String)>> {
+    let mut pairs = vec![];
+    let mut it = history.iter();
+    while let Some(q) = it.next() {
+        if q.role != "user" {
+            return Err(Error::invalid(format!(
+                "ChatGLM2 has no \"{}\" role: its history is (query, response) pairs{}",
+                q.role,
+                if q.role == "system" { " and it takes no system prompt (use a ChatGLM3 model)" } else { "" }
+            )));
+        }
+        let a = it
+            .next()
+            .ok_or_else(|| Error::invalid("ChatGLM2 history must alternate query and response"))?;
+        if a.role != "assistant" {
+            return Err(Error::invalid("ChatGLM2 history must alternate query and response"));
+        }
+        pairs.push((q.content.clone(), a.content.clone()));
+    }
+    Ok(pairs)
+}
+
+impl Model {
+    /// The conversation format of this model (ChatGLM3 when its tokenizer has role tokens).
+    pub fn chat_format(&self) -> ChatFormat {
+        if self.tokenizer().has_roles() {
+            ChatFormat::ChatGlm3
+        } else {
+            ChatFormat::ChatGlm2
+        }
+    }
+
+    /// Prompt ids of a whole conversation plus a new query (the official `chat` re-encodes so).
+    pub fn chat_prompt_ids(&self, query: &Message, history: &[Message]) -> Result<Vec<u32>> {
+        match self.chat_format() {
+            ChatFormat::ChatGlm2 => {
+                if query.role != "user" {
+                    return Err(Error::invalid(format!("ChatGLM2 has no \"{}\" role", query.role)));
+                }
+                let pairs = pairs_from_messages(history)?;
+                self.tokenizer().encode(&build_prompt(&query.content, &pairs), true)
+            }
+            ChatFormat::ChatGlm3 => {
+                let mut all = history.to_vec();
+                all.push(query.clone());
+                chatglm3_prompt_ids(self.tokenizer(), &all)
+            }
+        }
+    }
+
+    /// `cfg` with the stop ids of this model's chat format added.
+    fn chat_config(&self, cfg: &GenerationConfig) -> GenerationConfig {
+        let mut cfg = cfg.clone();
+        if self.chat_format() == ChatFormat::ChatGlm3 {
+            cfg.stop_token_ids.extend(chatglm3_stop_ids(self.tokenizer()));
+        }
+        cfg
+    }
+
+    /// A one-shot chat turn over the whole conversation; its text comes post-processed.
+    pub fn chat_stream(&self, query: &Message, history: &[Message], cfg: &GenerationConfig) -> Result<ChatStream> {
+        let ids = self.chat_prompt_ids(query, history)?;
+        let gen = self.generator(ids, &self.chat_config(cfg))?;
+        Ok(ChatStream {
+            gen,
+            post: ResponseStream::new(),
+            done: false,
+        })
+    }
+
+    /// The official `chat`: returns the post-processed response.
+    pub fn chat(&self, query: &Message, history: &[Message], cfg: &GenerationConfig) -> Result<String> {
+        let mut s = self.chat_stream(query, history, cfg)?;
+        while s.next_text()?.is_some() {}
+        Ok(s.response().to_string())
+    }
+
+    /// A chat session that keeps its KV cache between turns.
+    pub fn start_chat(&self, system: Option<&str>) -> Result<ChatSession> {
+        if system.is_some() && self.chat_format() == ChatFormat::ChatGlm2 {
+            return Err(Error::invalid(
+                "ChatGLM2 has no system role: a system prompt needs a ChatGLM3 model (chat_format=\"chatglm3\")",
+            ));
+        }
+        Ok(ChatSession {
+            model: self.clone(),
+            system: system.map(str::to_string),
+            cache: Some(self.model().new_cache()),
+            ids: vec![],
+            history: vec![],
+        })
+    }
+}
+
+/// Generated text passed through the official response post-processing, as deltas.
+pub struct ChatStream {
+    gen: Generator,
+    post: ResponseStream,
+    done: bool,
+}
+
+impl ChatStream {
+    /// The next delta of the post-processed response; `None` at the end.
+    pub fn next_text(&mut self) -> Result<Option<String>> {
+        while !self.done {
+            match self.gen.next_text()? {
+                Some(piece) => {
+                    let out = self.post.push(&piece);
+                    if !out.is_empty() {
+                        return Ok(Some(out));
+                    }
+                }
+                None => {
+                    self.done = true;
+                    let out = self.post.finish();
+                    if !out.is_empty() {
+                        return Ok(Some(out));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The response so far (all of it once `next_text` returned `None`).
+    pub fn response(&self) -> &str {
+        self.post.text()
+    }
+
+    pub fn generator(&self) -> &Generator {
+        &self.gen
+    }
+
+    fn into_parts(mut self) -> (Generator, String) {
+        if !self.done {
+            self.post.finish();
+        }
+        let text = self.post.text().to_string();
+        (self.gen, text)
+    }
+}
+
+/// A conversation whose KV cache is kept between turns.
+///
+/// The first turn's ids are the full prompt (`[gMASK] sop [Round 1]...`) and its answer; each
+/// later turn appends only `\n\n[Round n]\n\n问：{q}\n\n答：` (ChatGLM2; ChatGLM3: `<|user|>` message
+/// and `<|assistant|>`), as the official `stream_chat` with `past_key_values`. The cache holds
+/// the prompt and every generated token except a final stop token. When a turn would not fit in
+/// the context (`seq_length`, or `max_length` if set), the oldest turns are dropped and the rest
+/// re-encoded; a query that does not fit even alone is an error.
+pub struct ChatSession {
+    model: Model,
+    system: Option<String>,
+    /// `None` while a turn is running.
+    cache: Option<Cache>,
+    ids: Vec<u32>,
+    history: Vec<Message>,
+}
+
+/// A turn in progress; hand it back to [`ChatSession::end_turn`] (also when stopped early).
+pub struct ChatTurn {
+    stream: ChatStream,
+    query: Message,
+    ids_before: Vec<u32>,
+    stop_ids: Vec<u32>,
+    history_before: Vec<Message>,
+}
+
+impl ChatTurn {
+    pub fn next_text(&mut self) -> Result<Option<String>> {
+        self.stream.next_text()
+    }
+
+    pub fn response(&self) -> &str {
+        self.stream.response()
+    }
+}
+
+impl ChatSession {
+    pub fn history(&self) -> &[Message] {
+        &self.history
+    }
+
+    /// Every token the cache holds, in order.
+    pub fn token_ids(&self) -> &[u32] {
+        &self.ids
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.cache.is_none()
+    }
+
+    /// Forget the conversation (the system prompt stays).
+    pub fn reset(&mut self) -> Result<()> {
+        if self.cache.is_none() {
+            return Err(Error::invalid("a turn is in progress: finish it before reset()"));
+        }
+        self.cache = Some(self.model.model().new_cache());
+        self.ids.clear();
+        self.history.clear();
+        Ok(())
+    }
+
+    fn system_messages(&self) -> Vec<Message> {
+        self.system.iter().map(|s| Message::new("system", s)).collect()
+    }
+
+    /// Ids to add to a cache holding `self.ids` for the next turn.
+    fn continuation_ids(&self, query: &Message) -> Result<Vec<u32>> {
+        let tok = self.model.tokenizer();
+        match self.model.chat_format() {
+            ChatFormat::ChatGlm2 => {
+                let n = self.history.len() / 2 + 1;
+                let text = format!("\n\n[Round {n}]\n\n问：{}\n\n答：", query.content);
+                let ids = tok.encode(&text, false)?;
+                Ok(ids.into_iter().skip(1).collect())
+            }
+            ChatFormat::ChatGlm3 => {
+                let mut ids = chatglm3_message_ids(tok, query)?;
+                ids.push(tok.special_id("<|assistant|>").expect("ChatGLM3 tokenizer"));
+                Ok(ids)
+            }
+        }
+    }
+
+    /// Start a turn. The session is busy until [`ChatSession::end_turn`].
+    pub fn begin_turn(&mut self, query: &str, cfg: &GenerationConfig) -> Result<ChatTurn> {
+        if self.cache.is_none() {
+            return Err(Error::invalid("a turn of this session is already in progress"));
+        }
+        let query = Message::new("user", query);
+        let context = self.model.model().max_context();
+        let limit = cfg.max_length.map_or(context, |m| m.min(context));
+        let reserve = cfg.max_new_tokens.unwrap_or(1).max(1);
+        let fits = |n: usize| n + reserve <= limit;
+
+        let mut new_ids = if self.ids.is_empty() {
+            let mut msgs = self.system_messages();
+            msgs.extend(self.history.iter().cloned());
+            self.model.chat_prompt_ids(&query, &msgs)?
+        } else {
+            self.continuation_ids(&query)?
+        };
+        let mut fresh = self.ids.is_empty();
+        if !fits(self.ids.len() + new_ids.len()) {
+            // Drop the oldest turns and re-encode what is left.
+            let mut kept = self.history.clone();
+            loop {
+                let mut msgs = self.system_messages();
+                msgs.extend(kept.iter().cloned());
+                let ids = self.model.chat_prompt_ids(&query, &msgs)?;
+                if fits(ids.len()) {
+                    new_ids = ids;
+                    break;
+                }
+                if kept.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "the query needs {} tokens plus {reserve} to generate, more than the context of {limit}",
+                        ids.len()
+                    )));
+                }
+                kept.drain(..2.min(kept.len()));
+            }
+            self.history = kept;
+            fresh = true;
+        }
+        let mut cache = self.cache.take().expect("checked above");
+        if fresh {
+            cache.clear();
+            self.ids.clear();
+        }
+        let chat_cfg = self.model.chat_config(cfg);
+        let stop_ids: Vec<u32> = {
+            let mut s = self.model.config().eos_token_id.to_vec();
+            s.extend(&chat_cfg.stop_token_ids);
+            s
+        };
+        let gen = match Generator::with_cache(
+            self.model.model().clone(),
+            self.model.tokenizer().clone(),
+            cache,
+            new_ids,
+            &chat_cfg,
+        ) {
+            Ok(g) => g,
+            Err(e) => {
+                // keep the session usable: its cache was cleared or is intact
+                self.cache = Some(self.model.model().new_cache());
+                self.ids.clear();
+                return Err(e);
+            }
+        };
+        Ok(ChatTurn {
+            stream: ChatStream {
+                gen,
+                post: ResponseStream::new(),
+                done: false,
+            },
+            query,
+            ids_before: self.ids.clone(),
+            stop_ids,
+            history_before: self.history.clone(),
+        })
+    }
+
+    /// Finish a turn (complete or stopped early): the cache takes the generated tokens (a final
+    /// stop token excepted), the history the query and the post-processed response.
+    pub fn end_turn(&mut self, turn: ChatTurn) -> Result<String> {
+        let stop_ids = turn.stop_ids;
+        let (gen, response) = turn.stream.into_parts();
+        let mut ids = turn.ids_before;
+        ids.extend(gen.ids());
+        let ends_with_stop = gen.generated_ids().last().is_some_and(|t| stop_ids.contains(t));
+        if ends_with_stop {
+            ids.pop();
+        }
+        match gen.into_cache(!ends_with_stop) {
+            Ok(cache) => {
+                self.cache = Some(cache);
+                self.ids = ids;
+                self.history = turn.history_before;
+                self.history.push(turn.query);
+                self.history.push(Message::new("assistant", &response));
+                Ok(response)
+            }
+            Err(e) => {
+                // the cache is lost: start the next turn from the history
+                self.cache = Some(self.model.model().new_cache());
+                self.ids.clear();
+                Err(e)
+            }
+        }
+    }
+}
