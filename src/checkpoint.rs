@@ -29,8 +29,26 @@ enum Shard {
     },
     Pickle {
         path: PathBuf,
-        pth: candle_core::pickle::PthTensors,
+        mmap: Mmap,
+        index: HashMap<String, crate::pth::PthTensor>,
     },
+}
+
+/// Map a read-only file.
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the file is only read; a concurrent truncation by another process is the usual
+    // caveat of memory-mapped model files.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// Let the kernel drop a copied range of a map from our resident set.
+fn release(mmap: &Mmap, start: usize, len: usize) {
+    // SAFETY: the map is read-only and never written; the pages are re-read from the file if
+    // touched again.
+    unsafe {
+        let _ = mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+    }
 }
 
 impl Shard {
@@ -39,11 +57,8 @@ impl Shard {
         if !path.is_file() {
             return Err(Error::checkpoint(path, "file not found"));
         }
+        let mmap = map_file(path)?;
         if is_safetensors {
-            let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-            // SAFETY: the file is only read; a concurrent truncation by another process is
-            // the usual caveat of memory-mapped model files.
-            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
             let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
                 Error::checkpoint(path, format!("not a complete safetensors file ({e:?}); truncated or corrupt?"))
             })?;
@@ -54,12 +69,14 @@ impl Shard {
                 meta,
             })
         } else {
-            let pth = candle_core::pickle::PthTensors::new(path, None).map_err(|e| {
-                Error::checkpoint(path, format!("not a readable PyTorch checkpoint ({e}); truncated or corrupt?"))
-            })?;
+            let index = crate::pth::read_index(path)?;
+            if let Some((name, t)) = index.iter().find(|(_, t)| t.start + t.len > mmap.len()) {
+                return Err(Error::checkpoint(path, format!("tensor {name} lies past the end of the file ({} bytes at {}); truncated?", t.len, t.start)));
+            }
             Ok(Shard::Pickle {
                 path: path.to_path_buf(),
-                pth,
+                mmap,
+                index,
             })
         }
     }
@@ -73,56 +90,60 @@ impl Shard {
     fn names(&self) -> Vec<String> {
         match self {
             Shard::Safetensors { meta, .. } => meta.tensors().into_keys().collect(),
-            Shard::Pickle { pth, .. } => pth.tensor_infos().keys().cloned().collect(),
+            Shard::Pickle { index, .. } => index.keys().cloned().collect(),
         }
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         match self {
             Shard::Safetensors { meta, .. } => meta.info(name).map(|i| i.shape.clone()),
-            Shard::Pickle { pth, .. } => pth.tensor_infos().get(name).map(|i| i.layout.dims().to_vec()),
+            Shard::Pickle { index, .. } => index.get(name).map(|i| i.shape.clone()),
         }
     }
 
-    /// Read one tensor onto the CPU in its stored dtype.
-    fn read(&self, name: &str) -> Result<Tensor> {
+    /// Read one tensor onto the CPU in its stored dtype (8-bit integers as raw U8 bytes).
+    fn read(&self, name: &str) -> Result<(Tensor, bool)> {
         let missing = || Error::checkpoint(self.path(), format!("tensor {name} not found in this file"));
-        match self {
-            Shard::Safetensors {
-                path,
-                mmap,
-                data_start,
-                meta,
-            } => {
+        let (path, mmap, start, len, dtype, shape, signed) = match self {
+            Shard::Safetensors { path, mmap, data_start, meta } => {
                 let info = meta.info(name).ok_or_else(missing)?;
-                let dtype = match info.dtype {
-                    safetensors::Dtype::F16 => DType::F16,
-                    safetensors::Dtype::BF16 => DType::BF16,
-                    safetensors::Dtype::F32 => DType::F32,
-                    safetensors::Dtype::F64 => DType::F64,
-                    safetensors::Dtype::U8 => DType::U8,
-                    safetensors::Dtype::I64 => DType::I64,
+                let (dtype, signed) = match info.dtype {
+                    safetensors::Dtype::F16 => (DType::F16, false),
+                    safetensors::Dtype::BF16 => (DType::BF16, false),
+                    safetensors::Dtype::F32 => (DType::F32, false),
+                    safetensors::Dtype::F64 => (DType::F64, false),
+                    safetensors::Dtype::U8 => (DType::U8, false),
+                    safetensors::Dtype::I8 => (DType::U8, true),
+                    safetensors::Dtype::I64 => (DType::I64, false),
                     other => {
                         return Err(Error::checkpoint(path, format!("tensor {name}: unsupported dtype {other:?}")))
                     }
                 };
-                let (start, end) = info.data_offsets;
-                let bytes = &mmap[data_start + start..data_start + end];
-                let t = Tensor::from_raw_buffer(bytes, dtype, &info.shape, &Device::Cpu)?;
-                // The copy is made: let the kernel drop these file pages from our resident set.
-                // SAFETY: the map is read-only and never written; the pages are re-read from
-                // the file if touched again.
-                unsafe {
-                    let _ = mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, data_start + start, end - start);
-                }
-                Ok(t)
+                let (a, b) = info.data_offsets;
+                (path, mmap, data_start + a, b - a, dtype, info.shape.clone(), signed)
             }
-            Shard::Pickle { path, pth } => match pth.get(name) {
-                Ok(Some(t)) => Ok(t),
-                Ok(None) => Err(missing()),
-                Err(e) => Err(Error::checkpoint(path, format!("tensor {name}: {e}; truncated or corrupt?"))),
-            },
-        }
+            Shard::Pickle { path, mmap, index } => {
+                use crate::pth::PthDType as P;
+                let t = index.get(name).ok_or_else(missing)?;
+                let (dtype, signed) = match t.dtype {
+                    P::F16 => (DType::F16, false),
+                    P::BF16 => (DType::BF16, false),
+                    P::F32 => (DType::F32, false),
+                    P::F64 => (DType::F64, false),
+                    P::U8 | P::Bool => (DType::U8, false),
+                    P::I8 => (DType::U8, true),
+                    P::I64 => (DType::I64, false),
+                    P::I32 => (DType::I32, false),
+                };
+                (path, mmap, t.start, t.len, dtype, t.shape.clone(), signed)
+            }
+        };
+        let bytes = mmap
+            .get(start..start + len)
+            .ok_or_else(|| Error::checkpoint(path, format!("tensor {name} lies past the end of the file; truncated?")))?;
+        let t = Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?;
+        release(mmap, start, len);
+        Ok((t, signed))
     }
 }
 
@@ -230,8 +251,7 @@ impl Checkpoint {
         shard.shape(name)
     }
 
-    /// Read a tensor, check its shape, and convert it to `dtype` on `device`.
-    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    fn read_checked(&self, name: &str, shape: &[usize]) -> Result<(Tensor, bool, &Path)> {
         let shard = self.shard(name)?;
         if let Some(stored) = shard.shape(name) {
             if stored != shape {
@@ -241,15 +261,27 @@ impl Checkpoint {
                 ));
             }
         }
-        let t = shard.read(name)?;
-        if t.dims() != shape {
-            return Err(Error::checkpoint(
-                shard.path(),
-                format!("tensor {name} has shape {:?}, the config implies {shape:?}", t.dims()),
-            ));
+        let (t, signed) = shard.read(name)?;
+        Ok((t, signed, shard.path()))
+    }
+
+    /// Read a float tensor, check its shape, and convert it to `dtype` on `device`.
+    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (t, signed, path) = self.read_checked(name, shape)?;
+        if signed || !t.dtype().is_float() {
+            return Err(Error::checkpoint(path, format!("tensor {name} is {:?}, a float tensor was expected", t.dtype())));
         }
-        // Convert on the CPU for float sources (one tensor at a time), then move.
+        // Convert on the CPU (one tensor at a time), then move.
         let t = t.to_dtype(dtype)?;
         Ok(t.to_device(device)?)
+    }
+
+    /// Read an int8 tensor (the official quantized weights) as its raw bytes (U8), on the CPU.
+    pub fn get_int8(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let (t, signed, path) = self.read_checked(name, shape)?;
+        if !signed {
+            return Err(Error::checkpoint(path, format!("tensor {name} is {:?}, int8 was expected", t.dtype())));
+        }
+        Ok(t)
     }
 }

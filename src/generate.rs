@@ -88,7 +88,7 @@ impl Generator {
         prompt: Vec<u32>,
         cfg: &GenerationConfig,
     ) -> Result<Self> {
-        if prompt.is_empty() && cache.is_empty() {
+        if prompt.is_empty() && cache.position() == 0 {
             return Err(Error::invalid("the prompt is empty"));
         }
         let vocab = model.config().padded_vocab_size;
@@ -96,7 +96,8 @@ impl Generator {
             return Err(Error::invalid(format!("token id {bad} is outside the vocabulary ({vocab})")));
         }
         let context = model.max_context();
-        let prompt_len = cache.len() + prompt.len();
+        // positions: what the cache holds (a P-Tuning prefix excluded) plus the new prompt
+        let prompt_len = cache.position() + prompt.len();
         if prompt_len >= context {
             return Err(Error::invalid(format!(
                 "the prompt has {prompt_len} tokens and leaves no room in the model context of {context} tokens"

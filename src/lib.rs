@@ -18,6 +18,7 @@ pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod pth;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;
@@ -122,6 +123,8 @@ pub struct LoadOptions<'a> {
     pub progress: Option<&'a dyn Fn(usize, usize)>,
     /// Force ChatGLM3's tokenizer (role tokens); `None`: decided from the checkpoint.
     pub chatglm3: Option<bool>,
+    /// A P-Tuning v2 checkpoint directory whose prefix goes in front of every sequence.
+    pub prefix_checkpoint: Option<PathBuf>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -131,6 +134,7 @@ impl Default for LoadOptions<'_> {
             dtype: None,
             progress: None,
             chatglm3: None,
+            prefix_checkpoint: None,
         }
     }
 }
@@ -179,7 +183,26 @@ impl Model {
         let tokenizer = Tokenizer::from_spm_file(&dir.join("tokenizer.model"), chatglm3)?;
         let ckpt = checkpoint::Checkpoint::open_dir(dir)?;
         let dtype = opts.dtype.unwrap_or_else(|| auto_dtype(&config, &opts.device));
-        let model = Glm2Model::load(&config, &ckpt, dtype, &opts.device, opts.progress)?;
+        let mut model = Glm2Model::load(&config, &ckpt, dtype, &opts.device, opts.progress)?;
+        let prefix = match (&opts.prefix_checkpoint, config.pre_seq_len) {
+            (Some(p), _) => Some(model::prefix::Prefix::load_dir(p, &config, dtype, &opts.device)?),
+            (None, Some(pre)) if model::prefix::Prefix::present(&ckpt) => Some(model::prefix::Prefix::from_checkpoint(
+                &ckpt,
+                &config,
+                pre,
+                config.prefix_projection,
+                dtype,
+                &opts.device,
+            )?),
+            (None, Some(_)) => {
+                return Err(Error::config(format!(
+                    "{}: pre_seq_len is set but the checkpoint has no prefix encoder (pass prefix_checkpoint)",
+                    cfg_path.display()
+                )))
+            }
+            (None, None) => None,
+        };
+        model.set_prefix(prefix);
         Ok(Self {
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),

@@ -294,11 +294,6 @@ impl PyModel {
                 )));
             }
         }
-        if prefix_checkpoint.is_some() {
-            return Err(InvalidArgumentError::new_err(
-                "prefix_checkpoint: P-Tuning v2 prefixes are not supported by this build yet",
-            ));
-        }
         let chatglm3 = match chat_format {
             None => None,
             Some("chatglm2") => Some(false),
@@ -327,6 +322,7 @@ impl PyModel {
                     dtype,
                     progress: if show { Some(&bar) } else { None },
                     chatglm3,
+                    prefix_checkpoint,
                 };
                 Model::from_dir(&dir, &opts)
             })

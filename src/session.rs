@@ -279,7 +279,7 @@ impl ChatSession {
         }
         let mut cache = self.cache.take().expect("checked above");
         if fresh {
-            cache.clear();
+            cache = self.model.model().new_cache();
             self.ids.clear();
         }
         let chat_cfg = self.model.chat_config(cfg);

@@ -87,8 +87,39 @@ def write_checkpoint(dir: Path, cfg: dict, weights: dict, tokenizer_model: Path,
     return dir
 
 
-def forward(cfg: dict, weights: dict, ids: list[int]) -> np.ndarray:
-    """Logits [len(ids), vocab] in float64, following modeling_chatglm.py step by step."""
+def prefix_kv(cfg: dict, prefix_weights: dict, projection: bool) -> np.ndarray:
+    """The official PrefixEncoder + get_prompt: [num_layers * 2, pre_seq_len, groups, kv_channels]."""
+    W = {k: v.astype(np.float64) for k, v in prefix_weights.items()}
+    emb = W["transformer.prefix_encoder.embedding.weight"]
+    if projection:
+        h = np.tanh(emb @ W["transformer.prefix_encoder.trans.0.weight"].T + W["transformer.prefix_encoder.trans.0.bias"])
+        emb = h @ W["transformer.prefix_encoder.trans.2.weight"].T + W["transformer.prefix_encoder.trans.2.bias"]
+    g = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else cfg["num_attention_heads"]
+    pre = emb.shape[0]
+    kv = emb.reshape(pre, cfg["num_layers"] * 2, g, cfg["kv_channels"])
+    return kv.transpose(1, 0, 2, 3)
+
+
+def random_prefix(cfg: dict, pre: int, projection: bool, seed: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    g = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else cfg["num_attention_heads"]
+    width = cfg["num_layers"] * 2 * g * cfg["kv_channels"]
+    h = cfg["hidden_size"]
+    f = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
+    if not projection:
+        return {"transformer.prefix_encoder.embedding.weight": f(pre, width)}
+    return {
+        "transformer.prefix_encoder.embedding.weight": f(pre, h),
+        "transformer.prefix_encoder.trans.0.weight": f(h, h),
+        "transformer.prefix_encoder.trans.0.bias": f(h),
+        "transformer.prefix_encoder.trans.2.weight": f(width, h),
+        "transformer.prefix_encoder.trans.2.bias": f(width),
+    }
+
+
+def forward(cfg: dict, weights: dict, ids: list[int], prefix: np.ndarray | None = None) -> np.ndarray:
+    """Logits [len(ids), vocab] in float64, following modeling_chatglm.py step by step.
+    `prefix`: P-Tuning keys/values from `prefix_kv`, placed before the prompt without rotary."""
     W = {k: v.astype(np.float64) for k, v in weights.items()}
     h, nh, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["kv_channels"]
     g = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else nh
@@ -113,7 +144,8 @@ def forward(cfg: dict, weights: dict, ids: list[int]) -> np.ndarray:
         return np.concatenate([out.reshape(n, x.shape[1], rot_dim), xp], -1)
 
     x = W["transformer.embedding.word_embeddings.weight"][ids]
-    causal = np.triu(np.ones((n, n), dtype=bool), 1)
+    pre = 0 if prefix is None else prefix.shape[1]
+    causal = np.concatenate([np.zeros((n, pre), dtype=bool), np.triu(np.ones((n, n), dtype=bool), 1)], axis=1)
     for i in range(cfg["num_layers"]):
         p = f"transformer.encoder.layers.{i}"
         ln = rmsnorm(x, W[f"{p}.input_layernorm.weight"])
@@ -124,6 +156,9 @@ def forward(cfg: dict, weights: dict, ids: list[int]) -> np.ndarray:
         k = qkv[:, nh * hd : nh * hd + g * hd].reshape(n, g, hd)
         v = qkv[:, nh * hd + g * hd :].reshape(n, g, hd)
         q, k = rope(q), rope(k)
+        if prefix is not None:
+            k = np.concatenate([prefix[2 * i], k], axis=0)
+            v = np.concatenate([prefix[2 * i + 1], v], axis=0)
         # expand each KV group to its nh/g query heads (official unsqueeze/expand)
         k = np.repeat(k, nh // g, axis=1)
         v = np.repeat(v, nh // g, axis=1)

@@ -20,7 +20,7 @@ pub const MAX_ROWS: usize = 8;
 /// Output rows per rayon task.
 const ROWS_PER_TASK: usize = 32;
 /// Input rows handled per pass over a weight row (accumulators kept in registers).
-const M_BLOCK: usize = 4;
+pub(crate) const M_BLOCK: usize = 4;
 /// Input rows per pass of the blocked matmul (each pass widens the weights once).
 const M_CHUNK: usize = 256;
 

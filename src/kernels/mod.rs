@@ -1,3 +1,4 @@
 //! Hand-written kernels where candle's own ops are too slow for this model's shapes.
 
 pub mod cpu_gemv;
+pub mod cpu_quant;

@@ -4,6 +4,7 @@
 
 use super::kv_cache::Cache;
 use super::linear::Linear;
+use crate::kernels::cpu_quant::Bits;
 use crate::checkpoint::Checkpoint;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
@@ -64,6 +65,15 @@ impl RotaryEmbedding {
     }
 }
 
+/// The official weight-only quantization of the four big linear layers of each block.
+fn quant_bits(cfg: &Glm2Config) -> Option<Bits> {
+    match cfg.quantization_bit {
+        8 => Some(Bits::Eight),
+        4 => Some(Bits::Four),
+        _ => None,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: statistics in f32, result cast back to the model dtype (official RMSNorm.forward).
 
@@ -108,6 +118,7 @@ impl SelfAttention {
                 cfg.hidden_size,
                 cfg.qkv_size(),
                 cfg.add_bias_linear || cfg.add_qkv_bias,
+                quant_bits(cfg),
                 dtype,
                 device,
             )?,
@@ -117,6 +128,7 @@ impl SelfAttention {
                 cfg.projection_size(),
                 cfg.hidden_size,
                 cfg.add_bias_linear,
+                quant_bits(cfg),
                 dtype,
                 device,
             )?,
@@ -208,6 +220,7 @@ impl Mlp {
                 cfg.hidden_size,
                 2 * cfg.ffn_hidden_size,
                 cfg.add_bias_linear,
+                quant_bits(cfg),
                 dtype,
                 device,
             )?,
@@ -217,6 +230,7 @@ impl Mlp {
                 cfg.ffn_hidden_size,
                 cfg.hidden_size,
                 cfg.add_bias_linear,
+                quant_bits(cfg),
                 dtype,
                 device,
             )?,
@@ -290,6 +304,7 @@ pub struct Glm2Model {
     layers: Vec<Block>,
     final_layernorm: Option<RmsNorm>,
     output_layer: Linear,
+    prefix: Option<super::prefix::Prefix>,
 }
 
 /// Loading progress: `(tensors done, tensors in all)`.
@@ -304,12 +319,6 @@ impl Glm2Model {
         device: &Device,
         progress: Option<ProgressFn<'_>>,
     ) -> Result<Self> {
-        if cfg.quantization_bit != 0 {
-            return Err(Error::config(format!(
-                "quantization_bit = {}: official quantized checkpoints are not supported by this build yet",
-                cfg.quantization_bit
-            )));
-        }
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::invalid(format!("dtype {dtype:?} is not a float dtype the model runs in")));
         }
@@ -342,6 +351,7 @@ impl Glm2Model {
             cfg.hidden_size,
             cfg.padded_vocab_size,
             false,
+            None,
             dtype,
             device,
         )?;
@@ -357,7 +367,18 @@ impl Glm2Model {
             layers,
             final_layernorm,
             output_layer,
+            prefix: None,
         })
+    }
+
+    /// Put a P-Tuning v2 prefix in front of every new cache.
+    pub fn set_prefix(&mut self, prefix: Option<super::prefix::Prefix>) {
+        self.prefix = prefix;
+    }
+
+    /// Length of the P-Tuning prefix (0 without one).
+    pub fn prefix_len(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.len)
     }
 
     pub fn config(&self) -> &Glm2Config {
@@ -372,14 +393,21 @@ impl Glm2Model {
         &self.device
     }
 
-    /// The longest sequence (prefix entries included) the model can attend over.
+    /// The most positions a sequence can have (`seq_length`; a P-Tuning prefix comes on top).
     pub fn max_context(&self) -> usize {
         self.config.seq_length
     }
 
-    /// A fresh, empty cache for one sequence.
+    /// A fresh cache for one sequence: empty, or holding the P-Tuning prefix.
     pub fn new_cache(&self) -> Cache {
-        Cache::new(self.config.num_layers, self.config.seq_length)
+        let mut cache = Cache::new(self.config.num_layers, self.config.seq_length + self.prefix_len());
+        if let Some(p) = &self.prefix {
+            for (i, (k, v)) in p.keys.iter().zip(&p.values).enumerate() {
+                cache.append(i, k, v).expect("prefix tensors are contiguous [1, groups, len, channels]");
+            }
+            cache.advance(p.len, false);
+        }
+        cache
     }
 
     /// Run `input_ids` (`[b, t]`, u32) after what `cache` holds, append their keys and values to
@@ -389,10 +417,10 @@ impl Glm2Model {
         if t == 0 {
             return Err(Error::invalid("forward needs at least one token"));
         }
-        if cache.len() + t > self.config.seq_length || cache.position() + t > self.config.seq_length {
+        if cache.position() + t > self.config.seq_length {
             return Err(Error::invalid(format!(
                 "sequence of {} tokens exceeds the model context of {} (seq_length)",
-                cache.len() + t,
+                cache.position() + t,
                 self.config.seq_length
             )));
         }

@@ -63,7 +63,7 @@ impl Cache {
             .sum()
     }
 
-    /// Forget everything (keeps nothing allocated).
+    /// Forget everything, a P-Tuning prefix included (keeps nothing allocated).
     pub fn clear(&mut self) {
         for l in &mut self.layers {
             *l = None;

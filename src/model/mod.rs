@@ -3,6 +3,7 @@
 pub mod glm2;
 pub mod kv_cache;
 pub mod linear;
+pub mod prefix;
 
 pub use glm2::{Glm2Model, Logits};
 pub use kv_cache::Cache;

@@ -1,0 +1,440 @@
+//! CPU matrix products with the official ChatGLM2 weight-only quantized layouts:
+//! int8 `q[out, in]` or int4 `q[out, in/2]` (two signed nibbles per byte, column 2j in the high
+//! nibble and 2j+1 in the low one), with one scale per output row: `W[r, c] = scale[r] * q[r, c]`.
+//!
+//! As the official code (which dequantizes to float16 before its matmul), each weight is
+//! `f16(scale * q)`: computed in registers, rounded through float16, accumulated in f32. Decoding streams each quantized row once (a quarter of
+//! the bytes of float16 for int4); many rows go through blocks dequantized to f32 and the `gemm`
+//! crate's f32 kernel, as the float path does.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::cpu_gemv::{MAX_ROWS, M_BLOCK};
+
+const ROWS_PER_TASK: usize = 32;
+const M_CHUNK: usize = 256;
+
+/// Bits per weight of the official layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bits {
+    Eight,
+    Four,
+}
+
+/// The official dequantized weight: `scale * q` rounded to float16.
+#[inline(always)]
+fn deq(s: f32, q: i8) -> f32 {
+    f16::from_f32(s * q as f32).to_f32()
+}
+
+/// Sum over the row of `deq(s, q[c]) * x[c]`, portable version. `x` is the plain input for
+/// int8; for int4 it is the input split as `[x[0::2] | x[1::2]]`.
+fn dot_portable(bits: Bits, s: f32, q: &[u8], x: &[f32]) -> f32 {
+    match bits {
+        Bits::Eight => q.iter().zip(x).map(|(&b, &v)| deq(s, b as i8) * v).sum(),
+        Bits::Four => {
+            let half = q.len();
+            let (xe, xo) = x.split_at(half);
+            let mut acc = 0f32;
+            for (j, &b) in q.iter().enumerate() {
+                let b = b as i8;
+                acc += deq(s, b >> 4) * xe[j] + deq(s, (b << 4) >> 4) * xo[j];
+            }
+            acc
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// `f16(s * q)` as f32, 16 lanes.
+    #[inline(always)]
+    unsafe fn deq16(s: __m512, q: __m512i) -> __m512 {
+        let w = _mm512_mul_ps(s, _mm512_cvtepi32_ps(q));
+        _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w))
+    }
+
+    /// `f16(s * q)` as f32, 8 lanes.
+    #[inline(always)]
+    unsafe fn deq8(s: __m256, q: __m256i) -> __m256 {
+        let w = _mm256_mul_ps(s, _mm256_cvtepi32_ps(q));
+        _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w))
+    }
+
+    /// int8 row · inputs (M of them), AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
+    pub unsafe fn dots_i8<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let k = q.len();
+        let s = _mm512_set1_ps(sc);
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let chunks = k / 32;
+        for c in 0..chunks {
+            let j = c * 32;
+            let b = _mm256_loadu_si256(q.as_ptr().add(j) as *const __m256i);
+            let w0 = deq16(s, _mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+            let w1 = deq16(s, _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(b)));
+            for i in 0..M {
+                let xp = xs[i].as_ptr().add(j);
+                acc[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xp.add(16)), acc[i][1]);
+            }
+        }
+        for i in 0..M {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+            for j in chunks * 32..k {
+                s += super::deq(sc, q[j] as i8) * xs[i][j];
+            }
+            out[i] = s;
+        }
+    }
+
+    /// int4 row (k/2 bytes) · split inputs `[even | odd]` (M of them), AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
+    pub unsafe fn dots_i4<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let h = q.len();
+        let s = _mm512_set1_ps(sc);
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let chunks = h / 16;
+        for c in 0..chunks {
+            let j = c * 16;
+            let b = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.as_ptr().add(j) as *const __m128i));
+            let hi = deq16(s, _mm512_srai_epi32::<4>(b));
+            let lo = deq16(s, _mm512_srai_epi32::<28>(_mm512_slli_epi32::<28>(b)));
+            for i in 0..M {
+                let xe = xs[i].as_ptr().add(j);
+                let xo = xs[i].as_ptr().add(h + j);
+                acc[i][0] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xe), acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xo), acc[i][1]);
+            }
+        }
+        for i in 0..M {
+            let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+            for j in chunks * 16..h {
+                let b = q[j] as i8;
+                s += super::deq(sc, b >> 4) * xs[i][j] + super::deq(sc, (b << 4) >> 4) * xs[i][h + j];
+            }
+            out[i] = s;
+        }
+    }
+
+    /// int8, AVX2.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn dots_i8_avx2<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let k = q.len();
+        let s = _mm256_set1_ps(sc);
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        let chunks = k / 16;
+        for c in 0..chunks {
+            let j = c * 16;
+            let b = _mm_loadu_si128(q.as_ptr().add(j) as *const __m128i);
+            let w0 = deq8(s, _mm256_cvtepi8_epi32(b));
+            let w1 = deq8(s, _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(b)));
+            for i in 0..M {
+                let xp = xs[i].as_ptr().add(j);
+                acc[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), acc[i][1]);
+            }
+        }
+        for i in 0..M {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[i][0], acc[i][1]));
+            let mut s: f32 = lanes.iter().sum();
+            for j in chunks * 16..k {
+                s += super::deq(sc, q[j] as i8) * xs[i][j];
+            }
+            out[i] = s;
+        }
+    }
+
+    /// int4, AVX2.
+    #[target_feature(enable = "avx2,f16c,fma")]
+    pub unsafe fn dots_i4_avx2<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+        let h = q.len();
+        let s = _mm256_set1_ps(sc);
+        let mut acc = [[_mm256_setzero_ps(); 2]; M];
+        let chunks = h / 8;
+        for c in 0..chunks {
+            let j = c * 8;
+            let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.as_ptr().add(j) as *const __m128i));
+            let hi = deq8(s, _mm256_srai_epi32::<4>(b));
+            let lo = deq8(s, _mm256_srai_epi32::<28>(_mm256_slli_epi32::<28>(b)));
+            for i in 0..M {
+                acc[i][0] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs[i].as_ptr().add(j)), acc[i][0]);
+                acc[i][1] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs[i].as_ptr().add(h + j)), acc[i][1]);
+            }
+        }
+        for i in 0..M {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[i][0], acc[i][1]));
+            let mut s: f32 = lanes.iter().sum();
+            for j in chunks * 8..h {
+                let b = q[j] as i8;
+                s += super::deq(sc, b >> 4) * xs[i][j] + super::deq(sc, (b << 4) >> 4) * xs[i][h + j];
+            }
+            out[i] = s;
+        }
+    }
+}
+
+type DotsFn = fn(Bits, f32, &[u8], &[&[f32]], &mut [f32]);
+
+fn pick() -> DotsFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        macro_rules! by_m {
+            ($i8:ident, $i4:ident) => {
+                |bits, sc, q, xs, out| unsafe {
+                    match (bits, xs.len()) {
+                        (Bits::Eight, 1) => x86::$i8::<1>(sc, q, xs, out),
+                        (Bits::Eight, 2) => x86::$i8::<2>(sc, q, xs, out),
+                        (Bits::Eight, 3) => x86::$i8::<3>(sc, q, xs, out),
+                        (Bits::Eight, _) => x86::$i8::<4>(sc, q, xs, out),
+                        (Bits::Four, 1) => x86::$i4::<1>(sc, q, xs, out),
+                        (Bits::Four, 2) => x86::$i4::<2>(sc, q, xs, out),
+                        (Bits::Four, 3) => x86::$i4::<3>(sc, q, xs, out),
+                        (Bits::Four, _) => x86::$i4::<4>(sc, q, xs, out),
+                    }
+                }
+            };
+        }
+        // SAFETY: each kernel is only chosen when the CPU has its target features.
+        if has!("avx512f") && has!("avx512bw") && has!("f16c") && has!("fma") {
+            return by_m!(dots_i8, dots_i4);
+        }
+        if has!("avx2") && has!("f16c") && has!("fma") {
+            return by_m!(dots_i8_avx2, dots_i4_avx2);
+        }
+    }
+    |bits, sc, q, xs, out| {
+        for (o, x) in out.iter_mut().zip(xs) {
+            *o = dot_portable(bits, sc, q, x);
+        }
+    }
+}
+
+/// A quantized weight: `q` rows of `row_bytes` bytes, `k` logical columns.
+struct QWeight<'a> {
+    bits: Bits,
+    q: &'a [u8],
+    scale: &'a [f32],
+    k: usize,
+}
+
+impl QWeight<'_> {
+    fn row_bytes(&self) -> usize {
+        match self.bits {
+            Bits::Eight => self.k,
+            Bits::Four => self.k / 2,
+        }
+    }
+
+    fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.q[r * rb..(r + 1) * rb]
+    }
+
+    /// Row `r` dequantized to f32.
+    fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let s = self.scale[r];
+        match self.bits {
+            Bits::Eight => {
+                for (o, &b) in out.iter_mut().zip(self.row(r)) {
+                    *o = deq(s, b as i8);
+                }
+            }
+            Bits::Four => {
+                for (j, &b) in self.row(r).iter().enumerate() {
+                    let b = b as i8;
+                    out[2 * j] = deq(s, b >> 4);
+                    out[2 * j + 1] = deq(s, (b << 4) >> 4);
+                }
+            }
+        }
+    }
+}
+
+/// The input as the kernels want it: plain for int8, `[x[0::2] | x[1::2]]` for int4.
+fn arrange(bits: Bits, x: &[f32]) -> Vec<f32> {
+    match bits {
+        Bits::Eight => x.to_vec(),
+        Bits::Four => x.iter().step_by(2).chain(x.iter().skip(1).step_by(2)).copied().collect(),
+    }
+}
+
+fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let k = w.k;
+    let dots = pick();
+    let rows: Vec<Vec<f32>> = (0..m).map(|i| arrange(w.bits, &x[i * k..(i + 1) * k])).collect();
+    let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let mut out_t = vec![0f32; n * m];
+    out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
+        let row0 = task * ROWS_PER_TASK;
+        for (r, out_row) in chunk.chunks_mut(m).enumerate() {
+            let row = row0 + r;
+            for (b, xs) in refs.chunks(M_BLOCK).enumerate() {
+                let o = &mut out_row[b * M_BLOCK..b * M_BLOCK + xs.len()];
+                dots(w.bits, w.scale[row], w.row(row), xs, o);
+            }
+        }
+    });
+    out_t
+}
+
+fn matmul_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let k = w.k;
+    let nb = ((128 * 1024) / k.max(1)).clamp(16, 256) / 16 * 16;
+    let mut out_t = vec![0f32; n * m];
+    out_t.par_chunks_mut(nb * m).enumerate().for_each(|(task, chunk)| {
+        let row0 = task * nb;
+        let rows = chunk.len() / m;
+        let mut wblock = vec![0f32; rows * k];
+        for r in 0..rows {
+            w.dequantize_row(row0 + r, &mut wblock[r * k..(r + 1) * k]);
+        }
+        // SAFETY: every pointer covers the extent given to gemm.
+        unsafe {
+            gemm::gemm(
+                rows, m, k,
+                chunk.as_mut_ptr(), 1, m as isize, false,
+                wblock.as_ptr(), 1, k as isize,
+                x.as_ptr(), k as isize, 1,
+                0.0, 1.0, false, false, false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+    out_t
+}
+
+/// `x[m, k]` (float) times the quantized `W[n, k]ᵀ` given as `q` (U8 bytes of the int8 / packed
+/// int4 values) and `scale` (f32 `[n]`) -> `[m, n]` in x's dtype.
+pub struct QuantMatmul {
+    pub bits: Bits,
+}
+
+impl CustomOp3 for QuantMatmul {
+    fn name(&self) -> &'static str {
+        "glm2rs-cpu-quant-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, rb) = l2.shape().dims2()?;
+        let want_rb = match self.bits {
+            Bits::Eight => k,
+            Bits::Four => k / 2,
+        };
+        if rb != want_rb || (self.bits == Bits::Four && k % 2 != 0) {
+            bail!("quantized matmul: x is [{m}, {k}] but q is [{n}, {rb}] ({:?})", self.bits)
+        }
+        let (Some((x0, x1)), Some((q0, q1)), Some((c0, c1))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
+            bail!("quantized matmul: inputs must be contiguous")
+        };
+        let x: Vec<f32> = match s1 {
+            CpuStorage::F32(v) => v[x0..x1].to_vec(),
+            CpuStorage::F16(v) => v[x0..x1].iter().map(|h| h.to_f32()).collect(),
+            CpuStorage::BF16(v) => v[x0..x1].iter().map(|h| h.to_f32()).collect(),
+            s => bail!("quantized matmul: unsupported input dtype {:?}", s.dtype()),
+        };
+        let (CpuStorage::U8(q), CpuStorage::F32(scale)) = (s2, s3) else {
+            bail!("quantized matmul: q must be U8 and scale F32")
+        };
+        let w = QWeight { bits: self.bits, q: &q[q0..q1], scale: &scale[c0..c1], k };
+        if w.scale.len() != n {
+            bail!("quantized matmul: {} scales for {n} rows", w.scale.len())
+        }
+        let mut out = vec![0f32; m * n];
+        let mut i0 = 0;
+        while i0 < m {
+            let i1 = if m <= MAX_ROWS { m } else { (i0 + M_CHUNK).min(m) };
+            let mc = i1 - i0;
+            let xc = &x[i0 * k..i1 * k];
+            let out_t = if m <= MAX_ROWS { gemv_t(&w, xc, mc, n) } else { matmul_t(&w, xc, mc, n) };
+            for j in 0..n {
+                for i in 0..mc {
+                    out[(i0 + i) * n + j] = out_t[j * mc + i];
+                }
+            }
+            i0 = i1;
+        }
+        let storage = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(out),
+            DType::F16 => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
+            DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
+            d => bail!("quantized matmul: unsupported dtype {d:?}"),
+        };
+        Ok((storage, Shape::from((m, n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// Dense f32 weights of a quantized one, as the official dequantization defines them.
+    fn dense(bits: Bits, q: &[u8], scale: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let w = QWeight { bits, q, scale, k };
+        let mut out = vec![0f32; n * k];
+        for r in 0..n {
+            w.dequantize_row(r, &mut out[r * k..(r + 1) * k]);
+        }
+        out
+    }
+
+    #[test]
+    fn matches_dequantized_matmul() {
+        let dev = Device::Cpu;
+        let mut seed = 1u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as u8
+        };
+        for bits in [Bits::Eight, Bits::Four] {
+            for (m, n, k) in [(1, 37, 64), (3, 64, 130), (4, 33, 4096), (20, 70, 96), (300, 9, 34)] {
+                let rb = if bits == Bits::Eight { k } else { k / 2 };
+                let q: Vec<u8> = (0..n * rb).map(|_| rnd()).collect();
+                let scale: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
+                let wd = Tensor::from_vec(dense(bits, &q, &scale, n, k), (n, k), &dev).unwrap();
+                let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                let want = x.matmul(&wd.t().unwrap()).unwrap();
+                let qt = Tensor::from_vec(q, (n, rb), &dev).unwrap();
+                let st = Tensor::from_vec(scale, n, &dev).unwrap();
+                let got = x.apply_op3_no_bwd(&qt, &st, &QuantMatmul { bits }).unwrap();
+                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 1e-4 * (k as f32).sqrt(), "{bits:?} m={m} n={n} k={k}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn nibble_order_is_high_then_low() {
+        // byte 0x7F: column 0 = 7 (high), column 1 = -1 (low); byte 0x80: -8, 0
+        let w = QWeight { bits: Bits::Four, q: &[0x7F, 0x80], scale: &[2.0], k: 4 };
+        let mut row = [0f32; 4];
+        w.dequantize_row(0, &mut row);
+        assert_eq!(row, [14.0, -2.0, -16.0, 0.0]);
+        // products are rounded to float16 as the official dequantization does
+        let w = QWeight { bits: Bits::Eight, q: &[3], scale: &[0.1], k: 1 };
+        let mut one = [0f32];
+        w.dequantize_row(0, &mut one);
+        assert_eq!(one[0], f16::from_f32(0.1f32 * 3.0).to_f32());
+        assert_ne!(one[0], 0.1f32 * 3.0);
+    }
+}
