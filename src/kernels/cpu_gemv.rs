@@ -274,7 +274,7 @@ fn gemv_t(w: Mat<'_>, x: Mat<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
 /// `out[n, m]` (transposed) = W[n, k] · x[m, k]ᵀ for many rows: blocks of W rows widened to f32
 /// (small enough for L2) times f32 `x` through the `gemm` crate.
 fn matmul_t(w: Mat<'_>, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    let nb = ((128 * 1024) / k.max(1)).clamp(16, 256) / 16 * 16;
+    let nb = ((4096 * 1024) / k.max(1)).clamp(128, 1024) / 16 * 16;
     let mut out_t = vec![0f32; n * m];
     out_t.par_chunks_mut(nb * m).enumerate().for_each(|(task, chunk)| {
         let row0 = task * nb;

@@ -288,7 +288,7 @@ fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
 
 fn matmul_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
     let k = w.k;
-    let nb = ((128 * 1024) / k.max(1)).clamp(16, 256) / 16 * 16;
+    let nb = ((4096 * 1024) / k.max(1)).clamp(128, 1024) / 16 * 16;
     let mut out_t = vec![0f32; n * m];
     out_t.par_chunks_mut(nb * m).enumerate().for_each(|(task, chunk)| {
         let row0 = task * nb;
