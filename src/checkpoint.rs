@@ -32,6 +32,11 @@ enum Shard {
         mmap: Mmap,
         index: HashMap<String, crate::pth::PthTensor>,
     },
+    Gguf {
+        path: PathBuf,
+        mmap: Mmap,
+        content: candle_core::quantized::gguf_file::Content,
+    },
 }
 
 /// Map a read-only file.
@@ -83,7 +88,7 @@ impl Shard {
 
     fn path(&self) -> &Path {
         match self {
-            Shard::Safetensors { path, .. } | Shard::Pickle { path, .. } => path,
+            Shard::Safetensors { path, .. } | Shard::Pickle { path, .. } | Shard::Gguf { path, .. } => path,
         }
     }
 
@@ -91,6 +96,7 @@ impl Shard {
         match self {
             Shard::Safetensors { meta, .. } => meta.tensors().into_keys().collect(),
             Shard::Pickle { index, .. } => index.keys().cloned().collect(),
+            Shard::Gguf { content, .. } => content.tensor_infos.keys().cloned().collect(),
         }
     }
 
@@ -98,6 +104,7 @@ impl Shard {
         match self {
             Shard::Safetensors { meta, .. } => meta.info(name).map(|i| i.shape.clone()),
             Shard::Pickle { index, .. } => index.get(name).map(|i| i.shape.clone()),
+            Shard::Gguf { content, .. } => content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec()),
         }
     }
 
@@ -137,6 +144,10 @@ impl Shard {
                 };
                 (path, mmap, t.start, t.len, dtype, t.shape.clone(), signed)
             }
+            Shard::Gguf { .. } => {
+                let q = self.qtensor(name)?;
+                return Ok((q.dequantize(&Device::Cpu)?, false));
+            }
         };
         let bytes = mmap
             .get(start..start + len)
@@ -147,10 +158,24 @@ impl Shard {
     }
 }
 
+impl Shard {
+    fn qtensor(&self, name: &str) -> Result<candle_core::quantized::QTensor> {
+        let Shard::Gguf { path, mmap, content } = self else {
+            return Err(Error::checkpoint(self.path(), format!("tensor {name}: not a GGUF file")));
+        };
+        let mut cursor = std::io::Cursor::new(&mmap[..]);
+        content
+            .tensor(&mut cursor, name, &Device::Cpu)
+            .map_err(|e| Error::checkpoint(path, format!("tensor {name}: {e}; truncated or corrupt?")))
+    }
+}
+
 /// An opened checkpoint: every shard, and which shard holds which tensor.
 pub struct Checkpoint {
     shards: Vec<Shard>,
     index: HashMap<String, usize>,
+    /// GGUF written by save_quantized with the official per-row layouts.
+    official_bits: Option<crate::kernels::cpu_quant::Bits>,
 }
 
 impl Checkpoint {
@@ -208,7 +233,7 @@ impl Checkpoint {
             };
             index.insert(tensor.clone(), i);
         }
-        Ok(Self { shards, index })
+        Ok(Self { shards, index, official_bits: None })
     }
 
     /// Open a list of weight files (each `.safetensors` or PyTorch pickle).
@@ -222,7 +247,47 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Self { shards, index })
+        Ok(Self { shards, index, official_bits: None })
+    }
+
+    /// Open a GGUF file written by `save_quantized`; returns its metadata too.
+    pub fn open_gguf(path: &Path) -> Result<(Self, HashMap<String, candle_core::quantized::gguf_file::Value>)> {
+        let mmap = map_file(path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+            .map_err(|e| Error::checkpoint(path, format!("not a readable GGUF file ({e}); truncated or corrupt?")))?;
+        let metadata = content.metadata.clone();
+        let index = content.tensor_infos.keys().map(|k| (k.clone(), 0)).collect();
+        let shard = Shard::Gguf { path: path.to_path_buf(), mmap, content };
+        let official_bits = match metadata.get("glm2rs.quantization").and_then(|v| v.to_string().ok()).map(|s| s.as_str()) {
+            Some("int8") => Some(crate::kernels::cpu_quant::Bits::Eight),
+            Some("int4") => Some(crate::kernels::cpu_quant::Bits::Four),
+            _ => None,
+        };
+        Ok((Self { shards: vec![shard], index, official_bits }, metadata))
+    }
+
+    /// For a GGUF with the official per-row layouts: their bit width.
+    pub fn gguf_official_bits(&self) -> Option<crate::kernels::cpu_quant::Bits> {
+        self.official_bits
+    }
+
+    /// A quantized (block type) tensor of a GGUF checkpoint; `None` for dense tensors and
+    /// other formats.
+    pub fn gguf_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<candle_core::quantized::QTensor>> {
+        use candle_core::quantized::GgmlDType as G;
+        let shard = self.shard(name)?;
+        let Shard::Gguf { content, path, .. } = shard else { return Ok(None) };
+        let info = &content.tensor_infos[name];
+        if matches!(info.ggml_dtype, G::F32 | G::F16 | G::BF16) {
+            return Ok(None);
+        }
+        if info.shape.dims() != shape {
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name} has shape {:?}, the config implies {shape:?}", info.shape.dims()),
+            ));
+        }
+        shard.qtensor(name).map(Some)
     }
 
     pub fn contains(&self, name: &str) -> bool {

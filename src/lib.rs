@@ -19,6 +19,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod pth;
+pub mod quantize;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;
@@ -125,6 +126,8 @@ pub struct LoadOptions<'a> {
     pub chatglm3: Option<bool>,
     /// A P-Tuning v2 checkpoint directory whose prefix goes in front of every sequence.
     pub prefix_checkpoint: Option<PathBuf>,
+    /// Quantize the linear layers while loading (see [`quantize`]).
+    pub quantize: Option<quantize::QuantType>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -135,6 +138,7 @@ impl Default for LoadOptions<'_> {
             progress: None,
             chatglm3: None,
             prefix_checkpoint: None,
+            quantize: None,
         }
     }
 }
@@ -146,6 +150,7 @@ pub struct Model {
     tokenizer: Arc<Tokenizer>,
     config_json: serde_json::Value,
     dir: PathBuf,
+    quantization: Option<String>,
 }
 
 /// Whether a checkpoint directory is a ChatGLM3 one (by its recorded names).
@@ -165,6 +170,16 @@ fn looks_like_chatglm3(dir: &Path, cfg: &Glm2Config) -> bool {
 }
 
 impl Model {
+    /// Load a model directory (config.json, tokenizer.model, weights) or a GGUF file written
+    /// by [`Model::save_quantized`].
+    pub fn load(path: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
+        if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+            Self::from_gguf(path, opts)
+        } else {
+            Self::from_dir(path, opts)
+        }
+    }
+
     /// Load a Hugging Face style model directory (config.json, tokenizer.model, weights).
     pub fn from_dir(dir: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
         if !dir.is_dir() {
@@ -177,17 +192,56 @@ impl Model {
         let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config = Glm2Config::from_json_str(&cfg_text)
             .map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
-        let config_json: serde_json::Value = serde_json::from_str(&cfg_text)
-            .map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
         let chatglm3 = opts.chatglm3.unwrap_or_else(|| looks_like_chatglm3(dir, &config));
         let tokenizer = Tokenizer::from_spm_file(&dir.join("tokenizer.model"), chatglm3)?;
         let ckpt = checkpoint::Checkpoint::open_dir(dir)?;
+        Self::build(&cfg_text, config, tokenizer, &ckpt, dir, opts)
+    }
+
+    /// Load a GGUF file written by [`Model::save_quantized`] (config and tokenizer inside).
+    pub fn from_gguf(path: &Path, opts: &LoadOptions<'_>) -> Result<Self> {
+        use candle_core::quantized::gguf_file::Value;
+        let (ckpt, meta) = checkpoint::Checkpoint::open_gguf(path)?;
+        let text = |k: &str| -> Result<String> {
+            meta.get(k)
+                .and_then(|v| v.to_string().ok().cloned())
+                .ok_or_else(|| Error::checkpoint(path, format!("GGUF metadata {k} is missing: not written by glm2rs")))
+        };
+        let cfg_text = text("glm2rs.config")?;
+        let config = Glm2Config::from_json_str(&cfg_text)?;
+        let spm: Vec<u8> = match meta.get("glm2rs.tokenizer") {
+            Some(Value::Array(v)) => v.iter().filter_map(|x| x.to_u8().ok()).collect(),
+            _ => return Err(Error::checkpoint(path, "GGUF metadata glm2rs.tokenizer is missing")),
+        };
+        let chatglm3 = opts
+            .chatglm3
+            .unwrap_or_else(|| matches!(meta.get("glm2rs.chatglm3"), Some(Value::Bool(true))));
+        let tokenizer = Tokenizer::from_spm_bytes(&spm, chatglm3)?;
+        if opts.quantize.is_some() {
+            return Err(Error::invalid("this GGUF file is already quantized; load it without quantize="));
+        }
+        let mut model = Self::build(&cfg_text, config, tokenizer, &ckpt, path, opts)?;
+        model.quantization = text("glm2rs.quantization").ok().filter(|q| q != "none");
+        Ok(model)
+    }
+
+    fn build(
+        cfg_text: &str,
+        config: Glm2Config,
+        tokenizer: Tokenizer,
+        ckpt: &checkpoint::Checkpoint,
+        dir: &Path,
+        opts: &LoadOptions<'_>,
+    ) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let config_json: serde_json::Value =
+            serde_json::from_str(cfg_text).map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
         let dtype = opts.dtype.unwrap_or_else(|| auto_dtype(&config, &opts.device));
-        let mut model = Glm2Model::load(&config, &ckpt, dtype, &opts.device, opts.progress)?;
+        let mut model = Glm2Model::load(&config, ckpt, dtype, &opts.device, opts.quantize, opts.progress)?;
         let prefix = match (&opts.prefix_checkpoint, config.pre_seq_len) {
             (Some(p), _) => Some(model::prefix::Prefix::load_dir(p, &config, dtype, &opts.device)?),
-            (None, Some(pre)) if model::prefix::Prefix::present(&ckpt) => Some(model::prefix::Prefix::from_checkpoint(
-                &ckpt,
+            (None, Some(pre)) if model::prefix::Prefix::present(ckpt) => Some(model::prefix::Prefix::from_checkpoint(
+                ckpt,
                 &config,
                 pre,
                 config.prefix_projection,
@@ -203,12 +257,73 @@ impl Model {
             (None, None) => None,
         };
         model.set_prefix(prefix);
+        let quantization = opts.quantize.map(|q| q.name()).or_else(|| match config.quantization_bit {
+            8 => Some("int8".to_string()),
+            4 => Some("int4".to_string()),
+            _ => None,
+        });
         Ok(Self {
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
             config_json,
             dir: dir.to_path_buf(),
+            quantization,
         })
+    }
+
+    /// How the linear layers are quantized (`"int8"`, `"int4"`, `"q4_0"`, ...), if they are.
+    pub fn quantization(&self) -> Option<&str> {
+        self.quantization.as_deref()
+    }
+
+    /// Write the model (weights as they are held, quantized or not), its config and its
+    /// tokenizer to one GGUF file that [`Model::load`] reads back. A P-Tuning prefix is not
+    /// written (load it again with `prefix_checkpoint`).
+    pub fn save_quantized(&self, path: &Path) -> Result<()> {
+        let tokenizer_model = self.tokenizer.spm_bytes();
+        use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+        use model::linear::Exported;
+        let dense_type = match self.model.dtype() {
+            DType::F32 => GgmlDType::F32,
+            DType::BF16 => GgmlDType::BF16,
+            _ => GgmlDType::F16,
+        };
+        let mut tensors: Vec<(String, Arc<QTensor>)> = vec![];
+        for (name, w) in self.model.export() {
+            let qt = match w {
+                Exported::Dense(t) => Arc::new(QTensor::quantize(&t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, dense_type)?),
+                Exported::Official { q, scale, bits } => Arc::new(quantize::official_to_ggml(&q, &scale, bits)?),
+                Exported::Ggml(qt) => qt,
+            };
+            tensors.push((name, qt));
+        }
+        let mut cfg = self.config_json.clone();
+        if let Some(obj) = cfg.as_object_mut() {
+            // the GGUF layout replaces the official checkpoint layout
+            obj.insert("quantization_bit".into(), serde_json::json!(0));
+        }
+        let meta: Vec<(&str, gguf_file::Value)> = vec![
+            ("general.architecture", gguf_file::Value::String("chatglm".into())),
+            ("glm2rs.config", gguf_file::Value::String(cfg.to_string())),
+            (
+                "glm2rs.tokenizer",
+                gguf_file::Value::Array(tokenizer_model.iter().map(|&b| gguf_file::Value::U8(b)).collect()),
+            ),
+            ("glm2rs.chatglm3", gguf_file::Value::Bool(self.tokenizer.has_roles())),
+            (
+                "glm2rs.quantization",
+                gguf_file::Value::String(self.quantization.clone().unwrap_or_else(|| "none".into())),
+            ),
+        ];
+        let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect();
+        let tmp = path.with_extension("gguf.partial");
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+        gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
+        use std::io::Write;
+        f.flush().map_err(|e| Error::io(&tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
     }
 
     pub fn model(&self) -> &Arc<Glm2Model> {

@@ -287,13 +287,10 @@ impl PyModel {
         chat_format: Option<&str>,
         progress: Option<bool>,
     ) -> PyResult<Self> {
-        if let Some(q) = quantize {
-            if !q.is_none() {
-                return Err(InvalidArgumentError::new_err(format!(
-                    "quantize={q}: quantization is not supported by this build yet"
-                )));
-            }
-        }
+        let quantize = match quantize {
+            Some(q) if !q.is_none() => Some(crate::quantize::QuantType::parse(&q.str()?.to_string())?),
+            _ => None,
+        };
         let chatglm3 = match chat_format {
             None => None,
             Some("chatglm2") => Some(false),
@@ -323,8 +320,9 @@ impl PyModel {
                     progress: if show { Some(&bar) } else { None },
                     chatglm3,
                     prefix_checkpoint,
+                    quantize,
                 };
-                Model::from_dir(&dir, &opts)
+                Model::load(&dir, &opts)
             })
         })?;
         Ok(Self { inner: model })
@@ -463,6 +461,25 @@ impl PyModel {
         let model = self.inner.clone();
         let prompt = prompt.to_string();
         Ok(py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?)
+    }
+
+    /// How the linear layers are quantized ("int8", "int4", "q4_0", ...), or None.
+    #[getter]
+    fn quantization(&self) -> Option<String> {
+        self.inner.quantization().map(str::to_string)
+    }
+
+    /// Bytes held by the weights.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.model().weight_bytes()
+    }
+
+    /// Write the model as held (quantized or not), its config and tokenizer to one GGUF file
+    /// that `Model.from_pretrained(path)` loads back.
+    fn save_quantized(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let model = self.inner.clone();
+        Ok(py.detach(move || catch_panic(|| model.save_quantized(&path)))?)
     }
 
     /// "chatglm2" or "chatglm3".

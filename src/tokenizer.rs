@@ -82,6 +82,8 @@ pub struct Tokenizer {
     byte_pieces: HashMap<u32, u8>,
     /// Strip the dummy-prefix space when decoding.
     strip_leading_space: bool,
+    /// The SentencePiece model it was built from (written into GGUF files).
+    spm: std::sync::Arc<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -236,7 +238,13 @@ impl Tokenizer {
             vocab_size,
             byte_pieces,
             strip_leading_space: add_dummy_prefix,
+            spm: std::sync::Arc::new(bytes.to_vec()),
         })
+    }
+
+    /// The bytes of the SentencePiece model this tokenizer was built from.
+    pub fn spm_bytes(&self) -> &[u8] {
+        &self.spm
     }
 
     /// Number of ids the tokenizer knows (pieces plus special tokens).

@@ -23,12 +23,12 @@ def is_hub_id(name: str) -> bool:
 
 
 def resolve(name_or_path: str, revision: str | None = None) -> str:
-    """A local directory for `name_or_path`: the directory itself, or a hub snapshot.
+    """A local directory (or GGUF file) for `name_or_path`: the path itself, or a hub snapshot.
 
     Only what glm2rs reads is downloaded: config and tokenizer files and one weight layout.
     """
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return str(path)
     if path.exists():
         raise LoadError(f"{name_or_path}: not a model directory")

@@ -5,6 +5,8 @@
 use super::kv_cache::Cache;
 use super::linear::Linear;
 use crate::kernels::cpu_quant::Bits;
+use crate::quantize::QuantType;
+use super::linear::Exported;
 use crate::checkpoint::Checkpoint;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
@@ -110,7 +112,7 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, q: Option<QuantType>, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Self {
             query_key_value: Linear::load(
                 ckpt,
@@ -119,6 +121,7 @@ impl SelfAttention {
                 cfg.qkv_size(),
                 cfg.add_bias_linear || cfg.add_qkv_bias,
                 quant_bits(cfg),
+                q,
                 dtype,
                 device,
             )?,
@@ -129,6 +132,7 @@ impl SelfAttention {
                 cfg.hidden_size,
                 cfg.add_bias_linear,
                 quant_bits(cfg),
+                q,
                 dtype,
                 device,
             )?,
@@ -212,7 +216,7 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, q: Option<QuantType>, dtype: DType, device: &Device) -> Result<Self> {
         Ok(Self {
             dense_h_to_4h: Linear::load(
                 ckpt,
@@ -221,6 +225,7 @@ impl Mlp {
                 2 * cfg.ffn_hidden_size,
                 cfg.add_bias_linear,
                 quant_bits(cfg),
+                q,
                 dtype,
                 device,
             )?,
@@ -231,6 +236,7 @@ impl Mlp {
                 cfg.hidden_size,
                 cfg.add_bias_linear,
                 quant_bits(cfg),
+                q,
                 dtype,
                 device,
             )?,
@@ -257,13 +263,13 @@ struct Block {
 }
 
 impl Block {
-    fn load(ckpt: &Checkpoint, i: usize, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(ckpt: &Checkpoint, i: usize, cfg: &Glm2Config, q: Option<QuantType>, dtype: DType, device: &Device) -> Result<Self> {
         let p = format!("transformer.encoder.layers.{i}");
         Ok(Self {
             input_layernorm: RmsNorm::load(ckpt, &format!("{p}.input_layernorm"), cfg, dtype, device)?,
-            self_attention: SelfAttention::load(ckpt, &format!("{p}.self_attention"), cfg, dtype, device)?,
+            self_attention: SelfAttention::load(ckpt, &format!("{p}.self_attention"), cfg, q, dtype, device)?,
             post_attention_layernorm: RmsNorm::load(ckpt, &format!("{p}.post_attention_layernorm"), cfg, dtype, device)?,
-            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, dtype, device)?,
+            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, q, dtype, device)?,
             residual_post_layernorm: cfg.apply_residual_connection_post_layernorm,
         })
     }
@@ -317,6 +323,7 @@ impl Glm2Model {
         ckpt: &Checkpoint,
         dtype: DType,
         device: &Device,
+        quantize: Option<QuantType>,
         progress: Option<ProgressFn<'_>>,
     ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -337,7 +344,7 @@ impl Glm2Model {
         report(1);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            layers.push(Block::load(ckpt, i, cfg, dtype, device)?);
+            layers.push(Block::load(ckpt, i, cfg, quantize, dtype, device)?);
             report(2 + i);
         }
         let final_layernorm = if cfg.post_layer_norm {
@@ -351,6 +358,7 @@ impl Glm2Model {
             cfg.hidden_size,
             cfg.padded_vocab_size,
             false,
+            None,
             None,
             dtype,
             device,
@@ -369,6 +377,50 @@ impl Glm2Model {
             output_layer,
             prefix: None,
         })
+    }
+
+    /// Every weight under its checkpoint name, for writing a GGUF file.
+    pub fn export(&self) -> Vec<(String, Exported)> {
+        let mut out = vec![(
+            "transformer.embedding.word_embeddings.weight".to_string(),
+            Exported::Dense(self.word_embeddings.clone()),
+        )];
+        let linear = |out: &mut Vec<(String, Exported)>, name: String, l: &Linear| {
+            let (w, b) = l.export();
+            out.push((format!("{name}.weight"), w));
+            if let Some(b) = b {
+                out.push((format!("{name}.bias"), Exported::Dense(b)));
+            }
+        };
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("transformer.encoder.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), Exported::Dense(b.input_layernorm.weight.clone())));
+            linear(&mut out, format!("{p}.self_attention.query_key_value"), &b.self_attention.query_key_value);
+            linear(&mut out, format!("{p}.self_attention.dense"), &b.self_attention.dense);
+            out.push((format!("{p}.post_attention_layernorm.weight"), Exported::Dense(b.post_attention_layernorm.weight.clone())));
+            linear(&mut out, format!("{p}.mlp.dense_h_to_4h"), &b.mlp.dense_h_to_4h);
+            linear(&mut out, format!("{p}.mlp.dense_4h_to_h"), &b.mlp.dense_4h_to_h);
+        }
+        if let Some(n) = &self.final_layernorm {
+            out.push(("transformer.encoder.final_layernorm.weight".to_string(), Exported::Dense(n.weight.clone())));
+        }
+        linear(&mut out, "transformer.output_layer".to_string(), &self.output_layer);
+        out
+    }
+
+    /// Bytes held by the weights.
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = t(&self.word_embeddings) + self.output_layer.weight_bytes();
+        for b in &self.layers {
+            n += b.self_attention.query_key_value.weight_bytes()
+                + b.self_attention.dense.weight_bytes()
+                + b.mlp.dense_h_to_4h.weight_bytes()
+                + b.mlp.dense_4h_to_h.weight_bytes()
+                + t(&b.input_layernorm.weight)
+                + t(&b.post_attention_layernorm.weight);
+        }
+        n
     }
 
     /// Put a P-Tuning v2 prefix in front of every new cache.

@@ -2,7 +2,10 @@
 //! model dtype) or in the official weight-only int8/int4 layout (`weight` + `weight_scale`).
 
 use crate::checkpoint::Checkpoint;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::quantize::{ggml_to_official, ggml_type_for, quantize_official, QuantType};
+use candle_core::quantized::{QMatMul, QTensor};
+use std::sync::Arc;
 use crate::kernels::cpu_gemv::{Gemv, MAX_ROWS};
 use crate::kernels::cpu_quant::{Bits, QuantMatmul};
 use candle_core::{DType, Device, Module, Tensor};
@@ -18,6 +21,15 @@ enum Weight {
         bits: Bits,
         dense: Option<Tensor>,
     },
+    /// A candle/GGML block-quantized weight, run by `QMatMul` (CPU and CUDA kernels).
+    Ggml { qt: Arc<QTensor>, mm: QMatMul },
+}
+
+/// A weight as written to a GGUF file.
+pub enum Exported {
+    Dense(Tensor),
+    Official { q: Tensor, scale: Tensor, bits: Bits },
+    Ggml(Arc<QTensor>),
 }
 
 #[derive(Debug, Clone)]
@@ -67,23 +79,68 @@ impl Linear {
         in_dim: usize,
         out_dim: usize,
         bias: bool,
-        quant: Option<Bits>,
+        layout: Option<Bits>,
+        quantize: Option<QuantType>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let name = format!("{prefix}.weight");
-        let weight = match quant {
-            None => Weight::Dense(ckpt.get(&name, &[out_dim, in_dim], dtype, device)?),
-            Some(bits) => {
-                let cols = if bits == Bits::Eight { in_dim } else { in_dim.div_ceil(2) };
-                let q = ckpt.get_int8(&name, &[out_dim, cols])?;
-                let scale = ckpt.get(&format!("{prefix}.weight_scale"), &[out_dim], DType::F32, &Device::Cpu)?;
-                let dense = if device.is_cpu() {
-                    None
-                } else {
-                    Some(dequantize(&q, &scale, bits)?.to_dtype(dtype)?.to_device(device)?)
-                };
-                Weight::Quantized { q, scale, bits, dense }
+        let official = |q: Tensor, scale: Tensor, bits: Bits| -> Result<Weight> {
+            let dense = if device.is_cpu() {
+                None
+            } else {
+                Some(dequantize(&q, &scale, bits)?.to_dtype(dtype)?.to_device(device)?)
+            };
+            Ok(Weight::Quantized { q, scale, bits, dense })
+        };
+        let ggml = |qt: QTensor| -> Result<Weight> {
+            let qt = if device.is_cpu() {
+                qt
+            } else {
+                // move the blocks to the device
+                let dt = qt.dtype();
+                let data = qt.data()?.into_owned();
+                let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), device, dt)?;
+                QTensor::new(storage, qt.shape().clone())?
+            };
+            let qt = Arc::new(qt);
+            Ok(Weight::Ggml { mm: QMatMul::QTensor(qt.clone()), qt })
+        };
+        let weight = if let Some(qt) = ckpt.gguf_quantized(&name, &[out_dim, in_dim])? {
+            // a GGUF written by save_quantized: official layouts come back exactly
+            match ckpt.gguf_official_bits() {
+                Some(bits) => {
+                    let (q, scale) = ggml_to_official(&qt, bits)?;
+                    official(q, scale, bits)?
+                }
+                None => ggml(qt)?,
+            }
+        } else {
+            match (layout, quantize) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::invalid(
+                        "this checkpoint is already quantized (quantization_bit); load it without quantize=",
+                    ))
+                }
+                (Some(bits), None) => {
+                    let cols = if bits == Bits::Eight { in_dim } else { in_dim.div_ceil(2) };
+                    let q = ckpt.get_int8(&name, &[out_dim, cols])?;
+                    let scale = ckpt.get(&format!("{prefix}.weight_scale"), &[out_dim], DType::F32, &Device::Cpu)?;
+                    official(q, scale, bits)?
+                }
+                (None, Some(QuantType::Official(bits))) => {
+                    let w = ckpt.get(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?;
+                    let (q, scale) = quantize_official(&w, bits)?;
+                    official(q, scale, bits)?
+                }
+                (None, Some(QuantType::Ggml(t))) => {
+                    let w = ckpt.get(&name, &[out_dim, in_dim], DType::F32, &Device::Cpu)?;
+                    match ggml_type_for(t, in_dim) {
+                        Some(t) => ggml(QTensor::quantize(&w, t)?)?,
+                        None => Weight::Dense(w.to_dtype(dtype)?.to_device(device)?),
+                    }
+                }
+                (None, None) => Weight::Dense(ckpt.get(&name, &[out_dim, in_dim], dtype, device)?),
             }
         };
         let bias = if bias {
@@ -92,6 +149,27 @@ impl Linear {
             None
         };
         Ok(Self { weight, bias, out_dim })
+    }
+
+    /// The weight (and bias) for writing a GGUF file.
+    pub fn export(&self) -> (Exported, Option<Tensor>) {
+        let w = match &self.weight {
+            Weight::Dense(w) => Exported::Dense(w.clone()),
+            Weight::Quantized { q, scale, bits, .. } => Exported::Official { q: q.clone(), scale: scale.clone(), bits: *bits },
+            Weight::Ggml { qt, .. } => Exported::Ggml(qt.clone()),
+        };
+        (w, self.bias.clone())
+    }
+
+    /// Bytes held by the weight.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Weight::Quantized { q, scale, dense, .. } => {
+                q.elem_count() + 4 * scale.elem_count() + dense.as_ref().map_or(0, |d| d.elem_count() * d.dtype().size_in_bytes())
+            }
+            Weight::Ggml { qt, .. } => qt.storage_size_in_bytes(),
+        }
     }
 
     /// A dense layer from a weight tensor.
@@ -120,6 +198,10 @@ impl Module for Linear {
             }
             Weight::Quantized { dense: Some(w), .. } => x2.matmul(&w.t()?)?,
             Weight::Quantized { dense: None, .. } => candle_core::bail!("quantized weight without a device copy"),
+            Weight::Ggml { mm, .. } => {
+                let dt = x2.dtype();
+                mm.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dt)?
+            }
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
