@@ -19,13 +19,13 @@ import sys
 import time
 
 
-def run_one(model_dir: str, dtype: str, prompt_len: int, new: int, reps: int) -> dict:
+def run_one(model_dir: str, dtype: str, prompt_len: int, new: int, reps: int, quantize: str | None = None) -> dict:
     import numpy as np
 
     import glm2rs
 
     t0 = time.perf_counter()
-    m = glm2rs.Model.from_pretrained(model_dir, dtype=dtype, progress=True)
+    m = glm2rs.Model.from_pretrained(model_dir, dtype=dtype, progress=True, quantize=quantize)
     load_s = time.perf_counter() - t0
     rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rng = np.random.default_rng(0)
@@ -45,7 +45,8 @@ def run_one(model_dir: str, dtype: str, prompt_len: int, new: int, reps: int) ->
     decode_tps = n_dec / max(total - prefill_s, 1e-9)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {
-        "dtype": m.dtype,
+        "dtype": m.dtype + (f" + {m.quantization}" if m.quantization else ""),
+        "weights_gib": round(m.weight_bytes / 2**30, 2),
         "layers": m.config["num_layers"],
         "load_s": round(load_s, 2),
         "rss_after_load_gib": round(rss_load, 2),
@@ -62,6 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
     ap.add_argument("--dtype", action="append", help="float16, bfloat16, float32 (repeatable)")
+    ap.add_argument("--quantize", action="append", help="8, 4, q8_0, q4_0, ... (repeatable; runs with --dtype's first)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--reps", type=int, default=1)
@@ -70,23 +72,25 @@ def main() -> None:
     a = ap.parse_args()
     dtypes = a.dtype or ["float16"]
     if a.child:
-        print(json.dumps(run_one(a.model, dtypes[0], a.prompt, a.new, a.reps)))
+        q = a.quantize[0] if a.quantize else None
+        print(json.dumps(run_one(a.model, dtypes[0], a.prompt, a.new, a.reps, q)))
         return
+    runs = [(d, None) for d in dtypes] if not a.quantize else [(dtypes[0], q) for q in a.quantize]
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
           file=sys.stderr)
-    print("| dtype | layers | load s | RSS after load GiB | peak RSS GiB | prompt | prefill tok/s | decode tok/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for d in dtypes:
+    print("| weights | layers | weight GiB | load s | RSS after load GiB | peak RSS GiB | prompt | prefill tok/s | decode tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for d, q in runs:
         cmd = [sys.executable, __file__, a.model, "--dtype", d, "--prompt", str(a.prompt), "--new", str(a.new),
-               "--reps", str(a.reps), "--child"]
+               "--reps", str(a.reps), "--child"] + (["--quantize", q] if q else [])
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if res.returncode != 0:
-            print(f"| {d} | failed (exit {res.returncode}) | | | | | | |")
+            print(f"| {d} {q or ''} | failed (exit {res.returncode}) | | | | | | | |")
             continue
         r = json.loads(res.stdout.strip().splitlines()[-1])
         if a.json:
             print(json.dumps(r), file=sys.stderr)
-        print(f"| {r['dtype']} | {r['layers']} | {r['load_s']} | {r['rss_after_load_gib']} | {r['peak_rss_gib']} | "
+        print(f"| {r['dtype']} | {r['layers']} | {r['weights_gib']} | {r['load_s']} | {r['rss_after_load_gib']} | {r['peak_rss_gib']} | "
               f"{r['prompt_tokens']} | {r['prefill_tok_s']} | {r['decode_tok_s']} |", flush=True)
 
 

@@ -24,5 +24,26 @@ fn gemv(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, gemv);
+criterion_group!(benches, gemv, quant);
 criterion_main!(benches);
+
+fn quant(c: &mut Criterion) {
+    use glm2rs::kernels::cpu_quant::{Bits, QuantMatmul};
+    let dev = Device::Cpu;
+    let (n, k) = (27392usize, 4096usize);
+    let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
+    for (bits, name) in [(Bits::Eight, "int8"), (Bits::Four, "int4")] {
+        let (q, s) = glm2rs::quantize::quantize_official(&w, bits).unwrap();
+        let mut g = c.benchmark_group(format!("quant_h_to_4h_{name}"));
+        g.throughput(Throughput::Bytes(q.elem_count() as u64));
+        g.sample_size(10);
+        for m in [1usize, 32] {
+            let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+            for exact in [false, true] {
+                let op = QuantMatmul { bits, exact };
+                g.bench_function(format!("m{m}_exact{exact}"), |b| b.iter(|| x.apply_op3_no_bwd(&q, &s, &op).unwrap()));
+            }
+        }
+        g.finish();
+    }
+}

@@ -32,7 +32,10 @@ fn deq(s: f32, q: i8) -> f32 {
 
 /// Sum over the row of `deq(s, q[c]) * x[c]`, portable version. `x` is the plain input for
 /// int8; for int4 it is the input split as `[x[0::2] | x[1::2]]`.
-fn dot_portable(bits: Bits, s: f32, q: &[u8], x: &[f32]) -> f32 {
+fn dot_portable(bits: Bits, s: f32, q: &[u8], x: &[f32], exact: bool) -> f32 {
+    if !exact {
+        return s * dot_portable(bits, 1.0, q, x, true);
+    }
     match bits {
         Bits::Eight => q.iter().zip(x).map(|(&b, &v)| deq(s, b as i8) * v).sum(),
         Bits::Four => {
@@ -52,23 +55,50 @@ fn dot_portable(bits: Bits, s: f32, q: &[u8], x: &[f32]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// `f16(s * q)` as f32, 16 lanes.
+    /// Exact: `f16(s * q)` as f32; fast: `q` (the scale is applied to the dot product). 16 lanes.
     #[inline(always)]
-    unsafe fn deq16(s: __m512, q: __m512i) -> __m512 {
-        let w = _mm512_mul_ps(s, _mm512_cvtepi32_ps(q));
-        _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w))
+    unsafe fn deq16<const EXACT: bool>(s: __m512, q: __m512i) -> __m512 {
+        if EXACT {
+            let w = _mm512_mul_ps(s, _mm512_cvtepi32_ps(q));
+            _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w))
+        } else {
+            _mm512_cvtepi32_ps(q)
+        }
     }
 
-    /// `f16(s * q)` as f32, 8 lanes.
+    /// As `deq16`, 8 lanes.
     #[inline(always)]
-    unsafe fn deq8(s: __m256, q: __m256i) -> __m256 {
-        let w = _mm256_mul_ps(s, _mm256_cvtepi32_ps(q));
-        _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w))
+    unsafe fn deq8<const EXACT: bool>(s: __m256, q: __m256i) -> __m256 {
+        if EXACT {
+            let w = _mm256_mul_ps(s, _mm256_cvtepi32_ps(q));
+            _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(w))
+        } else {
+            _mm256_cvtepi32_ps(q)
+        }
+    }
+
+    /// The dot product's final value: exact kernels already applied the scale.
+    #[inline(always)]
+    fn finish<const EXACT: bool>(sc: f32, v: f32) -> f32 {
+        if EXACT {
+            v
+        } else {
+            sc * v
+        }
+    }
+
+    #[inline(always)]
+    fn deq1<const EXACT: bool>(sc: f32, q: i8) -> f32 {
+        if EXACT {
+            super::deq(sc, q)
+        } else {
+            q as f32
+        }
     }
 
     /// int8 row · inputs (M of them), AVX-512.
     #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
-    pub unsafe fn dots_i8<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i8<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
         let k = q.len();
         let s = _mm512_set1_ps(sc);
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
@@ -76,8 +106,8 @@ mod x86 {
         for c in 0..chunks {
             let j = c * 32;
             let b = _mm256_loadu_si256(q.as_ptr().add(j) as *const __m256i);
-            let w0 = deq16(s, _mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
-            let w1 = deq16(s, _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(b)));
+            let w0 = deq16::<EXACT>(s, _mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+            let w1 = deq16::<EXACT>(s, _mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(b)));
             for i in 0..M {
                 let xp = xs[i].as_ptr().add(j);
                 acc[i][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xp), acc[i][0]);
@@ -87,15 +117,15 @@ mod x86 {
         for i in 0..M {
             let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
             for j in chunks * 32..k {
-                s += super::deq(sc, q[j] as i8) * xs[i][j];
+                s += deq1::<EXACT>(sc, q[j] as i8) * xs[i][j];
             }
-            out[i] = s;
+            out[i] = finish::<EXACT>(sc, s);
         }
     }
 
     /// int4 row (k/2 bytes) · split inputs `[even | odd]` (M of them), AVX-512.
     #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
-    pub unsafe fn dots_i4<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i4<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
         let h = q.len();
         let s = _mm512_set1_ps(sc);
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
@@ -103,8 +133,8 @@ mod x86 {
         for c in 0..chunks {
             let j = c * 16;
             let b = _mm512_cvtepi8_epi32(_mm_loadu_si128(q.as_ptr().add(j) as *const __m128i));
-            let hi = deq16(s, _mm512_srai_epi32::<4>(b));
-            let lo = deq16(s, _mm512_srai_epi32::<28>(_mm512_slli_epi32::<28>(b)));
+            let hi = deq16::<EXACT>(s, _mm512_srai_epi32::<4>(b));
+            let lo = deq16::<EXACT>(s, _mm512_srai_epi32::<28>(_mm512_slli_epi32::<28>(b)));
             for i in 0..M {
                 let xe = xs[i].as_ptr().add(j);
                 let xo = xs[i].as_ptr().add(h + j);
@@ -116,15 +146,15 @@ mod x86 {
             let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
             for j in chunks * 16..h {
                 let b = q[j] as i8;
-                s += super::deq(sc, b >> 4) * xs[i][j] + super::deq(sc, (b << 4) >> 4) * xs[i][h + j];
+                s += deq1::<EXACT>(sc, b >> 4) * xs[i][j] + deq1::<EXACT>(sc, (b << 4) >> 4) * xs[i][h + j];
             }
-            out[i] = s;
+            out[i] = finish::<EXACT>(sc, s);
         }
     }
 
     /// int8, AVX2.
     #[target_feature(enable = "avx2,f16c,fma")]
-    pub unsafe fn dots_i8_avx2<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i8_avx2<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
         let k = q.len();
         let s = _mm256_set1_ps(sc);
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
@@ -132,8 +162,8 @@ mod x86 {
         for c in 0..chunks {
             let j = c * 16;
             let b = _mm_loadu_si128(q.as_ptr().add(j) as *const __m128i);
-            let w0 = deq8(s, _mm256_cvtepi8_epi32(b));
-            let w1 = deq8(s, _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(b)));
+            let w0 = deq8::<EXACT>(s, _mm256_cvtepi8_epi32(b));
+            let w1 = deq8::<EXACT>(s, _mm256_cvtepi8_epi32(_mm_srli_si128::<8>(b)));
             for i in 0..M {
                 let xp = xs[i].as_ptr().add(j);
                 acc[i][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), acc[i][0]);
@@ -145,15 +175,15 @@ mod x86 {
             _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(acc[i][0], acc[i][1]));
             let mut s: f32 = lanes.iter().sum();
             for j in chunks * 16..k {
-                s += super::deq(sc, q[j] as i8) * xs[i][j];
+                s += deq1::<EXACT>(sc, q[j] as i8) * xs[i][j];
             }
-            out[i] = s;
+            out[i] = finish::<EXACT>(sc, s);
         }
     }
 
     /// int4, AVX2.
     #[target_feature(enable = "avx2,f16c,fma")]
-    pub unsafe fn dots_i4_avx2<const M: usize>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i4_avx2<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
         let h = q.len();
         let s = _mm256_set1_ps(sc);
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
@@ -161,8 +191,8 @@ mod x86 {
         for c in 0..chunks {
             let j = c * 8;
             let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.as_ptr().add(j) as *const __m128i));
-            let hi = deq8(s, _mm256_srai_epi32::<4>(b));
-            let lo = deq8(s, _mm256_srai_epi32::<28>(_mm256_slli_epi32::<28>(b)));
+            let hi = deq8::<EXACT>(s, _mm256_srai_epi32::<4>(b));
+            let lo = deq8::<EXACT>(s, _mm256_srai_epi32::<28>(_mm256_slli_epi32::<28>(b)));
             for i in 0..M {
                 acc[i][0] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs[i].as_ptr().add(j)), acc[i][0]);
                 acc[i][1] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs[i].as_ptr().add(h + j)), acc[i][1]);
@@ -174,16 +204,24 @@ mod x86 {
             let mut s: f32 = lanes.iter().sum();
             for j in chunks * 8..h {
                 let b = q[j] as i8;
-                s += super::deq(sc, b >> 4) * xs[i][j] + super::deq(sc, (b << 4) >> 4) * xs[i][h + j];
+                s += deq1::<EXACT>(sc, b >> 4) * xs[i][j] + deq1::<EXACT>(sc, (b << 4) >> 4) * xs[i][h + j];
             }
-            out[i] = s;
+            out[i] = finish::<EXACT>(sc, s);
         }
     }
 }
 
 type DotsFn = fn(Bits, f32, &[u8], &[&[f32]], &mut [f32]);
 
-fn pick() -> DotsFn {
+fn pick(exact: bool) -> DotsFn {
+    if exact {
+        pick_mode::<true>()
+    } else {
+        pick_mode::<false>()
+    }
+}
+
+fn pick_mode<const EXACT: bool>() -> DotsFn {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
@@ -191,14 +229,14 @@ fn pick() -> DotsFn {
             ($i8:ident, $i4:ident) => {
                 |bits, sc, q, xs, out| unsafe {
                     match (bits, xs.len()) {
-                        (Bits::Eight, 1) => x86::$i8::<1>(sc, q, xs, out),
-                        (Bits::Eight, 2) => x86::$i8::<2>(sc, q, xs, out),
-                        (Bits::Eight, 3) => x86::$i8::<3>(sc, q, xs, out),
-                        (Bits::Eight, _) => x86::$i8::<4>(sc, q, xs, out),
-                        (Bits::Four, 1) => x86::$i4::<1>(sc, q, xs, out),
-                        (Bits::Four, 2) => x86::$i4::<2>(sc, q, xs, out),
-                        (Bits::Four, 3) => x86::$i4::<3>(sc, q, xs, out),
-                        (Bits::Four, _) => x86::$i4::<4>(sc, q, xs, out),
+                        (Bits::Eight, 1) => x86::$i8::<1, EXACT>(sc, q, xs, out),
+                        (Bits::Eight, 2) => x86::$i8::<2, EXACT>(sc, q, xs, out),
+                        (Bits::Eight, 3) => x86::$i8::<3, EXACT>(sc, q, xs, out),
+                        (Bits::Eight, _) => x86::$i8::<4, EXACT>(sc, q, xs, out),
+                        (Bits::Four, 1) => x86::$i4::<1, EXACT>(sc, q, xs, out),
+                        (Bits::Four, 2) => x86::$i4::<2, EXACT>(sc, q, xs, out),
+                        (Bits::Four, 3) => x86::$i4::<3, EXACT>(sc, q, xs, out),
+                        (Bits::Four, _) => x86::$i4::<4, EXACT>(sc, q, xs, out),
                     }
                 }
             };
@@ -213,7 +251,7 @@ fn pick() -> DotsFn {
     }
     |bits, sc, q, xs, out| {
         for (o, x) in out.iter_mut().zip(xs) {
-            *o = dot_portable(bits, sc, q, x);
+            *o = dot_portable(bits, sc, q, x, EXACT);
         }
     }
 }
@@ -221,6 +259,7 @@ fn pick() -> DotsFn {
 /// A quantized weight: `q` rows of `row_bytes` bytes, `k` logical columns.
 struct QWeight<'a> {
     bits: Bits,
+    exact: bool,
     q: &'a [u8],
     scale: &'a [f32],
     k: usize,
@@ -239,22 +278,28 @@ impl QWeight<'_> {
         &self.q[r * rb..(r + 1) * rb]
     }
 
-    /// Row `r` dequantized to f32.
+    /// Row `r` dequantized to f32 (exact: each weight rounded to float16, vectorized).
     fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let s = self.scale[r];
         match self.bits {
             Bits::Eight => {
                 for (o, &b) in out.iter_mut().zip(self.row(r)) {
-                    *o = deq(s, b as i8);
+                    *o = s * (b as i8) as f32;
                 }
             }
             Bits::Four => {
                 for (j, &b) in self.row(r).iter().enumerate() {
                     let b = b as i8;
-                    out[2 * j] = deq(s, b >> 4);
-                    out[2 * j + 1] = deq(s, (b << 4) >> 4);
+                    out[2 * j] = s * (b >> 4) as f32;
+                    out[2 * j + 1] = s * ((b << 4) >> 4) as f32;
                 }
             }
+        }
+        if self.exact {
+            use half::slice::HalfFloatSliceExt;
+            let mut h = vec![f16::ZERO; out.len()];
+            h.convert_from_f32_slice(out);
+            h.convert_to_f32_slice(out);
         }
     }
 }
@@ -269,7 +314,7 @@ fn arrange(bits: Bits, x: &[f32]) -> Vec<f32> {
 
 fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
     let k = w.k;
-    let dots = pick();
+    let dots = pick(w.exact);
     let rows: Vec<Vec<f32>> = (0..m).map(|i| arrange(w.bits, &x[i * k..(i + 1) * k])).collect();
     let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
     let mut out_t = vec![0f32; n * m];
@@ -316,6 +361,10 @@ fn matmul_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
 /// int4 values) and `scale` (f32 `[n]`) -> `[m, n]` in x's dtype.
 pub struct QuantMatmul {
     pub bits: Bits,
+    /// Round every dequantized weight to float16 as the official code does (bit-faithful to
+    /// it; used in float32). Otherwise the scale is applied to each row's dot product, which
+    /// is faster and no less accurate (used with float16/bfloat16 activations).
+    pub exact: bool,
 }
 
 impl CustomOp3 for QuantMatmul {
@@ -355,7 +404,7 @@ impl CustomOp3 for QuantMatmul {
         let (CpuStorage::U8(q), CpuStorage::F32(scale)) = (s2, s3) else {
             bail!("quantized matmul: q must be U8 and scale F32")
         };
-        let w = QWeight { bits: self.bits, q: &q[q0..q1], scale: &scale[c0..c1], k };
+        let w = QWeight { bits: self.bits, exact: self.exact, q: &q[q0..q1], scale: &scale[c0..c1], k };
         if w.scale.len() != n {
             bail!("quantized matmul: {} scales for {n} rows", w.scale.len())
         }
@@ -388,9 +437,10 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    /// Dense f32 weights of a quantized one, as the official dequantization defines them.
-    fn dense(bits: Bits, q: &[u8], scale: &[f32], n: usize, k: usize) -> Vec<f32> {
-        let w = QWeight { bits, q, scale, k };
+    /// Dense f32 weights of a quantized one: exact as the official dequantization (float16),
+    /// else `scale * q` in f32.
+    fn dense(bits: Bits, exact: bool, q: &[u8], scale: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let w = QWeight { bits, exact, q, scale, k };
         let mut out = vec![0f32; n * k];
         for r in 0..n {
             w.dequantize_row(r, &mut out[r * k..(r + 1) * k]);
@@ -411,14 +461,16 @@ mod tests {
                 let rb = if bits == Bits::Eight { k } else { k / 2 };
                 let q: Vec<u8> = (0..n * rb).map(|_| rnd()).collect();
                 let scale: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
-                let wd = Tensor::from_vec(dense(bits, &q, &scale, n, k), (n, k), &dev).unwrap();
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
-                let want = x.matmul(&wd.t().unwrap()).unwrap();
-                let qt = Tensor::from_vec(q, (n, rb), &dev).unwrap();
-                let st = Tensor::from_vec(scale, n, &dev).unwrap();
-                let got = x.apply_op3_no_bwd(&qt, &st, &QuantMatmul { bits }).unwrap();
-                let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(err < 1e-4 * (k as f32).sqrt(), "{bits:?} m={m} n={n} k={k}: {err}");
+                let qt = Tensor::from_vec(q.clone(), (n, rb), &dev).unwrap();
+                let st = Tensor::from_vec(scale.clone(), n, &dev).unwrap();
+                for exact in [true, false] {
+                    let wd = Tensor::from_vec(dense(bits, exact, &q, &scale, n, k), (n, k), &dev).unwrap();
+                    let want = x.matmul(&wd.t().unwrap()).unwrap();
+                    let got = x.apply_op3_no_bwd(&qt, &st, &QuantMatmul { bits, exact }).unwrap();
+                    let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(err < 1e-4 * (k as f32).sqrt(), "{bits:?} exact={exact} m={m} n={n} k={k}: {err}");
+                }
             }
         }
     }
@@ -426,12 +478,12 @@ mod tests {
     #[test]
     fn nibble_order_is_high_then_low() {
         // byte 0x7F: column 0 = 7 (high), column 1 = -1 (low); byte 0x80: -8, 0
-        let w = QWeight { bits: Bits::Four, q: &[0x7F, 0x80], scale: &[2.0], k: 4 };
+        let w = QWeight { bits: Bits::Four, exact: true, q: &[0x7F, 0x80], scale: &[2.0], k: 4 };
         let mut row = [0f32; 4];
         w.dequantize_row(0, &mut row);
         assert_eq!(row, [14.0, -2.0, -16.0, 0.0]);
         // products are rounded to float16 as the official dequantization does
-        let w = QWeight { bits: Bits::Eight, q: &[3], scale: &[0.1], k: 1 };
+        let w = QWeight { bits: Bits::Eight, exact: true, q: &[3], scale: &[0.1], k: 1 };
         let mut one = [0f32];
         w.dequantize_row(0, &mut one);
         assert_eq!(one[0], f16::from_f32(0.1f32 * 3.0).to_f32());

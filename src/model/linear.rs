@@ -194,7 +194,8 @@ impl Module for Linear {
             }
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Quantized { q, scale, bits, .. } if cpu => {
-                x2.contiguous()?.apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits })?
+                let exact = x2.dtype() == DType::F32;
+                x2.contiguous()?.apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits, exact })?
             }
             Weight::Quantized { dense: Some(w), .. } => x2.matmul(&w.t()?)?,
             Weight::Quantized { dense: None, .. } => candle_core::bail!("quantized weight without a device copy"),
