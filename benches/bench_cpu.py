@@ -37,12 +37,15 @@ def run_one(model_dir: str, dtype: str, prompt_len: int, new: int, reps: int, qu
         m.generate_ids(ids, max_new_tokens=1)
         pre.append(time.perf_counter() - t)
     prefill_s = min(pre)
-    # decode: time between tokens of a stream, after the first
-    t = time.perf_counter()
-    out = m.generate_ids(ids, max_new_tokens=new + 1)
-    total = time.perf_counter() - t
-    n_dec = len(out) - 1
-    decode_tps = n_dec / max(total - prefill_s, 1e-9)
+    # decode: tokens per second of a stream after its first piece
+    stream = m.stream_ids(ids, max_new_tokens=new + 1)
+    t_first, n_first = None, 0
+    for _ in stream:
+        if t_first is None:
+            t_first, n_first = time.perf_counter(), len(stream.token_ids)
+    t_end = time.perf_counter()
+    n_dec = len(stream.token_ids) - n_first
+    decode_tps = n_dec / (t_end - t_first) if t_first and n_dec > 0 else float("nan")
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {
         "dtype": m.dtype + (f" + {m.quantization}" if m.quantization else ""),

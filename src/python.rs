@@ -434,6 +434,40 @@ impl PyModel {
         })
     }
 
+    /// Like `stream`, from token ids instead of text.
+    #[pyo3(signature = (input_ids, *, max_new_tokens = None, max_length = None, do_sample = false,
+                        temperature = 1.0, top_p = 1.0, top_k = 0, repetition_penalty = 1.0,
+                        seed = None, stop_token_ids = None, stop = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream_ids(
+        &self,
+        py: Python<'_>,
+        input_ids: Vec<i64>,
+        max_new_tokens: Option<i64>,
+        max_length: Option<i64>,
+        do_sample: bool,
+        temperature: f64,
+        top_p: f64,
+        top_k: i64,
+        repetition_penalty: f64,
+        seed: Option<u64>,
+        stop_token_ids: Option<Vec<i64>>,
+        stop: Option<StopArg>,
+    ) -> PyResult<PyStream> {
+        let ids = to_ids(input_ids, "input_ids")?;
+        let cfg = gen_config(
+            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
+            stop_token_ids, stop.map(|s| s.0),
+        )?;
+        let model = self.inner.clone();
+        let gen = py.detach(move || catch_panic(|| model.generator(ids, &cfg)))?;
+        Ok(PyStream {
+            gen: Some(gen),
+            token_ids: vec![],
+            finish_reason: None,
+        })
+    }
+
     /// The whole completion of `prompt` as one string (the pieces of `stream` joined).
     #[pyo3(signature = (prompt, *, max_new_tokens = None, max_length = None, do_sample = false,
                         temperature = 1.0, top_p = 1.0, top_k = 0, repetition_penalty = 1.0,

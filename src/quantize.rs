@@ -65,7 +65,12 @@ pub fn quantize_official(w: &Tensor, bits: Bits) -> Result<(Tensor, Tensor)> {
     if bits == Bits::Four && k % 2 != 0 {
         return Err(Error::invalid(format!("int4 needs an even number of columns, got {k}")));
     }
-    let data: Vec<f32> = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage else {
+        return Err(Error::invalid("quantize: expected an f32 CPU tensor"));
+    };
+    let data = &all[layout.start_offset()..layout.start_offset() + n * k];
     let qmax = match bits {
         Bits::Eight => 127.0,
         Bits::Four => 7.0,
@@ -73,11 +78,12 @@ pub fn quantize_official(w: &Tensor, bits: Bits) -> Result<(Tensor, Tensor)> {
     let rb = if bits == Bits::Eight { k } else { k / 2 };
     let mut q = vec![0u8; n * rb];
     let mut scales = vec![0f32; n];
-    for r in 0..n {
+    use rayon::prelude::*;
+    q.par_chunks_mut(rb).zip(scales.par_iter_mut()).enumerate().for_each(|(r, (out, scale))| {
         let row = &data[r * k..(r + 1) * k];
         let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
         let s = f16::from_f32(amax / qmax).to_f32();
-        scales[r] = s;
+        *scale = s;
         // the quotient in float32, rounded to the nearest integer with ties to even (torch.round)
         let qv = |v: f32| -> i8 {
             if s == 0.0 {
@@ -86,7 +92,6 @@ pub fn quantize_official(w: &Tensor, bits: Bits) -> Result<(Tensor, Tensor)> {
                 (v / s).round_ties_even().clamp(-qmax, qmax) as i8
             }
         };
-        let out = &mut q[r * rb..(r + 1) * rb];
         match bits {
             Bits::Eight => out.iter_mut().zip(row).for_each(|(o, &v)| *o = qv(v) as u8),
             Bits::Four => {
@@ -97,7 +102,7 @@ pub fn quantize_official(w: &Tensor, bits: Bits) -> Result<(Tensor, Tensor)> {
                 }
             }
         }
-    }
+    });
     Ok((
         Tensor::from_vec(q, (n, rb), &Device::Cpu)?,
         Tensor::from_vec(scales, n, &Device::Cpu)?,

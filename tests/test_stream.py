@@ -119,3 +119,11 @@ def test_two_threads_stream_at_once_on_one_model(bigger):
     assert results == expected
     # the two generations overlapped in time
     assert spans[0][0] < spans[1][1] and spans[1][0] < spans[0][1]
+
+
+def test_stream_ids_equals_generate_ids(model, tokenizer):
+    ids = tokenizer.encode(tokenizer.build_prompt("你好"))
+    s = model.stream_ids(ids, max_new_tokens=12)
+    text = "".join(s)
+    assert s.token_ids == model.generate_ids(ids, max_new_tokens=12)
+    assert text == tokenizer.decode(s.token_ids)

@@ -167,6 +167,26 @@ class Model:
         stop_token_ids: Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
     ) -> TextStreamer: ...
+    def stream_ids(
+        self,
+        input_ids: Sequence[int],
+        *,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> TextStreamer: ...
+    @property
+    def quantization(self) -> str | None: ...
+    @property
+    def weight_bytes(self) -> int: ...
+    def save_quantized(self, path: str) -> None: ...
     def generate(
         self,
         prompt: str,
