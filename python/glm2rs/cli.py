@@ -1,4 +1,5 @@
-"""The `glm2rs` command: `glm2rs quantize SRC DST --type q4_0`, `glm2rs generate -p TEXT`."""
+"""The `glm2rs` command: `glm2rs quantize SRC DST --type q4_0`, `glm2rs generate -p TEXT`,
+`glm2rs eval ceval --model M --data DIR`, `glm2rs eval ppl --model M --file TEXT`."""
 
 from __future__ import annotations
 
@@ -46,6 +47,30 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    from . import eval as ev
+
+    model = _load(args, quantize=args.quantize, prefix_checkpoint=args.prefix_checkpoint)
+    if args.task == "ceval":
+        if not args.data:
+            raise SystemExit("glm2rs eval ceval needs --data DIR")
+        out = ev.ceval(model, args.data, answer_only=args.answer_only, shots=args.shots,
+                       max_new_tokens=args.max_new_tokens, limit=args.limit)
+    else:
+        if not args.file:
+            raise SystemExit("glm2rs eval ppl needs --file TEXT_FILE")
+        text = open(args.file, encoding="utf-8").read()
+        out = ev.perplexity(model, text, window=args.window, stride=args.stride)
+    text = json.dumps(out, ensure_ascii=False, indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="glm2rs", description="ChatGLM2/3 inference in Rust")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -72,10 +97,29 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int)
     g.set_defaults(func=cmd_generate)
 
+    e = sub.add_parser("eval", help="C-Eval accuracy or perplexity")
+    e.add_argument("task", choices=["ceval", "ppl"])
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", help="C-Eval directory of .jsonl files (inputs_pretokenized, label)")
+    e.add_argument("--answer-only", action="store_true", help="few-shot, score the answer letter directly")
+    e.add_argument("--shots", type=int, default=5)
+    e.add_argument("--limit", type=int, help="at most this many questions per file")
+    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--file", help="text file for perplexity")
+    e.add_argument("--window", type=int, default=512)
+    e.add_argument("--stride", type=int, default=256)
+    e.add_argument("--output", help="also write the JSON here")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--quantize")
+    e.add_argument("--prefix-checkpoint")
+    e.add_argument("--revision")
+    e.set_defaults(func=cmd_eval)
+
     args = ap.parse_args(argv)
     try:
         return args.func(args)
-    except Glm2Error as e:
+    except (Glm2Error, OSError, ValueError) as e:
         print(f"glm2rs: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

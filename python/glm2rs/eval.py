@@ -1,0 +1,135 @@
+"""Evaluation: the official C-Eval procedure (ChatGLM2's `evaluate_ceval.py`) and perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+CHOICES = ["A", "B", "C", "D"]
+EXTRACTION_PROMPT = "综上所述，ABCD中正确的选项是："
+
+
+def _bar(done: int, total: int, label: str) -> None:
+    if not sys.stderr.isatty() and done not in (0, total):
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    print(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end="", file=sys.stderr, flush=True)
+    if done == total:
+        print(file=sys.stderr)
+
+
+def choice_ids(tokenizer) -> list[int]:
+    """The first token id of each choice letter, as the official script takes them."""
+    return [tokenizer.encode(c, add_special_tokens=False)[0] for c in CHOICES]
+
+
+def round1(text: str) -> str:
+    return f"[Round 1]\n\n问：{text}\n\n答："
+
+
+def score_zero_shot(model, question: str, max_new_tokens: int = 512) -> tuple[int, str]:
+    """The official two steps: a greedy answer to the question, then the last-position logits of
+    the question, the answer and the extraction prompt over the choice letters."""
+    tok = model.tokenizer
+    answer = tok.decode(model.generate_ids(tok.encode(round1(question)), max_new_tokens=max_new_tokens))
+    ids = tok.encode(round1(question + answer + "\n" + EXTRACTION_PROMPT))
+    last = model.logits(ids)[-1]
+    return int(np.argmax(last[choice_ids(tok)])), answer
+
+
+def answer_only_prompt(question: str, shots: list[dict]) -> str:
+    parts = [f"{s['inputs_pretokenized']}\n答案：{CHOICES[int(s['label'])]}\n\n" for s in shots]
+    return "".join(parts) + f"{question}\n答案："
+
+
+def score_answer_only(model, question: str, shots: list[dict]) -> int:
+    """Few-shot, answer only (the base-model evaluation): next-token logits over the letters."""
+    tok = model.tokenizer
+    last = model.logits(tok.encode(answer_only_prompt(question, shots)))[-1]
+    return int(np.argmax(last[choice_ids(tok)]))
+
+
+def ceval(model, data: str | Path, *, answer_only: bool = False, shots: int = 5, max_new_tokens: int = 512,
+          limit: int | None = None) -> dict:
+    """Accuracy per jsonl file, per category folder and weighted overall."""
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"{data}: no such C-Eval file or directory")
+    files = sorted(data.rglob("*.jsonl")) if data.is_dir() else [data]
+    if not files:
+        raise FileNotFoundError(f"no .jsonl files under {data}")
+    per_file, counts, categories = {}, {}, defaultdict(lambda: [0, 0])
+    todo = []
+    for f in files:
+        rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        fewshot = rows[:shots] if answer_only else []
+        rows = rows[len(fewshot):]
+        if limit is not None:
+            rows = rows[:limit]
+        todo.append((f, fewshot, rows))
+    total = sum(len(r) for _, _, r in todo)
+    done = 0
+    _bar(0, total, "C-Eval")
+    for f, fewshot, rows in todo:
+        correct = 0
+        for row in rows:
+            if answer_only:
+                pred = score_answer_only(model, row["inputs_pretokenized"], fewshot)
+            else:
+                pred, _ = score_zero_shot(model, row["inputs_pretokenized"], max_new_tokens)
+            correct += int(pred == int(row["label"]))
+            done += 1
+            _bar(done, total, "C-Eval")
+        key = str(f.relative_to(data)) if data.is_dir() else f.name
+        per_file[key] = correct / len(rows) if rows else 0.0
+        counts[key] = len(rows)
+        cat = f.parent.name if data.is_dir() and f.parent != data else "all"
+        categories[cat][0] += correct
+        categories[cat][1] += len(rows)
+    n = sum(counts.values())
+    overall = sum(per_file[k] * counts[k] for k in per_file) / n if n else 0.0
+    return {
+        "mode": "answer-only" if answer_only else "zero-shot-cot",
+        "files": {k: {"accuracy": per_file[k], "count": counts[k]} for k in per_file},
+        "categories": {c: {"accuracy": v[0] / v[1] if v[1] else 0.0, "count": v[1]} for c, v in categories.items()},
+        "overall": overall,
+        "count": n,
+    }
+
+
+def perplexity(model, text: str, *, window: int = 512, stride: int = 256) -> dict:
+    """Perplexity with a sliding window (as transformers' guide): each window sees up to
+    `window` tokens and scores only the tokens not scored by the previous one."""
+    if stride <= 0 or window <= 1 or stride > window:
+        raise ValueError("need window > 1 and 0 < stride <= window")
+    tok = model.tokenizer
+    ids = tok.encode(text, add_special_tokens=False)
+    prefix = tok.encode("", add_special_tokens=True)  # [gMASK] sop
+    if len(ids) < 2:
+        raise ValueError("the text needs at least two tokens")
+    nll, count, prev_end = 0.0, 0, 0
+    starts = list(range(0, len(ids), stride))
+    for n, begin in enumerate(starts):
+        end = min(begin + window, len(ids))
+        chunk = prefix + ids[begin:end]
+        logits = model.logits(chunk).astype(np.float64)
+        # position p of the chunk predicts chunk[p + 1]
+        first_target = max(prev_end, begin + 1)
+        for t in range(first_target, end):
+            p = len(prefix) + (t - begin) - 1
+            row = logits[p]
+            m = row.max()
+            lse = m + math.log(np.exp(row - m).sum())
+            nll += lse - row[ids[t]]
+            count += 1
+        prev_end = end
+        _bar(n + 1, len(starts), "perplexity")
+        if end == len(ids):
+            break
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
