@@ -10,7 +10,11 @@ pub fn build_prompt(query: &str, history: &[(String, String)]) -> String {
     for (i, (q, a)) in history.iter().enumerate() {
         prompt.push_str(&format!("[Round {}]\n\n问：{}\n\n答：{}\n\n", i + 1, q, a));
     }
-    prompt.push_str(&format!("[Round {}]\n\n问：{}\n\n答：", history.len() + 1, query));
+    prompt.push_str(&format!(
+        "[Round {}]\n\n问：{}\n\n答：",
+        history.len() + 1,
+        query
+    ));
     prompt
 }
 
@@ -28,7 +32,9 @@ impl ChatFormat {
         match s {
             "chatglm2" => Ok(ChatFormat::ChatGlm2),
             "chatglm3" => Ok(ChatFormat::ChatGlm3),
-            other => Err(Error::invalid(format!("chat_format \"{other}\": use \"chatglm2\" or \"chatglm3\""))),
+            other => Err(Error::invalid(format!(
+                "chat_format \"{other}\": use \"chatglm2\" or \"chatglm3\""
+            ))),
         }
     }
 
@@ -70,9 +76,11 @@ pub fn chatglm3_message_ids(tok: &Tokenizer, m: &Message) -> Result<Vec<u32>> {
             m.role
         )));
     }
-    let role_id = tok
-        .special_id(&format!("<|{}|>", m.role))
-        .ok_or_else(|| Error::invalid("this tokenizer has no ChatGLM3 role tokens (load with chat_format=\"chatglm3\")"))?;
+    let role_id = tok.special_id(&format!("<|{}|>", m.role)).ok_or_else(|| {
+        Error::invalid(
+            "this tokenizer has no ChatGLM3 role tokens (load with chat_format=\"chatglm3\")",
+        )
+    })?;
     let mut ids = vec![role_id];
     ids.extend(tok.encode(&format!("{}\n", m.metadata), false)?);
     ids.extend(tok.encode(&m.content, false)?);
@@ -81,7 +89,10 @@ pub fn chatglm3_message_ids(tok: &Tokenizer, m: &Message) -> Result<Vec<u32>> {
 
 /// ChatGLM3's `build_chat_input`: `[gMASK] sop`, every message, then `<|assistant|>`.
 pub fn chatglm3_prompt_ids(tok: &Tokenizer, messages: &[Message]) -> Result<Vec<u32>> {
-    let special = |n: &str| tok.special_id(n).ok_or_else(|| Error::invalid(format!("tokenizer lacks {n}")));
+    let special = |n: &str| {
+        tok.special_id(n)
+            .ok_or_else(|| Error::invalid(format!("tokenizer lacks {n}")))
+    };
     let mut ids = vec![special("[gMASK]")?, special("sop")?];
     for m in messages {
         ids.extend(chatglm3_message_ids(tok, m)?);
@@ -92,7 +103,10 @@ pub fn chatglm3_prompt_ids(tok: &Tokenizer, messages: &[Message]) -> Result<Vec<
 
 /// The ids that end a ChatGLM3 answer besides eos.
 pub fn chatglm3_stop_ids(tok: &Tokenizer) -> Vec<u32> {
-    ["<|user|>", "<|observation|>"].iter().filter_map(|n| tok.special_id(n)).collect()
+    ["<|user|>", "<|observation|>"]
+        .iter()
+        .filter_map(|n| tok.special_id(n))
+        .collect()
 }
 
 /// The official ChatGLM2 `process_response`: strip, and `[[训练时间]]` becomes `2023年`.
@@ -170,7 +184,10 @@ mod tests {
     #[test]
     fn rounds_are_numbered_from_one() {
         let h = vec![("q1".to_string(), "a1".to_string())];
-        assert_eq!(build_prompt("q2", &h), "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答：");
+        assert_eq!(
+            build_prompt("q2", &h),
+            "[Round 1]\n\n问：q1\n\n答：a1\n\n[Round 2]\n\n问：q2\n\n答："
+        );
         assert_eq!(build_prompt("hi", &[]), "[Round 1]\n\n问：hi\n\n答：");
     }
 

@@ -65,7 +65,10 @@ impl Shard {
         let mmap = map_file(path)?;
         if is_safetensors {
             let (n, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                Error::checkpoint(path, format!("not a complete safetensors file ({e:?}); truncated or corrupt?"))
+                Error::checkpoint(
+                    path,
+                    format!("not a complete safetensors file ({e:?}); truncated or corrupt?"),
+                )
             })?;
             Ok(Shard::Safetensors {
                 path: path.to_path_buf(),
@@ -76,7 +79,13 @@ impl Shard {
         } else {
             let index = crate::pth::read_index(path)?;
             if let Some((name, t)) = index.iter().find(|(_, t)| t.start + t.len > mmap.len()) {
-                return Err(Error::checkpoint(path, format!("tensor {name} lies past the end of the file ({} bytes at {}); truncated?", t.len, t.start)));
+                return Err(Error::checkpoint(
+                    path,
+                    format!(
+                        "tensor {name} lies past the end of the file ({} bytes at {}); truncated?",
+                        t.len, t.start
+                    ),
+                ));
             }
             Ok(Shard::Pickle {
                 path: path.to_path_buf(),
@@ -88,7 +97,9 @@ impl Shard {
 
     fn path(&self) -> &Path {
         match self {
-            Shard::Safetensors { path, .. } | Shard::Pickle { path, .. } | Shard::Gguf { path, .. } => path,
+            Shard::Safetensors { path, .. }
+            | Shard::Pickle { path, .. }
+            | Shard::Gguf { path, .. } => path,
         }
     }
 
@@ -104,15 +115,24 @@ impl Shard {
         match self {
             Shard::Safetensors { meta, .. } => meta.info(name).map(|i| i.shape.clone()),
             Shard::Pickle { index, .. } => index.get(name).map(|i| i.shape.clone()),
-            Shard::Gguf { content, .. } => content.tensor_infos.get(name).map(|i| i.shape.dims().to_vec()),
+            Shard::Gguf { content, .. } => content
+                .tensor_infos
+                .get(name)
+                .map(|i| i.shape.dims().to_vec()),
         }
     }
 
     /// Read one tensor onto the CPU in its stored dtype (8-bit integers as raw U8 bytes).
     fn read(&self, name: &str) -> Result<(Tensor, bool)> {
-        let missing = || Error::checkpoint(self.path(), format!("tensor {name} not found in this file"));
+        let missing =
+            || Error::checkpoint(self.path(), format!("tensor {name} not found in this file"));
         let (path, mmap, start, len, dtype, shape, signed) = match self {
-            Shard::Safetensors { path, mmap, data_start, meta } => {
+            Shard::Safetensors {
+                path,
+                mmap,
+                data_start,
+                meta,
+            } => {
                 let info = meta.info(name).ok_or_else(missing)?;
                 let (dtype, signed) = match info.dtype {
                     safetensors::Dtype::F16 => (DType::F16, false),
@@ -123,11 +143,22 @@ impl Shard {
                     safetensors::Dtype::I8 => (DType::U8, true),
                     safetensors::Dtype::I64 => (DType::I64, false),
                     other => {
-                        return Err(Error::checkpoint(path, format!("tensor {name}: unsupported dtype {other:?}")))
+                        return Err(Error::checkpoint(
+                            path,
+                            format!("tensor {name}: unsupported dtype {other:?}"),
+                        ))
                     }
                 };
                 let (a, b) = info.data_offsets;
-                (path, mmap, data_start + a, b - a, dtype, info.shape.clone(), signed)
+                (
+                    path,
+                    mmap,
+                    data_start + a,
+                    b - a,
+                    dtype,
+                    info.shape.clone(),
+                    signed,
+                )
             }
             Shard::Pickle { path, mmap, index } => {
                 use crate::pth::PthDType as P;
@@ -149,9 +180,12 @@ impl Shard {
                 return Ok((q.dequantize(&Device::Cpu)?, false));
             }
         };
-        let bytes = mmap
-            .get(start..start + len)
-            .ok_or_else(|| Error::checkpoint(path, format!("tensor {name} lies past the end of the file; truncated?")))?;
+        let bytes = mmap.get(start..start + len).ok_or_else(|| {
+            Error::checkpoint(
+                path,
+                format!("tensor {name} lies past the end of the file; truncated?"),
+            )
+        })?;
         let t = Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?;
         release(mmap, start, len);
         Ok((t, signed))
@@ -160,13 +194,23 @@ impl Shard {
 
 impl Shard {
     fn qtensor(&self, name: &str) -> Result<candle_core::quantized::QTensor> {
-        let Shard::Gguf { path, mmap, content } = self else {
-            return Err(Error::checkpoint(self.path(), format!("tensor {name}: not a GGUF file")));
+        let Shard::Gguf {
+            path,
+            mmap,
+            content,
+        } = self
+        else {
+            return Err(Error::checkpoint(
+                self.path(),
+                format!("tensor {name}: not a GGUF file"),
+            ));
         };
         let mut cursor = std::io::Cursor::new(&mmap[..]);
         content
             .tensor(&mut cursor, name, &Device::Cpu)
-            .map_err(|e| Error::checkpoint(path, format!("tensor {name}: {e}; truncated or corrupt?")))
+            .map_err(|e| {
+                Error::checkpoint(path, format!("tensor {name}: {e}; truncated or corrupt?"))
+            })
     }
 }
 
@@ -182,7 +226,10 @@ impl Checkpoint {
     /// Open the weights of a model directory (see [`WEIGHT_FILES`]).
     pub fn open_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
+            return Err(Error::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
+            ));
         }
         for name in WEIGHT_FILES {
             let path = dir.join(name);
@@ -197,7 +244,10 @@ impl Checkpoint {
         }
         Err(Error::checkpoint(
             dir,
-            format!("no weights found: expected one of {}", WEIGHT_FILES.join(", ")),
+            format!(
+                "no weights found: expected one of {}",
+                WEIGHT_FILES.join(", ")
+            ),
         ))
     }
 
@@ -223,7 +273,10 @@ impl Checkpoint {
                     if !path.is_file() {
                         return Err(Error::checkpoint(
                             &path,
-                            format!("shard listed in {} is missing (it holds {tensor})", index_path.display()),
+                            format!(
+                                "shard listed in {} is missing (it holds {tensor})",
+                                index_path.display()
+                            ),
                         ));
                     }
                     shards.push(Shard::open(&path)?);
@@ -233,7 +286,11 @@ impl Checkpoint {
             };
             index.insert(tensor.clone(), i);
         }
-        Ok(Self { shards, index, official_bits: None })
+        Ok(Self {
+            shards,
+            index,
+            official_bits: None,
+        })
     }
 
     /// Open a list of weight files (each `.safetensors` or PyTorch pickle).
@@ -247,23 +304,57 @@ impl Checkpoint {
             }
             shards.push(shard);
         }
-        Ok(Self { shards, index, official_bits: None })
+        Ok(Self {
+            shards,
+            index,
+            official_bits: None,
+        })
     }
 
     /// Open a GGUF file written by `save_quantized`; returns its metadata too.
-    pub fn open_gguf(path: &Path) -> Result<(Self, HashMap<String, candle_core::quantized::gguf_file::Value>)> {
+    pub fn open_gguf(
+        path: &Path,
+    ) -> Result<(
+        Self,
+        HashMap<String, candle_core::quantized::gguf_file::Value>,
+    )> {
         let mmap = map_file(path)?;
-        let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
-            .map_err(|e| Error::checkpoint(path, format!("not a readable GGUF file ({e}); truncated or corrupt?")))?;
+        let content =
+            candle_core::quantized::gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..]))
+                .map_err(|e| {
+                    Error::checkpoint(
+                        path,
+                        format!("not a readable GGUF file ({e}); truncated or corrupt?"),
+                    )
+                })?;
         let metadata = content.metadata.clone();
-        let index = content.tensor_infos.keys().map(|k| (k.clone(), 0)).collect();
-        let shard = Shard::Gguf { path: path.to_path_buf(), mmap, content };
-        let official_bits = match metadata.get("glm2rs.quantization").and_then(|v| v.to_string().ok()).map(|s| s.as_str()) {
+        let index = content
+            .tensor_infos
+            .keys()
+            .map(|k| (k.clone(), 0))
+            .collect();
+        let shard = Shard::Gguf {
+            path: path.to_path_buf(),
+            mmap,
+            content,
+        };
+        let official_bits = match metadata
+            .get("glm2rs.quantization")
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
+        {
             Some("int8") => Some(crate::kernels::cpu_quant::Bits::Eight),
             Some("int4") => Some(crate::kernels::cpu_quant::Bits::Four),
             _ => None,
         };
-        Ok((Self { shards: vec![shard], index, official_bits }, metadata))
+        Ok((
+            Self {
+                shards: vec![shard],
+                index,
+                official_bits,
+            },
+            metadata,
+        ))
     }
 
     /// For a GGUF with the official per-row layouts: their bit width.
@@ -273,10 +364,16 @@ impl Checkpoint {
 
     /// A quantized (block type) tensor of a GGUF checkpoint; `None` for dense tensors and
     /// other formats.
-    pub fn gguf_quantized(&self, name: &str, shape: &[usize]) -> Result<Option<candle_core::quantized::QTensor>> {
+    pub fn gguf_quantized(
+        &self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<candle_core::quantized::QTensor>> {
         use candle_core::quantized::GgmlDType as G;
         let shard = self.shard(name)?;
-        let Shard::Gguf { content, path, .. } = shard else { return Ok(None) };
+        let Shard::Gguf { content, path, .. } = shard else {
+            return Ok(None);
+        };
         let info = &content.tensor_infos[name];
         if matches!(info.ggml_dtype, G::F32 | G::F16 | G::BF16) {
             return Ok(None);
@@ -284,7 +381,10 @@ impl Checkpoint {
         if info.shape.dims() != shape {
             return Err(Error::checkpoint(
                 path,
-                format!("tensor {name} has shape {:?}, the config implies {shape:?}", info.shape.dims()),
+                format!(
+                    "tensor {name} has shape {:?}, the config implies {shape:?}",
+                    info.shape.dims()
+                ),
             ));
         }
         shard.qtensor(name).map(Some)
@@ -304,7 +404,10 @@ impl Checkpoint {
         match self.index.get(name) {
             Some(&i) => Ok(&self.shards[i]),
             None => Err(Error::checkpoint(
-                self.shards.first().map(|s| s.path()).unwrap_or(Path::new("?")),
+                self.shards
+                    .first()
+                    .map(|s| s.path())
+                    .unwrap_or(Path::new("?")),
                 format!("tensor {name} is in no file of this checkpoint"),
             )),
         }
@@ -331,10 +434,22 @@ impl Checkpoint {
     }
 
     /// Read a float tensor, check its shape, and convert it to `dtype` on `device`.
-    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (t, signed, path) = self.read_checked(name, shape)?;
         if signed || !t.dtype().is_float() {
-            return Err(Error::checkpoint(path, format!("tensor {name} is {:?}, a float tensor was expected", t.dtype())));
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "tensor {name} is {:?}, a float tensor was expected",
+                    t.dtype()
+                ),
+            ));
         }
         // Convert on the CPU (one tensor at a time), then move.
         let t = t.to_dtype(dtype)?;
@@ -345,7 +460,10 @@ impl Checkpoint {
     pub fn get_int8(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let (t, signed, path) = self.read_checked(name, shape)?;
         if !signed {
-            return Err(Error::checkpoint(path, format!("tensor {name} is {:?}, int8 was expected", t.dtype())));
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name} is {:?}, int8 was expected", t.dtype()),
+            ));
         }
         Ok(t)
     }

@@ -24,18 +24,42 @@ impl TokenIds {
     }
 }
 
-fn d_num_layers() -> usize { 28 }
-fn d_vocab() -> usize { 65024 }
-fn d_hidden() -> usize { 4096 }
-fn d_ffn() -> usize { 13696 }
-fn d_kv_channels() -> usize { 128 }
-fn d_heads() -> usize { 32 }
-fn d_seq_length() -> usize { 2048 }
-fn d_eps() -> f64 { 1e-5 }
-fn d_true() -> bool { true }
-fn d_one() -> usize { 1 }
-fn d_rope_ratio() -> f64 { 1.0 }
-fn d_eos() -> TokenIds { TokenIds::One(2) }
+fn d_num_layers() -> usize {
+    28
+}
+fn d_vocab() -> usize {
+    65024
+}
+fn d_hidden() -> usize {
+    4096
+}
+fn d_ffn() -> usize {
+    13696
+}
+fn d_kv_channels() -> usize {
+    128
+}
+fn d_heads() -> usize {
+    32
+}
+fn d_seq_length() -> usize {
+    2048
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_true() -> bool {
+    true
+}
+fn d_one() -> usize {
+    1
+}
+fn d_rope_ratio() -> f64 {
+    1.0
+}
+fn d_eos() -> TokenIds {
+    TokenIds::One(2)
+}
 
 /// The model configuration. Field names are the `config.json` keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,7 +178,11 @@ impl Glm2Config {
         let h = self.hidden_size;
         let per_layer = 2 * h
             + h * self.qkv_size()
-            + if self.add_qkv_bias { self.qkv_size() } else { 0 }
+            + if self.add_qkv_bias {
+                self.qkv_size()
+            } else {
+                0
+            }
             + self.projection_size() * h
             + h * 2 * self.ffn_hidden_size
             + self.ffn_hidden_size * h;
@@ -167,7 +195,11 @@ impl Glm2Config {
         }
         if let Some(t) = &self.model_type {
             if t != "chatglm" {
-                return Err(unsupported("model_type", t, "glm2rs runs ChatGLM2/ChatGLM3 (\"chatglm\") checkpoints"));
+                return Err(unsupported(
+                    "model_type",
+                    t,
+                    "glm2rs runs ChatGLM2/ChatGLM3 (\"chatglm\") checkpoints",
+                ));
             }
         }
         for (key, v) in [
@@ -184,13 +216,25 @@ impl Glm2Config {
             }
         }
         if !self.rmsnorm {
-            return Err(unsupported("rmsnorm", false, "only RMSNorm checkpoints (ChatGLM2/3) are implemented"));
+            return Err(unsupported(
+                "rmsnorm",
+                false,
+                "only RMSNorm checkpoints (ChatGLM2/3) are implemented",
+            ));
         }
         if !self.original_rope {
-            return Err(unsupported("original_rope", false, "only the original (interleaved) rotary embedding is implemented"));
+            return Err(unsupported(
+                "original_rope",
+                false,
+                "only the original (interleaved) rotary embedding is implemented",
+            ));
         }
         if self.fp32_residual_connection {
-            return Err(unsupported("fp32_residual_connection", true, "the residual stream is kept in the model dtype"));
+            return Err(unsupported(
+                "fp32_residual_connection",
+                true,
+                "the residual stream is kept in the model dtype",
+            ));
         }
         if self.multi_query_attention {
             let g = self.multi_query_group_num;
@@ -198,7 +242,10 @@ impl Glm2Config {
                 return Err(unsupported(
                     "multi_query_group_num",
                     g,
-                    &format!("must divide num_attention_heads ({})", self.num_attention_heads),
+                    &format!(
+                        "must divide num_attention_heads ({})",
+                        self.num_attention_heads
+                    ),
                 ));
             }
         }
@@ -210,13 +257,25 @@ impl Glm2Config {
             ));
         }
         if !(self.rope_ratio.is_finite() && self.rope_ratio > 0.0) {
-            return Err(unsupported("rope_ratio", self.rope_ratio, "must be a positive number"));
+            return Err(unsupported(
+                "rope_ratio",
+                self.rope_ratio,
+                "must be a positive number",
+            ));
         }
         if !(self.layernorm_epsilon.is_finite() && self.layernorm_epsilon >= 0.0) {
-            return Err(unsupported("layernorm_epsilon", self.layernorm_epsilon, "must be a non-negative number"));
+            return Err(unsupported(
+                "layernorm_epsilon",
+                self.layernorm_epsilon,
+                "must be a non-negative number",
+            ));
         }
         if self.tie_word_embeddings {
-            return Err(unsupported("tie_word_embeddings", true, "ChatGLM has a separate output layer"));
+            return Err(unsupported(
+                "tie_word_embeddings",
+                true,
+                "ChatGLM has a separate output layer",
+            ));
         }
         match self.quantization_bit {
             0 | 4 | 8 => {}
@@ -252,7 +311,10 @@ mod tests {
     #[test]
     fn defaults_are_the_official_6b() {
         let c = Glm2Config::from_json_str("{}").unwrap();
-        assert_eq!((c.num_layers, c.hidden_size, c.ffn_hidden_size), (28, 4096, 13696));
+        assert_eq!(
+            (c.num_layers, c.hidden_size, c.ffn_hidden_size),
+            (28, 4096, 13696)
+        );
         assert_eq!(c.kv_groups(), 32, "no multi-query attention by default");
     }
 
@@ -268,7 +330,8 @@ mod tests {
             ("rope_ratio", serde_json::json!(-1.0)),
             ("fp32_residual_connection", serde_json::json!(true)),
         ] {
-            let mut map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(TINY).unwrap();
+            let mut map: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(TINY).unwrap();
             map.insert(key.to_string(), value);
             let text = serde_json::to_string(&map).unwrap();
             let err = Glm2Config::from_json_str(&text).unwrap_err().to_string();

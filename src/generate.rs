@@ -93,7 +93,9 @@ impl Generator {
         }
         let vocab = model.config().padded_vocab_size;
         if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= vocab) {
-            return Err(Error::invalid(format!("token id {bad} is outside the vocabulary ({vocab})")));
+            return Err(Error::invalid(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
         }
         let context = model.max_context();
         // positions: what the cache holds (a P-Tuning prefix excluded) plus the new prompt
@@ -115,7 +117,9 @@ impl Generator {
         match cfg.max_new_tokens {
             Some(0) => return Err(Error::invalid("max_new_tokens must be at least 1")),
             Some(n) => limit = limit.min(prompt_len.saturating_add(n)),
-            None if cfg.max_length.is_none() => limit = limit.min(prompt_len + DEFAULT_MAX_NEW_TOKENS),
+            None if cfg.max_length.is_none() => {
+                limit = limit.min(prompt_len + DEFAULT_MAX_NEW_TOKENS)
+            }
             None => {}
         }
         if cfg.stop_strings.iter().any(|s| s.is_empty()) {
@@ -236,7 +240,9 @@ impl Generator {
                     Ok(all) => some(all),
                 });
             }
-            let Some(token) = self.next_token()? else { continue };
+            let Some(token) = self.next_token()? else {
+                continue;
+            };
             let piece = self.text.push(&self.tokenizer, token)?; // eos and specials add no text
             self.held.push_str(&piece);
             let held = std::mem::take(&mut self.held);
@@ -261,7 +267,11 @@ impl Generator {
 
     /// `Err(text before the stop)` if a stop string occurs in `text`, else `Ok(text)`.
     fn cut_at_stop(&self, text: String) -> std::result::Result<String, String> {
-        let first = self.stop_strings.iter().filter_map(|s| text.find(s.as_str())).min();
+        let first = self
+            .stop_strings
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min();
         match first {
             Some(i) => Err(text[..i].to_string()),
             None => Ok(text),

@@ -28,12 +28,12 @@ pub mod tokenizer;
 mod python;
 
 pub use chat_format::{build_prompt, process_response, ChatFormat, Message};
-pub use session::{ChatSession, ChatStream, ChatTurn};
 pub use config::Glm2Config;
 pub use error::{Error, Result};
 pub use generate::{FinishReason, GenerationConfig, Generator};
 pub use model::{Cache, Glm2Model, Logits};
 pub use sampling::SamplingConfig;
+pub use session::{ChatSession, ChatStream, ChatTurn};
 pub use tokenizer::{TextStream, Tokenizer};
 
 use candle_core::{DType, Device, Tensor};
@@ -45,9 +45,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
     let s = s.trim().to_ascii_lowercase();
     let (kind, index) = match s.split_once(':') {
         Some((k, i)) => {
-            let i: usize = i
-                .parse()
-                .map_err(|_| Error::invalid(format!("device \"{s}\": the index must be a number")))?;
+            let i: usize = i.parse().map_err(|_| {
+                Error::invalid(format!("device \"{s}\": the index must be a number"))
+            })?;
             (k.to_string(), i)
         }
         None => (s.clone(), 0),
@@ -161,7 +161,10 @@ fn looks_like_chatglm3(dir: &Path, cfg: &Glm2Config) -> bool {
     }
     if let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            if v.get("name_or_path").and_then(|x| x.as_str()).is_some_and(in_name) {
+            if v.get("name_or_path")
+                .and_then(|x| x.as_str())
+                .is_some_and(in_name)
+            {
                 return true;
             }
         }
@@ -192,7 +195,9 @@ impl Model {
         let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let config = Glm2Config::from_json_str(&cfg_text)
             .map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
-        let chatglm3 = opts.chatglm3.unwrap_or_else(|| looks_like_chatglm3(dir, &config));
+        let chatglm3 = opts
+            .chatglm3
+            .unwrap_or_else(|| looks_like_chatglm3(dir, &config));
         let tokenizer = Tokenizer::from_spm_file(&dir.join("tokenizer.model"), chatglm3)?;
         let ckpt = checkpoint::Checkpoint::open_dir(dir)?;
         Self::build(&cfg_text, config, tokenizer, &ckpt, dir, opts)
@@ -205,20 +210,32 @@ impl Model {
         let text = |k: &str| -> Result<String> {
             meta.get(k)
                 .and_then(|v| v.to_string().ok().cloned())
-                .ok_or_else(|| Error::checkpoint(path, format!("GGUF metadata {k} is missing: not written by glm2rs")))
+                .ok_or_else(|| {
+                    Error::checkpoint(
+                        path,
+                        format!("GGUF metadata {k} is missing: not written by glm2rs"),
+                    )
+                })
         };
         let cfg_text = text("glm2rs.config")?;
         let config = Glm2Config::from_json_str(&cfg_text)?;
         let spm: Vec<u8> = match meta.get("glm2rs.tokenizer") {
             Some(Value::Array(v)) => v.iter().filter_map(|x| x.to_u8().ok()).collect(),
-            _ => return Err(Error::checkpoint(path, "GGUF metadata glm2rs.tokenizer is missing")),
+            _ => {
+                return Err(Error::checkpoint(
+                    path,
+                    "GGUF metadata glm2rs.tokenizer is missing",
+                ))
+            }
         };
         let chatglm3 = opts
             .chatglm3
             .unwrap_or_else(|| matches!(meta.get("glm2rs.chatglm3"), Some(Value::Bool(true))));
         let tokenizer = Tokenizer::from_spm_bytes(&spm, chatglm3)?;
         if opts.quantize.is_some() {
-            return Err(Error::invalid("this GGUF file is already quantized; load it without quantize="));
+            return Err(Error::invalid(
+                "this GGUF file is already quantized; load it without quantize=",
+            ));
         }
         let mut model = Self::build(&cfg_text, config, tokenizer, &ckpt, path, opts)?;
         model.quantization = text("glm2rs.quantization").ok().filter(|q| q != "none");
@@ -234,10 +251,19 @@ impl Model {
         opts: &LoadOptions<'_>,
     ) -> Result<Self> {
         let cfg_path = dir.join("config.json");
-        let config_json: serde_json::Value =
-            serde_json::from_str(cfg_text).map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
-        let dtype = opts.dtype.unwrap_or_else(|| auto_dtype(&config, &opts.device));
-        let mut model = Glm2Model::load(&config, ckpt, dtype, &opts.device, opts.quantize, opts.progress)?;
+        let config_json: serde_json::Value = serde_json::from_str(cfg_text)
+            .map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
+        let dtype = opts
+            .dtype
+            .unwrap_or_else(|| auto_dtype(&config, &opts.device));
+        let mut model = Glm2Model::load(
+            &config,
+            ckpt,
+            dtype,
+            &opts.device,
+            opts.quantize,
+            opts.progress,
+        )?;
         let prefix = match (&opts.prefix_checkpoint, config.pre_seq_len) {
             (Some(p), _) => Some(model::prefix::Prefix::load_dir(p, &config, dtype, &opts.device)?),
             (None, Some(pre)) if model::prefix::Prefix::present(ckpt) => Some(model::prefix::Prefix::from_checkpoint(
@@ -257,11 +283,14 @@ impl Model {
             (None, None) => None,
         };
         model.set_prefix(prefix);
-        let quantization = opts.quantize.map(|q| q.name()).or_else(|| match config.quantization_bit {
-            8 => Some("int8".to_string()),
-            4 => Some("int4".to_string()),
-            _ => None,
-        });
+        let quantization =
+            opts.quantize
+                .map(|q| q.name())
+                .or_else(|| match config.quantization_bit {
+                    8 => Some("int8".to_string()),
+                    4 => Some("int4".to_string()),
+                    _ => None,
+                });
         Ok(Self {
             model: Arc::new(model),
             tokenizer: Arc::new(tokenizer),
@@ -291,8 +320,13 @@ impl Model {
         let mut tensors: Vec<(String, Arc<QTensor>)> = vec![];
         for (name, w) in self.model.export() {
             let qt = match w {
-                Exported::Dense(t) => Arc::new(QTensor::quantize(&t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?, dense_type)?),
-                Exported::Official { q, scale, bits } => Arc::new(quantize::official_to_ggml(&q, &scale, bits)?),
+                Exported::Dense(t) => Arc::new(QTensor::quantize(
+                    &t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                    dense_type,
+                )?),
+                Exported::Official { q, scale, bits } => {
+                    Arc::new(quantize::official_to_ggml(&q, &scale, bits)?)
+                }
                 Exported::Ggml(qt) => qt,
             };
             tensors.push((name, qt));
@@ -303,22 +337,39 @@ impl Model {
             obj.insert("quantization_bit".into(), serde_json::json!(0));
         }
         let meta: Vec<(&str, gguf_file::Value)> = vec![
-            ("general.architecture", gguf_file::Value::String("chatglm".into())),
+            (
+                "general.architecture",
+                gguf_file::Value::String("chatglm".into()),
+            ),
             ("glm2rs.config", gguf_file::Value::String(cfg.to_string())),
             (
                 "glm2rs.tokenizer",
-                gguf_file::Value::Array(tokenizer_model.iter().map(|&b| gguf_file::Value::U8(b)).collect()),
+                gguf_file::Value::Array(
+                    tokenizer_model
+                        .iter()
+                        .map(|&b| gguf_file::Value::U8(b))
+                        .collect(),
+                ),
             ),
-            ("glm2rs.chatglm3", gguf_file::Value::Bool(self.tokenizer.has_roles())),
+            (
+                "glm2rs.chatglm3",
+                gguf_file::Value::Bool(self.tokenizer.has_roles()),
+            ),
             (
                 "glm2rs.quantization",
-                gguf_file::Value::String(self.quantization.clone().unwrap_or_else(|| "none".into())),
+                gguf_file::Value::String(
+                    self.quantization.clone().unwrap_or_else(|| "none".into()),
+                ),
             ),
         ];
         let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-        let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = tensors
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
         let tmp = path.with_extension("gguf.partial");
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
+        let mut f =
+            std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?);
         gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
         use std::io::Write;
         f.flush().map_err(|e| Error::io(&tmp, e))?;

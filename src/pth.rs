@@ -79,24 +79,38 @@ fn usizes(o: Object) -> Option<Vec<usize>> {
 
 /// `_rebuild_tensor_v2(storage, offset, size, stride, ...)` -> (storage key, dtype, offset, shape, stride)
 fn tensor_record(value: Object) -> Option<(String, PthDType, usize, Vec<usize>, Vec<usize>)> {
-    let Object::Reduce { callable, args } = value else { return None };
+    let Object::Reduce { callable, args } = value else {
+        return None;
+    };
     let (callable, args) = match *callable {
-        Object::Class { module_name, class_name } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
+        Object::Class {
+            module_name,
+            class_name,
+        } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
             // _rebuild_parameter(tensor, requires_grad, hooks)
-            let Object::Tuple(mut a) = *args else { return None };
+            let Object::Tuple(mut a) = *args else {
+                return None;
+            };
             if a.is_empty() {
                 return None;
             }
-            let Object::Reduce { callable, args } = a.remove(0) else { return None };
+            let Object::Reduce { callable, args } = a.remove(0) else {
+                return None;
+            };
             (*callable, *args)
         }
         c => (c, *args),
     };
     match &callable {
-        Object::Class { module_name, class_name } if module_name == "torch._utils" && class_name == "_rebuild_tensor_v2" => {}
+        Object::Class {
+            module_name,
+            class_name,
+        } if module_name == "torch._utils" && class_name == "_rebuild_tensor_v2" => {}
         _ => return None,
     }
-    let Object::Tuple(mut a) = args else { return None };
+    let Object::Tuple(mut a) = args else {
+        return None;
+    };
     if a.len() < 4 {
         return None;
     }
@@ -108,8 +122,12 @@ fn tensor_record(value: Object) -> Option<(String, PthDType, usize, Vec<usize>, 
         _ => return None,
     };
     // PersistentLoad(("storage", StorageClass, key, location, numel))
-    let Object::PersistentLoad(p) = a.remove(0) else { return None };
-    let Object::Tuple(mut s) = *p else { return None };
+    let Object::PersistentLoad(p) = a.remove(0) else {
+        return None;
+    };
+    let Object::Tuple(mut s) = *p else {
+        return None;
+    };
     if s.len() < 3 {
         return None;
     }
@@ -127,9 +145,14 @@ fn tensor_record(value: Object) -> Option<(String, PthDType, usize, Vec<usize>, 
 /// The tensors of a PyTorch checkpoint archive, by name.
 pub fn read_index(path: &Path) -> Result<HashMap<String, PthTensor>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad(path, format!("not a zip archive ({e})")))?;
+    let mut zip = zip::ZipArchive::new(BufReader::new(file))
+        .map_err(|e| bad(path, format!("not a zip archive ({e})")))?;
     let pkl = (0..zip.len())
-        .filter_map(|i| zip.name_for_index(i).and_then(|n| n.ok()).map(|n| n.to_string()))
+        .filter_map(|i| {
+            zip.name_for_index(i)
+                .and_then(|n| n.ok())
+                .map(|n| n.to_string())
+        })
         .find(|n| n.ends_with("data.pkl"))
         .ok_or_else(|| bad(path, "no data.pkl in the archive"))?;
     let dir = pkl.trim_end_matches("data.pkl").to_string();
@@ -140,13 +163,22 @@ pub fn read_index(path: &Path) -> Result<HashMap<String, PthTensor>> {
             .read_to_end(&mut bytes)
             .map_err(|e| bad(path, e))?;
         let mut stack = Stack::empty();
-        stack.read_loop(&mut std::io::Cursor::new(bytes)).map_err(|e| bad(path, format!("pickle: {e}")))?;
-        stack.finalize().map_err(|e| bad(path, format!("pickle: {e}")))?
+        stack
+            .read_loop(&mut std::io::Cursor::new(bytes))
+            .map_err(|e| bad(path, format!("pickle: {e}")))?;
+        stack
+            .finalize()
+            .map_err(|e| bad(path, format!("pickle: {e}")))?
     };
     let obj = match obj {
         Object::Build { callable, args } => match *callable {
-            Object::Reduce { callable, .. } if matches!(&*callable, Object::Class { class_name, .. } if class_name == "Module") => *args,
-            other => Object::Build { callable: Box::new(other), args },
+            Object::Reduce { callable, .. } if matches!(&*callable, Object::Class { class_name, .. } if class_name == "Module") => {
+                *args
+            }
+            other => Object::Build {
+                callable: Box::new(other),
+                args,
+            },
         },
         o => o,
     };
@@ -156,12 +188,17 @@ pub fn read_index(path: &Path) -> Result<HashMap<String, PthTensor>> {
     let mut out = HashMap::new();
     for (k, v) in items {
         let Object::Unicode(name) = k else { continue };
-        let Some((key, dtype, offset, shape, stride)) = tensor_record(v) else { continue };
+        let Some((key, dtype, offset, shape, stride)) = tensor_record(v) else {
+            continue;
+        };
         // contiguous (row-major) tensors only, as torch.save writes parameters
         let mut expect = 1;
         for (d, s) in shape.iter().zip(&stride).rev() {
             if *d > 1 && *s != expect {
-                return Err(Error::checkpoint(path, format!("tensor {name} is not contiguous (stride {stride:?})")));
+                return Err(Error::checkpoint(
+                    path,
+                    format!("tensor {name} is not contiguous (stride {stride:?})"),
+                ));
             }
             expect *= d;
         }
@@ -171,15 +208,29 @@ pub fn read_index(path: &Path) -> Result<HashMap<String, PthTensor>> {
             .by_name(&entry_name)
             .map_err(|e| bad(path, format!("tensor {name}: storage {entry_name}: {e}")))?;
         if entry.compression() != zip::CompressionMethod::Stored {
-            return Err(Error::checkpoint(path, format!("tensor {name}: compressed storages are not supported")));
+            return Err(Error::checkpoint(
+                path,
+                format!("tensor {name}: compressed storages are not supported"),
+            ));
         }
-        let data_start = entry.data_start().ok_or_else(|| bad(path, format!("tensor {name}: no data offset")))? as usize;
+        let data_start = entry
+            .data_start()
+            .ok_or_else(|| bad(path, format!("tensor {name}: no data offset")))?
+            as usize;
         let start = data_start + offset * dtype.size();
         let len = numel * dtype.size();
         if offset * dtype.size() + len > entry.size() as usize {
             return Err(bad(path, format!("tensor {name} runs past its storage")));
         }
-        out.insert(name, PthTensor { dtype, shape, start, len });
+        out.insert(
+            name,
+            PthTensor {
+                dtype,
+                shape,
+                start,
+                len,
+            },
+        );
     }
     Ok(out)
 }

@@ -1,13 +1,12 @@
 //! The Python face of glm2rs (`glm2rs._glm2rs`): every `#[pyclass]`/`#[pymethods]` lives here.
 //! Model work runs with the GIL released; every error becomes a `glm2rs.Glm2Error` subclass.
 
+use crate::chat_format::{ChatFormat, Message};
 use crate::error::{catch_panic, Error};
 use crate::generate::{GenerationConfig, Generator};
 use crate::sampling::SamplingConfig;
-use crate::chat_format::{ChatFormat, Message};
 use crate::session::{ChatSession, ChatStream, ChatTurn};
 use crate::{parse_device, parse_dtype, LoadOptions, Model, Tokenizer};
-use std::sync::Mutex;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -16,13 +15,44 @@ use pyo3::types::{PyDict, PyList, PyTuple};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::Mutex;
 
-create_exception!(glm2rs, Glm2Error, PyException, "Base class of every glm2rs error.");
-create_exception!(glm2rs, LoadError, Glm2Error, "A file or directory could not be read.");
-create_exception!(glm2rs, ConfigError, Glm2Error, "config.json is malformed or asks for something unsupported.");
-create_exception!(glm2rs, CheckpointError, Glm2Error, "A weight file is missing, truncated or has a wrong tensor.");
-create_exception!(glm2rs, TokenizerError, Glm2Error, "The tokenizer could not be built or used.");
-create_exception!(glm2rs, InvalidArgumentError, Glm2Error, "An argument is out of range (prompt too long, bad sampling value, ...).");
+create_exception!(
+    glm2rs,
+    Glm2Error,
+    PyException,
+    "Base class of every glm2rs error."
+);
+create_exception!(
+    glm2rs,
+    LoadError,
+    Glm2Error,
+    "A file or directory could not be read."
+);
+create_exception!(
+    glm2rs,
+    ConfigError,
+    Glm2Error,
+    "config.json is malformed or asks for something unsupported."
+);
+create_exception!(
+    glm2rs,
+    CheckpointError,
+    Glm2Error,
+    "A weight file is missing, truncated or has a wrong tensor."
+);
+create_exception!(
+    glm2rs,
+    TokenizerError,
+    Glm2Error,
+    "The tokenizer could not be built or used."
+);
+create_exception!(
+    glm2rs,
+    InvalidArgumentError,
+    Glm2Error,
+    "An argument is out of range (prompt too long, bad sampling value, ...)."
+);
 
 /// The one place where Rust errors become Python exceptions.
 impl From<Error> for PyErr {
@@ -41,48 +71,122 @@ impl From<Error> for PyErr {
 
 fn to_ids(ids: Vec<i64>, what: &str) -> Result<Vec<u32>, Error> {
     ids.into_iter()
-        .map(|i| u32::try_from(i).map_err(|_| Error::invalid(format!("{what}: {i} is not a valid token id"))))
+        .map(|i| {
+            u32::try_from(i)
+                .map_err(|_| Error::invalid(format!("{what}: {i} is not a valid token id")))
+        })
         .collect()
 }
 
-/// Generation keyword arguments shared by `generate_ids`, `generate` and `stream`.
-#[allow(clippy::too_many_arguments)]
-fn gen_config(
-    max_new_tokens: Option<i64>,
-    max_length: Option<i64>,
+/// Defaults of the generation keywords: plain generation is greedy; chat uses the official
+/// chat defaults (sampling, top_p 0.8, temperature 0.8, max_length 8192 capped at the context).
+#[derive(Clone, Copy)]
+struct GenDefaults {
     do_sample: bool,
     temperature: f64,
     top_p: f64,
-    top_k: i64,
-    repetition_penalty: f64,
-    seed: Option<u64>,
-    stop_token_ids: Option<Vec<i64>>,
-    stop: Option<Vec<String>>,
-) -> Result<GenerationConfig, Error> {
-    let non_negative = |name: &str, v: i64| -> Result<usize, Error> {
-        usize::try_from(v).map_err(|_| Error::invalid(format!("{name} must be >= 0, got {v}")))
-    };
-    Ok(GenerationConfig {
-        max_new_tokens: max_new_tokens.map(|v| non_negative("max_new_tokens", v)).transpose()?,
-        max_length: max_length.map(|v| non_negative("max_length", v)).transpose()?,
+    max_length: Option<usize>,
+}
+
+const PLAIN: GenDefaults = GenDefaults {
+    do_sample: false,
+    temperature: 1.0,
+    top_p: 1.0,
+    max_length: None,
+};
+const CHAT: GenDefaults = GenDefaults {
+    do_sample: true,
+    temperature: 0.8,
+    top_p: 0.8,
+    max_length: Some(8192),
+};
+
+/// The generation keywords shared by every generating method, parsed in one place:
+/// `max_new_tokens`, `max_length`, `do_sample`, `temperature`, `top_p`, `top_k`,
+/// `repetition_penalty`, `seed`, `stop_token_ids`, `stop` (a string or a list of strings).
+/// A wrong name, type or value is an `InvalidArgumentError`.
+fn gen_config(kwargs: Option<&Bound<'_, PyDict>>, d: GenDefaults) -> PyResult<GenerationConfig> {
+    let mut cfg = GenerationConfig {
+        max_length: d.max_length,
         sampling: SamplingConfig {
-            do_sample,
-            temperature,
-            top_p,
-            top_k: non_negative("top_k", top_k)?,
-            repetition_penalty,
-            seed,
+            do_sample: d.do_sample,
+            temperature: d.temperature,
+            top_p: d.top_p,
+            ..Default::default()
         },
-        stop_token_ids: to_ids(stop_token_ids.unwrap_or_default(), "stop_token_ids")?,
-        stop_strings: stop.unwrap_or_default(),
-    })
+        ..Default::default()
+    };
+    let Some(kwargs) = kwargs else { return Ok(cfg) };
+    fn bad(key: &str, v: &Bound<'_, PyAny>) -> PyErr {
+        let shown = v.repr().map(|r| r.to_string()).unwrap_or_default();
+        InvalidArgumentError::new_err(format!("{key}: {shown} is not a valid value"))
+    }
+    fn int(key: &str, v: &Bound<'_, PyAny>) -> PyResult<i64> {
+        if v.is_instance_of::<pyo3::types::PyBool>() {
+            return Err(bad(key, v));
+        }
+        v.extract::<i64>().map_err(|_| bad(key, v))
+    }
+    fn count(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Option<usize>> {
+        if v.is_none() {
+            return Ok(None);
+        }
+        let n = int(key, v)?;
+        usize::try_from(n)
+            .map(Some)
+            .map_err(|_| InvalidArgumentError::new_err(format!("{key} must be >= 0, got {n}")))
+    }
+    fn float(key: &str, v: &Bound<'_, PyAny>) -> PyResult<f64> {
+        v.extract::<f64>().map_err(|_| bad(key, v))
+    }
+    for (k, v) in kwargs.iter() {
+        let key: String = k.extract()?;
+        match key.as_str() {
+            "max_new_tokens" => cfg.max_new_tokens = count(&key, &v)?,
+            "max_length" => cfg.max_length = count(&key, &v)?,
+            "do_sample" => cfg.sampling.do_sample = v.extract::<bool>().map_err(|_| bad(&key, &v))?,
+            "temperature" => cfg.sampling.temperature = float(&key, &v)?,
+            "top_p" => cfg.sampling.top_p = float(&key, &v)?,
+            "top_k" => cfg.sampling.top_k = count(&key, &v)?.unwrap_or(0),
+            "repetition_penalty" => cfg.sampling.repetition_penalty = float(&key, &v)?,
+            "seed" => {
+                cfg.sampling.seed = if v.is_none() { None } else { Some(v.extract::<u64>().map_err(|_| bad(&key, &v))?) }
+            }
+            "stop_token_ids" => {
+                let ids: Vec<i64> = if v.is_none() { vec![] } else { v.extract().map_err(|_| bad(&key, &v))? };
+                cfg.stop_token_ids = to_ids(ids, "stop_token_ids")?;
+            }
+            "stop" => {
+                cfg.stop_strings = if v.is_none() {
+                    vec![]
+                } else if let Ok(s) = v.extract::<String>() {
+                    vec![s]
+                } else if v.is_instance_of::<PyList>() || v.is_instance_of::<PyTuple>() {
+                    v.extract().map_err(|_| bad(&key, &v))?
+                } else {
+                    return Err(InvalidArgumentError::new_err("stop must be a string or a list of strings"));
+                }
+            }
+            other => {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "unknown keyword {other:?}: use max_new_tokens, max_length, do_sample, temperature, top_p, \
+                     top_k, repetition_penalty, seed, stop_token_ids, stop"
+                )))
+            }
+        }
+    }
+    Ok(cfg)
 }
 
 /// A progress bar on stderr for loading.
 fn progress_bar(label: &'static str) -> impl Fn(usize, usize) {
     move |done, total| {
         let width = 30;
-        let filled = if total == 0 { width } else { done * width / total };
+        let filled = if total == 0 {
+            width
+        } else {
+            done * width / total
+        };
         let mut err = std::io::stderr().lock();
         let _ = write!(
             err,
@@ -110,7 +214,9 @@ impl PyTokenizer {
     #[pyo3(signature = (path, *, chatglm3 = false))]
     fn from_file(py: Python<'_>, path: PathBuf, chatglm3: bool) -> PyResult<Self> {
         let tok = py.detach(|| catch_panic(|| Tokenizer::from_spm_file(&path, chatglm3)))?;
-        Ok(Self { inner: Arc::new(tok) })
+        Ok(Self {
+            inner: Arc::new(tok),
+        })
     }
 
     /// Token ids of `text`; with `add_special_tokens`, `[gMASK] sop` come first.
@@ -154,7 +260,12 @@ impl PyTokenizer {
     /// `<|role|>` + metadata line + content, then `<|assistant|>`) for a tokenizer with role
     /// tokens, else the ChatGLM2 prompt `encode(build_prompt(query, history))`.
     #[pyo3(signature = (query, history = None, role = "user"))]
-    fn build_chat_input(&self, query: &str, history: Option<Bound<'_, PyAny>>, role: &str) -> PyResult<Vec<u32>> {
+    fn build_chat_input(
+        &self,
+        query: &str,
+        history: Option<Bound<'_, PyAny>>,
+        role: &str,
+    ) -> PyResult<Vec<u32>> {
         let msgs = messages_from_py(history.as_ref())?;
         let q = Message::new(role, query);
         Ok(catch_panic(|| {
@@ -218,7 +329,9 @@ impl PyStream {
     }
 
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
-        let Some(gen) = self.gen.as_mut() else { return Ok(None) };
+        let Some(gen) = self.gen.as_mut() else {
+            return Ok(None);
+        };
         let step = py.detach(|| catch_panic(|| gen.next_text()));
         let reason = gen.finish_reason().map(|r| r.as_str());
         self.token_ids = gen.generated_ids().to_vec();
@@ -288,7 +401,9 @@ impl PyModel {
         progress: Option<bool>,
     ) -> PyResult<Self> {
         let quantize = match quantize {
-            Some(q) if !q.is_none() => Some(crate::quantize::QuantType::parse(&q.str()?.to_string())?),
+            Some(q) if !q.is_none() => {
+                Some(crate::quantize::QuantType::parse(&q.str()?.to_string())?)
+            }
             _ => None,
         };
         let chatglm3 = match chat_format {
@@ -309,7 +424,12 @@ impl PyModel {
         let dtype = parse_dtype(dtype)?;
         let show = match progress {
             Some(p) => p,
-            None => py.import("sys")?.getattr("stderr")?.call_method0("isatty")?.extract().unwrap_or(false),
+            None => py
+                .import("sys")?
+                .getattr("stderr")?
+                .call_method0("isatty")?
+                .extract()
+                .unwrap_or(false),
         };
         let model = py.detach(move || {
             catch_panic(|| {
@@ -368,62 +488,34 @@ impl PyModel {
                 Ok((t.flatten_all()?.to_vec1::<f32>()?, r, c))
             })
         })?;
-        Ok(PyArray1::from_vec(py, data).reshape([rows, cols])?.into_any())
+        Ok(PyArray1::from_vec(py, data)
+            .reshape([rows, cols])?
+            .into_any())
     }
 
     /// Generate from token ids; returns the new ids only (ending with eos when eos was produced).
-    #[pyo3(signature = (input_ids, *, max_new_tokens = None, max_length = None, do_sample = false,
-                        temperature = 1.0, top_p = 1.0, top_k = 0, repetition_penalty = 1.0,
-                        seed = None, stop_token_ids = None, stop = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (input_ids, **kwargs))]
     fn generate_ids(
         &self,
         py: Python<'_>,
         input_ids: Vec<i64>,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        do_sample: bool,
-        temperature: f64,
-        top_p: f64,
-        top_k: i64,
-        repetition_penalty: f64,
-        seed: Option<u64>,
-        stop_token_ids: Option<Vec<i64>>,
-        stop: Option<StopArg>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<u32>> {
         let ids = to_ids(input_ids, "input_ids")?;
-        let cfg = gen_config(
-            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
-            stop_token_ids, stop.map(|s| s.0),
-        )?;
+        let cfg = gen_config(kwargs, PLAIN)?;
         let model = self.inner.clone();
         Ok(py.detach(move || catch_panic(|| model.generate_ids(&ids, &cfg)))?)
     }
 
     /// Stream the completion of `prompt` (text, encoded with `[gMASK] sop` in front) as text pieces.
-    #[pyo3(signature = (prompt, *, max_new_tokens = None, max_length = None, do_sample = false,
-                        temperature = 1.0, top_p = 1.0, top_k = 0, repetition_penalty = 1.0,
-                        seed = None, stop_token_ids = None, stop = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (prompt, **kwargs))]
     fn stream(
         &self,
         py: Python<'_>,
         prompt: &str,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        do_sample: bool,
-        temperature: f64,
-        top_p: f64,
-        top_k: i64,
-        repetition_penalty: f64,
-        seed: Option<u64>,
-        stop_token_ids: Option<Vec<i64>>,
-        stop: Option<StopArg>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyStream> {
-        let cfg = gen_config(
-            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
-            stop_token_ids, stop.map(|s| s.0),
-        )?;
+        let cfg = gen_config(kwargs, PLAIN)?;
         let model = self.inner.clone();
         let prompt = prompt.to_string();
         let gen = py.detach(move || catch_panic(|| model.generator_for_prompt(&prompt, &cfg)))?;
@@ -435,30 +527,15 @@ impl PyModel {
     }
 
     /// Like `stream`, from token ids instead of text.
-    #[pyo3(signature = (input_ids, *, max_new_tokens = None, max_length = None, do_sample = false,
-                        temperature = 1.0, top_p = 1.0, top_k = 0, repetition_penalty = 1.0,
-                        seed = None, stop_token_ids = None, stop = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (input_ids, **kwargs))]
     fn stream_ids(
         &self,
         py: Python<'_>,
         input_ids: Vec<i64>,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        do_sample: bool,
-        temperature: f64,
-        top_p: f64,
-        top_k: i64,
-        repetition_penalty: f64,
-        seed: Option<u64>,
-        stop_token_ids: Option<Vec<i64>>,
-        stop: Option<StopArg>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyStream> {
         let ids = to_ids(input_ids, "input_ids")?;
-        let cfg = gen_config(
-            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
-            stop_token_ids, stop.map(|s| s.0),
-        )?;
+        let cfg = gen_config(kwargs, PLAIN)?;
         let model = self.inner.clone();
         let gen = py.detach(move || catch_panic(|| model.generator(ids, &cfg)))?;
         Ok(PyStream {
@@ -469,29 +546,14 @@ impl PyModel {
     }
 
     /// The whole completion of `prompt` as one string (the pieces of `stream` joined).
-    #[pyo3(signature = (prompt, *, max_new_tokens = None, max_length = None, do_sample = false,
-                        temperature = 1.0, top_p = 1.0, top_k = 0, repetition_penalty = 1.0,
-                        seed = None, stop_token_ids = None, stop = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (prompt, **kwargs))]
     fn generate(
         &self,
         py: Python<'_>,
         prompt: &str,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        do_sample: bool,
-        temperature: f64,
-        top_p: f64,
-        top_k: i64,
-        repetition_penalty: f64,
-        seed: Option<u64>,
-        stop_token_ids: Option<Vec<i64>>,
-        stop: Option<StopArg>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
-        let cfg = gen_config(
-            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
-            stop_token_ids, stop.map(|s| s.0),
-        )?;
+        let cfg = gen_config(kwargs, PLAIN)?;
         let model = self.inner.clone();
         let prompt = prompt.to_string();
         Ok(py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?)
@@ -525,30 +587,15 @@ impl PyModel {
     /// The official `chat`: the whole conversation re-encoded, the response post-processed.
     /// Returns `(response, history)`; defaults as the official code (sampling, top_p 0.8,
     /// temperature 0.8, max_length 8192 capped at the context).
-    #[pyo3(signature = (query, history = None, *, max_new_tokens = None, max_length = Some(8192), do_sample = true,
-                        temperature = 0.8, top_p = 0.8, top_k = 0, repetition_penalty = 1.0, seed = None,
-                        stop_token_ids = None, stop = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (query, history = None, **kwargs))]
     fn chat<'py>(
         &self,
         py: Python<'py>,
         query: &str,
         history: Option<Bound<'py, PyAny>>,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        do_sample: bool,
-        temperature: f64,
-        top_p: f64,
-        top_k: i64,
-        repetition_penalty: f64,
-        seed: Option<u64>,
-        stop_token_ids: Option<Vec<i64>>,
-        stop: Option<StopArg>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<(String, Bound<'py, PyList>)> {
-        let mut cfg = gen_config(
-            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
-            stop_token_ids, stop.map(|s| s.0),
-        )?;
+        let mut cfg = gen_config(kwargs, CHAT)?;
         cap_max_length(&mut cfg, &self.inner);
         let mut msgs = messages_from_py(history.as_ref())?;
         let model = self.inner.clone();
@@ -557,35 +604,23 @@ impl PyModel {
         let response = py.detach(move || catch_panic(|| model.chat(&q, &hist, &cfg)))?;
         msgs.push(Message::new("user", query));
         msgs.push(Message::new("assistant", &response));
-        Ok((response.clone(), history_to_py(py, self.inner.chat_format(), &msgs)?))
+        Ok((
+            response.clone(),
+            history_to_py(py, self.inner.chat_format(), &msgs)?,
+        ))
     }
 
     /// Like `chat`, but an iterator of text deltas (not the cumulative text the official
     /// `stream_chat` yields). After the end, `.response` and `.history` hold the results.
-    #[pyo3(signature = (query, history = None, *, max_new_tokens = None, max_length = Some(8192), do_sample = true,
-                        temperature = 0.8, top_p = 0.8, top_k = 0, repetition_penalty = 1.0, seed = None,
-                        stop_token_ids = None, stop = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (query, history = None, **kwargs))]
     fn stream_chat(
         &self,
         py: Python<'_>,
         query: &str,
         history: Option<Bound<'_, PyAny>>,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        do_sample: bool,
-        temperature: f64,
-        top_p: f64,
-        top_k: i64,
-        repetition_penalty: f64,
-        seed: Option<u64>,
-        stop_token_ids: Option<Vec<i64>>,
-        stop: Option<StopArg>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyChatStream> {
-        let mut cfg = gen_config(
-            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
-            stop_token_ids, stop.map(|s| s.0),
-        )?;
+        let mut cfg = gen_config(kwargs, CHAT)?;
         cap_max_length(&mut cfg, &self.inner);
         let msgs = messages_from_py(history.as_ref())?;
         let model = self.inner.clone();
@@ -647,14 +682,17 @@ fn messages_from_py(history: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Message>
                     _ => Ok(None),
                 }
             };
-            let role = get("role")?.ok_or_else(|| InvalidArgumentError::new_err("history message without \"role\""))?;
+            let role = get("role")?
+                .ok_or_else(|| InvalidArgumentError::new_err("history message without \"role\""))?;
             let content = get("content")?.unwrap_or_default();
             let mut m = Message::new(&role, &content);
             m.metadata = get("metadata")?.unwrap_or_default();
             out.push(m);
         } else {
             let (q, a): (String, String) = item.extract().map_err(|_| {
-                InvalidArgumentError::new_err("history items must be (query, response) pairs or role/content dicts")
+                InvalidArgumentError::new_err(
+                    "history items must be (query, response) pairs or role/content dicts",
+                )
             })?;
             out.push(Message::new("user", &q));
             out.push(Message::new("assistant", &a));
@@ -664,7 +702,11 @@ fn messages_from_py(history: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Message>
 }
 
 /// History to Python: pairs for ChatGLM2, dicts for ChatGLM3.
-fn history_to_py<'py>(py: Python<'py>, format: ChatFormat, msgs: &[Message]) -> PyResult<Bound<'py, PyList>> {
+fn history_to_py<'py>(
+    py: Python<'py>,
+    format: ChatFormat,
+    msgs: &[Message],
+) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     match format {
         ChatFormat::ChatGlm2 => {
@@ -705,7 +747,9 @@ impl PyChatStream {
     }
 
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
-        let Some(stream) = self.stream.as_mut() else { return Ok(None) };
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(None);
+        };
         match py.detach(|| catch_panic(|| stream.next_text())) {
             Ok(Some(piece)) => Ok(Some(piece)),
             Ok(None) => {
@@ -741,7 +785,9 @@ impl PyChatStream {
 
     #[getter]
     fn finish_reason(&self) -> Option<&'static str> {
-        self.stream.as_ref().and_then(|s| s.generator().finish_reason().map(|r| r.as_str()))
+        self.stream
+            .as_ref()
+            .and_then(|s| s.generator().finish_reason().map(|r| r.as_str()))
     }
 }
 
@@ -760,28 +806,19 @@ fn lock(s: &Mutex<ChatSession>) -> std::sync::MutexGuard<'_, ChatSession> {
 impl PyChatSession {
     /// Send a query; returns an iterator of response deltas. The turn is committed to the
     /// session when the iterator ends, is closed or is dropped.
-    #[pyo3(signature = (query, *, max_new_tokens = None, max_length = None, do_sample = true,
-                        temperature = 0.8, top_p = 0.8, top_k = 0, repetition_penalty = 1.0, seed = None,
-                        stop_token_ids = None, stop = None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (query, **kwargs))]
     fn send(
         &self,
         py: Python<'_>,
         query: &str,
-        max_new_tokens: Option<i64>,
-        max_length: Option<i64>,
-        do_sample: bool,
-        temperature: f64,
-        top_p: f64,
-        top_k: i64,
-        repetition_penalty: f64,
-        seed: Option<u64>,
-        stop_token_ids: Option<Vec<i64>>,
-        stop: Option<StopArg>,
+        kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyChatTurn> {
         let cfg = gen_config(
-            max_new_tokens, max_length, do_sample, temperature, top_p, top_k, repetition_penalty, seed,
-            stop_token_ids, stop.map(|s| s.0),
+            kwargs,
+            GenDefaults {
+                max_length: None,
+                ..CHAT
+            },
         )?;
         let session = self.inner.clone();
         let query = query.to_string();
@@ -795,8 +832,19 @@ impl PyChatSession {
 
     /// Send a query and return the whole response.
     #[pyo3(signature = (query, **kwargs))]
-    fn chat(&self, py: Python<'_>, query: &str, kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<String> {
-        let me = Py::new(py, PyChatSession { inner: self.inner.clone(), format: self.format })?;
+    fn chat(
+        &self,
+        py: Python<'_>,
+        query: &str,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
+        let me = Py::new(
+            py,
+            PyChatSession {
+                inner: self.inner.clone(),
+                format: self.format,
+            },
+        )?;
         let turn = me.bind(py).call_method("send", (query,), kwargs)?;
         let mut turn: PyRefMut<'_, PyChatTurn> = turn.extract()?;
         while turn.__next__(py)?.is_some() {}
@@ -845,7 +893,9 @@ impl PyChatTurn {
     }
 
     fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
-        let Some(turn) = self.turn.as_mut() else { return Ok(None) };
+        let Some(turn) = self.turn.as_mut() else {
+            return Ok(None);
+        };
         match py.detach(|| catch_panic(|| turn.next_text())) {
             Ok(Some(piece)) => Ok(Some(piece)),
             Ok(None) => {
@@ -881,22 +931,6 @@ impl Drop for PyChatTurn {
     }
 }
 
-/// `stop=` accepts one string or a list of strings.
-struct StopArg(Vec<String>);
-
-impl<'a, 'py> FromPyObject<'a, 'py> for StopArg {
-    type Error = PyErr;
-    fn extract(ob: pyo3::Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
-        if let Ok(s) = ob.extract::<String>() {
-            return Ok(StopArg(vec![s]));
-        }
-        if ob.is_instance_of::<PyList>() || ob.is_instance_of::<pyo3::types::PyTuple>() {
-            return Ok(StopArg(ob.extract::<Vec<String>>()?));
-        }
-        Err(InvalidArgumentError::new_err("stop must be a string or a list of strings"))
-    }
-}
-
 #[pymodule]
 fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -911,7 +945,10 @@ fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("CheckpointError", py.get_type::<CheckpointError>())?;
     m.add("TokenizerError", py.get_type::<TokenizerError>())?;
-    m.add("InvalidArgumentError", py.get_type::<InvalidArgumentError>())?;
+    m.add(
+        "InvalidArgumentError",
+        py.get_type::<InvalidArgumentError>(),
+    )?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

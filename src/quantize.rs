@@ -63,9 +63,14 @@ impl QuantType {
 pub fn quantize_official(w: &Tensor, bits: Bits) -> Result<(Tensor, Tensor)> {
     let (n, k) = w.dims2()?;
     if bits == Bits::Four && k % 2 != 0 {
-        return Err(Error::invalid(format!("int4 needs an even number of columns, got {k}")));
+        return Err(Error::invalid(format!(
+            "int4 needs an even number of columns, got {k}"
+        )));
     }
-    let w = w.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let w = w
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .contiguous()?;
     let (storage, layout) = w.storage_and_layout();
     let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(all)) = &*storage else {
         return Err(Error::invalid("quantize: expected an f32 CPU tensor"));
@@ -79,30 +84,33 @@ pub fn quantize_official(w: &Tensor, bits: Bits) -> Result<(Tensor, Tensor)> {
     let mut q = vec![0u8; n * rb];
     let mut scales = vec![0f32; n];
     use rayon::prelude::*;
-    q.par_chunks_mut(rb).zip(scales.par_iter_mut()).enumerate().for_each(|(r, (out, scale))| {
-        let row = &data[r * k..(r + 1) * k];
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = f16::from_f32(amax / qmax).to_f32();
-        *scale = s;
-        // the quotient in float32, rounded to the nearest integer with ties to even (torch.round)
-        let qv = |v: f32| -> i8 {
-            if s == 0.0 {
-                0
-            } else {
-                (v / s).round_ties_even().clamp(-qmax, qmax) as i8
-            }
-        };
-        match bits {
-            Bits::Eight => out.iter_mut().zip(row).for_each(|(o, &v)| *o = qv(v) as u8),
-            Bits::Four => {
-                for (j, o) in out.iter_mut().enumerate() {
-                    let hi = qv(row[2 * j]) as u8 & 0x0F;
-                    let lo = qv(row[2 * j + 1]) as u8 & 0x0F;
-                    *o = (hi << 4) | lo;
+    q.par_chunks_mut(rb)
+        .zip(scales.par_iter_mut())
+        .enumerate()
+        .for_each(|(r, (out, scale))| {
+            let row = &data[r * k..(r + 1) * k];
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = f16::from_f32(amax / qmax).to_f32();
+            *scale = s;
+            // the quotient in float32, rounded to the nearest integer with ties to even (torch.round)
+            let qv = |v: f32| -> i8 {
+                if s == 0.0 {
+                    0
+                } else {
+                    (v / s).round_ties_even().clamp(-qmax, qmax) as i8
+                }
+            };
+            match bits {
+                Bits::Eight => out.iter_mut().zip(row).for_each(|(o, &v)| *o = qv(v) as u8),
+                Bits::Four => {
+                    for (j, o) in out.iter_mut().enumerate() {
+                        let hi = qv(row[2 * j]) as u8 & 0x0F;
+                        let lo = qv(row[2 * j + 1]) as u8 & 0x0F;
+                        *o = (hi << 4) | lo;
+                    }
                 }
             }
-        }
-    });
+        });
     Ok((
         Tensor::from_vec(q, (n, rb), &Device::Cpu)?,
         Tensor::from_vec(scales, n, &Device::Cpu)?,
@@ -127,7 +135,9 @@ pub fn official_to_ggml(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<QTenso
     let (n, rb) = q.dims2()?;
     let k = if bits == Bits::Eight { rb } else { 2 * rb };
     if k % 32 != 0 {
-        return Err(Error::invalid(format!("a GGUF block needs 32 | columns, got {k}")));
+        return Err(Error::invalid(format!(
+            "a GGUF block needs 32 | columns, got {k}"
+        )));
     }
     let bytes: Vec<u8> = q.flatten_all()?.to_vec1()?;
     let scales: Vec<f32> = scale.to_vec1()?;
@@ -135,7 +145,10 @@ pub fn official_to_ggml(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<QTenso
     for r in 0..n {
         let d = f16::from_f32(scales[r]).to_bits().to_le_bytes();
         let vals: Vec<i8> = match bits {
-            Bits::Eight => bytes[r * rb..(r + 1) * rb].iter().map(|&b| b as i8).collect(),
+            Bits::Eight => bytes[r * rb..(r + 1) * rb]
+                .iter()
+                .map(|&b| b as i8)
+                .collect(),
             Bits::Four => bytes[r * rb..(r + 1) * rb]
                 .iter()
                 .flat_map(|&b| [(b as i8) >> 4, ((b as i8) << 4) >> 4])
@@ -155,7 +168,11 @@ pub fn official_to_ggml(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<QTenso
             }
         }
     }
-    let dtype = if bits == Bits::Eight { GgmlDType::Q8_0 } else { GgmlDType::Q4_0 };
+    let dtype = if bits == Bits::Eight {
+        GgmlDType::Q8_0
+    } else {
+        GgmlDType::Q4_0
+    };
     let storage = QStorage::from_data(Cow::Owned(out), &Device::Cpu, dtype)?;
     Ok(QTensor::new(storage, (n, k))?)
 }
@@ -178,7 +195,9 @@ pub fn ggml_to_official(t: &QTensor, bits: Bits) -> Result<(Tensor, Tensor)> {
             if b == 0 {
                 scales[r] = d;
             } else if d.to_bits() != scales[r].to_bits() {
-                return Err(Error::invalid("GGUF blocks of one row have different scales: not an official layout"));
+                return Err(Error::invalid(
+                    "GGUF blocks of one row have different scales: not an official layout",
+                ));
             }
             match bits {
                 Bits::Eight => vals.extend(blk[2..].iter().map(|&v| v as i8)),
@@ -225,7 +244,14 @@ mod tests {
             // the GGML dequantization gives the same weights (before the float16 rounding)
             let deq = g.dequantize(&Device::Cpu).unwrap();
             let mine = crate::model::linear::dequantize(&q, &s, bits).unwrap();
-            let err = (deq - mine).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let err = (deq - mine)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             let scale = s.max(0).unwrap().to_scalar::<f32>().unwrap();
             let qmax = if bits == Bits::Eight { 127.0 } else { 7.0 };
             // ours rounds each weight to float16 (half an ulp of the largest weight at most)
@@ -239,14 +265,23 @@ mod tests {
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap();
-            assert!(werr <= scale * 0.51 + 1e-3, "{bits:?}: {werr} vs step {scale}");
+            assert!(
+                werr <= scale * 0.51 + 1e-3,
+                "{bits:?}: {werr} vs step {scale}"
+            );
         }
     }
 
     #[test]
     fn parse_names() {
-        assert_eq!(QuantType::parse("4").unwrap(), QuantType::Official(Bits::Four));
-        assert_eq!(QuantType::parse("Q4_K").unwrap(), QuantType::Ggml(GgmlDType::Q4K));
+        assert_eq!(
+            QuantType::parse("4").unwrap(),
+            QuantType::Official(Bits::Four)
+        );
+        assert_eq!(
+            QuantType::parse("Q4_K").unwrap(),
+            QuantType::Ggml(GgmlDType::Q4K)
+        );
         assert!(QuantType::parse("q3").is_err());
         assert_eq!(ggml_type_for(GgmlDType::Q4K, 13696), Some(GgmlDType::Q8_0));
         assert_eq!(ggml_type_for(GgmlDType::Q4_0, 4096), Some(GgmlDType::Q4_0));

@@ -36,10 +36,16 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(Error::invalid(format!("temperature must be > 0, got {}", self.temperature)));
+            return Err(Error::invalid(format!(
+                "temperature must be > 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::invalid(format!("top_p must be in (0, 1], got {}", self.top_p)));
+            return Err(Error::invalid(format!(
+                "top_p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(Error::invalid(format!(
@@ -104,11 +110,17 @@ impl Sampler {
         if self.cfg.top_k > 0 && self.cfg.top_k < order.len() {
             // transformers keeps every token whose logit is >= the k-th largest
             let kth = logits[order[self.cfg.top_k - 1] as usize];
-            let keep = order.iter().take_while(|&&i| logits[i as usize] >= kth).count();
+            let keep = order
+                .iter()
+                .take_while(|&&i| logits[i as usize] >= kth)
+                .count();
             order.truncate(keep);
         }
         let max = logits[order[0] as usize];
-        let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] - max) as f64).exp()).collect();
+        let mut probs: Vec<f64> = order
+            .iter()
+            .map(|&i| ((logits[i as usize] - max) as f64).exp())
+            .collect();
         let sum: f64 = probs.iter().sum();
         for p in probs.iter_mut() {
             *p /= sum;
@@ -192,7 +204,11 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_greedy_choice() {
-        let mut s = Sampler::new(SamplingConfig { repetition_penalty: 2.0, ..cfg(false) }).unwrap();
+        let mut s = Sampler::new(SamplingConfig {
+            repetition_penalty: 2.0,
+            ..cfg(false)
+        })
+        .unwrap();
         // 3.0 / 2 = 1.5 < 2.0
         assert_eq!(s.sample(&mut [0.0, 3.0, 2.0], &[1, 1]), 2);
         let mut l = [-2.0f32, 4.0];
@@ -204,8 +220,14 @@ mod tests {
     fn same_seed_same_tokens_and_distribution_is_respected() {
         let logits: Vec<f32> = vec![0.0, (3.0f32).ln(), f32::NEG_INFINITY.max(-30.0)];
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingConfig { seed: Some(seed), ..cfg(true) }).unwrap();
-            (0..4000).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingConfig {
+                seed: Some(seed),
+                ..cfg(true)
+            })
+            .unwrap();
+            (0..4000)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect::<Vec<_>>()
         };
         let a = draw(1);
         assert_eq!(a, draw(1));
@@ -218,21 +240,43 @@ mod tests {
     #[test]
     fn top_k_and_top_p_cut_the_tail() {
         let logits = vec![2.0f32, 1.9, 1.8, -5.0];
-        let mut s = Sampler::new(SamplingConfig { top_k: 1, ..cfg(true) }).unwrap();
+        let mut s = Sampler::new(SamplingConfig {
+            top_k: 1,
+            ..cfg(true)
+        })
+        .unwrap();
         assert!((0..200).all(|_| s.sample(&mut logits.clone(), &[]) == 0));
         // probabilities ~ [0.367, 0.332, 0.300, 0.0003]: top_p 0.5 keeps the first two only
-        let mut s = Sampler::new(SamplingConfig { top_p: 0.5, ..cfg(true) }).unwrap();
-        let seen: std::collections::HashSet<u32> = (0..500).map(|_| s.sample(&mut logits.clone(), &[])).collect();
+        let mut s = Sampler::new(SamplingConfig {
+            top_p: 0.5,
+            ..cfg(true)
+        })
+        .unwrap();
+        let seen: std::collections::HashSet<u32> = (0..500)
+            .map(|_| s.sample(&mut logits.clone(), &[]))
+            .collect();
         assert_eq!(seen, [0u32, 1].into_iter().collect());
     }
 
     #[test]
     fn invalid_parameters_are_errors() {
         for bad in [
-            SamplingConfig { temperature: 0.0, ..cfg(true) },
-            SamplingConfig { top_p: 0.0, ..cfg(true) },
-            SamplingConfig { top_p: 1.5, ..cfg(true) },
-            SamplingConfig { repetition_penalty: -1.0, ..cfg(true) },
+            SamplingConfig {
+                temperature: 0.0,
+                ..cfg(true)
+            },
+            SamplingConfig {
+                top_p: 0.0,
+                ..cfg(true)
+            },
+            SamplingConfig {
+                top_p: 1.5,
+                ..cfg(true)
+            },
+            SamplingConfig {
+                repetition_penalty: -1.0,
+                ..cfg(true)
+            },
         ] {
             assert!(Sampler::new(bad).is_err());
         }

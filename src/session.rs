@@ -3,7 +3,8 @@
 //! runs its own new tokens.
 
 use crate::chat_format::{
-    build_prompt, chatglm3_message_ids, chatglm3_prompt_ids, chatglm3_stop_ids, ChatFormat, Message, ResponseStream,
+    build_prompt, chatglm3_message_ids, chatglm3_prompt_ids, chatglm3_stop_ids, ChatFormat,
+    Message, ResponseStream,
 };
 use crate::error::{Error, Result};
 use crate::generate::{GenerationConfig, Generator};
@@ -19,14 +20,20 @@ pub fn pairs_from_messages(history: &[Message]) -> Result<Vec<(String, String)>>
             return Err(Error::invalid(format!(
                 "ChatGLM2 has no \"{}\" role: its history is (query, response) pairs{}",
                 q.role,
-                if q.role == "system" { " and it takes no system prompt (use a ChatGLM3 model)" } else { "" }
+                if q.role == "system" {
+                    " and it takes no system prompt (use a ChatGLM3 model)"
+                } else {
+                    ""
+                }
             )));
         }
         let a = it
             .next()
             .ok_or_else(|| Error::invalid("ChatGLM2 history must alternate query and response"))?;
         if a.role != "assistant" {
-            return Err(Error::invalid("ChatGLM2 history must alternate query and response"));
+            return Err(Error::invalid(
+                "ChatGLM2 history must alternate query and response",
+            ));
         }
         pairs.push((q.content.clone(), a.content.clone()));
     }
@@ -48,10 +55,14 @@ impl Model {
         match self.chat_format() {
             ChatFormat::ChatGlm2 => {
                 if query.role != "user" {
-                    return Err(Error::invalid(format!("ChatGLM2 has no \"{}\" role", query.role)));
+                    return Err(Error::invalid(format!(
+                        "ChatGLM2 has no \"{}\" role",
+                        query.role
+                    )));
                 }
                 let pairs = pairs_from_messages(history)?;
-                self.tokenizer().encode(&build_prompt(&query.content, &pairs), true)
+                self.tokenizer()
+                    .encode(&build_prompt(&query.content, &pairs), true)
             }
             ChatFormat::ChatGlm3 => {
                 let mut all = history.to_vec();
@@ -65,13 +76,19 @@ impl Model {
     fn chat_config(&self, cfg: &GenerationConfig) -> GenerationConfig {
         let mut cfg = cfg.clone();
         if self.chat_format() == ChatFormat::ChatGlm3 {
-            cfg.stop_token_ids.extend(chatglm3_stop_ids(self.tokenizer()));
+            cfg.stop_token_ids
+                .extend(chatglm3_stop_ids(self.tokenizer()));
         }
         cfg
     }
 
     /// A one-shot chat turn over the whole conversation; its text comes post-processed.
-    pub fn chat_stream(&self, query: &Message, history: &[Message], cfg: &GenerationConfig) -> Result<ChatStream> {
+    pub fn chat_stream(
+        &self,
+        query: &Message,
+        history: &[Message],
+        cfg: &GenerationConfig,
+    ) -> Result<ChatStream> {
         let ids = self.chat_prompt_ids(query, history)?;
         let gen = self.generator(ids, &self.chat_config(cfg))?;
         Ok(ChatStream {
@@ -82,7 +99,12 @@ impl Model {
     }
 
     /// The official `chat`: returns the post-processed response.
-    pub fn chat(&self, query: &Message, history: &[Message], cfg: &GenerationConfig) -> Result<String> {
+    pub fn chat(
+        &self,
+        query: &Message,
+        history: &[Message],
+        cfg: &GenerationConfig,
+    ) -> Result<String> {
         let mut s = self.chat_stream(query, history, cfg)?;
         while s.next_text()?.is_some() {}
         Ok(s.response().to_string())
@@ -206,7 +228,9 @@ impl ChatSession {
     /// Forget the conversation (the system prompt stays).
     pub fn reset(&mut self) -> Result<()> {
         if self.cache.is_none() {
-            return Err(Error::invalid("a turn is in progress: finish it before reset()"));
+            return Err(Error::invalid(
+                "a turn is in progress: finish it before reset()",
+            ));
         }
         self.cache = Some(self.model.model().new_cache());
         self.ids.clear();
@@ -215,7 +239,10 @@ impl ChatSession {
     }
 
     fn system_messages(&self) -> Vec<Message> {
-        self.system.iter().map(|s| Message::new("system", s)).collect()
+        self.system
+            .iter()
+            .map(|s| Message::new("system", s))
+            .collect()
     }
 
     /// Ids to add to a cache holding `self.ids` for the next turn.
@@ -239,7 +266,9 @@ impl ChatSession {
     /// Start a turn. The session is busy until [`ChatSession::end_turn`].
     pub fn begin_turn(&mut self, query: &str, cfg: &GenerationConfig) -> Result<ChatTurn> {
         if self.cache.is_none() {
-            return Err(Error::invalid("a turn of this session is already in progress"));
+            return Err(Error::invalid(
+                "a turn of this session is already in progress",
+            ));
         }
         let query = Message::new("user", query);
         let context = self.model.model().max_context();
@@ -323,7 +352,10 @@ impl ChatSession {
         let (gen, response) = turn.stream.into_parts();
         let mut ids = turn.ids_before;
         ids.extend(gen.ids());
-        let ends_with_stop = gen.generated_ids().last().is_some_and(|t| stop_ids.contains(t));
+        let ends_with_stop = gen
+            .generated_ids()
+            .last()
+            .is_some_and(|t| stop_ids.contains(t));
         if ends_with_stop {
             ids.pop();
         }

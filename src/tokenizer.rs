@@ -15,13 +15,16 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::{NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence};
+use tokenizers::normalizers::{
+    NormalizerWrapper, Prepend, Replace, Sequence as NormalizerSequence,
+};
 use tokenizers::processors::template::TemplateProcessing;
 
 /// ChatGLM2's special tokens, numbered after the SentencePiece pieces.
 pub const CHATGLM2_SPECIAL: [&str; 5] = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"];
 /// ChatGLM3's role tokens, numbered after [`CHATGLM2_SPECIAL`].
-pub const CHATGLM3_ROLES: [&str; 4] = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"];
+pub const CHATGLM3_ROLES: [&str; 4] =
+    ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"];
 
 /// The subset of sentencepiece's `ModelProto` that the tokenizer needs.
 mod spm {
@@ -123,7 +126,9 @@ impl Tokenizer {
         let norm = proto.normalizer_spec.clone().unwrap_or_default();
         let add_dummy_prefix = norm.add_dummy_prefix.unwrap_or(true);
         if norm.remove_extra_whitespaces.unwrap_or(true) {
-            return Err(tok_err("SentencePiece models that collapse whitespace are not supported"));
+            return Err(tok_err(
+                "SentencePiece models that collapse whitespace are not supported",
+            ));
         }
 
         let pieces: Vec<(String, f32)> = proto
@@ -162,7 +167,11 @@ impl Tokenizer {
         // spells "[gMASK]" or "sop" is tokenized as ordinary text, as the official tokenizer does.
         let mut specials = HashMap::new();
         let names: Vec<&str> = if chatglm3 {
-            CHATGLM2_SPECIAL.iter().chain(CHATGLM3_ROLES.iter()).copied().collect()
+            CHATGLM2_SPECIAL
+                .iter()
+                .chain(CHATGLM3_ROLES.iter())
+                .copied()
+                .collect()
         } else {
             CHATGLM2_SPECIAL.to_vec()
         };
@@ -173,7 +182,10 @@ impl Tokenizer {
         }
         let vocab_size = n_pieces + names.len() as u32;
 
-        let unk_piece = trainer.unk_piece.clone().unwrap_or_else(|| "<unk>".to_string());
+        let unk_piece = trainer
+            .unk_piece
+            .clone()
+            .unwrap_or_else(|| "<unk>".to_string());
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .unk_token(unk_piece)
@@ -264,7 +276,10 @@ impl Tokenizer {
 
     /// Encode text; with `add_special_tokens`, `[gMASK] sop` come first (as `tokenizer(text)`).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, add_special_tokens).map_err(tok_err)?;
+        let enc = self
+            .inner
+            .encode(text, add_special_tokens)
+            .map_err(tok_err)?;
         Ok(enc.get_ids().to_vec())
     }
 

@@ -16,12 +16,22 @@ fn load(dir: &Path) -> Model {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn check_forward(model: &Model, fx: &Path) {
     let npz: std::collections::HashMap<String, Tensor> =
-        Tensor::read_npz(fx.join("golden/forward.npz")).unwrap().into_iter().collect();
+        Tensor::read_npz(fx.join("golden/forward.npz"))
+            .unwrap()
+            .into_iter()
+            .collect();
     for i in 0..3 {
         let ids: Vec<u32> = npz[&format!("ids_{i}")]
             .to_dtype(DType::I64)
@@ -35,10 +45,18 @@ fn check_forward(model: &Model, fx: &Path) {
             .collect();
         let want = npz[&format!("logits_{i}")].to_dtype(DType::F32).unwrap();
         let got = model.logits(&ids).unwrap();
-        let got = if want.dim(0).unwrap() == 1 { got.narrow(0, ids.len() - 1, 1).unwrap() } else { got };
+        let got = if want.dim(0).unwrap() == 1 {
+            got.narrow(0, ids.len() - 1, 1).unwrap()
+        } else {
+            got
+        };
         assert_eq!(got.dims(), want.dims(), "case {i}");
         let d = max_abs_diff(&got, &want);
-        assert!(d < 1e-4, "{}: logits case {i} differ by {d}", model.dir().display());
+        assert!(
+            d < 1e-4,
+            "{}: logits case {i} differ by {d}",
+            model.dir().display()
+        );
     }
 }
 
@@ -49,7 +67,12 @@ fn check_greedy_chat(model: &Model, fx: &Path) {
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()))
+            .map(|p| {
+                (
+                    p[0].as_str().unwrap().to_string(),
+                    p[1].as_str().unwrap().to_string(),
+                )
+            })
             .collect();
         let prompt = build_prompt(turn["query"].as_str().unwrap(), &history);
         let input = model.tokenizer().encode(&prompt, true).unwrap();
@@ -59,7 +82,12 @@ fn check_greedy_chat(model: &Model, fx: &Path) {
             ..Default::default()
         };
         let out = model.generate_ids(&input, &cfg).unwrap();
-        assert_eq!(out, ids(&turn["output_ids"]), "greedy ids for {:?}", turn["query"]);
+        assert_eq!(
+            out,
+            ids(&turn["output_ids"]),
+            "greedy ids for {:?}",
+            turn["query"]
+        );
         let text = model.tokenizer().decode(&out).unwrap();
         assert_eq!(text.trim(), turn["response"].as_str().unwrap().trim());
     }
@@ -94,23 +122,42 @@ fn tokenizer_matches_official_on_every_case() {
         let with = tok.encode(text, true).unwrap();
         let without = tok.encode(text, false).unwrap();
         let decoded = tok.decode(&without).unwrap();
-        if with != ids(&c["input_ids"]) || without != ids(&c["ids_no_special"]) || decoded != c["decoded"].as_str().unwrap() {
-            failures.push(format!("{text:?}: got {without:?} / {decoded:?}, want {:?} / {:?}", c["ids_no_special"], c["decoded"]));
+        if with != ids(&c["input_ids"])
+            || without != ids(&c["ids_no_special"])
+            || decoded != c["decoded"].as_str().unwrap()
+        {
+            failures.push(format!(
+                "{text:?}: got {without:?} / {decoded:?}, want {:?} / {:?}",
+                c["ids_no_special"], c["decoded"]
+            ));
         }
     }
-    assert!(failures.is_empty(), "{} of 327 cases differ:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of 327 cases differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn prompts_match_official_build_prompt() {
     let Some(fx) = fixtures() else { return };
     let tok = glm2rs::Tokenizer::from_spm_file(&fx.join("model/tokenizer.model"), false).unwrap();
-    for p in read_json(fx.join("golden/prompts.json")).as_array().unwrap() {
+    for p in read_json(fx.join("golden/prompts.json"))
+        .as_array()
+        .unwrap()
+    {
         let history: Vec<(String, String)> = p["history"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|h| (h[0].as_str().unwrap().to_string(), h[1].as_str().unwrap().to_string()))
+            .map(|h| {
+                (
+                    h[0].as_str().unwrap().to_string(),
+                    h[1].as_str().unwrap().to_string(),
+                )
+            })
             .collect();
         let prompt = build_prompt(p["query"].as_str().unwrap(), &history);
         assert_eq!(prompt, p["prompt"].as_str().unwrap());
@@ -123,16 +170,29 @@ fn cached_decoding_equals_full_recompute() {
     // Logits of each step with the KV cache equal a fresh forward over the whole sequence.
     let Some(fx) = fixtures() else { return };
     let model = load(&fx.join("model-safetensors"));
-    let ids = model.tokenizer().encode(&build_prompt("你好", &[]), true).unwrap();
+    let ids = model
+        .tokenizer()
+        .encode(&build_prompt("你好", &[]), true)
+        .unwrap();
     let m = model.model();
     let mut cache = m.new_cache();
     let dev = Device::Cpu;
     let split = 5;
-    let first = Tensor::new(&ids[..split], &dev).unwrap().unsqueeze(0).unwrap();
+    let first = Tensor::new(&ids[..split], &dev)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     m.forward(&first, &mut cache, glm2rs::Logits::Last).unwrap();
     for n in split..ids.len() {
-        let step = Tensor::new(&ids[n..n + 1], &dev).unwrap().unsqueeze(0).unwrap();
-        let got = m.forward(&step, &mut cache, glm2rs::Logits::Last).unwrap().flatten_all().unwrap();
+        let step = Tensor::new(&ids[n..n + 1], &dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got = m
+            .forward(&step, &mut cache, glm2rs::Logits::Last)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         let want = model.logits(&ids[..n + 1]).unwrap().get(n).unwrap();
         let d = max_abs_diff(&got, &want);
         assert!(d < 1e-5, "step {n}: {d}");

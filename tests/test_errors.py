@@ -127,6 +127,12 @@ def test_prompt_longer_than_context(fx, tmp_path):
         dict(stop=""),
         dict(stop=5),
         dict(stop_token_ids=[-1]),
+        dict(temperature="hot"),
+        dict(do_sample="yes"),
+        dict(max_new_tokens=2.5),
+        dict(top_k=True),
+        dict(seed=-1),
+        dict(unknown_keyword=1),
     ],
 )
 def test_bad_generation_arguments(model, tokenizer, kw):

@@ -56,3 +56,17 @@ def test_prefix_of_another_model_is_a_clear_error(tmp_path, fx):
         glm2rs.Model.from_pretrained(str(d), prefix_checkpoint=str(fx / "ptuning-checkpoint"))
     with pytest.raises(glm2rs.LoadError):
         glm2rs.Model.from_pretrained(str(d), prefix_checkpoint=str(tmp_path / "nope"))
+
+
+def test_prefix_on_a_quantized_model(fx):
+    golden = json.loads((fx / "golden" / "ptuning.json").read_text())
+    pdir = str(fx / "ptuning-checkpoint")
+    official = glm2rs.Model.from_pretrained(str(fx / "model-int8"), dtype="float32", prefix_checkpoint=pdir)
+    on_load = glm2rs.Model.from_pretrained(str(fx / "model"), dtype="float32", quantize=8, prefix_checkpoint=pdir)
+    bare = glm2rs.Model.from_pretrained(str(fx / "model-int8"), dtype="float32")
+    a = official.logits(golden["prompt_ids"])
+    assert np.array_equal(a, on_load.logits(golden["prompt_ids"]))
+    assert np.abs(a - bare.logits(golden["prompt_ids"])).max() > 1e-3
+    # close to the float model with the same prefix
+    f = glm2rs.Model.from_pretrained(str(fx / "model"), dtype="float32", prefix_checkpoint=pdir)
+    assert np.abs(a - f.logits(golden["prompt_ids"])).max() < 0.5

@@ -21,6 +21,9 @@ fn main() -> glm2rs::Result<()> {
         std::io::stdout().flush().ok();
     }
     let n = gen.generated_ids().len();
-    println!("\n[{n} tokens, {:.1} tokens/s]", n as f64 / start.elapsed().as_secs_f64());
+    println!(
+        "\n[{n} tokens, {:.1} tokens/s]",
+        n as f64 / start.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -36,8 +36,12 @@ impl<'a> Mat<'a> {
     fn from_storage(s: &'a CpuStorage, a: usize, b: usize) -> Result<Self> {
         Ok(match s {
             // SAFETY: f16 and bf16 are repr(transparent) over u16.
-            CpuStorage::F16(v) => Mat::F16(unsafe { std::slice::from_raw_parts(v[a..b].as_ptr() as *const u16, b - a) }),
-            CpuStorage::BF16(v) => Mat::BF16(unsafe { std::slice::from_raw_parts(v[a..b].as_ptr() as *const u16, b - a) }),
+            CpuStorage::F16(v) => Mat::F16(unsafe {
+                std::slice::from_raw_parts(v[a..b].as_ptr() as *const u16, b - a)
+            }),
+            CpuStorage::BF16(v) => Mat::BF16(unsafe {
+                std::slice::from_raw_parts(v[a..b].as_ptr() as *const u16, b - a)
+            }),
             CpuStorage::F32(v) => Mat::F32(&v[a..b]),
             _ => bail!("glm2rs matmul: unsupported dtype {:?}", s.dtype()),
         })
@@ -69,7 +73,9 @@ impl<'a> Mat<'a> {
         match self {
             Mat::F16(v) => {
                 // SAFETY: u16 and f16 have the same layout.
-                let src: &[f16] = unsafe { std::slice::from_raw_parts(v[at..].as_ptr() as *const f16, out.len()) };
+                let src: &[f16] = unsafe {
+                    std::slice::from_raw_parts(v[at..].as_ptr() as *const f16, out.len())
+                };
                 half::slice::HalfFloatSliceExt::convert_to_f32_slice(src, out)
             }
             Mat::BF16(v) => {
@@ -84,7 +90,15 @@ impl<'a> Mat<'a> {
 }
 
 /// Add `W[row, k0..k1] · xs[i][k0..k1]` to `out[i]` for each input row. Portable version.
-fn dots_portable(w: &Mat<'_>, row: usize, k: usize, k0: usize, k1: usize, xs: &[Mat<'_>], out: &mut [f32]) {
+fn dots_portable(
+    w: &Mat<'_>,
+    row: usize,
+    k: usize,
+    k0: usize,
+    k1: usize,
+    xs: &[Mat<'_>],
+    out: &mut [f32],
+) {
     let base = row * k;
     for (i, x) in xs.iter().enumerate() {
         let mut acc = [0f32; 8];
@@ -112,7 +126,13 @@ mod x86 {
         ($name:ident, $load:ident) => {
             #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
             pub unsafe fn $name<const M: usize>(
-                w: &Mat<'_>, row: usize, k: usize, k0: usize, k1: usize, xs: &[Mat<'_>], out: &mut [f32],
+                w: &Mat<'_>,
+                row: usize,
+                k: usize,
+                k0: usize,
+                k1: usize,
+                xs: &[Mat<'_>],
+                out: &mut [f32],
             ) {
                 let base = row * k;
                 let mut acc = [[_mm512_setzero_ps(); 4]; M];
@@ -120,15 +140,24 @@ mod x86 {
                 let chunks = (k1 - k0) / step;
                 for c in 0..chunks {
                     let j = k0 + c * step;
-                    let wv = [$load(w, base + j), $load(w, base + j + 16), $load(w, base + j + 32), $load(w, base + j + 48)];
+                    let wv = [
+                        $load(w, base + j),
+                        $load(w, base + j + 16),
+                        $load(w, base + j + 32),
+                        $load(w, base + j + 48),
+                    ];
                     for i in 0..M {
                         for u in 0..4 {
-                            acc[i][u] = _mm512_fmadd_ps(wv[u], $load(&xs[i], j + 16 * u), acc[i][u]);
+                            acc[i][u] =
+                                _mm512_fmadd_ps(wv[u], $load(&xs[i], j + 16 * u), acc[i][u]);
                         }
                     }
                 }
                 for i in 0..M {
-                    let v = _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3]));
+                    let v = _mm512_add_ps(
+                        _mm512_add_ps(acc[i][0], acc[i][1]),
+                        _mm512_add_ps(acc[i][2], acc[i][3]),
+                    );
                     let mut s = _mm512_reduce_add_ps(v);
                     for j in k0 + chunks * step..k1 {
                         s += w.get(base + j) * xs[i].get(j);
@@ -163,7 +192,13 @@ mod x86 {
         ($name:ident, $load:ident) => {
             #[target_feature(enable = "avx2,f16c,fma")]
             pub unsafe fn $name<const M: usize>(
-                w: &Mat<'_>, row: usize, k: usize, k0: usize, k1: usize, xs: &[Mat<'_>], out: &mut [f32],
+                w: &Mat<'_>,
+                row: usize,
+                k: usize,
+                k0: usize,
+                k1: usize,
+                xs: &[Mat<'_>],
+                out: &mut [f32],
             ) {
                 let base = row * k;
                 let mut acc = [[_mm256_setzero_ps(); 2]; M];
@@ -259,15 +294,18 @@ fn gemv_t(w: Mat<'_>, x: Mat<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
     let dots = pick(&w);
     let rows: Vec<Mat<'_>> = (0..m).map(|i| x.row(i, k)).collect();
     let mut out_t = vec![0f32; n * m];
-    out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
-        let row0 = task * ROWS_PER_TASK;
-        for (r, out_row) in chunk.chunks_mut(m).enumerate() {
-            for (i0, xs) in rows.chunks(M_BLOCK).enumerate() {
-                let i0 = i0 * M_BLOCK;
-                dots(&w, row0 + r, k, 0, k, xs, &mut out_row[i0..i0 + xs.len()]);
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let row0 = task * ROWS_PER_TASK;
+            for (r, out_row) in chunk.chunks_mut(m).enumerate() {
+                for (i0, xs) in rows.chunks(M_BLOCK).enumerate() {
+                    let i0 = i0 * M_BLOCK;
+                    dots(&w, row0 + r, k, 0, k, xs, &mut out_row[i0..i0 + xs.len()]);
+                }
             }
-        }
-    });
+        });
     out_t
 }
 
@@ -276,26 +314,42 @@ fn gemv_t(w: Mat<'_>, x: Mat<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
 fn matmul_t(w: Mat<'_>, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     let nb = ((4096 * 1024) / k.max(1)).clamp(128, 1024) / 16 * 16;
     let mut out_t = vec![0f32; n * m];
-    out_t.par_chunks_mut(nb * m).enumerate().for_each(|(task, chunk)| {
-        let row0 = task * nb;
-        let rows = chunk.len() / m;
-        let mut wblock = vec![0f32; rows * k];
-        for r in 0..rows {
-            w.widen((row0 + r) * k, &mut wblock[r * k..(r + 1) * k]);
-        }
-        // chunk [rows, m] row-major = wblock [rows, k] · xᵀ [k, m]
-        // SAFETY: every pointer covers the extent given to gemm.
-        unsafe {
-            gemm::gemm(
-                rows, m, k,
-                chunk.as_mut_ptr(), 1, m as isize, false,
-                wblock.as_ptr(), 1, k as isize,
-                x.as_ptr(), k as isize, 1,
-                0.0, 1.0, false, false, false,
-                gemm::Parallelism::None,
-            )
-        }
-    });
+    out_t
+        .par_chunks_mut(nb * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let row0 = task * nb;
+            let rows = chunk.len() / m;
+            let mut wblock = vec![0f32; rows * k];
+            for r in 0..rows {
+                w.widen((row0 + r) * k, &mut wblock[r * k..(r + 1) * k]);
+            }
+            // chunk [rows, m] row-major = wblock [rows, k] · xᵀ [k, m]
+            // SAFETY: every pointer covers the extent given to gemm.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    m,
+                    k,
+                    chunk.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    wblock.as_ptr(),
+                    1,
+                    k as isize,
+                    x.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
     out_t
 }
 
@@ -307,18 +361,32 @@ impl CustomOp2 for Gemv {
         "glm2rs-cpu-matmul"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
             bail!("glm2rs matmul: x is [{m}, {k}] but W is [{n}, {k2}]")
         }
-        let Some((x0, x1)) = l1.contiguous_offsets() else { bail!("glm2rs matmul: x must be contiguous") };
-        let Some((w0, w1)) = l2.contiguous_offsets() else { bail!("glm2rs matmul: W must be contiguous") };
+        let Some((x0, x1)) = l1.contiguous_offsets() else {
+            bail!("glm2rs matmul: x must be contiguous")
+        };
+        let Some((w0, w1)) = l2.contiguous_offsets() else {
+            bail!("glm2rs matmul: W must be contiguous")
+        };
         let x = Mat::from_storage(s1, x0, x1)?;
         let w = Mat::from_storage(s2, w0, w1)?;
         if !x.same_kind(&w) {
-            bail!("glm2rs matmul: x is {:?} but W is {:?}", s1.dtype(), s2.dtype())
+            bail!(
+                "glm2rs matmul: x is {:?} but W is {:?}",
+                s1.dtype(),
+                s2.dtype()
+            )
         }
         let mut out = vec![0f32; m * n];
         let mut transpose_in = |out_t: &[f32], i0: usize, mc: usize| {
@@ -357,13 +425,32 @@ mod tests {
 
     fn check(dt: DType, m: usize, n: usize, k: usize) {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap().to_dtype(dt).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(dt).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)
+            .unwrap()
+            .to_dtype(dt)
+            .unwrap();
         let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let want = f(&x).matmul(&f(&w).t().unwrap()).unwrap();
         let got = f(&x.apply_op2_no_bwd(&w, &Gemv).unwrap());
-        let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         // f32 accumulation in another order; the result rounded to the dtype
         let tol = match dt {
             DType::F32 => 1e-5 * scale.max(1.0),
@@ -376,8 +463,16 @@ mod tests {
     #[test]
     fn matches_matmul_for_every_dtype_and_odd_sizes() {
         for dt in [DType::F16, DType::BF16, DType::F32] {
-            for (m, n, k) in [(1, 70, 64), (3, 33, 100), (5, 129, 37), (8, 64, 4096), (1, 1, 1), (9, 70, 64),
-                              (300, 50, 130), (33, 1000, 4096)] {
+            for (m, n, k) in [
+                (1, 70, 64),
+                (3, 33, 100),
+                (5, 129, 37),
+                (8, 64, 4096),
+                (1, 1, 1),
+                (9, 70, 64),
+                (300, 50, 130),
+                (33, 1000, 4096),
+            ] {
                 check(dt, m, n, k);
             }
         }
@@ -386,11 +481,17 @@ mod tests {
     #[test]
     fn portable_kernel_agrees() {
         let k = 77;
-        let w: Vec<u16> = (0..2 * k).map(|i| f16::from_f32((i as f32 * 0.37).sin()).to_bits()).collect();
-        let x: Vec<u16> = (0..k).map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_bits()).collect();
+        let w: Vec<u16> = (0..2 * k)
+            .map(|i| f16::from_f32((i as f32 * 0.37).sin()).to_bits())
+            .collect();
+        let x: Vec<u16> = (0..k)
+            .map(|i| f16::from_f32((i as f32 * 0.11).cos()).to_bits())
+            .collect();
         let mut a = [0f32; 1];
         dots_portable(&Mat::F16(&w), 1, k, 0, k, &[Mat::F16(&x)], &mut a);
-        let want: f32 = (0..k).map(|j| f16::from_bits(w[k + j]).to_f32() * f16::from_bits(x[j]).to_f32()).sum();
+        let want: f32 = (0..k)
+            .map(|j| f16::from_bits(w[k + j]).to_f32() * f16::from_bits(x[j]).to_f32())
+            .sum();
         assert!((a[0] - want).abs() < 1e-4);
     }
 

@@ -98,7 +98,12 @@ mod x86 {
 
     /// int8 row · inputs (M of them), AVX-512.
     #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
-    pub unsafe fn dots_i8<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i8<const M: usize, const EXACT: bool>(
+        sc: f32,
+        q: &[u8],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
         let k = q.len();
         let s = _mm512_set1_ps(sc);
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
@@ -125,7 +130,12 @@ mod x86 {
 
     /// int4 row (k/2 bytes) · split inputs `[even | odd]` (M of them), AVX-512.
     #[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
-    pub unsafe fn dots_i4<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i4<const M: usize, const EXACT: bool>(
+        sc: f32,
+        q: &[u8],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
         let h = q.len();
         let s = _mm512_set1_ps(sc);
         let mut acc = [[_mm512_setzero_ps(); 2]; M];
@@ -146,7 +156,8 @@ mod x86 {
             let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
             for j in chunks * 16..h {
                 let b = q[j] as i8;
-                s += deq1::<EXACT>(sc, b >> 4) * xs[i][j] + deq1::<EXACT>(sc, (b << 4) >> 4) * xs[i][h + j];
+                s += deq1::<EXACT>(sc, b >> 4) * xs[i][j]
+                    + deq1::<EXACT>(sc, (b << 4) >> 4) * xs[i][h + j];
             }
             out[i] = finish::<EXACT>(sc, s);
         }
@@ -154,7 +165,12 @@ mod x86 {
 
     /// int8, AVX2.
     #[target_feature(enable = "avx2,f16c,fma")]
-    pub unsafe fn dots_i8_avx2<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i8_avx2<const M: usize, const EXACT: bool>(
+        sc: f32,
+        q: &[u8],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
         let k = q.len();
         let s = _mm256_set1_ps(sc);
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
@@ -183,7 +199,12 @@ mod x86 {
 
     /// int4, AVX2.
     #[target_feature(enable = "avx2,f16c,fma")]
-    pub unsafe fn dots_i4_avx2<const M: usize, const EXACT: bool>(sc: f32, q: &[u8], xs: &[&[f32]], out: &mut [f32]) {
+    pub unsafe fn dots_i4_avx2<const M: usize, const EXACT: bool>(
+        sc: f32,
+        q: &[u8],
+        xs: &[&[f32]],
+        out: &mut [f32],
+    ) {
         let h = q.len();
         let s = _mm256_set1_ps(sc);
         let mut acc = [[_mm256_setzero_ps(); 2]; M];
@@ -195,7 +216,8 @@ mod x86 {
             let lo = deq8::<EXACT>(s, _mm256_srai_epi32::<28>(_mm256_slli_epi32::<28>(b)));
             for i in 0..M {
                 acc[i][0] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xs[i].as_ptr().add(j)), acc[i][0]);
-                acc[i][1] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs[i].as_ptr().add(h + j)), acc[i][1]);
+                acc[i][1] =
+                    _mm256_fmadd_ps(lo, _mm256_loadu_ps(xs[i].as_ptr().add(h + j)), acc[i][1]);
             }
         }
         for i in 0..M {
@@ -204,7 +226,8 @@ mod x86 {
             let mut s: f32 = lanes.iter().sum();
             for j in chunks * 8..h {
                 let b = q[j] as i8;
-                s += deq1::<EXACT>(sc, b >> 4) * xs[i][j] + deq1::<EXACT>(sc, (b << 4) >> 4) * xs[i][h + j];
+                s += deq1::<EXACT>(sc, b >> 4) * xs[i][j]
+                    + deq1::<EXACT>(sc, (b << 4) >> 4) * xs[i][h + j];
             }
             out[i] = finish::<EXACT>(sc, s);
         }
@@ -308,26 +331,36 @@ impl QWeight<'_> {
 fn arrange(bits: Bits, x: &[f32]) -> Vec<f32> {
     match bits {
         Bits::Eight => x.to_vec(),
-        Bits::Four => x.iter().step_by(2).chain(x.iter().skip(1).step_by(2)).copied().collect(),
+        Bits::Four => x
+            .iter()
+            .step_by(2)
+            .chain(x.iter().skip(1).step_by(2))
+            .copied()
+            .collect(),
     }
 }
 
 fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
     let k = w.k;
     let dots = pick(w.exact);
-    let rows: Vec<Vec<f32>> = (0..m).map(|i| arrange(w.bits, &x[i * k..(i + 1) * k])).collect();
+    let rows: Vec<Vec<f32>> = (0..m)
+        .map(|i| arrange(w.bits, &x[i * k..(i + 1) * k]))
+        .collect();
     let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
     let mut out_t = vec![0f32; n * m];
-    out_t.par_chunks_mut(ROWS_PER_TASK * m).enumerate().for_each(|(task, chunk)| {
-        let row0 = task * ROWS_PER_TASK;
-        for (r, out_row) in chunk.chunks_mut(m).enumerate() {
-            let row = row0 + r;
-            for (b, xs) in refs.chunks(M_BLOCK).enumerate() {
-                let o = &mut out_row[b * M_BLOCK..b * M_BLOCK + xs.len()];
-                dots(w.bits, w.scale[row], w.row(row), xs, o);
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let row0 = task * ROWS_PER_TASK;
+            for (r, out_row) in chunk.chunks_mut(m).enumerate() {
+                let row = row0 + r;
+                for (b, xs) in refs.chunks(M_BLOCK).enumerate() {
+                    let o = &mut out_row[b * M_BLOCK..b * M_BLOCK + xs.len()];
+                    dots(w.bits, w.scale[row], w.row(row), xs, o);
+                }
             }
-        }
-    });
+        });
     out_t
 }
 
@@ -335,25 +368,41 @@ fn matmul_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
     let k = w.k;
     let nb = ((4096 * 1024) / k.max(1)).clamp(128, 1024) / 16 * 16;
     let mut out_t = vec![0f32; n * m];
-    out_t.par_chunks_mut(nb * m).enumerate().for_each(|(task, chunk)| {
-        let row0 = task * nb;
-        let rows = chunk.len() / m;
-        let mut wblock = vec![0f32; rows * k];
-        for r in 0..rows {
-            w.dequantize_row(row0 + r, &mut wblock[r * k..(r + 1) * k]);
-        }
-        // SAFETY: every pointer covers the extent given to gemm.
-        unsafe {
-            gemm::gemm(
-                rows, m, k,
-                chunk.as_mut_ptr(), 1, m as isize, false,
-                wblock.as_ptr(), 1, k as isize,
-                x.as_ptr(), k as isize, 1,
-                0.0, 1.0, false, false, false,
-                gemm::Parallelism::None,
-            )
-        }
-    });
+    out_t
+        .par_chunks_mut(nb * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let row0 = task * nb;
+            let rows = chunk.len() / m;
+            let mut wblock = vec![0f32; rows * k];
+            for r in 0..rows {
+                w.dequantize_row(row0 + r, &mut wblock[r * k..(r + 1) * k]);
+            }
+            // SAFETY: every pointer covers the extent given to gemm.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    m,
+                    k,
+                    chunk.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    wblock.as_ptr(),
+                    1,
+                    k as isize,
+                    x.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        });
     out_t
 }
 
@@ -388,11 +437,16 @@ impl CustomOp3 for QuantMatmul {
             Bits::Four => k / 2,
         };
         if rb != want_rb || (self.bits == Bits::Four && k % 2 != 0) {
-            bail!("quantized matmul: x is [{m}, {k}] but q is [{n}, {rb}] ({:?})", self.bits)
+            bail!(
+                "quantized matmul: x is [{m}, {k}] but q is [{n}, {rb}] ({:?})",
+                self.bits
+            )
         }
-        let (Some((x0, x1)), Some((q0, q1)), Some((c0, c1))) =
-            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
-        else {
+        let (Some((x0, x1)), Some((q0, q1)), Some((c0, c1))) = (
+            l1.contiguous_offsets(),
+            l2.contiguous_offsets(),
+            l3.contiguous_offsets(),
+        ) else {
             bail!("quantized matmul: inputs must be contiguous")
         };
         let x: Vec<f32> = match s1 {
@@ -404,17 +458,31 @@ impl CustomOp3 for QuantMatmul {
         let (CpuStorage::U8(q), CpuStorage::F32(scale)) = (s2, s3) else {
             bail!("quantized matmul: q must be U8 and scale F32")
         };
-        let w = QWeight { bits: self.bits, exact: self.exact, q: &q[q0..q1], scale: &scale[c0..c1], k };
+        let w = QWeight {
+            bits: self.bits,
+            exact: self.exact,
+            q: &q[q0..q1],
+            scale: &scale[c0..c1],
+            k,
+        };
         if w.scale.len() != n {
             bail!("quantized matmul: {} scales for {n} rows", w.scale.len())
         }
         let mut out = vec![0f32; m * n];
         let mut i0 = 0;
         while i0 < m {
-            let i1 = if m <= MAX_ROWS { m } else { (i0 + M_CHUNK).min(m) };
+            let i1 = if m <= MAX_ROWS {
+                m
+            } else {
+                (i0 + M_CHUNK).min(m)
+            };
             let mc = i1 - i0;
             let xc = &x[i0 * k..i1 * k];
-            let out_t = if m <= MAX_ROWS { gemv_t(&w, xc, mc, n) } else { matmul_t(&w, xc, mc, n) };
+            let out_t = if m <= MAX_ROWS {
+                gemv_t(&w, xc, mc, n)
+            } else {
+                matmul_t(&w, xc, mc, n)
+            };
             for j in 0..n {
                 for i in 0..mc {
                     out[(i0 + i) * n + j] = out_t[j * mc + i];
@@ -440,7 +508,13 @@ mod tests {
     /// Dense f32 weights of a quantized one: exact as the official dequantization (float16),
     /// else `scale * q` in f32.
     fn dense(bits: Bits, exact: bool, q: &[u8], scale: &[f32], n: usize, k: usize) -> Vec<f32> {
-        let w = QWeight { bits, exact, q, scale, k };
+        let w = QWeight {
+            bits,
+            exact,
+            q,
+            scale,
+            k,
+        };
         let mut out = vec![0f32; n * k];
         for r in 0..n {
             w.dequantize_row(r, &mut out[r * k..(r + 1) * k]);
@@ -457,7 +531,13 @@ mod tests {
             (seed >> 8) as u8
         };
         for bits in [Bits::Eight, Bits::Four] {
-            for (m, n, k) in [(1, 37, 64), (3, 64, 130), (4, 33, 4096), (20, 70, 96), (300, 9, 34)] {
+            for (m, n, k) in [
+                (1, 37, 64),
+                (3, 64, 130),
+                (4, 33, 4096),
+                (20, 70, 96),
+                (300, 9, 34),
+            ] {
                 let rb = if bits == Bits::Eight { k } else { k / 2 };
                 let q: Vec<u8> = (0..n * rb).map(|_| rnd()).collect();
                 let scale: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
@@ -465,11 +545,24 @@ mod tests {
                 let qt = Tensor::from_vec(q.clone(), (n, rb), &dev).unwrap();
                 let st = Tensor::from_vec(scale.clone(), n, &dev).unwrap();
                 for exact in [true, false] {
-                    let wd = Tensor::from_vec(dense(bits, exact, &q, &scale, n, k), (n, k), &dev).unwrap();
+                    let wd = Tensor::from_vec(dense(bits, exact, &q, &scale, n, k), (n, k), &dev)
+                        .unwrap();
                     let want = x.matmul(&wd.t().unwrap()).unwrap();
-                    let got = x.apply_op3_no_bwd(&qt, &st, &QuantMatmul { bits, exact }).unwrap();
-                    let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(err < 1e-4 * (k as f32).sqrt(), "{bits:?} exact={exact} m={m} n={n} k={k}: {err}");
+                    let got = x
+                        .apply_op3_no_bwd(&qt, &st, &QuantMatmul { bits, exact })
+                        .unwrap();
+                    let err = (got - &want)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f32>()
+                        .unwrap();
+                    assert!(
+                        err < 1e-4 * (k as f32).sqrt(),
+                        "{bits:?} exact={exact} m={m} n={n} k={k}: {err}"
+                    );
                 }
             }
         }
@@ -478,12 +571,24 @@ mod tests {
     #[test]
     fn nibble_order_is_high_then_low() {
         // byte 0x7F: column 0 = 7 (high), column 1 = -1 (low); byte 0x80: -8, 0
-        let w = QWeight { bits: Bits::Four, exact: true, q: &[0x7F, 0x80], scale: &[2.0], k: 4 };
+        let w = QWeight {
+            bits: Bits::Four,
+            exact: true,
+            q: &[0x7F, 0x80],
+            scale: &[2.0],
+            k: 4,
+        };
         let mut row = [0f32; 4];
         w.dequantize_row(0, &mut row);
         assert_eq!(row, [14.0, -2.0, -16.0, 0.0]);
         // products are rounded to float16 as the official dequantization does
-        let w = QWeight { bits: Bits::Eight, exact: true, q: &[3], scale: &[0.1], k: 1 };
+        let w = QWeight {
+            bits: Bits::Eight,
+            exact: true,
+            q: &[3],
+            scale: &[0.1],
+            k: 1,
+        };
         let mut one = [0f32];
         w.dequantize_row(0, &mut one);
         assert_eq!(one[0], f16::from_f32(0.1f32 * 3.0).to_f32());

@@ -3,13 +3,13 @@
 //! Names mirror the checkpoint keys (`transformer.encoder.layers.N.self_attention...`).
 
 use super::kv_cache::Cache;
-use super::linear::Linear;
-use crate::kernels::cpu_quant::Bits;
-use crate::quantize::QuantType;
 use super::linear::Exported;
+use super::linear::Linear;
 use crate::checkpoint::Checkpoint;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
+use crate::kernels::cpu_quant::Bits;
+use crate::quantize::QuantType;
 use candle_core::{DType, Device, Module, Tensor};
 
 /// Longest query block whose attention scores are materialised at once during prefill.
@@ -86,7 +86,13 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(ckpt: &Checkpoint, name: &str, cfg: &Glm2Config, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(
+        ckpt: &Checkpoint,
+        name: &str,
+        cfg: &Glm2Config,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let weight = ckpt.get(&format!("{name}.weight"), &[cfg.hidden_size], dtype, device)?;
         Ok(Self {
             weight,
@@ -95,7 +101,11 @@ impl RmsNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
@@ -112,7 +122,14 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, q: Option<QuantType>, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        cfg: &Glm2Config,
+        q: Option<QuantType>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(Self {
             query_key_value: Linear::load(
                 ckpt,
@@ -143,13 +160,28 @@ impl SelfAttention {
     }
 
     /// `x`: `[b, t, hidden]`; positions `cache.position()..+t`; keys/values appended to the cache.
-    fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, cache: &mut Cache, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryEmbedding,
+        cache: &mut Cache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         let qkv = self.query_key_value.forward(x)?; // [b, t, (nh + 2 ng) hd]
-        let q = qkv.narrow(2, 0, nh * hd)?.reshape((b, t, nh, hd))?.transpose(1, 2)?; // [b, nh, t, hd]
-        let k = qkv.narrow(2, nh * hd, ng * hd)?.reshape((b, t, ng, hd))?.transpose(1, 2)?; // [b, ng, t, hd]
-        let v = qkv.narrow(2, (nh + ng) * hd, ng * hd)?.reshape((b, t, ng, hd))?.transpose(1, 2)?;
+        let q = qkv
+            .narrow(2, 0, nh * hd)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?; // [b, nh, t, hd]
+        let k = qkv
+            .narrow(2, nh * hd, ng * hd)?
+            .reshape((b, t, ng, hd))?
+            .transpose(1, 2)?; // [b, ng, t, hd]
+        let v = qkv
+            .narrow(2, (nh + ng) * hd, ng * hd)?
+            .reshape((b, t, ng, hd))?
+            .transpose(1, 2)?;
         let start = cache.position();
         let q = rotary.apply(&q, start)?;
         let k = rotary.apply(&k, start)?;
@@ -180,7 +212,11 @@ impl SelfAttention {
         while i0 < t {
             let tc = block.min(t - i0);
             let visible = past + i0 + tc; // causal: later keys are never needed
-            let qc = q.narrow(2, i0, tc)?.to_dtype(DType::F32)?.contiguous()?.reshape((b, ng, r * tc, hd))?;
+            let qc = q
+                .narrow(2, i0, tc)?
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .reshape((b, ng, r * tc, hd))?;
             let kc = kt.narrow(3, 0, visible)?;
             let vc = v.narrow(2, 0, visible)?;
             let mut scores = (qc.matmul(&kc)? * scale)?; // [b, ng, r*tc, visible]
@@ -201,7 +237,11 @@ impl SelfAttention {
             outs.push(out.reshape((b, nh, tc, hd))?);
             i0 += tc;
         }
-        let out = if outs.len() == 1 { outs.pop().expect("one block") } else { Tensor::cat(&outs, 2)? };
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one block")
+        } else {
+            Tensor::cat(&outs, 2)?
+        };
         Ok(out.to_dtype(dtype)?)
     }
 }
@@ -216,7 +256,14 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(ckpt: &Checkpoint, p: &str, cfg: &Glm2Config, q: Option<QuantType>, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(
+        ckpt: &Checkpoint,
+        p: &str,
+        cfg: &Glm2Config,
+        q: Option<QuantType>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         Ok(Self {
             dense_h_to_4h: Linear::load(
                 ckpt,
@@ -263,25 +310,61 @@ struct Block {
 }
 
 impl Block {
-    fn load(ckpt: &Checkpoint, i: usize, cfg: &Glm2Config, q: Option<QuantType>, dtype: DType, device: &Device) -> Result<Self> {
+    fn load(
+        ckpt: &Checkpoint,
+        i: usize,
+        cfg: &Glm2Config,
+        q: Option<QuantType>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let p = format!("transformer.encoder.layers.{i}");
         Ok(Self {
-            input_layernorm: RmsNorm::load(ckpt, &format!("{p}.input_layernorm"), cfg, dtype, device)?,
-            self_attention: SelfAttention::load(ckpt, &format!("{p}.self_attention"), cfg, q, dtype, device)?,
-            post_attention_layernorm: RmsNorm::load(ckpt, &format!("{p}.post_attention_layernorm"), cfg, dtype, device)?,
+            input_layernorm: RmsNorm::load(
+                ckpt,
+                &format!("{p}.input_layernorm"),
+                cfg,
+                dtype,
+                device,
+            )?,
+            self_attention: SelfAttention::load(
+                ckpt,
+                &format!("{p}.self_attention"),
+                cfg,
+                q,
+                dtype,
+                device,
+            )?,
+            post_attention_layernorm: RmsNorm::load(
+                ckpt,
+                &format!("{p}.post_attention_layernorm"),
+                cfg,
+                dtype,
+                device,
+            )?,
             mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, q, dtype, device)?,
             residual_post_layernorm: cfg.apply_residual_connection_post_layernorm,
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &RotaryEmbedding, cache: &mut Cache, layer: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryEmbedding,
+        cache: &mut Cache,
+        layer: usize,
+    ) -> Result<Tensor> {
         let ln = self.input_layernorm.forward(x)?;
         let attn = self.self_attention.forward(&ln, rotary, cache, layer)?;
         let residual = if self.residual_post_layernorm { &ln } else { x };
         let ln_input = (residual + attn)?;
         let ln2 = self.post_attention_layernorm.forward(&ln_input)?;
         let mlp = self.mlp.forward(&ln2)?;
-        let residual = if self.residual_post_layernorm { &ln2 } else { &ln_input };
+        let residual = if self.residual_post_layernorm {
+            &ln2
+        } else {
+            &ln_input
+        };
         Ok((residual + mlp)?)
     }
 }
@@ -327,7 +410,9 @@ impl Glm2Model {
         progress: Option<ProgressFn<'_>>,
     ) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::invalid(format!("dtype {dtype:?} is not a float dtype the model runs in")));
+            return Err(Error::invalid(format!(
+                "dtype {dtype:?} is not a float dtype the model runs in"
+            )));
         }
         let total = cfg.num_layers + 3;
         let report = |done: usize| {
@@ -348,7 +433,13 @@ impl Glm2Model {
             report(2 + i);
         }
         let final_layernorm = if cfg.post_layer_norm {
-            Some(RmsNorm::load(ckpt, "transformer.encoder.final_layernorm", cfg, dtype, device)?)
+            Some(RmsNorm::load(
+                ckpt,
+                "transformer.encoder.final_layernorm",
+                cfg,
+                dtype,
+                device,
+            )?)
         } else {
             None
         };
@@ -394,17 +485,46 @@ impl Glm2Model {
         };
         for (i, b) in self.layers.iter().enumerate() {
             let p = format!("transformer.encoder.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), Exported::Dense(b.input_layernorm.weight.clone())));
-            linear(&mut out, format!("{p}.self_attention.query_key_value"), &b.self_attention.query_key_value);
-            linear(&mut out, format!("{p}.self_attention.dense"), &b.self_attention.dense);
-            out.push((format!("{p}.post_attention_layernorm.weight"), Exported::Dense(b.post_attention_layernorm.weight.clone())));
-            linear(&mut out, format!("{p}.mlp.dense_h_to_4h"), &b.mlp.dense_h_to_4h);
-            linear(&mut out, format!("{p}.mlp.dense_4h_to_h"), &b.mlp.dense_4h_to_h);
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                Exported::Dense(b.input_layernorm.weight.clone()),
+            ));
+            linear(
+                &mut out,
+                format!("{p}.self_attention.query_key_value"),
+                &b.self_attention.query_key_value,
+            );
+            linear(
+                &mut out,
+                format!("{p}.self_attention.dense"),
+                &b.self_attention.dense,
+            );
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                Exported::Dense(b.post_attention_layernorm.weight.clone()),
+            ));
+            linear(
+                &mut out,
+                format!("{p}.mlp.dense_h_to_4h"),
+                &b.mlp.dense_h_to_4h,
+            );
+            linear(
+                &mut out,
+                format!("{p}.mlp.dense_4h_to_h"),
+                &b.mlp.dense_4h_to_h,
+            );
         }
         if let Some(n) = &self.final_layernorm {
-            out.push(("transformer.encoder.final_layernorm.weight".to_string(), Exported::Dense(n.weight.clone())));
+            out.push((
+                "transformer.encoder.final_layernorm.weight".to_string(),
+                Exported::Dense(n.weight.clone()),
+            ));
         }
-        linear(&mut out, "transformer.output_layer".to_string(), &self.output_layer);
+        linear(
+            &mut out,
+            "transformer.output_layer".to_string(),
+            &self.output_layer,
+        );
         out
     }
 
@@ -452,10 +572,15 @@ impl Glm2Model {
 
     /// A fresh cache for one sequence: empty, or holding the P-Tuning prefix.
     pub fn new_cache(&self) -> Cache {
-        let mut cache = Cache::new(self.config.num_layers, self.config.seq_length + self.prefix_len());
+        let mut cache = Cache::new(
+            self.config.num_layers,
+            self.config.seq_length + self.prefix_len(),
+        );
         if let Some(p) = &self.prefix {
             for (i, (k, v)) in p.keys.iter().zip(&p.values).enumerate() {
-                cache.append(i, k, v).expect("prefix tensors are contiguous [1, groups, len, channels]");
+                cache
+                    .append(i, k, v)
+                    .expect("prefix tensors are contiguous [1, groups, len, channels]");
             }
             cache.advance(p.len, false);
         }
@@ -476,7 +601,11 @@ impl Glm2Model {
                 self.config.seq_length
             )));
         }
-        let max_id = input_ids.flatten_all()?.max(0)?.to_dtype(DType::U32)?.to_scalar::<u32>()?;
+        let max_id = input_ids
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::U32)?
+            .to_scalar::<u32>()?;
         if max_id as usize >= self.config.padded_vocab_size {
             return Err(Error::invalid(format!(
                 "token id {max_id} is outside the vocabulary (padded_vocab_size {})",

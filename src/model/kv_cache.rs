@@ -124,7 +124,10 @@ impl Cache {
     /// The valid keys and values of a layer (`None` before the first append).
     pub fn layer(&self, layer: usize) -> Result<Option<(Tensor, Tensor)>> {
         match &self.layers[layer] {
-            Some(lc) => Ok(Some((lc.k.narrow(2, 0, self.len)?, lc.v.narrow(2, 0, self.len)?))),
+            Some(lc) => Ok(Some((
+                lc.k.narrow(2, 0, self.len)?,
+                lc.v.narrow(2, 0, self.len)?,
+            ))),
             None => Ok(None),
         }
     }
@@ -149,7 +152,10 @@ mod tests {
             assert_eq!(ka.dims(), expect.dims());
             let diff = (ka - &expect)?.abs()?.max_all()?.to_scalar::<f32>()?;
             assert_eq!(diff, 0.0);
-            let diff = (va - (expect * 2.0)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = (va - (expect * 2.0)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
             assert_eq!(diff, 0.0);
         }
         assert_eq!(c.len(), 304);

@@ -3,12 +3,12 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::quantize::{ggml_to_official, ggml_type_for, quantize_official, QuantType};
-use candle_core::quantized::{QMatMul, QTensor};
-use std::sync::Arc;
 use crate::kernels::cpu_gemv::{Gemv, MAX_ROWS};
 use crate::kernels::cpu_quant::{Bits, QuantMatmul};
+use crate::quantize::{ggml_to_official, ggml_type_for, quantize_official, QuantType};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 enum Weight {
@@ -22,13 +22,20 @@ enum Weight {
         dense: Option<Tensor>,
     },
     /// A candle/GGML block-quantized weight, run by `QMatMul` (CPU and CUDA kernels).
-    Ggml { qt: Arc<QTensor>, mm: QMatMul },
+    Ggml {
+        qt: Arc<QTensor>,
+        mm: QMatMul,
+    },
 }
 
 /// A weight as written to a GGUF file.
 pub enum Exported {
     Dense(Tensor),
-    Official { q: Tensor, scale: Tensor, bits: Bits },
+    Official {
+        q: Tensor,
+        scale: Tensor,
+        bits: Bits,
+    },
     Ggml(Arc<QTensor>),
 }
 
@@ -48,7 +55,10 @@ fn deq(s: f32, q: i8) -> f32 {
 pub fn dequantize(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<Tensor> {
     let (n, rb) = q.dims2()?;
     let bytes: Vec<u8> = q.flatten_all()?.to_vec1()?;
-    let scale: Vec<f32> = scale.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_vec1()?;
+    let scale: Vec<f32> = scale
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
     let k = if bits == Bits::Eight { rb } else { 2 * rb };
     let mut out = vec![0f32; n * k];
     for r in 0..n {
@@ -56,7 +66,10 @@ pub fn dequantize(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<Tensor> {
         let row = &bytes[r * rb..(r + 1) * rb];
         let o = &mut out[r * k..(r + 1) * k];
         match bits {
-            Bits::Eight => row.iter().zip(o.iter_mut()).for_each(|(&b, o)| *o = deq(s, b as i8)),
+            Bits::Eight => row
+                .iter()
+                .zip(o.iter_mut())
+                .for_each(|(&b, o)| *o = deq(s, b as i8)),
             Bits::Four => {
                 for (j, &b) in row.iter().enumerate() {
                     let b = b as i8;
@@ -89,9 +102,18 @@ impl Linear {
             let dense = if device.is_cpu() {
                 None
             } else {
-                Some(dequantize(&q, &scale, bits)?.to_dtype(dtype)?.to_device(device)?)
+                Some(
+                    dequantize(&q, &scale, bits)?
+                        .to_dtype(dtype)?
+                        .to_device(device)?,
+                )
             };
-            Ok(Weight::Quantized { q, scale, bits, dense })
+            Ok(Weight::Quantized {
+                q,
+                scale,
+                bits,
+                dense,
+            })
         };
         let ggml = |qt: QTensor| -> Result<Weight> {
             let qt = if device.is_cpu() {
@@ -100,11 +122,18 @@ impl Linear {
                 // move the blocks to the device
                 let dt = qt.dtype();
                 let data = qt.data()?.into_owned();
-                let storage = candle_core::quantized::QStorage::from_data(std::borrow::Cow::Owned(data), device, dt)?;
+                let storage = candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Owned(data),
+                    device,
+                    dt,
+                )?;
                 QTensor::new(storage, qt.shape().clone())?
             };
             let qt = Arc::new(qt);
-            Ok(Weight::Ggml { mm: QMatMul::QTensor(qt.clone()), qt })
+            Ok(Weight::Ggml {
+                mm: QMatMul::QTensor(qt.clone()),
+                qt,
+            })
         };
         let weight = if let Some(qt) = ckpt.gguf_quantized(&name, &[out_dim, in_dim])? {
             // a GGUF written by save_quantized: official layouts come back exactly
@@ -148,14 +177,22 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias, out_dim })
+        Ok(Self {
+            weight,
+            bias,
+            out_dim,
+        })
     }
 
     /// The weight (and bias) for writing a GGUF file.
     pub fn export(&self) -> (Exported, Option<Tensor>) {
         let w = match &self.weight {
             Weight::Dense(w) => Exported::Dense(w.clone()),
-            Weight::Quantized { q, scale, bits, .. } => Exported::Official { q: q.clone(), scale: scale.clone(), bits: *bits },
+            Weight::Quantized { q, scale, bits, .. } => Exported::Official {
+                q: q.clone(),
+                scale: scale.clone(),
+                bits: *bits,
+            },
             Weight::Ggml { qt, .. } => Exported::Ggml(qt.clone()),
         };
         (w, self.bias.clone())
@@ -165,8 +202,14 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             Weight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
-            Weight::Quantized { q, scale, dense, .. } => {
-                q.elem_count() + 4 * scale.elem_count() + dense.as_ref().map_or(0, |d| d.elem_count() * d.dtype().size_in_bytes())
+            Weight::Quantized {
+                q, scale, dense, ..
+            } => {
+                q.elem_count()
+                    + 4 * scale.elem_count()
+                    + dense
+                        .as_ref()
+                        .map_or(0, |d| d.elem_count() * d.dtype().size_in_bytes())
             }
             Weight::Ggml { qt, .. } => qt.storage_size_in_bytes(),
         }
@@ -175,7 +218,11 @@ impl Linear {
     /// A dense layer from a weight tensor.
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let out_dim = weight.dim(0)?;
-        Ok(Self { weight: Weight::Dense(weight), bias, out_dim })
+        Ok(Self {
+            weight: Weight::Dense(weight),
+            bias,
+            out_dim,
+        })
     }
 }
 
@@ -195,13 +242,17 @@ impl Module for Linear {
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Quantized { q, scale, bits, .. } if cpu => {
                 let exact = x2.dtype() == DType::F32;
-                x2.contiguous()?.apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits, exact })?
+                x2.contiguous()?
+                    .apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits, exact })?
             }
             Weight::Quantized { dense: Some(w), .. } => x2.matmul(&w.t()?)?,
-            Weight::Quantized { dense: None, .. } => candle_core::bail!("quantized weight without a device copy"),
+            Weight::Quantized { dense: None, .. } => {
+                candle_core::bail!("quantized weight without a device copy")
+            }
             Weight::Ggml { mm, .. } => {
                 let dt = x2.dtype();
-                mm.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?.to_dtype(dt)?
+                mm.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?
+                    .to_dtype(dt)?
             }
         };
         let y = match &self.bias {

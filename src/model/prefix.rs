@@ -32,9 +32,12 @@ impl Prefix {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
         let pc: PrefixConfig = serde_json::from_str(&text)
             .map_err(|e| Error::config(format!("{}: {e}", cfg_path.display())))?;
-        let pre = pc
-            .pre_seq_len
-            .ok_or_else(|| Error::config(format!("{}: pre_seq_len is missing: not a P-Tuning v2 checkpoint", cfg_path.display())))?;
+        let pre = pc.pre_seq_len.ok_or_else(|| {
+            Error::config(format!(
+                "{}: pre_seq_len is missing: not a P-Tuning v2 checkpoint",
+                cfg_path.display()
+            ))
+        })?;
         let ckpt = Checkpoint::open_dir(dir)?;
         Self::from_checkpoint(&ckpt, cfg, pre, pc.prefix_projection, dtype, device)
     }
@@ -53,7 +56,12 @@ impl Prefix {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let (l, g, hd, h) = (cfg.num_layers, cfg.kv_groups(), cfg.kv_channels, cfg.hidden_size);
+        let (l, g, hd, h) = (
+            cfg.num_layers,
+            cfg.kv_groups(),
+            cfg.kv_channels,
+            cfg.hidden_size,
+        );
         let width = l * 2 * g * hd;
         let cpu = Device::Cpu;
         let misfit = |what: String| {
@@ -61,13 +69,24 @@ impl Prefix {
                 "the P-Tuning prefix does not fit the base model ({what}; the base model needs {l} layers x 2 x {g} groups x {hd} channels = {width})"
             ))
         };
-        let stored = ckpt.shape(EMB).ok_or_else(|| misfit(format!("{EMB} is missing")))?;
+        let stored = ckpt
+            .shape(EMB)
+            .ok_or_else(|| misfit(format!("{EMB} is missing")))?;
         let kv = if projection {
             if stored != [pre, h] {
-                return Err(misfit(format!("{EMB} is {stored:?}, expected [{pre}, {h}] with prefix_projection")));
+                return Err(misfit(format!(
+                    "{EMB} is {stored:?}, expected [{pre}, {h}] with prefix_projection"
+                )));
             }
             let emb = ckpt.get(EMB, &[pre, h], DType::F32, &cpu)?;
-            let get = |n: &str, s: &[usize]| ckpt.get(&format!("transformer.prefix_encoder.trans.{n}"), s, DType::F32, &cpu);
+            let get = |n: &str, s: &[usize]| {
+                ckpt.get(
+                    &format!("transformer.prefix_encoder.trans.{n}"),
+                    s,
+                    DType::F32,
+                    &cpu,
+                )
+            };
             let w0 = get("0.weight", &[h, h])?;
             let b0 = get("0.bias", &[h])?;
             let w2 = ckpt
@@ -80,7 +99,9 @@ impl Prefix {
             hid.matmul(&w2.t()?)?.broadcast_add(&b2)?
         } else {
             if stored != [pre, width] {
-                return Err(misfit(format!("{EMB} is {stored:?}, expected [{pre}, {width}]")));
+                return Err(misfit(format!(
+                    "{EMB} is {stored:?}, expected [{pre}, {width}]"
+                )));
             }
             ckpt.get(EMB, &[pre, width], DType::F32, &cpu)?
         };
@@ -90,11 +111,21 @@ impl Prefix {
         let mut values = Vec::with_capacity(l);
         for i in 0..l {
             let take = |j: usize| -> Result<Tensor> {
-                Ok(kv.narrow(1, j, 1)?.squeeze(1)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?.to_device(device)?)
+                Ok(kv
+                    .narrow(1, j, 1)?
+                    .squeeze(1)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .unsqueeze(0)?
+                    .to_device(device)?)
             };
             keys.push(take(2 * i)?);
             values.push(take(2 * i + 1)?);
         }
-        Ok(Self { keys, values, len: pre })
+        Ok(Self {
+            keys,
+            values,
+            len: pre,
+        })
     }
 }

@@ -14,17 +14,26 @@ pub fn fixtures() -> Option<PathBuf> {
         return Some(dir);
     }
     if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
-        panic!("fixtures not found at {} (CI=true: a missing fixture is a failure)", dir.display());
+        panic!(
+            "fixtures not found at {} (CI=true: a missing fixture is a failure)",
+            dir.display()
+        );
     }
     eprintln!("SKIP: fixtures not found at {}", dir.display());
     None
 }
 
 pub fn read_json(path: PathBuf) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
 }
 
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
