@@ -22,7 +22,7 @@ const ROWS_PER_TASK: usize = 32;
 /// Input rows handled per pass over a weight row (accumulators kept in registers).
 pub(crate) const M_BLOCK: usize = 4;
 /// Input rows per pass of the blocked matmul (each pass widens the weights once).
-const M_CHUNK: usize = 256;
+pub(crate) const M_CHUNK: usize = 256;
 
 /// A row-major matrix (or row) of one of the supported dtypes, as raw bits.
 #[derive(Clone, Copy)]
@@ -309,9 +309,16 @@ fn gemv_t(w: Mat<'_>, x: Mat<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
     out_t
 }
 
-/// `out[n, m]` (transposed) = W[n, k] · x[m, k]ᵀ for many rows: blocks of W rows widened to f32
-/// (small enough for L2) times f32 `x` through the `gemm` crate.
-fn matmul_t(w: Mat<'_>, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+/// `out[n, m]` (transposed) = W[n, k] · x[m, k]ᵀ for many rows: blocks of W rows are widened to
+/// f32 by `widen(row, dst)` and multiplied by f32 `x` through the `gemm` crate (shared with the
+/// quantized kernels).
+pub(crate) fn blocked_matmul_t(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    widen: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let nb = ((4096 * 1024) / k.max(1)).clamp(128, 1024) / 16 * 16;
     let mut out_t = vec![0f32; n * m];
     out_t
@@ -322,7 +329,7 @@ fn matmul_t(w: Mat<'_>, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
             let rows = chunk.len() / m;
             let mut wblock = vec![0f32; rows * k];
             for r in 0..rows {
-                w.widen((row0 + r) * k, &mut wblock[r * k..(r + 1) * k]);
+                widen(row0 + r, &mut wblock[r * k..(r + 1) * k]);
             }
             // chunk [rows, m] row-major = wblock [rows, k] · xᵀ [k, m]
             // SAFETY: every pointer covers the extent given to gemm.
@@ -351,6 +358,15 @@ fn matmul_t(w: Mat<'_>, x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
             }
         });
     out_t
+}
+
+/// Write `out_t` (`[n, mc]`, transposed) into rows `i0..i0 + mc` of `out` (`[m, n]`).
+pub(crate) fn scatter_transposed(out: &mut [f32], out_t: &[f32], i0: usize, mc: usize, n: usize) {
+    for j in 0..n {
+        for i in 0..mc {
+            out[(i0 + i) * n + j] = out_t[j * mc + i];
+        }
+    }
 }
 
 /// `x[m, k]` times `W[n, k]ᵀ` -> `[m, n]`, both in the same float dtype. See the module docs.
@@ -389,22 +405,16 @@ impl CustomOp2 for Gemv {
             )
         }
         let mut out = vec![0f32; m * n];
-        let mut transpose_in = |out_t: &[f32], i0: usize, mc: usize| {
-            for j in 0..n {
-                for i in 0..mc {
-                    out[(i0 + i) * n + j] = out_t[j * mc + i];
-                }
-            }
-        };
         if m <= MAX_ROWS {
-            transpose_in(&gemv_t(w, x, m, n, k), 0, m);
+            scatter_transposed(&mut out, &gemv_t(w, x, m, n, k), 0, m, n);
         } else {
             let mut i0 = 0;
             while i0 < m {
                 let i1 = (i0 + M_CHUNK).min(m);
                 let mut xc = vec![0f32; (i1 - i0) * k];
                 x.widen(i0 * k, &mut xc);
-                transpose_in(&matmul_t(w, &xc, i1 - i0, n, k), i0, i1 - i0);
+                let out_t = blocked_matmul_t(n, i1 - i0, k, &xc, |r, dst| w.widen(r * k, dst));
+                scatter_transposed(&mut out, &out_t, i0, i1 - i0, n);
                 i0 = i1;
             }
         }

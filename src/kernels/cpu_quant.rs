@@ -12,10 +12,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::cpu_gemv::{MAX_ROWS, M_BLOCK};
+use super::cpu_gemv::{blocked_matmul_t, scatter_transposed, MAX_ROWS, M_BLOCK, M_CHUNK};
 
 const ROWS_PER_TASK: usize = 32;
-const M_CHUNK: usize = 256;
 
 /// Bits per weight of the official layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -364,48 +363,6 @@ fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
     out_t
 }
 
-fn matmul_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
-    let k = w.k;
-    let nb = ((4096 * 1024) / k.max(1)).clamp(128, 1024) / 16 * 16;
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(nb * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let row0 = task * nb;
-            let rows = chunk.len() / m;
-            let mut wblock = vec![0f32; rows * k];
-            for r in 0..rows {
-                w.dequantize_row(row0 + r, &mut wblock[r * k..(r + 1) * k]);
-            }
-            // SAFETY: every pointer covers the extent given to gemm.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    m,
-                    k,
-                    chunk.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    false,
-                    wblock.as_ptr(),
-                    1,
-                    k as isize,
-                    x.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
-        });
-    out_t
-}
-
 /// `x[m, k]` (float) times the quantized `W[n, k]ᵀ` given as `q` (U8 bytes of the int8 / packed
 /// int4 values) and `scale` (f32 `[n]`) -> `[m, n]` in x's dtype.
 pub struct QuantMatmul {
@@ -481,13 +438,9 @@ impl CustomOp3 for QuantMatmul {
             let out_t = if m <= MAX_ROWS {
                 gemv_t(&w, xc, mc, n)
             } else {
-                matmul_t(&w, xc, mc, n)
+                blocked_matmul_t(n, mc, k, xc, |r, dst| w.dequantize_row(r, dst))
             };
-            for j in 0..n {
-                for i in 0..mc {
-                    out[(i0 + i) * n + j] = out_t[j * mc + i];
-                }
-            }
+            scatter_transposed(&mut out, &out_t, i0, mc, n);
             i0 = i1;
         }
         let storage = match s1.dtype() {
