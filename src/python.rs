@@ -299,8 +299,8 @@ impl PyTokenizer {
     }
 
     #[getter]
-    fn eos_token_id(&self) -> u32 {
-        2
+    fn eos_token_id(&self) -> Option<u32> {
+        self.inner.inner().token_to_id("</s>")
     }
 
     fn __len__(&self) -> usize {
@@ -838,15 +838,7 @@ impl PyChatSession {
         query: &str,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
-        let me = Py::new(
-            py,
-            PyChatSession {
-                inner: self.inner.clone(),
-                format: self.format,
-            },
-        )?;
-        let turn = me.bind(py).call_method("send", (query,), kwargs)?;
-        let mut turn: PyRefMut<'_, PyChatTurn> = turn.extract()?;
+        let mut turn = self.send(py, query, kwargs)?;
         while turn.__next__(py)?.is_some() {}
         Ok(turn.response.clone().unwrap_or_default())
     }

@@ -152,3 +152,12 @@ def test_chatglm3_session_with_system_prompt(glm3):
     resp, hist = glm3.chat("再见", [{"role": "system", "content": "You are ChatGLM3."}], do_sample=False,
                            max_new_tokens=4)
     assert hist[-1]["role"] == "assistant" and hist[-1]["content"] == resp
+
+
+def test_session_chat_returns_the_whole_response(model):
+    a = model.start_chat()
+    want = "".join(a.send("你好", do_sample=False, max_new_tokens=8))
+    b = model.start_chat()
+    assert b.chat("你好", do_sample=False, max_new_tokens=8) == want
+    assert b.history == a.history and b.token_ids == a.token_ids
+    assert model.tokenizer.eos_token_id == 2
