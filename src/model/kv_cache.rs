@@ -24,6 +24,8 @@ pub struct Cache {
     position: usize,
     /// Largest number of entries ever allowed (the model's context).
     max_len: usize,
+    /// Element type of the stored keys and values (`None`: as appended).
+    dtype: Option<DType>,
 }
 
 impl Cache {
@@ -33,7 +35,14 @@ impl Cache {
             len: 0,
             position: 0,
             max_len,
+            dtype: None,
         }
+    }
+
+    /// Store keys and values as `dtype` (converted on append).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = Some(dtype);
+        self
     }
 
     /// Entries held (prefix entries included).
@@ -85,6 +94,10 @@ impl Cache {
     /// return views of all valid keys and values `[b, groups, len + t, kv_channels]`.
     /// Call [`Cache::advance`] once all layers of a step have appended.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.dtype {
+            Some(dt) => (k.to_dtype(dt)?, v.to_dtype(dt)?),
+            None => (k.clone(), v.clone()),
+        };
         let (b, g, t, d) = k.dims4()?;
         let need = self.len + t;
         let slot = &mut self.layers[layer];
