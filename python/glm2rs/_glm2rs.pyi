@@ -1,9 +1,26 @@
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, TypedDict
+
+from typing_extensions import Unpack
 
 import numpy as np
 import numpy.typing as npt
 
 __version__: str
+
+class GenerationKwargs(TypedDict, total=False):
+    """Keywords of every generating method. Defaults: greedy for generate/stream; the official
+    chat defaults (do_sample=True, temperature=0.8, top_p=0.8, max_length=8192) for chat."""
+
+    max_new_tokens: int | None
+    max_length: int | None
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    seed: int | None
+    stop_token_ids: Sequence[int] | None
+    stop: str | Sequence[str] | None
 
 class Glm2Error(Exception): ...
 class LoadError(Glm2Error): ...
@@ -51,17 +68,7 @@ class ChatSession:
     def send(
         self,
         query: str,
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        do_sample: bool = True,
-        temperature: float = 0.8,
-        top_p: float = 0.8,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> ChatTurn: ...
     def chat(self, query: str, **kwargs) -> str: ...
     @property
@@ -107,80 +114,30 @@ class Model:
         self,
         query: str,
         history: History | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = 8192,
-        do_sample: bool = True,
-        temperature: float = 0.8,
-        top_p: float = 0.8,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> tuple[str, list]: ...
     def stream_chat(
         self,
         query: str,
         history: History | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = 8192,
-        do_sample: bool = True,
-        temperature: float = 0.8,
-        top_p: float = 0.8,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> ChatStreamer: ...
     def start_chat(self, system: str | None = None) -> ChatSession: ...
     def logits(self, input_ids: Sequence[int]) -> npt.NDArray[np.float32]: ...
     def generate_ids(
         self,
         input_ids: Sequence[int],
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> list[int]: ...
     def stream(
         self,
         prompt: str,
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> TextStreamer: ...
     def stream_ids(
         self,
         input_ids: Sequence[int],
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> TextStreamer: ...
     @property
     def quantization(self) -> str | None: ...
@@ -190,15 +147,5 @@ class Model:
     def generate(
         self,
         prompt: str,
-        *,
-        max_new_tokens: int | None = None,
-        max_length: int | None = None,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-        stop: str | Sequence[str] | None = None,
+        **kwargs: Unpack[GenerationKwargs],
     ) -> str: ...

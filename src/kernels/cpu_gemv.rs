@@ -369,6 +369,16 @@ pub(crate) fn scatter_transposed(out: &mut [f32], out_t: &[f32], i0: usize, mc: 
     }
 }
 
+/// f32 results as CPU storage of `dtype`.
+pub(crate) fn f32_to_storage(out: Vec<f32>, dtype: DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(out),
+        DType::F16 => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
+        DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
+        d => bail!("glm2rs matmul: unsupported dtype {d:?}"),
+    })
+}
+
 /// `x[m, k]` times `W[n, k]ᵀ` -> `[m, n]`, both in the same float dtype. See the module docs.
 pub struct Gemv;
 
@@ -418,12 +428,7 @@ impl CustomOp2 for Gemv {
                 i0 = i1;
             }
         }
-        let storage = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(out),
-            DType::F16 => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
-            d => bail!("glm2rs matmul: unsupported dtype {d:?}"),
-        };
+        let storage = f32_to_storage(out, s1.dtype())?;
         Ok((storage, Shape::from((m, n))))
     }
 }

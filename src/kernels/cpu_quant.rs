@@ -12,7 +12,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::cpu_gemv::{blocked_matmul_t, scatter_transposed, MAX_ROWS, M_BLOCK, M_CHUNK};
+use super::cpu_gemv::{
+    blocked_matmul_t, f32_to_storage, scatter_transposed, MAX_ROWS, M_BLOCK, M_CHUNK,
+};
 
 const ROWS_PER_TASK: usize = 32;
 
@@ -443,12 +445,7 @@ impl CustomOp3 for QuantMatmul {
             scatter_transposed(&mut out, &out_t, i0, mc, n);
             i0 = i1;
         }
-        let storage = match s1.dtype() {
-            DType::F32 => CpuStorage::F32(out),
-            DType::F16 => CpuStorage::F16(out.into_iter().map(f16::from_f32).collect()),
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(bf16::from_f32).collect()),
-            d => bail!("quantized matmul: unsupported dtype {d:?}"),
-        };
+        let storage = f32_to_storage(out, s1.dtype())?;
         Ok((storage, Shape::from((m, n))))
     }
 }
