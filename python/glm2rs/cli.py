@@ -1,4 +1,5 @@
-"""The `glm2rs` command: `glm2rs quantize SRC DST --type q4_0`, `glm2rs generate -p TEXT`,
+"""The `glm2rs` command: `glm2rs chat --model M`, `glm2rs quantize SRC DST --type q4_0`,
+`glm2rs generate -p TEXT`,
 `glm2rs eval ceval --model M --data DIR`, `glm2rs eval ppl --model M --file TEXT`."""
 
 from __future__ import annotations
@@ -14,6 +15,43 @@ from . import Glm2Error, Model
 def _load(args, **kw) -> Model:
     return Model.from_pretrained(args.model, revision=getattr(args, "revision", None), device=args.device,
                                  dtype=args.dtype, progress=True, **kw)
+
+
+WELCOME = "glm2rs chat: type a question; 'clear' empties the history, 'stop' (or Ctrl-D) exits."
+
+
+def cmd_chat(args) -> int:
+    model = _load(args, quantize=args.quantize)
+    session = model.start_chat()
+    print(WELCOME, flush=True)
+    while True:
+        try:
+            query = input("\n用户：")
+        except EOFError:
+            print()
+            return 0
+        query = query.strip()
+        if not query:
+            continue
+        if query == "stop":
+            return 0
+        if query == "clear":
+            session.reset()
+            print(WELCOME, flush=True)
+            continue
+        print("\nChatGLM：", end="", flush=True)
+        t0 = time.perf_counter()
+        before = len(session.token_ids)
+        turn = session.send(query, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                            temperature=args.temperature or 1.0, top_p=args.top_p)
+        try:
+            for piece in turn:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            turn.close()
+        took = time.perf_counter() - t0
+        n = max(len(session.token_ids) - before, 0)
+        print(f"\n[{n} tokens in {took:.2f} s, {n / took if took > 0 else 0:.2f} tokens/s]", flush=True)
 
 
 def cmd_quantize(args) -> int:
@@ -82,6 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--dtype", default="float16", help="dtype of the layers that stay dense")
     q.add_argument("--revision")
     q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal (keeps the KV cache between turns)")
+    c.add_argument("--model", required=True)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", default="auto")
+    c.add_argument("--quantize")
+    c.add_argument("--revision")
+    c.add_argument("--max-new-tokens", type=int, default=512)
+    c.add_argument("--temperature", type=float, default=0.8)
+    c.add_argument("--top-p", type=float, default=0.8)
+    c.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="stream a completion and show tokens/s")
     g.add_argument("--model", required=True)
