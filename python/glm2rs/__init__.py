@@ -6,7 +6,28 @@
         print(piece, end="", flush=True)
 """
 
-from ._glm2rs import (
+def _preload_cuda_runtime() -> None:
+    """CUDA builds link libcudart.so.13; load it from the nvidia-cuda-runtime wheel when the
+    system loader path lacks it. Does nothing for CPU builds or when it cannot be found."""
+    import ctypes
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("nvidia")
+    for base in list(spec.submodule_search_locations or []) if spec else []:
+        for sub in ("cu13/lib", "cuda_runtime/lib"):
+            path = os.path.join(base, sub, "libcudart.so.13")
+            if os.path.exists(path):
+                try:
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    continue
+                return
+
+
+_preload_cuda_runtime()
+
+from ._glm2rs import (  # noqa: E402
     ChatSession,
     ChatStreamer,
     ChatTurn,

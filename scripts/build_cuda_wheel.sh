@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Build the CUDA (sm_90: H100/H200) abi3 wheel on this CPU-only machine with nvcc 13.0 from PyPI.
+# The wheel lands in dist-cuda/. On the device: pip install it; libcudart.so.13 must be loadable
+# (the nvidia-cuda-runtime wheel provides it; glm2rs/__init__.py preloads it when present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# nvcc's own pieces must be the same 13.0 release: newer nvidia-nvvm / nvidia-cuda-crt (pulled in by
+# default) emit PTX 9.5 that ptxas 13.0 rejects ("Unsupported .version 9.5").
+python3 -m pip install -q nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 \
+    nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 "maturin>=1.7,<2"
+SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
+C="$SP/nvidia/cu13"
+ln -sf "$C/lib/libcudart.so.13" "$C/lib/libcudart.so"   # candle-kernels links -lcudart
+ln -sfn "$C/lib" "$C/lib64"
+export PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_PATH="$C" NVCC="$C/bin/nvcc" CUDA_COMPUTE_CAP=90
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}" RUSTFLAGS="-L $C/lib"
+rm -rf dist-cuda
+maturin build --release --features cuda,python -o dist-cuda
