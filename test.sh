@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" pytest "numpy>=1.22" \
-    "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15"
+    "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15" pexpect
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo test --release
 rm -rf dist
