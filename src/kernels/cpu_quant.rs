@@ -8,8 +8,8 @@
 //! crate's f32 kernel, as the float path does.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape};
-use half::{bf16, f16};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape};
+use half::f16;
 use rayon::prelude::*;
 
 use super::cpu_gemv::{
@@ -326,6 +326,17 @@ impl QWeight<'_> {
             h.convert_to_f32_slice(out);
         }
     }
+}
+
+/// A whole official weight (`q` bytes of `n` rows, `scale` per row, `k` columns) dequantized to
+/// f32 as the official code does (each weight rounded to float16).
+pub fn dequantize_official(bits: Bits, q: &[u8], scale: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let w = QWeight { bits, exact: true, q, scale, k };
+    let mut out = vec![0f32; n * k];
+    for (r, row) in out.chunks_mut(k).enumerate() {
+        w.dequantize_row(r, row);
+    }
+    out
 }
 
 /// The input as the kernels want it: plain for int8, `[x[0::2] | x[1::2]]` for int4.

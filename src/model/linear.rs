@@ -46,11 +46,6 @@ pub struct Linear {
     out_dim: usize,
 }
 
-/// The official dequantized weight: `scale * q` rounded to float16.
-fn deq(s: f32, q: i8) -> f32 {
-    half::f16::from_f32(s * q as f32).to_f32()
-}
-
 /// Dequantize an official int8/int4 weight (raw bytes on the CPU) to f32 `[out, in]`.
 pub fn dequantize(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<Tensor> {
     let (n, rb) = q.dims2()?;
@@ -60,25 +55,7 @@ pub fn dequantize(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<Tensor> {
         .to_dtype(DType::F32)?
         .to_vec1()?;
     let k = if bits == Bits::Eight { rb } else { 2 * rb };
-    let mut out = vec![0f32; n * k];
-    for r in 0..n {
-        let s = scale[r];
-        let row = &bytes[r * rb..(r + 1) * rb];
-        let o = &mut out[r * k..(r + 1) * k];
-        match bits {
-            Bits::Eight => row
-                .iter()
-                .zip(o.iter_mut())
-                .for_each(|(&b, o)| *o = deq(s, b as i8)),
-            Bits::Four => {
-                for (j, &b) in row.iter().enumerate() {
-                    let b = b as i8;
-                    o[2 * j] = deq(s, b >> 4);
-                    o[2 * j + 1] = deq(s, (b << 4) >> 4);
-                }
-            }
-        }
-    }
+    let out = crate::kernels::cpu_quant::dequantize_official(bits, &bytes, &scale, n, k);
     Ok(Tensor::from_vec(out, (n, k), &Device::Cpu)?)
 }
 
