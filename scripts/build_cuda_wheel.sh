@@ -15,4 +15,4 @@ ln -sfn "$C/lib" "$C/lib64"
 export PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_PATH="$C" NVCC="$C/bin/nvcc" CUDA_COMPUTE_CAP=90
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}" RUSTFLAGS="-L $C/lib"
 rm -rf dist-cuda
-maturin build --release --features cuda,python -o dist-cuda
+maturin build --release --features cuda,python,server -o dist-cuda

@@ -32,6 +32,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// The engine is at capacity (its request queue is full); retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+
     /// A bug: an internal invariant failed (a caught panic). Please report it.
     #[error("internal error: {0}")]
     Internal(String),

@@ -204,6 +204,11 @@ impl Generator {
                 return Err(e);
             }
         };
+        self.accept_logits(&logits).map(Some)
+    }
+
+    /// Pick the next token from the logits of the last position (`[.., vocab]` f32).
+    fn accept_logits(&mut self, logits: &Tensor) -> Result<u32> {
         let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
         let token = self.sampler.sample(&mut row, &self.ids);
         self.ids.push(token);
@@ -213,54 +218,114 @@ impl Generator {
         } else if self.ids.len() >= self.limit {
             self.finished = Some(FinishReason::Length);
         }
-        Ok(Some(token))
+        Ok(token)
+    }
+
+    /// One decoding step of several generations of the same model in one batched forward
+    /// (continuous batching: they may be at different lengths, some still prefilling).
+    /// Returns each one's new token (`None` for those already finished). A failed step ends
+    /// every generation that took part in it.
+    pub fn step_many(gens: &mut [&mut Generator]) -> Result<Vec<Option<u32>>> {
+        let active: Vec<usize> = (0..gens.len())
+            .filter(|&i| gens[i].finished.is_none())
+            .collect();
+        let mut out = vec![None; gens.len()];
+        let Some(&first) = active.first() else {
+            return Ok(out);
+        };
+        let model = gens[first].model.clone();
+        if active.iter().any(|&i| !Arc::ptr_eq(&gens[i].model, &model)) {
+            return Err(Error::invalid(
+                "generations stepped together must share one model",
+            ));
+        }
+        let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(active.len());
+        let mut caches: Vec<&mut Cache> = Vec::with_capacity(active.len());
+        for g in gens.iter_mut().filter(|g| g.finished.is_none()) {
+            let g: &mut Generator = g;
+            inputs.push(std::mem::take(&mut g.to_feed));
+            caches.push(&mut g.cache);
+        }
+        let input_refs: Vec<&[u32]> = inputs.iter().map(|v| v.as_slice()).collect();
+        let logits = model.forward_many(&input_refs, &mut caches, Logits::Last);
+        drop(caches);
+        let logits = match logits {
+            Ok(l) => l,
+            Err(e) => {
+                for &i in &active {
+                    gens[i].finished = Some(FinishReason::Length);
+                }
+                return Err(e);
+            }
+        };
+        for (&i, l) in active.iter().zip(&logits) {
+            out[i] = Some(gens[i].accept_logits(l)?);
+        }
+        Ok(out)
+    }
+
+    /// Turn the token just produced (by [`Generator::next_token`] or [`Generator::step_many`];
+    /// `None` if there was none) into text: what can be shown now, flushed to the end once the
+    /// generation is finished. Empty when nothing is ready.
+    pub fn push_text(&mut self, token: Option<u32>) -> Result<String> {
+        if self.text_done {
+            return Ok(String::new());
+        }
+        if let Some(token) = token {
+            let piece = self.text.push(&self.tokenizer, token)?; // eos and specials add no text
+            self.held.push_str(&piece);
+        }
+        if self.finished.is_some() {
+            // Flush what the stream and the stop-string filter still hold.
+            let rest = self.text.finish(&self.tokenizer)?;
+            self.held.push_str(&rest);
+            self.text_done = true;
+            let out = std::mem::take(&mut self.held);
+            return Ok(match self.cut_at_stop(out) {
+                Err(before) => {
+                    self.finished = Some(FinishReason::StopString);
+                    before
+                }
+                Ok(all) => all,
+            });
+        }
+        let held = std::mem::take(&mut self.held);
+        match self.cut_at_stop(held) {
+            Err(before) => {
+                self.finished = Some(FinishReason::StopString);
+                self.text_done = true;
+                Ok(before)
+            }
+            Ok(text) => {
+                // Hold back a tail that could still grow into a stop string.
+                let keep = self.stop_prefix_len(&text);
+                let (emit, hold) = text.split_at(text.len() - keep);
+                self.held = hold.to_string();
+                Ok(emit.to_string())
+            }
+        }
+    }
+
+    /// All text has been returned by [`Generator::push_text`] / [`Generator::next_text`].
+    pub fn is_text_done(&self) -> bool {
+        self.text_done
     }
 
     /// Advance until some text is ready; returns it, or `None` when the generation is over.
     /// The pieces join to exactly the decode of the generated ids (cut before a stop string).
     pub fn next_text(&mut self) -> Result<Option<String>> {
-        fn some(s: String) -> Option<String> {
-            (!s.is_empty()).then_some(s)
-        }
         loop {
             if self.text_done {
                 return Ok(None);
             }
-            if self.finished.is_some() {
-                // Flush what the stream and the stop-string filter still hold.
-                let rest = self.text.finish(&self.tokenizer)?;
-                self.held.push_str(&rest);
-                self.text_done = true;
-                let out = std::mem::take(&mut self.held);
-                return Ok(match self.cut_at_stop(out) {
-                    Err(before) => {
-                        self.finished = Some(FinishReason::StopString);
-                        some(before)
-                    }
-                    Ok(all) => some(all),
-                });
-            }
-            let Some(token) = self.next_token()? else {
-                continue;
+            let token = if self.finished.is_some() {
+                None
+            } else {
+                self.next_token()?
             };
-            let piece = self.text.push(&self.tokenizer, token)?; // eos and specials add no text
-            self.held.push_str(&piece);
-            let held = std::mem::take(&mut self.held);
-            match self.cut_at_stop(held) {
-                Err(before) => {
-                    self.finished = Some(FinishReason::StopString);
-                    self.text_done = true;
-                    return Ok(some(before));
-                }
-                Ok(text) => {
-                    // Hold back a tail that could still grow into a stop string.
-                    let keep = self.stop_prefix_len(&text);
-                    let (emit, hold) = text.split_at(text.len() - keep);
-                    self.held = hold.to_string();
-                    if !emit.is_empty() {
-                        return Ok(Some(emit.to_string()));
-                    }
-                }
+            let piece = self.push_text(token)?;
+            if !piece.is_empty() {
+                return Ok(Some(piece));
             }
         }
     }

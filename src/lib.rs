@@ -14,12 +14,15 @@
 pub mod chat_format;
 pub mod checkpoint;
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod pth;
 pub mod quantize;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod sampling;
 pub mod session;
 pub mod tokenizer;
@@ -29,6 +32,7 @@ mod python;
 
 pub use chat_format::{build_prompt, process_response, ChatFormat, Message};
 pub use config::Glm2Config;
+pub use engine::{Engine, EngineConfig, Event};
 pub use error::{Error, Result};
 pub use generate::{FinishReason, GenerationConfig, Generator};
 pub use model::{Cache, Glm2Model, Logits};
@@ -407,6 +411,81 @@ impl Model {
         let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward(&input, &mut cache, Logits::All)?;
         Ok(logits.squeeze(0)?)
+    }
+
+    /// Logits of the last position of each prompt, each in its own fresh context, computed in
+    /// batches of `batch` prompts (one forward each): f32 `[vocab]` per prompt.
+    pub fn last_logits_batch(&self, prompts: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::with_capacity(prompts.len());
+        for chunk in prompts.chunks(batch.max(1)) {
+            if let Some(i) = chunk.iter().position(|p| p.is_empty()) {
+                return Err(Error::invalid(format!(
+                    "prompt {} is empty",
+                    out.len() + i
+                )));
+            }
+            let mut caches: Vec<Cache> = chunk.iter().map(|_| self.model.new_cache()).collect();
+            let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
+            let inputs: Vec<&[u32]> = chunk.iter().map(|p| p.as_slice()).collect();
+            for l in self.model.forward_many(&inputs, &mut refs, Logits::Last)? {
+                out.push(l.flatten_all()?.to_vec1::<f32>()?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Generate from several prompts at once: one batched forward per step for all of them
+    /// (each sequence gives exactly what it gives alone). Returns each one's new ids.
+    pub fn generate_batch_ids(
+        &self,
+        prompts: &[Vec<u32>],
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut gens = prompts
+            .iter()
+            .map(|p| self.generator(p.clone(), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        loop {
+            let mut refs: Vec<&mut Generator> =
+                gens.iter_mut().filter(|g| !g.is_finished()).collect();
+            if refs.is_empty() {
+                break;
+            }
+            Generator::step_many(&mut refs)?;
+        }
+        Ok(gens.iter().map(|g| g.generated_ids().to_vec()).collect())
+    }
+
+    /// Generate text from several prompts at once (see [`Model::generate_batch_ids`]); stop
+    /// strings cut each text as in [`Model::generate`].
+    pub fn generate_batch(&self, prompts: &[String], cfg: &GenerationConfig) -> Result<Vec<String>> {
+        let mut gens = prompts
+            .iter()
+            .map(|p| self.generator_for_prompt(p, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let mut texts = vec![String::new(); gens.len()];
+        loop {
+            let mut idx = vec![];
+            let mut refs: Vec<&mut Generator> = vec![];
+            for (i, g) in gens.iter_mut().enumerate() {
+                if !g.is_finished() {
+                    idx.push(i);
+                    refs.push(g);
+                }
+            }
+            if refs.is_empty() {
+                break;
+            }
+            let tokens = Generator::step_many(&mut refs)?;
+            for (&i, t) in idx.iter().zip(tokens) {
+                let piece = gens[i].push_text(t)?;
+                texts[i].push_str(&piece);
+            }
+        }
+        for (g, t) in gens.iter_mut().zip(texts.iter_mut()) {
+            t.push_str(&g.push_text(None)?);
+        }
+        Ok(texts)
     }
 
     /// A generation from prompt ids.

@@ -64,7 +64,7 @@ impl From<Error> for PyErr {
             Error::Checkpoint { .. } => CheckpointError::new_err(msg),
             Error::Tokenizer(_) => TokenizerError::new_err(msg),
             Error::InvalidArgument(_) => InvalidArgumentError::new_err(msg),
-            Error::Internal(_) | Error::Candle(_) => Glm2Error::new_err(msg),
+            Error::Internal(_) | Error::Candle(_) | Error::Overloaded(_) => Glm2Error::new_err(msg),
         }
     }
 }
@@ -559,6 +559,58 @@ impl PyModel {
         Ok(py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?)
     }
 
+    /// Complete several prompts at once, one batched forward per step for all of them; each
+    /// text equals what `generate` gives for that prompt alone (same keywords).
+    #[pyo3(signature = (prompts, **kwargs))]
+    fn generate_batch(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<String>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<String>> {
+        let cfg = gen_config(kwargs, PLAIN)?;
+        let model = self.inner.clone();
+        Ok(py.detach(move || catch_panic(|| model.generate_batch(&prompts, &cfg)))?)
+    }
+
+    /// `generate_ids` for several id lists at once (one batched forward per step).
+    #[pyo3(signature = (input_ids, **kwargs))]
+    fn generate_batch_ids(
+        &self,
+        py: Python<'_>,
+        input_ids: Vec<Vec<i64>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let ids = input_ids
+            .into_iter()
+            .map(|v| to_ids(v, "input_ids"))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let cfg = gen_config(kwargs, PLAIN)?;
+        let model = self.inner.clone();
+        Ok(py.detach(move || catch_panic(|| model.generate_batch_ids(&ids, &cfg)))?)
+    }
+
+    /// Logits of the last position of each id list (each in its own context), `batch_size`
+    /// sequences per forward: a float32 array `[len(input_ids), vocab]`.
+    #[pyo3(signature = (input_ids, batch_size = 8))]
+    fn last_logits<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: Vec<Vec<i64>>,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ids = input_ids
+            .into_iter()
+            .map(|v| to_ids(v, "input_ids"))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let model = self.inner.clone();
+        let rows = py.detach(move || catch_panic(|| model.last_logits_batch(&ids, batch_size)))?;
+        let n = rows.len();
+        let vocab = self.inner.config().padded_vocab_size;
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        Ok(PyArray1::from_vec(py, flat).reshape([n, vocab])?.into_any())
+    }
+
     /// How the linear layers are quantized ("int8", "int4", "q4_0", ...), or None.
     #[getter]
     fn quantization(&self) -> Option<String> {
@@ -923,6 +975,108 @@ impl Drop for PyChatTurn {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The HTTP server (feature "server"): runs on its own threads; Python only starts and stops it.
+
+#[cfg(feature = "server")]
+#[pyclass(module = "glm2rs._glm2rs", name = "Server", frozen)]
+pub struct PyServer {
+    inner: Mutex<Option<crate::server::ServerHandle>>,
+    addr: std::net::SocketAddr,
+}
+
+#[cfg(feature = "server")]
+#[pymethods]
+impl PyServer {
+    /// Serve `model` on `host:port` (port 0: a free one) until `stop()`.
+    #[new]
+    #[pyo3(signature = (model, host = "127.0.0.1", port = 8000, api_key = None, model_name = None, max_batch = 32, max_queue = 256))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        model: &PyModel,
+        host: &str,
+        port: u16,
+        api_key: Option<String>,
+        model_name: Option<String>,
+        max_batch: usize,
+        max_queue: usize,
+    ) -> PyResult<Self> {
+        let name = model_name.unwrap_or_else(|| {
+            model
+                .inner
+                .dir()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "chatglm2-6b".into())
+        });
+        let cfg = crate::server::ServerConfig {
+            host: host.to_string(),
+            port,
+            api_key,
+            model_name: name,
+            engine: crate::engine::EngineConfig {
+                max_batch,
+                max_queue,
+            },
+        };
+        let m = model.inner.clone();
+        let handle = py.detach(move || catch_panic(|| crate::server::ServerHandle::start(m, cfg)))?;
+        let addr = handle.addr();
+        Ok(Self {
+            inner: Mutex::new(Some(handle)),
+            addr,
+        })
+    }
+
+    /// The port actually bound.
+    #[getter]
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    #[getter]
+    fn host(&self) -> String {
+        self.addr.ip().to_string()
+    }
+
+    /// `http://host:port`
+    #[getter]
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    #[getter]
+    fn running(&self) -> bool {
+        self.inner
+            .lock()
+            .map(|h| h.as_ref().is_some_and(|h| h.is_running()))
+            .unwrap_or(false)
+    }
+
+    /// Stop serving (open streams are cut) and wait for the server threads.
+    fn stop(&self, py: Python<'_>) {
+        let handle = self.inner.lock().ok().and_then(|mut h| h.take());
+        if let Some(mut h) = handle {
+            py.detach(move || h.stop());
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _t: Option<&Bound<'_, PyAny>>,
+        _v: Option<&Bound<'_, PyAny>>,
+        _tb: Option<&Bound<'_, PyAny>>,
+    ) {
+        self.stop(py);
+    }
+}
+
 #[pymodule]
 fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -932,6 +1086,8 @@ fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatStream>()?;
     m.add_class::<PyChatSession>()?;
     m.add_class::<PyChatTurn>()?;
+    #[cfg(feature = "server")]
+    m.add_class::<PyServer>()?;
     m.add("Glm2Error", py.get_type::<Glm2Error>())?;
     m.add("LoadError", py.get_type::<LoadError>())?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;

@@ -73,7 +73,7 @@ impl Model {
     }
 
     /// `cfg` with the stop ids of this model's chat format added.
-    fn chat_config(&self, cfg: &GenerationConfig) -> GenerationConfig {
+    pub fn chat_config(&self, cfg: &GenerationConfig) -> GenerationConfig {
         let mut cfg = cfg.clone();
         if self.chat_format() == ChatFormat::ChatGlm3 {
             cfg.stop_token_ids

@@ -159,35 +159,47 @@ impl SelfAttention {
         })
     }
 
-    /// `x`: `[b, t, hidden]`; positions `cache.position()..+t`; keys/values appended to the cache.
+    /// `x`: `[1, n, hidden]`, the rows of several sequences one after another: `segments[i]` is
+    /// `(first row, rows)` of sequence `i`, whose positions continue `caches[i]` and whose keys and
+    /// values are appended to it. The projections run once over all rows; attention runs per
+    /// sequence over its own cache.
     fn forward(
         &self,
         x: &Tensor,
         rotary: &RotaryEmbedding,
-        cache: &mut Cache,
+        segments: &[(usize, usize)],
+        caches: &mut [&mut Cache],
         layer: usize,
     ) -> Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
-        let qkv = self.query_key_value.forward(x)?; // [b, t, (nh + 2 ng) hd]
-        let q = qkv
-            .narrow(2, 0, nh * hd)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?; // [b, nh, t, hd]
-        let k = qkv
-            .narrow(2, nh * hd, ng * hd)?
-            .reshape((b, t, ng, hd))?
-            .transpose(1, 2)?; // [b, ng, t, hd]
-        let v = qkv
-            .narrow(2, (nh + ng) * hd, ng * hd)?
-            .reshape((b, t, ng, hd))?
-            .transpose(1, 2)?;
-        let start = cache.position();
-        let q = rotary.apply(&q, start)?;
-        let k = rotary.apply(&k, start)?;
-        let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // [b, ng, L, hd]
-        let ctx = self.attend(&q, &k_all, &v_all)?; // [b, nh, t, hd]
-        let ctx = ctx.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let qkv = self.query_key_value.forward(x)?; // [1, n, (nh + 2 ng) hd]
+        let mut ctxs = Vec::with_capacity(segments.len());
+        for (&(off, t), cache) in segments.iter().zip(caches.iter_mut()) {
+            let qkv = qkv.narrow(1, off, t)?;
+            let q = qkv
+                .narrow(2, 0, nh * hd)?
+                .reshape((1, t, nh, hd))?
+                .transpose(1, 2)?; // [1, nh, t, hd]
+            let k = qkv
+                .narrow(2, nh * hd, ng * hd)?
+                .reshape((1, t, ng, hd))?
+                .transpose(1, 2)?; // [1, ng, t, hd]
+            let v = qkv
+                .narrow(2, (nh + ng) * hd, ng * hd)?
+                .reshape((1, t, ng, hd))?
+                .transpose(1, 2)?;
+            let start = cache.position();
+            let q = rotary.apply(&q, start)?;
+            let k = rotary.apply(&k, start)?;
+            let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // [1, ng, L, hd]
+            let ctx = self.attend(&q, &k_all, &v_all)?; // [1, nh, t, hd]
+            ctxs.push(ctx.transpose(1, 2)?.reshape((1, t, nh * hd))?);
+        }
+        let ctx = if ctxs.len() == 1 {
+            ctxs.pop().expect("one segment")
+        } else {
+            Tensor::cat(&ctxs, 1)?
+        };
         self.dense.forward(&ctx).map_err(Error::from)
     }
 
@@ -351,11 +363,14 @@ impl Block {
         &self,
         x: &Tensor,
         rotary: &RotaryEmbedding,
-        cache: &mut Cache,
+        segments: &[(usize, usize)],
+        caches: &mut [&mut Cache],
         layer: usize,
     ) -> Result<Tensor> {
         let ln = self.input_layernorm.forward(x)?;
-        let attn = self.self_attention.forward(&ln, rotary, cache, layer)?;
+        let attn = self
+            .self_attention
+            .forward(&ln, rotary, segments, caches, layer)?;
         let residual = if self.residual_post_layernorm { &ln } else { x };
         let ln_input = (residual + attn)?;
         let ln2 = self.post_attention_layernorm.forward(&ln_input)?;
@@ -587,44 +602,92 @@ impl Glm2Model {
         cache
     }
 
-    /// Run `input_ids` (`[b, t]`, u32) after what `cache` holds, append their keys and values to
-    /// it, and return f32 logits (`[b, t, vocab]` or `[b, 1, vocab]`).
+    /// Run `input_ids` (`[1, t]`, u32) after what `cache` holds, append their keys and values to
+    /// it, and return f32 logits (`[1, t, vocab]` or `[1, 1, vocab]`).
     pub fn forward(&self, input_ids: &Tensor, cache: &mut Cache, which: Logits) -> Result<Tensor> {
-        let (_b, t) = input_ids.dims2()?;
-        if t == 0 {
-            return Err(Error::invalid("forward needs at least one token"));
-        }
-        if cache.position() + t > self.config.seq_length {
+        let (b, _t) = input_ids.dims2()?;
+        if b != 1 {
             return Err(Error::invalid(format!(
-                "sequence of {} tokens exceeds the model context of {} (seq_length)",
-                cache.position() + t,
-                self.config.seq_length
+                "forward takes one sequence ([1, t] ids, got batch {b}); use forward_many for several"
             )));
         }
-        let max_id = input_ids
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::U32)?
-            .to_scalar::<u32>()?;
-        if max_id as usize >= self.config.padded_vocab_size {
+        let ids: Vec<u32> = input_ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+        let mut out = self.forward_many(&[&ids], &mut [cache], which)?;
+        Ok(out.pop().expect("one sequence").unsqueeze(0)?)
+    }
+
+    /// Run several sequences in one pass: `inputs[i]` continues `caches[i]` (any lengths: a
+    /// prompt next to single decode tokens). Every weight is read once for all of them; each
+    /// sequence attends only to its own cache, so the result of each equals running it alone.
+    /// Returns f32 logits per sequence: `[t_i, vocab]` (`Logits::All`) or `[1, vocab]` (`Last`).
+    pub fn forward_many(
+        &self,
+        inputs: &[&[u32]],
+        caches: &mut [&mut Cache],
+        which: Logits,
+    ) -> Result<Vec<Tensor>> {
+        if inputs.len() != caches.len() {
             return Err(Error::invalid(format!(
-                "token id {max_id} is outside the vocabulary (padded_vocab_size {})",
-                self.config.padded_vocab_size
+                "{} inputs but {} caches",
+                inputs.len(),
+                caches.len()
             )));
         }
-        let mut x = self.embed(input_ids)?;
+        if inputs.is_empty() {
+            return Ok(vec![]);
+        }
+        let vocab = self.config.padded_vocab_size;
+        let mut segments = Vec::with_capacity(inputs.len());
+        let mut flat = Vec::with_capacity(inputs.iter().map(|i| i.len()).sum());
+        for (ids, cache) in inputs.iter().zip(caches.iter()) {
+            if ids.is_empty() {
+                return Err(Error::invalid("forward needs at least one token"));
+            }
+            if cache.position() + ids.len() > self.config.seq_length {
+                return Err(Error::invalid(format!(
+                    "sequence of {} tokens exceeds the model context of {} (seq_length)",
+                    cache.position() + ids.len(),
+                    self.config.seq_length
+                )));
+            }
+            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+                return Err(Error::invalid(format!(
+                    "token id {bad} is outside the vocabulary (padded_vocab_size {vocab})"
+                )));
+            }
+            segments.push((flat.len(), ids.len()));
+            flat.extend_from_slice(ids);
+        }
+        let n = flat.len();
+        let input = Tensor::from_vec(flat, (1, n), &self.device)?;
+        let mut x = self.embed(&input)?; // [1, n, hidden]
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.rotary, cache, i)?;
+            x = layer.forward(&x, &self.rotary, &segments, caches, i)?;
         }
-        cache.advance(t, true);
+        for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
+            cache.advance(t, true);
+        }
         if which == Logits::Last {
-            x = x.narrow(1, t - 1, 1)?;
+            x = if segments.len() == 1 {
+                x.narrow(1, n - 1, 1)?
+            } else {
+                let last: Vec<u32> = segments.iter().map(|&(o, t)| (o + t - 1) as u32).collect();
+                let last = Tensor::from_vec(last, segments.len(), &self.device)?;
+                x.index_select(&last, 1)?
+            };
         }
         if let Some(norm) = &self.final_layernorm {
             x = norm.forward(&x)?;
         }
-        let logits = self.output_layer.forward(&x)?;
-        Ok(logits.to_dtype(DType::F32)?)
+        let logits = self.output_layer.forward(&x)?.to_dtype(DType::F32)?.squeeze(0)?;
+        let mut out = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for &(_, t) in &segments {
+            let rows = if which == Logits::Last { 1 } else { t };
+            out.push(logits.narrow(0, row, rows)?);
+            row += rows;
+        }
+        Ok(out)
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {

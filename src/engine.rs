@@ -1,0 +1,246 @@
+//! Continuous batching: many generations share one model, and each step runs the next tokens of
+//! all of them in one batched forward ([`Generator::step_many`]). A request joins the batch at
+//! the next step (its prompt is prefilled in that step next to the others' decode tokens) and
+//! leaves it when it finishes or when its receiver is dropped (a client that went away).
+//!
+//! The engine thread owns every running [`Generator`]; callers get a channel of [`Event`]s.
+//! Submissions wait in a bounded queue: when it is full, [`Engine::submit`] refuses at once
+//! ([`Error::Overloaded`]) instead of letting callers hang.
+
+use crate::error::{Error, Result};
+use crate::generate::{FinishReason, GenerationConfig, Generator};
+use crate::Model;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+/// Sizes of the batch and of the waiting queue.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most sequences decoded together in one step.
+    pub max_batch: usize,
+    /// Most requests waiting for a place in the batch; more are refused.
+    pub max_queue: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 32,
+            max_queue: 256,
+        }
+    }
+}
+
+/// What a request receives, in order: text pieces, then exactly one `Done` or `Error`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Generated text (the pieces join to the whole completion; never a split character).
+    Text(String),
+    Done {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        /// Generated ids, an eos that ended generation included.
+        completion_tokens: usize,
+    },
+    /// The step failed (the message says why); nothing more follows.
+    Error(String),
+}
+
+/// The receiving end of one request. Dropping it cancels the request at the next step.
+pub type Events = UnboundedReceiver<Event>;
+
+struct Job {
+    gen: Generator,
+    events: UnboundedSender<Event>,
+}
+
+/// Counters for monitoring.
+#[derive(Debug, Default)]
+struct Stats {
+    queued: AtomicUsize,
+    running: AtomicUsize,
+    steps: AtomicUsize,
+    completed: AtomicUsize,
+}
+
+/// A handle to the engine thread; clones share it. The thread ends when the last handle is
+/// dropped and the running requests are done.
+#[derive(Clone)]
+pub struct Engine {
+    model: Model,
+    tx: SyncSender<Job>,
+    stats: Arc<Stats>,
+    _thread: Arc<JoinHandle<()>>,
+}
+
+impl Engine {
+    pub fn new(model: Model, cfg: EngineConfig) -> Result<Self> {
+        if cfg.max_batch == 0 {
+            return Err(Error::invalid("max_batch must be at least 1"));
+        }
+        let (tx, rx) = mpsc::sync_channel(cfg.max_queue);
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("glm2rs-engine".into())
+            .spawn(move || run(rx, cfg.max_batch, &st))
+            .map_err(|e| Error::Internal(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self {
+            model,
+            tx,
+            stats,
+            _thread: Arc::new(thread),
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Queue a generation from prompt ids. Bad arguments (a prompt that leaves no room in the
+    /// context, out-of-range sampling values) are refused here, before anything runs.
+    pub fn submit(&self, prompt: Vec<u32>, cfg: &GenerationConfig) -> Result<Events> {
+        let gen = self.model.generator(prompt, cfg)?;
+        let (events, rx) = unbounded_channel();
+        self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(Job { gen, events }) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => {
+                        Error::Overloaded("the request queue is full; try again later".into())
+                    }
+                    TrySendError::Disconnected(_) => {
+                        Error::Internal("the engine thread has stopped".into())
+                    }
+                })
+            }
+        }
+    }
+
+    /// Requests waiting for a place in the batch.
+    pub fn queued(&self) -> usize {
+        self.stats.queued.load(Ordering::SeqCst)
+    }
+
+    /// Requests in the batch.
+    pub fn running(&self) -> usize {
+        self.stats.running.load(Ordering::SeqCst)
+    }
+
+    /// Batched steps run so far.
+    pub fn steps(&self) -> usize {
+        self.stats.steps.load(Ordering::SeqCst)
+    }
+
+    /// Requests finished (completed, failed or cancelled).
+    pub fn completed(&self) -> usize {
+        self.stats.completed.load(Ordering::SeqCst)
+    }
+}
+
+/// The engine thread: admit, step, deliver, until every handle is gone and nothing runs.
+fn run(rx: Receiver<Job>, max_batch: usize, stats: &Stats) {
+    let mut running: Vec<Job> = Vec::new();
+    let mut open = true;
+    loop {
+        // Admit waiting requests while there is room (block when idle).
+        while open && running.len() < max_batch {
+            let next = if running.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(j) => Some(j),
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        open = false;
+                        None
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => Some(j),
+                    Err(mpsc::TryRecvError::Empty) => None,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        open = false;
+                        None
+                    }
+                }
+            };
+            match next {
+                Some(j) => {
+                    stats.queued.fetch_sub(1, Ordering::SeqCst);
+                    running.push(j);
+                }
+                None => break,
+            }
+        }
+        // Requests whose receiver is gone free their place.
+        let before = running.len();
+        running.retain(|j| !j.events.is_closed());
+        stats
+            .completed
+            .fetch_add(before - running.len(), Ordering::SeqCst);
+        stats.running.store(running.len(), Ordering::SeqCst);
+        if running.is_empty() {
+            if !open {
+                return;
+            }
+            continue;
+        }
+        let mut gens: Vec<&mut Generator> = running.iter_mut().map(|j| &mut j.gen).collect();
+        let step = crate::error::catch_panic(|| Generator::step_many(&mut gens));
+        stats.steps.fetch_add(1, Ordering::SeqCst);
+        match step {
+            Ok(tokens) => {
+                let mut still = Vec::with_capacity(running.len());
+                for (mut job, token) in running.drain(..).zip(tokens) {
+                    match deliver(&mut job, token) {
+                        Ok(true) => still.push(job),
+                        Ok(false) => {
+                            stats.completed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(e) => {
+                            let _ = job.events.send(Event::Error(e.to_string()));
+                            stats.completed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+                running = still;
+            }
+            Err(e) => {
+                for job in running.drain(..) {
+                    let _ = job.events.send(Event::Error(e.to_string()));
+                    stats.completed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        stats.running.store(running.len(), Ordering::SeqCst);
+    }
+}
+
+/// Send what the new token adds; `Ok(false)` once the request is complete.
+fn deliver(job: &mut Job, token: Option<u32>) -> Result<bool> {
+    let piece = job.gen.push_text(token)?;
+    if !piece.is_empty() {
+        let _ = job.events.send(Event::Text(piece));
+    }
+    if job.gen.is_finished() && !job.gen.is_text_done() {
+        let rest = job.gen.push_text(None)?;
+        if !rest.is_empty() {
+            let _ = job.events.send(Event::Text(rest));
+        }
+    }
+    if job.gen.is_text_done() {
+        let _ = job.events.send(Event::Done {
+            reason: job.gen.finish_reason().unwrap_or(FinishReason::Stop),
+            prompt_tokens: job.gen.prompt_len(),
+            completion_tokens: job.gen.generated_ids().len(),
+        });
+        return Ok(false);
+    }
+    Ok(true)
+}

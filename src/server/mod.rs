@@ -1,0 +1,299 @@
+//! The HTTP faces of the engine (feature `server`), one process, loopback by default:
+//! - `POST /`: the official `api.py` contract (`{prompt, history, max_length, top_p, temperature}`
+//!   -> `{response, history, status, time}`);
+//! - `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`: what the `openai`
+//!   client expects, streamed as server-sent events or not, errors in OpenAI's shape;
+//! - `GET /` (also `/chat`): a web chat page (plain HTML/JS, no CDN);
+//! - `GET /health`: engine counters.
+//!
+//! Every request goes through one [`Engine`], which batches the decode steps of all running
+//! requests. A request body is parsed by hand from JSON so that every bad field gets a 400 that
+//! names it; nothing a client sends can stop the server.
+
+mod api;
+mod openai;
+
+use crate::engine::{Engine, EngineConfig};
+use crate::error::{Error, Result};
+use crate::Model;
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Where and how to serve.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    /// 0 picks a free port (see [`ServerHandle::addr`]).
+    pub port: u16,
+    /// When set, every API request needs `Authorization: Bearer <key>` (the web page itself does not).
+    pub api_key: Option<String>,
+    /// The model id shown by `/v1/models` and in responses.
+    pub model_name: String,
+    pub engine: EngineConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            api_key: None,
+            model_name: "chatglm2-6b".into(),
+            engine: EngineConfig::default(),
+        }
+    }
+}
+
+/// What every handler shares.
+pub(crate) struct AppState {
+    pub engine: Engine,
+    pub model_name: String,
+    pub api_key: Option<String>,
+    pub created: i64,
+}
+
+pub(crate) type Shared = Arc<AppState>;
+
+/// An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad(param: impl Into<Option<&'static str>>, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: param.into().map(str::to_string),
+            code: None,
+        }
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    /// An engine error: bad arguments are the client's (400), a full queue is 503, the rest 500.
+    pub fn from_engine(e: Error, param: Option<&'static str>) -> Self {
+        match e {
+            Error::InvalidArgument(m) => {
+                let code = (m.contains("context") || m.contains("max_length"))
+                    .then_some("context_length_exceeded");
+                Self {
+                    code,
+                    ..Self::bad(param, m)
+                }
+            }
+            Error::Tokenizer(m) => Self::bad(param, m),
+            Error::Overloaded(m) => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: m,
+                kind: "server_error",
+                param: None,
+                code: Some("overloaded"),
+            },
+            other => Self {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: other.to_string(),
+                kind: "server_error",
+                param: None,
+                code: None,
+            },
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+/// Parse a request body as a JSON object.
+pub(crate) fn parse_object(body: &[u8]) -> std::result::Result<serde_json::Map<String, Value>, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(None, format!("the request body is not valid JSON: {e}")))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad(None, "the request body must be a JSON object")),
+    }
+}
+
+const INDEX_HTML: &str = include_str!("web/index.html");
+
+async fn index() -> Html<&'static str> {
+    Html(INDEX_HTML)
+}
+
+async fn health(State(s): State<Shared>) -> Json<Value> {
+    Json(json!({
+        "status": "ok",
+        "model": s.model_name,
+        "running": s.engine.running(),
+        "queued": s.engine.queued(),
+        "completed": s.engine.completed(),
+        "steps": s.engine.steps(),
+    }))
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "no such route".into(),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_found"),
+    }
+}
+
+/// With an API key set, every request except the web page needs `Authorization: Bearer KEY`.
+async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(key) = &s.api_key {
+        let page = req.method() == Method::GET
+            && matches!(req.uri().path(), "/" | "/chat" | "/health");
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !page && given != Some(key.as_str()) {
+            return ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "missing or wrong API key (Authorization: Bearer ...)".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+            }
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The router over an engine (for embedding in a Rust service).
+pub fn router(engine: Engine, model_name: &str, api_key: Option<String>) -> Router {
+    let state: Shared = Arc::new(AppState {
+        engine,
+        model_name: model_name.to_string(),
+        api_key,
+        created: chrono::Utc::now().timestamp(),
+    });
+    Router::new()
+        .route("/", get(index).post(api::official))
+        .route("/chat", get(index))
+        .route("/health", get(health))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/chat/completions", axum::routing::post(openai::chat_completions))
+        .route("/v1/completions", axum::routing::post(openai::completions))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// A server running on its own threads; [`ServerHandle::stop`] ends it.
+pub struct ServerHandle {
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// Bind `host:port` (errors come back here) and serve `model` until stopped.
+    pub fn start(model: Model, cfg: ServerConfig) -> Result<Self> {
+        let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+            .map_err(|e| Error::invalid(format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port)))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        let engine = Engine::new(model, cfg.engine)?;
+        let app = router(engine, &cfg.model_name, cfg.api_key.clone());
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("glm2rs-http")
+            .build()
+            .map_err(|e| Error::Internal(format!("cannot start the HTTP runtime: {e}")))?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("glm2rs-server".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("glm2rs serve: {e}");
+                            return;
+                        }
+                    };
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = rx.await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        eprintln!("glm2rs serve: {e}");
+                    }
+                });
+                // Streams still open are not waited for.
+                rt.shutdown_timeout(std::time::Duration::from_secs(1));
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the server thread: {e}")))?;
+        Ok(Self {
+            addr,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address actually bound (the port chosen when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Whether the server thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stop accepting, finish, and wait for the server thread.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,498 @@
+//! The OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
+
+use super::{parse_object, ApiError, Shared};
+use crate::chat_format::{Message, ResponseStream};
+use crate::engine::{Event, Events};
+use crate::generate::{FinishReason, GenerationConfig};
+use crate::sampling::SamplingConfig;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event as Sse, KeepAlive};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+type Obj = Map<String, Value>;
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+fn new_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = chrono::Utc::now().timestamp_micros();
+    format!("{prefix}-{t:x}{n:04x}")
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// An optional number field within `[lo, hi]`.
+pub(crate) fn number(o: &Obj, key: &'static str, lo: f64, hi: f64) -> ApiResult<Option<f64>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            if x.is_finite() && x >= lo && x <= hi {
+                Ok(Some(x))
+            } else {
+                Err(ApiError::bad(key, format!("{key} must be between {lo} and {hi}, got {n}")))
+            }
+        }
+        Some(other) => Err(ApiError::bad(key, format!("{key} must be a number, got {other}"))),
+    }
+}
+
+/// An optional positive integer field.
+pub(crate) fn positive_int(o: &Obj, key: &'static str) -> ApiResult<Option<usize>> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v >= 1 => Ok(Some(usize::try_from(v).unwrap_or(usize::MAX))),
+            _ => Err(ApiError::bad(key, format!("{key} must be a positive integer, got {n}"))),
+        },
+        Some(other) => Err(ApiError::bad(key, format!("{key} must be an integer, got {other}"))),
+    }
+}
+
+fn boolean(o: &Obj, key: &'static str) -> ApiResult<bool> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::bad(key, format!("{key} must be true or false, got {other}"))),
+    }
+}
+
+/// Sampling from `temperature` (0 = greedy) and `top_p`, with the given defaults.
+pub(crate) fn sampling(
+    o: &Obj,
+    default_temperature: f64,
+    default_top_p: f64,
+    seed: Option<u64>,
+) -> ApiResult<SamplingConfig> {
+    let temperature = number(o, "temperature", 0.0, 2.0)?.unwrap_or(default_temperature);
+    let top_p = number(o, "top_p", 0.0, 1.0)?.unwrap_or(default_top_p);
+    if top_p == 0.0 {
+        return Err(ApiError::bad("top_p", "top_p must be greater than 0"));
+    }
+    Ok(SamplingConfig {
+        do_sample: temperature > 0.0,
+        temperature: if temperature > 0.0 { temperature } else { 1.0 },
+        top_p,
+        seed,
+        ..Default::default()
+    })
+}
+
+/// The fields every completion request shares.
+struct Common {
+    stream: bool,
+    include_usage: bool,
+    max_tokens: Option<usize>,
+    cfg: GenerationConfig,
+}
+
+fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Common> {
+    if let Some(n) = positive_int(o, "n")? {
+        if n != 1 {
+            return Err(ApiError::bad("n", "only n = 1 is supported"));
+        }
+    }
+    let seed = match o.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
+            Some(n.as_u64().unwrap_or_else(|| n.as_i64().unwrap_or(0) as u64))
+        }
+        Some(other) => return Err(ApiError::bad("seed", format!("seed must be an integer, got {other}"))),
+    };
+    let stop = match o.get("stop") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(ApiError::bad("stop", "stop must be a string or a list of strings")),
+            })
+            .collect::<ApiResult<Vec<_>>>()?,
+        Some(_) => return Err(ApiError::bad("stop", "stop must be a string or a list of strings")),
+    };
+    if stop.iter().any(|s| s.is_empty()) {
+        return Err(ApiError::bad("stop", "stop strings must not be empty"));
+    }
+    let max_tokens = match positive_int(o, "max_completion_tokens")? {
+        Some(m) => Some(m),
+        None => positive_int(o, "max_tokens")?,
+    };
+    let stream = boolean(o, "stream")?;
+    let include_usage = match o.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(so)) => boolean(so, "include_usage")?,
+        Some(_) => return Err(ApiError::bad("stream_options", "stream_options must be an object")),
+    };
+    let sampling = sampling(o, default_temperature, default_top_p, seed)?;
+    Ok(Common {
+        stream,
+        include_usage,
+        max_tokens,
+        cfg: GenerationConfig {
+            sampling,
+            stop_strings: stop,
+            ..Default::default()
+        },
+    })
+}
+
+/// Check the prompt and `max_tokens` against the context and set the length limit.
+fn fit(s: &Shared, prompt_len: usize, c: &mut Common) -> ApiResult<()> {
+    let context = s.engine.model().model().max_context();
+    if prompt_len >= context {
+        return Err(ApiError::bad(
+            "messages",
+            format!("the prompt has {prompt_len} tokens; this model's context is {context} tokens"),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    match c.max_tokens {
+        Some(m) if prompt_len.saturating_add(m) > context => {
+            return Err(ApiError::bad(
+                "max_tokens",
+                format!(
+                    "this model's context is {context} tokens; the prompt has {prompt_len} and max_tokens asks for {m} more"
+                ),
+            )
+            .with_code("context_length_exceeded"));
+        }
+        Some(m) => c.cfg.max_new_tokens = Some(m),
+        None => c.cfg.max_length = Some(context),
+    }
+    Ok(())
+}
+
+fn message_content(v: &Value) -> ApiResult<String> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        // [{"type": "text", "text": ...}, ...]
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => out.push_str(t),
+                    _ => {
+                        return Err(ApiError::bad(
+                            "messages",
+                            "only text content parts are supported",
+                        ))
+                    }
+                }
+            }
+            Ok(out)
+        }
+        _ => Err(ApiError::bad("messages", "a message's content must be a string")),
+    }
+}
+
+fn messages(o: &Obj) -> ApiResult<Vec<Message>> {
+    let Some(list) = o.get("messages") else {
+        return Err(ApiError::bad("messages", "messages is required"));
+    };
+    let Value::Array(list) = list else {
+        return Err(ApiError::bad("messages", "messages must be a list"));
+    };
+    if list.is_empty() {
+        return Err(ApiError::bad("messages", "messages must not be empty"));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for m in list {
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad("messages", "every message needs a string \"role\""))?;
+        if !matches!(role, "system" | "user" | "assistant" | "observation") {
+            return Err(ApiError::bad("messages", format!("unknown role \"{role}\"")));
+        }
+        let content = message_content(m.get("content").unwrap_or(&Value::Null))?;
+        out.push(Message::new(role, &content));
+    }
+    if out.last().map(|m| m.role.as_str()) != Some("user") {
+        return Err(ApiError::bad("messages", "the last message must come from the user"));
+    }
+    Ok(out)
+}
+
+pub async fn models(State(s): State<Shared>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": s.model_name, "object": "model", "created": s.created, "owned_by": "glm2rs"}],
+    }))
+}
+
+/// How a completion is presented: chat (post-processed deltas) or plain text.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Kind {
+    Chat,
+    Text,
+}
+
+pub(crate) struct Done {
+    pub reason: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+fn usage(d: &Done) -> Value {
+    json!({
+        "prompt_tokens": d.prompt_tokens,
+        "completion_tokens": d.completion_tokens,
+        "total_tokens": d.prompt_tokens + d.completion_tokens,
+    })
+}
+
+/// Collect a whole completion.
+pub(crate) async fn collect(mut rx: Events, kind: Kind) -> ApiResult<(String, Done)> {
+    let mut post = ResponseStream::new();
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => match kind {
+                Kind::Chat => text.push_str(&post.push(&t)),
+                Kind::Text => text.push_str(&t),
+            },
+            Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                if kind == Kind::Chat {
+                    text.push_str(&post.finish());
+                }
+                return Ok((
+                    text,
+                    Done {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    },
+                ));
+            }
+            Event::Error(m) => return Err(ApiError::from_engine(crate::Error::Internal(m), None)),
+        }
+    }
+    Err(ApiError::from_engine(
+        crate::Error::Internal("the engine dropped the request".into()),
+        None,
+    ))
+}
+
+/// The state of one server-sent-event stream.
+struct StreamState {
+    rx: Events,
+    kind: Kind,
+    post: ResponseStream,
+    id: String,
+    created: i64,
+    model: String,
+    include_usage: bool,
+    pending: VecDeque<String>,
+    ended: bool,
+}
+
+impl StreamState {
+    fn chunk(&self, piece: Option<&str>, first: bool, finish: Option<&str>) -> String {
+        let mut v = match self.kind {
+            Kind::Chat => {
+                let mut delta = Map::new();
+                if first {
+                    delta.insert("role".into(), json!("assistant"));
+                }
+                if let Some(p) = piece {
+                    delta.insert("content".into(), json!(p));
+                }
+                json!({
+                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.model,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                })
+            }
+            Kind::Text => json!({
+                "id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+            }),
+        };
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v.to_string()
+    }
+
+    /// Turn the next engine event into SSE data lines.
+    fn on_event(&mut self, ev: Option<Event>) {
+        match ev {
+            Some(Event::Text(t)) => {
+                let piece = match self.kind {
+                    Kind::Chat => self.post.push(&t),
+                    Kind::Text => t,
+                };
+                if !piece.is_empty() {
+                    let c = self.chunk(Some(&piece), false, None);
+                    self.pending.push_back(c);
+                }
+            }
+            Some(Event::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }) => {
+                if self.kind == Kind::Chat {
+                    let rest = self.post.finish();
+                    if !rest.is_empty() {
+                        let c = self.chunk(Some(&rest), false, None);
+                        self.pending.push_back(c);
+                    }
+                }
+                let c = self.chunk(None, false, Some(reason.as_str()));
+                self.pending.push_back(c);
+                if self.include_usage {
+                    let d = Done {
+                        reason,
+                        prompt_tokens,
+                        completion_tokens,
+                    };
+                    let object = match self.kind {
+                        Kind::Chat => "chat.completion.chunk",
+                        Kind::Text => "text_completion",
+                    };
+                    self.pending.push_back(
+                        json!({"id": self.id, "object": object, "created": self.created,
+                               "model": self.model, "choices": [], "usage": usage(&d)})
+                        .to_string(),
+                    );
+                }
+                self.pending.push_back("[DONE]".into());
+                self.ended = true;
+            }
+            Some(Event::Error(m)) => {
+                let e = ApiError::from_engine(crate::Error::Internal(m), None);
+                self.pending.push_back(e.body().to_string());
+                self.pending.push_back("[DONE]".into());
+                self.ended = true;
+            }
+            None => self.ended = true,
+        }
+    }
+}
+
+fn sse(rx: Events, kind: Kind, id: String, model: String, include_usage: bool) -> Response {
+    let mut st = StreamState {
+        rx,
+        kind,
+        post: ResponseStream::new(),
+        id,
+        created: now(),
+        model,
+        include_usage,
+        pending: VecDeque::new(),
+        ended: false,
+    };
+    if kind == Kind::Chat {
+        let first = st.chunk(Some(""), true, None);
+        st.pending.push_back(first);
+    }
+    let stream = futures_util::stream::unfold(st, |mut st| async move {
+        loop {
+            if let Some(data) = st.pending.pop_front() {
+                return Some((Ok::<_, Infallible>(Sse::default().data(data)), st));
+            }
+            if st.ended {
+                return None;
+            }
+            let ev = st.rx.recv().await;
+            st.on_event(ev);
+        }
+    });
+    axum::response::sse::Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
+    let o = parse_object(&body)?;
+    let msgs = messages(&o)?;
+    // official chat defaults (temperature 0.8, top_p 0.8)
+    let mut c = common(&o, 0.8, 0.8)?;
+    let model = s.engine.model();
+    let (query, history) = msgs.split_last().expect("checked non-empty");
+    let ids = model
+        .chat_prompt_ids(query, history)
+        .map_err(|e| ApiError::from_engine(e, Some("messages")))?;
+    fit(&s, ids.len(), &mut c)?;
+    let cfg = model.chat_config(&c.cfg);
+    let rx = s
+        .engine
+        .submit(ids, &cfg)
+        .map_err(|e| ApiError::from_engine(e, None))?;
+    let id = new_id("chatcmpl");
+    if c.stream {
+        return Ok(sse(rx, Kind::Chat, id, s.model_name.clone(), c.include_usage));
+    }
+    let (text, done) = collect(rx, Kind::Chat).await?;
+    Ok(Json(json!({
+        "id": id, "object": "chat.completion", "created": now(), "model": s.model_name,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "logprobs": null, "finish_reason": done.reason.as_str()}],
+        "usage": usage(&done),
+    }))
+    .into_response())
+}
+
+pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
+    let o = parse_object(&body)?;
+    let prompt = match o.get("prompt") {
+        Some(Value::String(p)) => p.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        Some(Value::Array(_)) => {
+            return Err(ApiError::bad("prompt", "only one prompt per request is supported"))
+        }
+        None => return Err(ApiError::bad("prompt", "prompt is required")),
+        Some(_) => return Err(ApiError::bad("prompt", "prompt must be a string")),
+    };
+    if boolean(&o, "echo")? {
+        return Err(ApiError::bad("echo", "echo is not supported"));
+    }
+    // OpenAI's defaults: temperature 1, top_p 1, max_tokens 16
+    let mut c = common(&o, 1.0, 1.0)?;
+    c.max_tokens = Some(c.max_tokens.unwrap_or(16));
+    let ids = s
+        .engine
+        .model()
+        .tokenizer()
+        .encode(&prompt, true)
+        .map_err(|e| ApiError::from_engine(e, Some("prompt")))?;
+    fit(&s, ids.len(), &mut c).map_err(|mut e| {
+        if e.param.as_deref() == Some("messages") {
+            e.param = Some("prompt".into());
+        }
+        e
+    })?;
+    let rx = s
+        .engine
+        .submit(ids, &c.cfg)
+        .map_err(|e| ApiError::from_engine(e, None))?;
+    let id = new_id("cmpl");
+    if c.stream {
+        return Ok(sse(rx, Kind::Text, id, s.model_name.clone(), c.include_usage));
+    }
+    let (text, done) = collect(rx, Kind::Text).await?;
+    Ok(Json(json!({
+        "id": id, "object": "text_completion", "created": now(), "model": s.model_name,
+        "choices": [{"index": 0, "text": text, "logprobs": null,
+                     "finish_reason": done.reason.as_str()}],
+        "usage": usage(&done),
+    }))
+    .into_response())
+}
