@@ -37,6 +37,7 @@ from ._glm2rs import (  # noqa: E402
     InvalidArgumentError,
     LoadError,
     Model,
+    Server,
     TextStreamer,
     Tokenizer,
     TokenizerError,
@@ -45,6 +46,7 @@ from ._glm2rs import (  # noqa: E402
 
 __all__ = [
     "Model",
+    "Server",
     "ChatSession",
     "ChatTurn",
     "ChatStreamer",

@@ -1,5 +1,5 @@
 """The `glm2rs` command: `glm2rs chat --model M`, `glm2rs quantize SRC DST --type q4_0`,
-`glm2rs generate -p TEXT`,
+`glm2rs generate -p TEXT`, `glm2rs serve --model M --port 8000`, `glm2rs bench --model M`,
 `glm2rs eval ceval --model M --data DIR`, `glm2rs eval ppl --model M --file TEXT`."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import sys
 import time
 
-from . import Glm2Error, Model
+from . import Glm2Error, Model, Server
 
 
 def _load(args, **kw) -> Model:
@@ -82,6 +82,62 @@ def cmd_generate(args) -> int:
     n = len(stream.token_ids)
     rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
     print(f"\n[{n} tokens, first after {((first or end) - t0):.2f} s, {rate:.2f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    model = _load(args, quantize=args.quantize, prefix_checkpoint=args.prefix_checkpoint)
+    api_key = args.api_key or os.environ.get("GLM2RS_API_KEY") or None
+    server = Server(model, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
+                    max_batch=args.max_batch, max_queue=args.max_queue)
+    print(f"glm2rs serving {args.model} at {server.url} (web chat at {server.url}/, OpenAI API at "
+          f"{server.url}/v1{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        while server.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        server.stop()
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Prefill and decode speed of one sequence, then aggregate decode speed of a batch."""
+    t0 = time.perf_counter()
+    model = _load(args, quantize=args.quantize)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s: {model.weight_bytes / 2**30:.2f} GiB of weights, "
+          f"dtype {model.dtype}, device {model.device}", file=sys.stderr)
+    vocab = min(model.tokenizer.vocab_size, model.config["padded_vocab_size"]) - 10
+    prompt = [(7 * i + 100) % vocab + 5 for i in range(args.prompt_len)]
+    results = {}
+    for rep in range(args.repeat):
+        t0 = time.perf_counter()
+        model.logits(prompt)
+        prefill = time.perf_counter() - t0
+        first = None
+        n_first = 0
+        st = model.stream_ids(prompt, max_new_tokens=args.gen_len, do_sample=False)
+        for _ in st:
+            if first is None:
+                first, n_first = time.perf_counter(), len(st.token_ids)
+            print(f"\r[run {rep + 1}/{args.repeat}] {len(st.token_ids)}/{args.gen_len} tokens", end="",
+                  file=sys.stderr, flush=True)
+        end = time.perf_counter()
+        n = len(st.token_ids)
+        decode = (n - n_first) / (end - first) if first is not None and n > n_first else 0.0
+        print(file=sys.stderr)
+        results.setdefault("prefill_tokens_per_s", []).append(args.prompt_len / prefill)
+        results.setdefault("decode_tokens_per_s", []).append(decode)
+    for k, v in results.items():
+        print(f"{k}: best {max(v):.2f}, all {', '.join(f'{x:.2f}' for x in v)}")
+    if args.batch > 1:
+        prompts = [[(7 * i + 13 * b + 100) % vocab + 5 for i in range(args.prompt_len)] for b in range(args.batch)]
+        t0 = time.perf_counter()
+        out = model.generate_batch_ids(prompts, max_new_tokens=args.gen_len, do_sample=False)
+        took = time.perf_counter() - t0
+        total = sum(len(o) for o in out)
+        print(f"batch {args.batch}: {total} tokens in {took:.2f} s = {total / took:.2f} tokens/s (prefill included)")
     return 0
 
 
@@ -164,6 +220,33 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--prefix-checkpoint")
     e.add_argument("--revision")
     e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="HTTP server: api.py contract, OpenAI API, web chat page")
+    s.add_argument("--model", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GLM2RS_API_KEY)")
+    s.add_argument("--model-name", help="model id shown by /v1/models (default: the directory name)")
+    s.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
+    s.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 503")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--quantize")
+    s.add_argument("--prefix-checkpoint")
+    s.add_argument("--revision")
+    s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="prefill and decode tokens/s (random prompt ids)")
+    b.add_argument("--model", required=True)
+    b.add_argument("--prompt-len", type=int, default=128)
+    b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--batch", type=int, default=1, help="also time a batch of this many sequences")
+    b.add_argument("--repeat", type=int, default=2)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--quantize")
+    b.add_argument("--revision")
+    b.set_defaults(func=cmd_bench)
 
     args = ap.parse_args(argv)
     try:
