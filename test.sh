@@ -3,9 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" pytest "numpy>=1.22" \
-    "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15" pexpect
+    "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15" pexpect "openai>=1.40" websocket-client pillow
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo test --release
+cargo test --release --features server
 rm -rf dist
 maturin build --release -o dist
 python3 -m pip install -q --disable-pip-version-check --force-reinstall --no-deps dist/glm2rs-*.whl

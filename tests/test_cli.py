@@ -36,3 +36,47 @@ def test_terminal_chat_ends_on_ctrl_d(fx):
     p = subprocess.run([sys.executable, "-m", "glm2rs.cli", "chat", "--model", str(fx / "model")], input="",
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and "glm2rs chat" in p.stdout
+
+
+def test_serve_command_serves_and_stops_on_ctrl_c(fx):
+    import json
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "serve", "--model", str(fx / "model"), "--port",
+                          str(port), "--api-key", "k"], stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        while "serving" not in line:
+            assert p.poll() is None, "glm2rs serve exited"
+            line = p.stderr.readline()
+        assert f"127.0.0.1:{port}" in line
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"})
+        models = json.load(urllib.request.urlopen(req, timeout=30))
+        assert models["data"][0]["id"] == "model"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+    # a port in use is a clear error, exit status 1
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        sk.listen()
+        busy = sk.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "glm2rs.cli", "serve", "--model", str(fx / "model"), "--port",
+                            str(busy)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot listen" in r.stderr
+
+
+def test_bench_command(fx):
+    r = subprocess.run([sys.executable, "-m", "glm2rs.cli", "bench", "--model", str(fx / "model"), "--prompt-len", "16",
+                        "--gen-len", "8", "--batch", "4", "--repeat", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "decode_tokens_per_s" in r.stdout and "batch 4: 32 tokens" in r.stdout

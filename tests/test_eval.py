@@ -52,6 +52,14 @@ def test_ceval_zero_shot_matches_a_hand_computation(model, tmp_path):
     assert out["overall"] == pytest.approx(3 / 5) and out["count"] == 5
 
 
+def test_ceval_batches_give_the_hand_computed_choices(model):
+    want = [hand_zero_shot(model, q, 8) for q in QUESTIONS]
+    for bs in (1, 2, 5):
+        assert ev.predict_batch(model, QUESTIONS, max_new_tokens=8, batch_size=bs) == want
+    with pytest.raises(ValueError):
+        ev.ceval(model, ".", batch_size=0)
+
+
 def test_ceval_answer_only_few_shot(model, tmp_path):
     tok = model.tokenizer
     shots = [{"inputs_pretokenized": QUESTIONS[0], "label": 1}, {"inputs_pretokenized": QUESTIONS[1], "label": 0}]

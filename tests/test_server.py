@@ -272,3 +272,19 @@ def test_concurrent_streams_are_batched(model):
             assert o == model.generate(p, max_new_tokens=40, do_sample=False)
         # 8 x 40 tokens took far fewer than 320 steps: decode steps were shared
         assert steps < 8 * 40 / 2, steps
+
+
+def test_load_32_concurrent_streaming_clients_none_lost(model):
+    """The load test of benches/load_test.py, bounded: 32 streaming clients at once all complete."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("load_test", Path(__file__).parent.parent / "benches" / "load_test.py")
+    lt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lt)
+    with glm2rs.Server(model, port=0, max_batch=32) as s:
+        prompts = [f"client {i}" for i in range(32)]
+        r = lt.run(s.host, s.port, prompts, 24, concurrent=True)
+        assert r["completed"] == 32 and r["lost"] == 0, r["errors"]
+        assert r["tokens"] == 32 * 24
+        assert health(s)["completed"] >= 32 and health(s)["running"] == 0

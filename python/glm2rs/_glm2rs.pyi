@@ -149,3 +149,41 @@ class Model:
         prompt: str,
         **kwargs: Unpack[GenerationKwargs],
     ) -> str: ...
+    def generate_batch(
+        self,
+        prompts: list[str],
+        **kwargs: Unpack[GenerationKwargs],
+    ) -> list[str]:
+        """One batched forward per step for all prompts; each text equals `generate(prompt)`."""
+    def generate_batch_ids(
+        self,
+        input_ids: list[list[int]],
+        **kwargs: Unpack[GenerationKwargs],
+    ) -> list[list[int]]: ...
+    def last_logits(self, input_ids: list[list[int]], batch_size: int = 8) -> npt.NDArray[np.float32]:
+        """Last-position logits of each id list (each in its own context): [len(input_ids), vocab]."""
+
+class Server:
+    """The HTTP server (api.py contract, OpenAI API with streaming, web chat page) on its own
+    threads, batching all requests in one engine. A context manager; `stop()` ends it."""
+    def __init__(
+        self,
+        model: Model,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: str | None = None,
+        model_name: str | None = None,
+        max_batch: int = 32,
+        max_queue: int = 256,
+    ) -> None: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def url(self) -> str: ...
+    @property
+    def running(self) -> bool: ...
+    def stop(self) -> None: ...
+    def __enter__(self) -> Server: ...
+    def __exit__(self, *args: object) -> None: ...

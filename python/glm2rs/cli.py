@@ -151,7 +151,7 @@ def cmd_eval(args) -> int:
         if not args.data:
             raise SystemExit("glm2rs eval ceval needs --data DIR")
         out = ev.ceval(model, args.data, answer_only=args.answer_only, shots=args.shots,
-                       max_new_tokens=args.max_new_tokens, limit=args.limit)
+                       max_new_tokens=args.max_new_tokens, limit=args.limit, batch_size=args.batch_size)
     else:
         if not args.file:
             raise SystemExit("glm2rs eval ppl needs --file TEXT_FILE")
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--answer-only", action="store_true", help="few-shot, score the answer letter directly")
     e.add_argument("--shots", type=int, default=5)
     e.add_argument("--limit", type=int, help="at most this many questions per file")
+    e.add_argument("--batch-size", type=int, default=8, help="questions run together (C-Eval)")
     e.add_argument("--max-new-tokens", type=int, default=512)
     e.add_argument("--file", help="text file for perplexity")
     e.add_argument("--window", type=int, default=512)

@@ -55,9 +55,32 @@ def score_answer_only(model, question: str, shots: list[dict]) -> int:
     return int(np.argmax(last[choice_ids(tok)]))
 
 
+def predict_batch(model, questions: list[str], *, answer_only: bool = False, shots: list[dict] | None = None,
+                  max_new_tokens: int = 512, batch_size: int = 8) -> list[int]:
+    """The choices (0..3) for several questions at once: the greedy answers of step 1 are generated
+    together (one batched forward per step) and the logits of step 2 (or of the answer-only prompt)
+    come from batched forwards. Each question gets exactly what it gets alone."""
+    tok = model.tokenizer
+    letters = choice_ids(tok)
+    if answer_only:
+        prompts = [tok.encode(answer_only_prompt(q, shots or [])) for q in questions]
+    else:
+        first = [tok.encode(round1(q)) for q in questions]
+        answers = []
+        for i in range(0, len(first), batch_size):
+            outs = model.generate_batch_ids(first[i:i + batch_size], max_new_tokens=max_new_tokens)
+            answers += [tok.decode(o) for o in outs]
+        prompts = [tok.encode(round1(q + a + "\n" + EXTRACTION_PROMPT)) for q, a in zip(questions, answers)]
+    last = model.last_logits(prompts, batch_size=batch_size)
+    return [int(np.argmax(row[letters])) for row in last]
+
+
 def ceval(model, data: str | Path, *, answer_only: bool = False, shots: int = 5, max_new_tokens: int = 512,
-          limit: int | None = None) -> dict:
-    """Accuracy per jsonl file, per category folder and weighted overall."""
+          limit: int | None = None, batch_size: int = 8) -> dict:
+    """Accuracy per jsonl file, per category folder and weighted overall; `batch_size` questions
+    run together."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"{data}: no such C-Eval file or directory")
@@ -78,13 +101,12 @@ def ceval(model, data: str | Path, *, answer_only: bool = False, shots: int = 5,
     _bar(0, total, "C-Eval")
     for f, fewshot, rows in todo:
         correct = 0
-        for row in rows:
-            if answer_only:
-                pred = score_answer_only(model, row["inputs_pretokenized"], fewshot)
-            else:
-                pred, _ = score_zero_shot(model, row["inputs_pretokenized"], max_new_tokens)
-            correct += int(pred == int(row["label"]))
-            done += 1
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i:i + batch_size]
+            preds = predict_batch(model, [r["inputs_pretokenized"] for r in chunk], answer_only=answer_only,
+                                  shots=fewshot, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            correct += sum(int(p == int(r["label"])) for p, r in zip(preds, chunk))
+            done += len(chunk)
             _bar(done, total, "C-Eval")
         key = str(f.relative_to(data)) if data.is_dir() else f.name
         per_file[key] = correct / len(rows) if rows else 0.0
