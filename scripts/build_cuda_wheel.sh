@@ -13,6 +13,12 @@ C="$SP/nvidia/cu13"
 ln -sf "$C/lib/libcudart.so.13" "$C/lib/libcudart.so"   # candle-kernels links -lcudart
 ln -sfn "$C/lib" "$C/lib64"
 export PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_PATH="$C" NVCC="$C/bin/nvcc" CUDA_COMPUTE_CAP=90
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}" RUSTFLAGS="-L $C/lib"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
+# candle links the CUDA libraries dynamically; this machine has no driver: link against stubs
+# that carry the real sonames (the GPU machine's libraries are bound at load time).
+# (The stubs go beside libcudart in the nvidia wheel's lib folder, already on the link path.)
+cargo fetch -q
+python3 scripts/cuda_link_stubs.py "$C/lib"
+export RUSTFLAGS="-L $C/lib"
 rm -rf dist-cuda
-maturin build --release --features cuda,python,server -o dist-cuda
+maturin build --release --features cuda,python,server --auditwheel skip -o dist-cuda

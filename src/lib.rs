@@ -58,14 +58,51 @@ pub fn parse_device(s: &str) -> Result<Device> {
     };
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),
-        "cuda" | "gpu" => Device::new_cuda(index)
-            .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}"))),
+        "cuda" | "gpu" => {
+            let dev = Device::new_cuda(index)
+                .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}")))?;
+            #[cfg(feature = "cuda")]
+            if let Device::Cuda(d) = &dev {
+                // One stream per device: the per-allocation events that guard tensors shared
+                // between streams only cost time (set GLM2RS_CUDA_EVENTS=1 to keep them).
+                if std::env::var("GLM2RS_CUDA_EVENTS").map_or(true, |v| v != "1") {
+                    unsafe { d.disable_event_tracking() };
+                }
+            }
+            Ok(dev)
+        }
         "metal" | "mps" => Device::new_metal(index)
             .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}"))),
         _ => Err(Error::invalid(format!(
             "unknown device \"{s}\": use \"cpu\", \"cuda\", \"cuda:N\" or \"metal\""
         ))),
     }
+}
+
+/// The devices of a model split over `num_gpus` GPUs starting at `device` (`"cuda"` or
+/// `"cuda:K"`: GPUs K..K+num_gpus), as the official `load_model_on_gpus`.
+pub fn parse_devices(s: &str, num_gpus: usize) -> Result<Vec<Device>> {
+    if num_gpus <= 1 {
+        return Ok(vec![parse_device(s)?]);
+    }
+    let t = s.trim().to_ascii_lowercase();
+    let (kind, first) = match t.split_once(':') {
+        Some((k, i)) => (
+            k.to_string(),
+            i.parse::<usize>().map_err(|_| {
+                Error::invalid(format!("device \"{s}\": the index must be a number"))
+            })?,
+        ),
+        None => (t.clone(), 0),
+    };
+    if kind != "cuda" && kind != "gpu" {
+        return Err(Error::invalid(format!(
+            "num_gpus={num_gpus} needs a CUDA device, not \"{s}\""
+        )));
+    }
+    (first..first + num_gpus)
+        .map(|i| parse_device(&format!("cuda:{i}")))
+        .collect()
 }
 
 /// Parse a dtype string; `None` means `"auto"`.
@@ -132,6 +169,9 @@ pub struct LoadOptions<'a> {
     pub prefix_checkpoint: Option<PathBuf>,
     /// Quantize the linear layers while loading (see [`quantize`]).
     pub quantize: Option<quantize::QuantType>,
+    /// Devices to split the layers over (several GPUs); empty: everything on `device`.
+    /// The first must be `device`.
+    pub layer_devices: Vec<Device>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -143,6 +183,7 @@ impl Default for LoadOptions<'_> {
             chatglm3: None,
             prefix_checkpoint: None,
             quantize: None,
+            layer_devices: vec![],
         }
     }
 }
@@ -260,11 +301,16 @@ impl Model {
         let dtype = opts
             .dtype
             .unwrap_or_else(|| auto_dtype(&config, &opts.device));
+        let devices = if opts.layer_devices.is_empty() {
+            vec![opts.device.clone()]
+        } else {
+            opts.layer_devices.clone()
+        };
         let mut model = Glm2Model::load(
             &config,
             ckpt,
             dtype,
-            &opts.device,
+            &devices,
             opts.quantize,
             opts.progress,
         )?;
@@ -286,7 +332,7 @@ impl Model {
             }
             (None, None) => None,
         };
-        model.set_prefix(prefix);
+        model.set_prefix(prefix)?;
         let quantization =
             opts.quantize
                 .map(|q| q.name())

@@ -6,7 +6,7 @@ use crate::error::{catch_panic, Error};
 use crate::generate::{GenerationConfig, Generator};
 use crate::sampling::SamplingConfig;
 use crate::session::{ChatSession, ChatStream, ChatTurn};
-use crate::{parse_device, parse_dtype, LoadOptions, Model, Tokenizer};
+use crate::{parse_dtype, LoadOptions, Model, Tokenizer};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -386,7 +386,8 @@ impl PyModel {
     /// Load a local model directory or a Hugging Face hub id (resolved with huggingface_hub).
     #[classmethod]
     #[pyo3(signature = (name_or_path, *, revision = None, device = "cpu", dtype = "auto",
-                        quantize = None, prefix_checkpoint = None, chat_format = None, progress = None))]
+                        quantize = None, prefix_checkpoint = None, chat_format = None, progress = None,
+                        num_gpus = 1))]
     #[allow(clippy::too_many_arguments)]
     fn from_pretrained(
         _cls: &Bound<'_, pyo3::types::PyType>,
@@ -399,6 +400,7 @@ impl PyModel {
         prefix_checkpoint: Option<PathBuf>,
         chat_format: Option<&str>,
         progress: Option<bool>,
+        num_gpus: usize,
     ) -> PyResult<Self> {
         let quantize = match quantize {
             Some(q) if !q.is_none() => {
@@ -420,7 +422,8 @@ impl PyModel {
             .import("glm2rs.hub")?
             .call_method1("resolve", (name_or_path, revision))?
             .extract()?;
-        let device = parse_device(device)?;
+        let devices = crate::parse_devices(device, num_gpus)?;
+        let device = devices[0].clone();
         let dtype = parse_dtype(dtype)?;
         let show = match progress {
             Some(p) => p,
@@ -441,6 +444,7 @@ impl PyModel {
                     chatglm3,
                     prefix_checkpoint,
                     quantize,
+                    layer_devices: devices,
                 };
                 Model::load(&dir, &opts)
             })
@@ -475,6 +479,19 @@ impl PyModel {
             candle_core::Device::Cuda(_) => "cuda".to_string(),
             candle_core::Device::Metal(_) => "metal".to_string(),
         }
+    }
+
+    /// How many devices hold the layers (more than 1 when split with num_gpus).
+    #[getter]
+    fn num_gpus(&self) -> usize {
+        let ds = self.inner.model().layer_devices();
+        let mut n = 0;
+        for (i, d) in ds.iter().enumerate() {
+            if !ds[..i].iter().any(|e| e.same_device(d)) {
+                n += 1;
+            }
+        }
+        n
     }
 
     /// float32 logits `[len(input_ids), vocab]` of every position, in a fresh context.

@@ -2,3 +2,5 @@
 
 pub mod cpu_gemv;
 pub mod cpu_quant;
+#[cfg(feature = "cuda")]
+pub mod cuda;

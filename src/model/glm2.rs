@@ -67,6 +67,14 @@ impl RotaryEmbedding {
     }
 }
 
+/// Whether the fused CUDA decode kernels are used (default; `GLM2RS_FUSED=0` turns them off,
+/// e.g. to compare with candle's own ops).
+#[cfg(feature = "cuda")]
+fn fused_decode_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GLM2RS_FUSED").map_or(true, |v| v != "0"))
+}
+
 /// The official weight-only quantization of the four big linear layers of each block.
 fn quant_bits(cfg: &Glm2Config) -> Option<Bits> {
     match cfg.quantization_bit {
@@ -172,6 +180,14 @@ impl SelfAttention {
         layer: usize,
     ) -> Result<Tensor> {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && fused_decode_enabled()
+            && hd <= crate::kernels::cuda::MAX_HEAD_DIM
+            && segments.iter().all(|&(_, t)| t == 1)
+        {
+            return self.forward_decode_cuda(x, rotary, caches, layer);
+        }
         let qkv = self.query_key_value.forward(x)?; // [1, n, (nh + 2 ng) hd]
         let mut ctxs = Vec::with_capacity(segments.len());
         for (&(off, t), cache) in segments.iter().zip(caches.iter_mut()) {
@@ -201,6 +217,46 @@ impl SelfAttention {
             Tensor::cat(&ctxs, 1)?
         };
         self.dense.forward(&ctx).map_err(Error::from)
+    }
+
+    /// One decoding step of every sequence (one new token each) in one fused kernel: bias,
+    /// rotary, cache write and attention over each sequence's own cache.
+    #[cfg(feature = "cuda")]
+    fn forward_decode_cuda(
+        &self,
+        x: &Tensor,
+        rotary: &RotaryEmbedding,
+        caches: &mut [&mut Cache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        use crate::kernels::cuda::{DecodeAttention, DecodeSeq};
+        let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
+        let (_, n, _) = x.dims3()?;
+        let (qkv, bias) = self.query_key_value.forward_no_bias(x)?; // [1, n, (nh + 2 ng) hd]
+        let qkv = qkv.reshape((n, (nh + 2 * ng) * hd))?;
+        let mut seqs = Vec::with_capacity(n);
+        for cache in caches.iter_mut() {
+            let (k, v) = cache.reserve(layer, 1, (1, ng, hd), qkv.dtype(), qkv.device())?;
+            seqs.push(DecodeSeq {
+                k,
+                v,
+                len: cache.len(),
+                rot: cache.position(),
+            });
+        }
+        let op = DecodeAttention {
+            seqs: &seqs,
+            bias: bias.as_ref(),
+            cos: &rotary.cos,
+            sin: &rotary.sin,
+            heads: nh,
+            groups: ng,
+            head_dim: hd,
+        };
+        let ctx = qkv.apply_op1_no_bwd(&op)?; // [n, nh hd]
+        self.dense
+            .forward(&ctx.reshape((1, n, nh * hd))?)
+            .map_err(Error::from)
     }
 
     /// Causal attention of `q` `[b, nh, t, hd]` (the last `t` positions) over `k`, `v`
@@ -233,16 +289,30 @@ impl SelfAttention {
             let vc = v.narrow(2, 0, visible)?;
             let mut scores = (qc.matmul(&kc)? * scale)?; // [b, ng, r*tc, visible]
             if tc > 1 {
-                let mut mask = vec![0f32; tc * visible];
-                for i in 0..tc {
-                    for c in (past + i0 + i + 1)..visible {
-                        mask[i * visible + c] = f32::NEG_INFINITY;
+                let dev = q.device();
+                // [tc, visible]: -inf where the key comes after the query
+                let mask = if dev.is_cpu() {
+                    let mut mask = vec![0f32; tc * visible];
+                    for i in 0..tc {
+                        for c in (past + i0 + i + 1)..visible {
+                            mask[i * visible + c] = f32::NEG_INFINITY;
+                        }
                     }
-                }
-                let mask = Tensor::from_vec(mask, (1, tc, visible), q.device())?
-                    .broadcast_as((r, tc, visible))?
-                    .reshape((r * tc, visible))?;
-                scores = scores.broadcast_add(&mask)?;
+                    Tensor::from_vec(mask, (tc, visible), dev)?
+                } else {
+                    // built on the device, not uploaded
+                    let first = (past + i0) as u32;
+                    let qpos = Tensor::arange(first, first + tc as u32, dev)?.reshape((tc, 1))?;
+                    let kpos = Tensor::arange(0u32, visible as u32, dev)?.reshape((1, visible))?;
+                    let later = kpos.broadcast_gt(&qpos)?;
+                    let ninf = Tensor::full(f32::NEG_INFINITY, (tc, visible), dev)?;
+                    let zero = Tensor::zeros((tc, visible), DType::F32, dev)?;
+                    later.where_cond(&ninf, &zero)?
+                };
+                scores = scores
+                    .reshape((b, ng, r, tc, visible))?
+                    .broadcast_add(&mask)?
+                    .reshape((b, ng, r * tc, visible))?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let out = probs.matmul(&vc)?; // [b, ng, r*tc, hd]
@@ -304,6 +374,13 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.dense_h_to_4h.forward(x)?;
+        #[cfg(feature = "cuda")]
+        let h = if h.device().is_cuda() && fused_decode_enabled() {
+            h.contiguous()?.apply_op1_no_bwd(&crate::kernels::cuda::SwiGlu)?
+        } else {
+            candle_nn::ops::swiglu(&h)?
+        };
+        #[cfg(not(feature = "cuda"))]
         let h = candle_nn::ops::swiglu(&h)?;
         Ok(self.dense_4h_to_h.forward(&h)?)
     }
@@ -404,8 +481,12 @@ pub struct Glm2Model {
     dtype: DType,
     device: Device,
     word_embeddings: Tensor,
-    rotary: RotaryEmbedding,
+    /// Per layer: the rotary tables on that layer's device.
+    rotary: Vec<RotaryEmbedding>,
     layers: Vec<Block>,
+    /// Per layer: where its weights and its part of every cache live (several GPUs: a split
+    /// of the layers, as the official `load_model_on_gpus`).
+    layer_devices: Vec<Device>,
     final_layernorm: Option<RmsNorm>,
     output_layer: Linear,
     prefix: Option<super::prefix::Prefix>,
@@ -415,15 +496,29 @@ pub struct Glm2Model {
 pub type ProgressFn<'a> = &'a dyn Fn(usize, usize);
 
 impl Glm2Model {
-    /// Build the model from an opened checkpoint.
+    /// Build the model from an opened checkpoint on `devices`: the embedding on the first, the
+    /// layers split into equal consecutive runs over all of them, the output layer on the last.
     pub fn load(
         cfg: &Glm2Config,
         ckpt: &Checkpoint,
         dtype: DType,
-        device: &Device,
+        devices: &[Device],
         quantize: Option<QuantType>,
         progress: Option<ProgressFn<'_>>,
     ) -> Result<Self> {
+        let Some(device) = devices.first() else {
+            return Err(Error::invalid("no device to load the model on"));
+        };
+        // 16-bit models: the float32 attention products may use TF32 tensor cores (their
+        // inputs are 16-bit values already); float32 models keep full float32 products.
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            candle_core::cuda::set_gemm_reduced_precision_f32(dtype != DType::F32);
+        }
+        let last_device = devices.last().expect("non-empty");
+        let layer_devices: Vec<Device> = (0..cfg.num_layers)
+            .map(|i| devices[i * devices.len() / cfg.num_layers.max(1)].clone())
+            .collect();
         if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::invalid(format!(
                 "dtype {dtype:?} is not a float dtype the model runs in"
@@ -444,7 +539,7 @@ impl Glm2Model {
         report(1);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            layers.push(Block::load(ckpt, i, cfg, quantize, dtype, device)?);
+            layers.push(Block::load(ckpt, i, cfg, quantize, dtype, &layer_devices[i])?);
             report(2 + i);
         }
         let final_layernorm = if cfg.post_layer_norm {
@@ -453,7 +548,7 @@ impl Glm2Model {
                 "transformer.encoder.final_layernorm",
                 cfg,
                 dtype,
-                device,
+                last_device,
             )?)
         } else {
             None
@@ -467,10 +562,21 @@ impl Glm2Model {
             None,
             None,
             dtype,
-            device,
+            last_device,
         )?;
         report(total - 1);
-        let rotary = RotaryEmbedding::new(cfg, dtype, device)?;
+        let mut tables: Vec<(Device, RotaryEmbedding)> = vec![];
+        let mut rotary = Vec::with_capacity(cfg.num_layers);
+        for d in &layer_devices {
+            match tables.iter().find(|(td, _)| td.same_device(d)) {
+                Some((_, r)) => rotary.push(r.clone()),
+                None => {
+                    let r = RotaryEmbedding::new(cfg, dtype, d)?;
+                    tables.push((d.clone(), r.clone()));
+                    rotary.push(r);
+                }
+            }
+        }
         report(total);
         Ok(Self {
             config: cfg.clone(),
@@ -479,6 +585,7 @@ impl Glm2Model {
             word_embeddings,
             rotary,
             layers,
+            layer_devices,
             final_layernorm,
             output_layer,
             prefix: None,
@@ -558,9 +665,25 @@ impl Glm2Model {
         n
     }
 
-    /// Put a P-Tuning v2 prefix in front of every new cache.
-    pub fn set_prefix(&mut self, prefix: Option<super::prefix::Prefix>) {
-        self.prefix = prefix;
+    /// Put a P-Tuning v2 prefix in front of every new cache (each layer's part moved to that
+    /// layer's device).
+    pub fn set_prefix(&mut self, prefix: Option<super::prefix::Prefix>) -> Result<()> {
+        self.prefix = match prefix {
+            Some(mut p) => {
+                for (i, d) in self.layer_devices.iter().enumerate() {
+                    p.keys[i] = p.keys[i].to_device(d)?;
+                    p.values[i] = p.values[i].to_device(d)?;
+                }
+                Some(p)
+            }
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// The devices holding the layers, in layer order (several for a multi-GPU split).
+    pub fn layer_devices(&self) -> &[Device] {
+        &self.layer_devices
     }
 
     /// Length of the P-Tuning prefix (0 without one).
@@ -662,7 +785,11 @@ impl Glm2Model {
         let input = Tensor::from_vec(flat, (1, n), &self.device)?;
         let mut x = self.embed(&input)?; // [1, n, hidden]
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, &self.rotary, &segments, caches, i)?;
+            let d = &self.layer_devices[i];
+            if !x.device().same_device(d) {
+                x = x.to_device(d)?;
+            }
+            x = layer.forward(&x, &self.rotary[i], &segments, caches, i)?;
         }
         for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
             cache.advance(t, true);
@@ -672,7 +799,7 @@ impl Glm2Model {
                 x.narrow(1, n - 1, 1)?
             } else {
                 let last: Vec<u32> = segments.iter().map(|&(o, t)| (o + t - 1) as u32).collect();
-                let last = Tensor::from_vec(last, segments.len(), &self.device)?;
+                let last = Tensor::from_vec(last, segments.len(), x.device())?;
                 x.index_select(&last, 1)?
             };
         }

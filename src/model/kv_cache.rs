@@ -90,6 +90,42 @@ impl Cache {
         }
     }
 
+    /// Make room in `layer` for `t` entries after the valid ones (keys and values of shape
+    /// `[b, groups, _, d]`, `dtype`, on `device`) and return the whole allocated tensors
+    /// `[b, groups, capacity, d]`. Growth is amortised as in [`Cache::append`].
+    pub fn reserve(
+        &mut self,
+        layer: usize,
+        t: usize,
+        (b, g, d): (usize, usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let dtype = self.dtype.unwrap_or(dtype);
+        let need = self.len + t;
+        let slot = &mut self.layers[layer];
+        let cap = slot.as_ref().map(|l| l.k.dims()[2]).unwrap_or(0);
+        if need > cap {
+            let new_cap = need
+                .max(2 * cap)
+                .div_ceil(GROW_STEP)
+                .saturating_mul(GROW_STEP)
+                .min(self.max_len.max(need));
+            let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+                let extra = Tensor::zeros((b, g, new_cap - cap, d), dtype, device)?;
+                match old {
+                    Some(old) => Tensor::cat(&[old, &extra], 2),
+                    None => Ok(extra),
+                }
+            };
+            let nk = grow(slot.as_ref().map(|l| &l.k))?;
+            let nv = grow(slot.as_ref().map(|l| &l.v))?;
+            *slot = Some(LayerCache { k: nk, v: nv });
+        }
+        let lc = slot.as_ref().expect("allocated above");
+        Ok((lc.k.clone(), lc.v.clone()))
+    }
+
     /// Write `k`, `v` (`[b, groups, t, kv_channels]`, contiguous) of layer `layer` at the end and
     /// return views of all valid keys and values `[b, groups, len + t, kv_channels]`.
     /// Call [`Cache::advance`] once all layers of a step have appended.
@@ -100,29 +136,10 @@ impl Cache {
         };
         let (b, g, t, d) = k.dims4()?;
         let need = self.len + t;
-        let slot = &mut self.layers[layer];
-        let cap = slot.as_ref().map(|l| l.k.dims()[2]).unwrap_or(0);
-        if need > cap {
-            let new_cap = need
-                .max(2 * cap)
-                .div_ceil(GROW_STEP)
-                .saturating_mul(GROW_STEP)
-                .min(self.max_len.max(need));
-            let grow = |old: Option<&Tensor>, dtype: DType, device: &Device| -> Result<Tensor> {
-                let extra = Tensor::zeros((b, g, new_cap - cap, d), dtype, device)?;
-                match old {
-                    Some(old) => Tensor::cat(&[old, &extra], 2),
-                    None => Ok(extra),
-                }
-            };
-            let nk = grow(slot.as_ref().map(|l| &l.k), k.dtype(), k.device())?;
-            let nv = grow(slot.as_ref().map(|l| &l.v), v.dtype(), v.device())?;
-            *slot = Some(LayerCache { k: nk, v: nv });
-        }
-        let lc = slot.as_ref().expect("allocated above");
-        lc.k.slice_set(&k.contiguous()?, 2, self.len)?;
-        lc.v.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((lc.k.narrow(2, 0, need)?, lc.v.narrow(2, 0, need)?))
+        let (kc, vc) = self.reserve(layer, t, (b, g, d), k.dtype(), k.device())?;
+        kc.slice_set(&k.contiguous()?, 2, self.len)?;
+        vc.slice_set(&v.contiguous()?, 2, self.len)?;
+        Ok((kc.narrow(2, 0, need)?, vc.narrow(2, 0, need)?))
     }
 
     /// Mark `t` new entries as valid; `rotary` says whether they advance the rotary position

@@ -5,7 +5,9 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::kernels::cpu_gemv::{Gemv, MAX_ROWS};
 use crate::kernels::cpu_quant::{Bits, QuantMatmul};
-use crate::quantize::{ggml_to_official, ggml_type_for, quantize_official, QuantType};
+use crate::quantize::{
+    ggml_to_official, ggml_type_for, official_to_ggml, quantize_official, QuantType,
+};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -75,23 +77,6 @@ impl Linear {
         device: &Device,
     ) -> Result<Self> {
         let name = format!("{prefix}.weight");
-        let official = |q: Tensor, scale: Tensor, bits: Bits| -> Result<Weight> {
-            let dense = if device.is_cpu() {
-                None
-            } else {
-                Some(
-                    dequantize(&q, &scale, bits)?
-                        .to_dtype(dtype)?
-                        .to_device(device)?,
-                )
-            };
-            Ok(Weight::Quantized {
-                q,
-                scale,
-                bits,
-                dense,
-            })
-        };
         let ggml = |qt: QTensor| -> Result<Weight> {
             let qt = if device.is_cpu() {
                 qt
@@ -110,6 +95,30 @@ impl Linear {
             Ok(Weight::Ggml {
                 mm: QMatMul::QTensor(qt.clone()),
                 qt,
+            })
+        };
+        let official = |q: Tensor, scale: Tensor, bits: Bits| -> Result<Weight> {
+            // On GPUs a 16-bit model keeps official int8/int4 weights as GGML Q8_0/Q4_0
+            // blocks: the same values (a block's scale is the row's float16 scale), run by
+            // candle's quantized kernels, at a quarter (int4) of the memory.
+            let k = if bits == Bits::Eight { q.dim(1)? } else { 2 * q.dim(1)? };
+            if !device.is_cpu() && dtype != DType::F32 && k % 32 == 0 {
+                return ggml(official_to_ggml(&q, &scale, bits)?);
+            }
+            let dense = if device.is_cpu() && std::env::var_os("GLM2RS_DEQUANTIZE").is_none() {
+                None
+            } else {
+                Some(
+                    dequantize(&q, &scale, bits)?
+                        .to_dtype(dtype)?
+                        .to_device(device)?,
+                )
+            };
+            Ok(Weight::Quantized {
+                q,
+                scale,
+                bits,
+                dense,
             })
         };
         let weight = if let Some(qt) = ckpt.gguf_quantized(&name, &[out_dim, in_dim])? {
@@ -203,8 +212,26 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `x Wᵀ` without the bias, and the bias (for kernels that add it themselves).
+    pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let y = self.matmul(x)?;
+        Ok((y, self.bias.clone()))
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.matmul(x)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
+impl Linear {
+    fn matmul(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // [.., in] -> [rows, in] x [in, out] -> [.., out]
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
@@ -217,7 +244,7 @@ impl Module for Linear {
                 x2.contiguous()?.apply_op2_no_bwd(w, &Gemv)?
             }
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
-            Weight::Quantized { q, scale, bits, .. } if cpu => {
+            Weight::Quantized { q, scale, bits, dense: None } if cpu => {
                 let exact = x2.dtype() == DType::F32;
                 x2.contiguous()?
                     .apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits, exact })?
@@ -231,10 +258,6 @@ impl Module for Linear {
                 mm.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?
                     .to_dtype(dt)?
             }
-        };
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
         };
         let mut out = dims;
         let last = out.len() - 1;

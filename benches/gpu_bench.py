@@ -1,0 +1,212 @@
+"""GPU checks and figures, run on the device machine (no download: random weights of the real
+chatglm2-6b shapes are written there first).
+
+    python benches/gpu_bench.py --fixtures DIR [--parity] [--big] [--quant q4_0,q8_0] [--batches 16,64]
+                                [--num-gpus 2] [--out results.json]
+
+- parity: tiny-glm2 on CUDA in float32 (logits against the official golden, greedy chats, int8/int4
+  official checkpoints, batched generation equal to one at a time);
+- big: chatglm2-6b bf16: load time, prefill of 2048 tokens, decode tokens/s at batch 1 (and the
+  given batches, aggregate), peak GPU memory of the process (nvidia-smi, polled);
+- quant: the same for block-quantized weights (quantize= on load);
+- num-gpus: the layers split over N GPUs (parity on the fixture, then 6B decode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+import glm2rs
+
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+class PeakMemory:
+    """Highest GPU memory of this process (all GPUs summed), polled with nvidia-smi."""
+
+    def __init__(self, period: float = 0.05):
+        self.period, self.peak, self.stop_flag = period, 0, False
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def now(self) -> int:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout
+        mine = [int(l.split(",")[1]) for l in out.strip().splitlines() if l and int(l.split(",")[0]) == os.getpid()]
+        return sum(mine)
+
+    def run(self):
+        while not self.stop_flag:
+            try:
+                self.peak = max(self.peak, self.now())
+            except Exception:  # noqa: BLE001
+                pass
+            time.sleep(self.period)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *a):
+        self.stop_flag = True
+        self.t.join()
+        self.peak = max(self.peak, self.now())
+
+
+def parity(fx: Path, num_gpus: int = 1) -> None:
+    fw = dict(np.load(fx / "golden" / "forward.npz"))
+    chats = json.loads((fx / "golden" / "generate.json").read_text())["chat"]
+    quantized = json.loads((fx / "golden" / "quantized.json").read_text())
+    for sub in ("model-safetensors", "model", "model-int8", "model-int4"):
+        if not any((fx / sub).glob("*.safetensors")) and not any((fx / sub).glob("*.bin")):
+            continue  # not carried to this machine
+        m = glm2rs.Model.from_pretrained(str(fx / sub), device="cuda", dtype="float32", num_gpus=num_gpus)
+        tok = m.tokenizer
+        worst, same, total = 0.0, 0, 0
+        if "int" in sub:
+            bits = sub.split("-")[1]
+            g = quantized[bits]
+            want = np.load(fx / "golden" / f"{bits}_last_logits.npy").reshape(-1)
+            worst = float(np.abs(m.logits(g["prompt_ids"])[-1] - want).max())
+            ids = tok.encode(tok.build_prompt(g["greedy_query"]))
+            same = int(m.generate_ids(ids, max_new_tokens=len(g["greedy_output_ids"])) == g["greedy_output_ids"])
+            total = 1
+        else:
+            for i in range(3):
+                ids = [int(x) for x in fw[f"ids_{i}"].reshape(-1)]
+                got = m.logits(ids)
+                want = fw[f"logits_{i}"]
+                got = got[-1:] if want.shape[0] == 1 else got
+                worst = max(worst, float(np.abs(got - want).max()))
+            for t in chats:
+                prompt = tok.build_prompt(t["query"], [tuple(h) for h in t["history"]])
+                same += m.generate_ids(tok.encode(prompt), max_new_tokens=t["max_new_tokens"]) == t["output_ids"]
+            total = len(chats)
+        prompts = [tok.encode(p) for p in ("你好", "a longer prompt with more tokens in it", "x")]
+        batch_ok = m.generate_batch_ids(prompts, max_new_tokens=16) == [m.generate_ids(p, max_new_tokens=16)
+                                                                         for p in prompts]
+        RESULTS.setdefault("parity", {})[f"{sub}/gpus{num_gpus}"] = {
+            "max_logit_err": worst, "greedy_equal": f"{same}/{total}", "batch_equal": batch_ok}
+        log(f"parity {sub} cuda f32 x{num_gpus}: max logit err {worst:.2e}, greedy equal {same}/{total}, "
+            f"batched == one at a time: {batch_ok}")
+
+
+def make_big(fx: Path, d: Path) -> Path:
+    if not (d / "config.json").exists():
+        t0 = time.time()
+        subprocess.run([sys.executable, "benches/make_random_checkpoint.py", str(d), "--dtype", "bfloat16",
+                        "--fixtures", str(fx)], check=True, stdout=subprocess.DEVNULL)
+        log(f"random chatglm2-6b bf16 written in {time.time() - t0:.0f} s")
+    return d
+
+
+def figures(label: str, d: Path, batches: list[int], quantize: str | None = None, num_gpus: int = 1,
+            decode_tokens: int = 128) -> None:
+    r: dict = {}
+    with PeakMemory() as pm:
+        t0 = time.perf_counter()
+        m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", quantize=quantize,
+                                         num_gpus=num_gpus)
+        r["load_s"] = time.perf_counter() - t0
+        r["weight_gib"] = m.weight_bytes / 2**30
+        rng = np.random.default_rng(0)
+        ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, 2046)]
+        m.last_logits([ids[:64]])  # warm up
+        pre = []
+        for _ in range(3):
+            t = time.perf_counter()
+            m.last_logits([ids])  # waits for the result
+            pre.append(time.perf_counter() - t)
+        r["prefill_2048_s"] = min(pre)
+    r["peak_gib_prefill"] = pm.peak / 1024
+    s = m.stream_ids(ids[:32], max_new_tokens=8)
+    for _ in s:
+        pass
+    dec = []
+    for _ in range(2):
+        s = m.stream_ids(ids[:32], max_new_tokens=decode_tokens + 1)
+        t_first, n_first = None, 0
+        for _ in s:
+            if t_first is None:
+                t_first, n_first = time.perf_counter(), len(s.token_ids)
+        dec.append((len(s.token_ids) - n_first) / (time.perf_counter() - t_first))
+    r["decode_b1_tok_s"] = max(dec)
+    for b in batches:
+        prompts = [[64790, 64792] + [int(x) for x in rng.integers(100, 60000, 30)] for _ in range(b)]
+        t = time.perf_counter()
+        m.generate_batch_ids(prompts, max_new_tokens=1)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        out = m.generate_batch_ids(prompts, max_new_tokens=65)
+        t65 = time.perf_counter() - t
+        n = sum(len(o) for o in out)
+        r[f"decode_b{b}_tok_s"] = (n - b) / max(t65 - t1, 1e-9)
+    RESULTS.setdefault("figures", {})[label] = r
+    log(f"{label}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    del m
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fixtures", required=True)
+    ap.add_argument("--parity", action="store_true")
+    ap.add_argument("--big", action="store_true")
+    ap.add_argument("--quant", default="")
+    ap.add_argument("--batches", default="16,64")
+    ap.add_argument("--num-gpus", type=int, default=1)
+    ap.add_argument("--ckpt", default="/tmp/glm6b")
+    ap.add_argument("--out")
+    ap.add_argument("--baseline", action="store_true", help="also time the decode without the fused kernels")
+    ap.add_argument("--big-only", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.big_only:
+        figures("bf16 (GLM2RS_FUSED=0)", Path(a.ckpt), [int(x) for x in a.batches.split(",") if x],
+                decode_tokens=64)
+        return 0
+    fx = Path(a.fixtures)
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True).stdout.strip().splitlines()
+    RESULTS["gpu"] = gpu
+    log(f"GPUs: {gpu}; glm2rs {glm2rs.__version__}")
+    batches = [int(x) for x in a.batches.split(",") if x]
+    try:
+        if a.parity:
+            parity(fx)
+            if a.num_gpus > 1:
+                parity(fx, a.num_gpus)
+        if a.big or a.quant or a.num_gpus > 1:
+            d = make_big(fx, Path(a.ckpt))
+        if a.big:
+            figures("bf16", d, batches)
+            if a.baseline:
+                # the same with candle's own ops for the decode step (GLM2RS_FUSED=0), in a fresh process
+                env = dict(os.environ, GLM2RS_FUSED="0")
+                out = subprocess.run([sys.executable, __file__, "--fixtures", a.fixtures, "--ckpt", a.ckpt,
+                                      "--big-only", "--batches", "16"], env=env, capture_output=True, text=True)
+                log(out.stdout.strip().splitlines()[-1] if out.stdout.strip() else out.stderr[-2000:])
+                if out.returncode == 0 and out.stdout.strip():
+                    RESULTS["baseline_unfused"] = out.stdout.strip().splitlines()[-1]
+        for q in [q for q in a.quant.split(",") if q]:
+            figures(q, d, batches[:1], quantize=q)
+        if a.num_gpus > 1:
+            figures(f"bf16 x{a.num_gpus} GPUs", d, [], num_gpus=a.num_gpus)
+    finally:
+        if a.out:
+            Path(a.out).write_text(json.dumps(RESULTS, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+//! With the `cuda` feature, compile src/kernels/cuda/*.cu to PTX with nvcc (NVCC or nvcc on
+//! PATH; CUDA_COMPUTE_CAP picks the target, default 90). The PTX is embedded in the library.
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let src = "src/kernels/cuda/glm2.cu";
+    println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("glm2.ptx");
+    let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".to_string());
+    let status = std::process::Command::new(&nvcc)
+        .args(["--ptx", "-O3", "--use_fast_math", "-std=c++17"])
+        .arg(format!("-arch=compute_{cap}"))
+        .arg("-o")
+        .arg(&out)
+        .arg(src)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {nvcc} (set NVCC): {e}"));
+    assert!(status.success(), "{nvcc} failed on {src}");
+}
