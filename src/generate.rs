@@ -194,23 +194,22 @@ impl Generator {
         if self.finished.is_some() {
             return Ok(None);
         }
-        let ids = std::mem::take(&mut self.to_feed);
-        let input = Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
-        let logits = match self.model.forward(&input, &mut self.cache, Logits::Last) {
-            Ok(l) => l,
-            Err(e) => {
-                // Keep the sequence consistent: nothing was appended for a failed step.
-                self.finished = Some(FinishReason::Length);
-                return Err(e);
-            }
-        };
-        self.accept_logits(&logits).map(Some)
+        Ok(Self::step_many(&mut [self])?[0])
     }
 
-    /// Pick the next token from the logits of the last position (`[.., vocab]` f32).
-    fn accept_logits(&mut self, logits: &Tensor) -> Result<u32> {
-        let mut row: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let token = self.sampler.sample(&mut row, &self.ids);
+    /// Greedy without a repetition penalty: the token is the argmax, wherever it is computed.
+    fn plain_greedy(&self) -> bool {
+        let c = self.sampler.config();
+        !c.do_sample && c.repetition_penalty == 1.0
+    }
+
+    fn accept_row(&mut self, row: &mut [f32]) -> u32 {
+        let token = self.sampler.sample(row, &self.ids);
+        self.accept_token(token);
+        token
+    }
+
+    fn accept_token(&mut self, token: u32) {
         self.ids.push(token);
         self.to_feed.push(token);
         if self.stop_ids.contains(&token) {
@@ -218,7 +217,6 @@ impl Generator {
         } else if self.ids.len() >= self.limit {
             self.finished = Some(FinishReason::Length);
         }
-        Ok(token)
     }
 
     /// One decoding step of several generations of the same model in one batched forward
@@ -247,10 +245,10 @@ impl Generator {
             caches.push(&mut g.cache);
         }
         let input_refs: Vec<&[u32]> = inputs.iter().map(|v| v.as_slice()).collect();
-        let logits = model.forward_many(&input_refs, &mut caches, Logits::Last);
+        let logits = model.forward_last(&input_refs, &mut caches);
         drop(caches);
         let logits = match logits {
-            Ok(l) => l,
+            Ok(l) => l, // [active, vocab] f32
             Err(e) => {
                 for &i in &active {
                     gens[i].finished = Some(FinishReason::Length);
@@ -258,8 +256,20 @@ impl Generator {
                 return Err(e);
             }
         };
-        for (&i, l) in active.iter().zip(&logits) {
-            out[i] = Some(gens[i].accept_logits(l)?);
+        // One transfer for the whole batch: argmaxes when every row is plainly greedy and the
+        // logits are on a GPU, else all rows.
+        if !logits.device().is_cpu() && active.iter().all(|&i| gens[i].plain_greedy()) {
+            let ids: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            for (&i, t) in active.iter().zip(ids) {
+                gens[i].accept_token(t);
+                out[i] = Some(t);
+            }
+            return Ok(out);
+        }
+        let vocab = logits.dim(1)?;
+        let mut all: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        for (&i, row) in active.iter().zip(all.chunks_mut(vocab)) {
+            out[i] = Some(gens[i].accept_row(row));
         }
         Ok(out)
     }

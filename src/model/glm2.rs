@@ -749,6 +749,29 @@ impl Glm2Model {
         caches: &mut [&mut Cache],
         which: Logits,
     ) -> Result<Vec<Tensor>> {
+        let (logits, segments) = self.run(inputs, caches, which)?;
+        let mut out = Vec::with_capacity(segments.len());
+        let mut row = 0;
+        for &(_, t) in &segments {
+            let rows = if which == Logits::Last { 1 } else { t };
+            out.push(logits.narrow(0, row, rows)?);
+            row += rows;
+        }
+        Ok(out)
+    }
+
+    /// [`Glm2Model::forward_many`] with `Logits::Last`, as one f32 tensor `[sequences, vocab]`
+    /// (still on the model's device).
+    pub fn forward_last(&self, inputs: &[&[u32]], caches: &mut [&mut Cache]) -> Result<Tensor> {
+        Ok(self.run(inputs, caches, Logits::Last)?.0)
+    }
+
+    fn run(
+        &self,
+        inputs: &[&[u32]],
+        caches: &mut [&mut Cache],
+        which: Logits,
+    ) -> Result<(Tensor, Vec<(usize, usize)>)> {
         if inputs.len() != caches.len() {
             return Err(Error::invalid(format!(
                 "{} inputs but {} caches",
@@ -757,7 +780,7 @@ impl Glm2Model {
             )));
         }
         if inputs.is_empty() {
-            return Ok(vec![]);
+            return Err(Error::invalid("forward needs at least one sequence"));
         }
         let vocab = self.config.padded_vocab_size;
         let mut segments = Vec::with_capacity(inputs.len());
@@ -807,14 +830,7 @@ impl Glm2Model {
             x = norm.forward(&x)?;
         }
         let logits = self.output_layer.forward(&x)?.to_dtype(DType::F32)?.squeeze(0)?;
-        let mut out = Vec::with_capacity(segments.len());
-        let mut row = 0;
-        for &(_, t) in &segments {
-            let rows = if which == Logits::Last { 1 } else { t };
-            out.push(logits.narrow(0, row, rows)?);
-            row += rows;
-        }
-        Ok(out)
+        Ok((logits, segments))
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {

@@ -253,6 +253,11 @@ impl Linear {
             Weight::Quantized { dense: None, .. } => {
                 candle_core::bail!("quantized weight without a device copy")
             }
+            // candle's CUDA kernels take 16-bit inputs directly for a few rows (decoding)
+            Weight::Ggml { mm, .. } if !cpu && rows <= 8 => {
+                let dt = x2.dtype();
+                mm.forward(&x2.contiguous()?)?.to_dtype(dt)?
+            }
             Weight::Ggml { mm, .. } => {
                 let dt = x2.dtype();
                 mm.forward(&x2.to_dtype(DType::F32)?.contiguous()?)?
