@@ -237,6 +237,15 @@ impl Generator {
                 "generations stepped together must share one model",
             ));
         }
+        // A model split over several GPUs runs its sequences one at a time: its batched
+        // results were seen to differ now and then from one-at-a-time ones on two H200s
+        // (cause not found yet), while single sequences always matched the references.
+        if active.len() > 1 && model.num_devices() > 1 {
+            for &i in &active {
+                out[i] = Self::step_many(&mut [&mut *gens[i]])?[0];
+            }
+            return Ok(out);
+        }
         let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(active.len());
         let mut caches: Vec<&mut Cache> = Vec::with_capacity(active.len());
         for g in gens.iter_mut().filter(|g| g.finished.is_none()) {
@@ -259,7 +268,17 @@ impl Generator {
         // One transfer for the whole batch: argmaxes when every row is plainly greedy and the
         // logits are on a GPU, else all rows.
         if !logits.device().is_cpu() && active.iter().all(|&i| gens[i].plain_greedy()) {
-            let ids: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
+            #[cfg(feature = "cuda")]
+            let best = if logits.device().is_cuda() {
+                logits
+                    .contiguous()?
+                    .apply_op1_no_bwd(&crate::kernels::cuda::ArgmaxRows)?
+            } else {
+                logits.argmax(candle_core::D::Minus1)?
+            };
+            #[cfg(not(feature = "cuda"))]
+            let best = logits.argmax(candle_core::D::Minus1)?;
+            let ids: Vec<u32> = best.to_vec1()?;
             for (&i, t) in active.iter().zip(ids) {
                 gens[i].accept_token(t);
                 out[i] = Some(t);

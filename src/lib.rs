@@ -63,8 +63,9 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}")))?;
             #[cfg(feature = "cuda")]
             if let Device::Cuda(d) = &dev {
-                // One stream per device: the per-allocation events that guard tensors shared
-                // between streams only cost time (set GLM2RS_CUDA_EVENTS=1 to keep them).
+                // One model on one GPU uses one stream: the per-allocation events that guard
+                // tensors shared between streams only cost time (GLM2RS_CUDA_EVENTS=1 keeps
+                // them). A model split over several GPUs keeps them (see `parse_devices`).
                 if std::env::var("GLM2RS_CUDA_EVENTS").map_or(true, |v| v != "1") {
                     unsafe { d.disable_event_tracking() };
                 }
@@ -100,8 +101,14 @@ pub fn parse_devices(s: &str, num_gpus: usize) -> Result<Vec<Device>> {
             "num_gpus={num_gpus} needs a CUDA device, not \"{s}\""
         )));
     }
+    // Streams of several GPUs exchange tensors: keep cudarc's event tracking, which orders
+    // each cross-device copy after the work that produced its source.
     (first..first + num_gpus)
-        .map(|i| parse_device(&format!("cuda:{i}")))
+        .map(|i| {
+            Device::new_cuda(i).map_err(|e| {
+                Error::invalid(format!("device \"cuda:{i}\" is not available: {e}"))
+            })
+        })
         .collect()
 }
 

@@ -484,14 +484,7 @@ impl PyModel {
     /// How many devices hold the layers (more than 1 when split with num_gpus).
     #[getter]
     fn num_gpus(&self) -> usize {
-        let ds = self.inner.model().layer_devices();
-        let mut n = 0;
-        for (i, d) in ds.iter().enumerate() {
-            if !ds[..i].iter().any(|e| e.same_device(d)) {
-                n += 1;
-            }
-        }
-        n
+        self.inner.model().num_devices()
     }
 
     /// float32 logits `[len(input_ids), vocab]` of every position, in a fresh context.

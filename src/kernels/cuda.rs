@@ -247,3 +247,342 @@ impl CustomOp1 for SwiGlu {
         ))
     }
 }
+
+/// Contiguous offsets of a layout, or an error naming the op.
+fn contiguous(l: &Layout, op: &str) -> Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some(o) => Ok(o),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// `h = a + b` and `y = rmsnorm(h) * w` in one pass (`b = None`: plain RMSNorm of `a`).
+/// Returns `(h, y)`, both shaped like `a`.
+pub fn add_rmsnorm(a: &Tensor, b: Option<&Tensor>, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+    let a = a.contiguous()?;
+    let both = match b {
+        Some(b) => a.apply_op3_no_bwd(&b.contiguous()?, w, &AddRmsNorm { eps, has_b: true })?,
+        None => a.apply_op3_no_bwd(&a, w, &AddRmsNorm { eps, has_b: false })?,
+    };
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// Output `[2, ..a's shape]`: the sum, then the normalized sum.
+struct AddRmsNorm {
+    eps: f32,
+    has_b: bool,
+}
+
+impl candle_core::CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "glm2rs-add-rmsnorm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("glm2rs-add-rmsnorm runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sa: &CudaStorage,
+        la: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dims = la.shape().dims().to_vec();
+        let n = *dims.last().unwrap_or(&0);
+        let rows = la.shape().elem_count() / n.max(1);
+        if lb.shape() != la.shape() || lw.shape().elem_count() != n {
+            bail!("add_rmsnorm: shapes {:?} {:?} {:?}", la.shape(), lb.shape(), lw.shape());
+        }
+        let (a0, a1) = contiguous(la, "add_rmsnorm")?;
+        let (b0, b1) = contiguous(lb, "add_rmsnorm")?;
+        let (w0, w1) = contiguous(lw, "add_rmsnorm")?;
+        let dev = &sa.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("add_rmsnorm_{}", suffix(sa.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        // about 8 elements a thread (kept in registers), at most 1024 threads
+        let threads = (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_i, n_i, eps) = (rows as i32, n as i32, self.eps);
+        let has_b = self.has_b;
+        macro_rules! launch {
+            ($a:expr, $b:expr, $w:expr, $variant:ident, $t:ty) => {{
+                let a = $a.slice(a0..a1);
+                let b = $b.slice(b0..b1);
+                let w = $w.slice(w0..w1);
+                let out = unsafe { dev.alloc::<$t>(2 * rows * n)? };
+                let mut bld = func.builder();
+                bld.arg(&a);
+                if has_b {
+                    bld.arg(&b);
+                } else {
+                    bld.arg(&0u64);
+                }
+                bld.arg(&w);
+                bld.arg(&out);
+                bld.arg(&rows_i);
+                bld.arg(&n_i);
+                bld.arg(&eps);
+                unsafe { bld.launch(cfg) }.w()?;
+                CudaStorageSlice::$variant(out)
+            }};
+        }
+        let slice = match (&sa.slice, &sb.slice, &sw.slice) {
+            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b), CudaStorageSlice::F32(w)) => {
+                launch!(a, b, w, F32, f32)
+            }
+            (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b), CudaStorageSlice::F16(w)) => {
+                launch!(a, b, w, F16, half::f16)
+            }
+            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b), CudaStorageSlice::BF16(w)) => {
+                launch!(a, b, w, BF16, half::bf16)
+            }
+            _ => bail!("add_rmsnorm: inputs must share one float dtype"),
+        };
+        let mut out = vec![2];
+        out.extend(dims);
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from(out),
+        ))
+    }
+}
+
+/// Index of the largest value of each row of float32 `[rows, n]` logits: u32 `[rows]`.
+pub struct ArgmaxRows;
+
+impl CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "glm2rs-argmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("glm2rs-argmax runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, n) = l.shape().dims2()?;
+        let (o1, o2) = contiguous(l, "argmax")?;
+        let CudaStorageSlice::F32(x) = &s.slice else {
+            bail!("argmax: float32 logits expected")
+        };
+        let dev = &s.device;
+        let func = dev.get_or_load_custom_func("argmax_f32", MODULE, PTX)?;
+        let x = x.slice(o1..o2);
+        let out = unsafe { dev.alloc::<u32>(rows)? };
+        let n_i = n as i32;
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&out);
+        b.arg(&n_i);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage {
+                slice: CudaStorageSlice::U32(out),
+                device: dev.clone(),
+            },
+            Shape::from(rows),
+        ))
+    }
+}
+
+/// Causal softmax of float32 attention scores `[rows, cols]` of a query block: row `r` is the
+/// query at position `first_q + r % tc`; later keys are masked. Scores are multiplied by
+/// `scale` first; probabilities come out as `dtype`.
+pub struct CausalSoftmax {
+    pub tc: usize,
+    pub first_q: usize,
+    pub scale: f32,
+    pub dtype: DType,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "glm2rs-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("glm2rs-causal-softmax runs on CUDA only")
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        let dims = l.shape().dims().to_vec();
+        let cols = *dims.last().unwrap_or(&0);
+        let rows = l.shape().elem_count() / cols.max(1);
+        let (o1, o2) = contiguous(l, "causal softmax")?;
+        let CudaStorageSlice::F32(x) = &s.slice else {
+            bail!("causal softmax: float32 scores expected")
+        };
+        if self.first_q + self.tc > cols {
+            bail!("causal softmax: queries beyond the keys");
+        }
+        let dev = &s.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("causal_softmax_{}", suffix(self.dtype)?),
+            MODULE,
+            PTX,
+        )?;
+        let x = x.slice(o1..o2);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (cols_i, tc_i, fq_i, scale) = (
+            cols as i32,
+            self.tc as i32,
+            self.first_q as i32,
+            self.scale,
+        );
+        macro_rules! launch {
+            ($variant:ident, $t:ty) => {{
+                let out = unsafe { dev.alloc::<$t>(rows * cols)? };
+                let mut b = func.builder();
+                b.arg(&x);
+                b.arg(&out);
+                b.arg(&cols_i);
+                b.arg(&tc_i);
+                b.arg(&fq_i);
+                b.arg(&scale);
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::$variant(out)
+            }};
+        }
+        let slice = match self.dtype {
+            DType::F32 => launch!(F32, f32),
+            DType::F16 => launch!(F16, half::f16),
+            DType::BF16 => launch!(BF16, half::bf16),
+            d => bail!("causal softmax: unsupported output dtype {d:?}"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from(dims),
+        ))
+    }
+}
+
+/// `x Wᵀ` for at most 8 rows of `x` (`[m, k]`) and a weight `[n, k]` of the same dtype, by the
+/// streaming kernel. `None` when the shapes or alignment do not suit it (use a matmul).
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let (_n, k2) = w.dims2()?;
+    let vec = 16 / x.dtype().size_in_bytes();
+    if m == 0
+        || m > 8
+        || k != k2
+        || k % vec != 0
+        || x.dtype() != w.dtype()
+        || !w.is_contiguous()
+        || !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+    {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    if device_ptr(&x)? % 16 != 0 || device_ptr(w)? % 16 != 0 {
+        return Ok(None);
+    }
+    Ok(Some(x.apply_op2_no_bwd(w, &Gemv)?))
+}
+
+struct Gemv;
+
+impl candle_core::CustomOp2 for Gemv {
+    fn name(&self) -> &'static str {
+        "glm2rs-cuda-gemv"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("glm2rs-cuda-gemv runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, _) = lw.shape().dims2()?;
+        let (x0, x1) = contiguous(lx, "gemv")?;
+        let (w0, w1) = contiguous(lw, "gemv")?;
+        let dev = &sx.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("gemv{m}_{}", suffix(sx.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let warps = 8u32;
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(warps), 1, 1),
+            block_dim: (warps * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_i, k_i) = (n as i32, k as i32);
+        macro_rules! launch {
+            ($x:expr, $w:expr, $variant:ident, $t:ty) => {{
+                let x = $x.slice(x0..x1);
+                let w = $w.slice(w0..w1);
+                let y = unsafe { dev.alloc::<$t>(m * n)? };
+                let mut b = func.builder();
+                b.arg(&x);
+                b.arg(&w);
+                b.arg(&y);
+                b.arg(&n_i);
+                b.arg(&k_i);
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::$variant(y)
+            }};
+        }
+        let slice = match (&sx.slice, &sw.slice) {
+            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w)) => launch!(x, w, F32, f32),
+            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(w)) => launch!(x, w, F16, half::f16),
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w)) => {
+                launch!(x, w, BF16, half::bf16)
+            }
+            _ => bail!("gemv: x and w must share one float dtype"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((m, n)),
+        ))
+    }
+}

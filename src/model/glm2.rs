@@ -75,6 +75,20 @@ fn fused_decode_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("GLM2RS_FUSED").map_or(true, |v| v != "0"))
 }
 
+/// Copy `x` to device `d`, waiting for the work that produced it first: streams of different
+/// GPUs are not ordered with each other (event tracking is off, see `parse_device`), so the
+/// source is synchronized before the copy and the destination after it (before the source
+/// memory can be reused).
+fn to_other_device(x: &Tensor, d: &Device) -> Result<Tensor> {
+    if x.device().same_device(d) {
+        return Ok(x.clone());
+    }
+    x.device().synchronize()?;
+    let y = x.to_device(d)?;
+    d.synchronize()?;
+    Ok(y)
+}
+
 /// The official weight-only quantization of the four big linear layers of each block.
 fn quant_bits(cfg: &Glm2Config) -> Option<Bits> {
     match cfg.quantization_bit {
@@ -219,6 +233,50 @@ impl SelfAttention {
         self.dense.forward(&ctx).map_err(Error::from)
     }
 
+    /// [`SelfAttention::attend`] on CUDA: scores from float32 (TF32) products, then one kernel
+    /// for scale, causal mask and softmax, whose 16-bit probabilities multiply the values in
+    /// the model dtype (as fused attention kernels do).
+    #[cfg(feature = "cuda")]
+    fn attend_cuda(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        use crate::kernels::cuda::CausalSoftmax;
+        let (b, nh, t, hd) = q.dims4()?;
+        let ng = self.num_groups;
+        let r = nh / ng;
+        let l = k.dim(2)?;
+        let past = l - t;
+        let dtype = q.dtype();
+        let kt = k.to_dtype(DType::F32)?.contiguous()?.t()?; // [b, ng, hd, L]
+        let v = v.contiguous()?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let block = (ATTENTION_SCORE_BUDGET / (b * nh * l).max(1)).clamp(1, t.max(1));
+        let mut outs = Vec::with_capacity(t.div_ceil(block));
+        let mut i0 = 0;
+        while i0 < t {
+            let tc = block.min(t - i0);
+            let visible = past + i0 + tc;
+            let qc = q
+                .narrow(2, i0, tc)?
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .reshape((b, ng, r * tc, hd))?;
+            let scores = qc.matmul(&kt.narrow(3, 0, visible)?)?; // [b, ng, r*tc, visible]
+            let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
+                tc,
+                first_q: past + i0,
+                scale,
+                dtype,
+            })?;
+            let out = probs.matmul(&v.narrow(2, 0, visible)?)?; // [b, ng, r*tc, hd]
+            outs.push(out.reshape((b, nh, tc, hd))?);
+            i0 += tc;
+        }
+        Ok(if outs.len() == 1 {
+            outs.pop().expect("one block")
+        } else {
+            Tensor::cat(&outs, 2)?
+        })
+    }
+
     /// One decoding step of every sequence (one new token each) in one fused kernel: bias,
     /// rotary, cache write and attention over each sequence's own cache.
     #[cfg(feature = "cuda")]
@@ -263,6 +321,10 @@ impl SelfAttention {
     /// `[b, ng, L, hd]`, in f32. Heads of one group share its keys without copying them out:
     /// queries are viewed as `[b, ng, (nh/ng) * t, hd]`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if q.device().is_cuda() && fused_decode_enabled() {
+            return self.attend_cuda(q, k, v);
+        }
         let (b, nh, t, hd) = q.dims4()?;
         let ng = self.num_groups;
         let r = nh / ng;
@@ -458,6 +520,46 @@ impl Block {
             &ln_input
         };
         Ok((residual + mlp)?)
+    }
+
+    /// [`Block::forward`] with each residual add fused into the RMSNorm after it (CUDA; not for
+    /// `apply_residual_connection_post_layernorm`). `normed` is this block's input norm when
+    /// the previous block computed it; with `next_norm` the output comes with the next block's
+    /// input norm.
+    #[cfg(feature = "cuda")]
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        normed: Option<Tensor>,
+        next_norm: Option<&RmsNorm>,
+        rotary: &RotaryEmbedding,
+        segments: &[(usize, usize)],
+        caches: &mut [&mut Cache],
+        layer: usize,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        use crate::kernels::cuda::add_rmsnorm;
+        let ln = match normed {
+            Some(n) => n,
+            None => add_rmsnorm(x, None, &self.input_layernorm.weight, self.input_layernorm.eps)?.1,
+        };
+        let attn = self
+            .self_attention
+            .forward(&ln, rotary, segments, caches, layer)?;
+        let (h, ln2) = add_rmsnorm(
+            x,
+            Some(&attn),
+            &self.post_attention_layernorm.weight,
+            self.post_attention_layernorm.eps,
+        )?;
+        let mlp = self.mlp.forward(&ln2)?;
+        Ok(match next_norm {
+            Some(n) => {
+                let (out, normed) = add_rmsnorm(&h, Some(&mlp), &n.weight, n.eps)?;
+                (out, Some(normed))
+            }
+            None => ((h + mlp)?, None),
+        })
     }
 }
 
@@ -671,14 +773,22 @@ impl Glm2Model {
         self.prefix = match prefix {
             Some(mut p) => {
                 for (i, d) in self.layer_devices.iter().enumerate() {
-                    p.keys[i] = p.keys[i].to_device(d)?;
-                    p.values[i] = p.values[i].to_device(d)?;
+                    p.keys[i] = to_other_device(&p.keys[i], d)?;
+                    p.values[i] = to_other_device(&p.values[i], d)?;
                 }
                 Some(p)
             }
             None => None,
         };
         Ok(())
+    }
+
+    /// How many distinct devices hold the layers.
+    pub fn num_devices(&self) -> usize {
+        let ds = &self.layer_devices;
+        (0..ds.len())
+            .filter(|&i| !ds[..i].iter().any(|e| e.same_device(&ds[i])))
+            .count()
     }
 
     /// The devices holding the layers, in layer order (several for a multi-GPU split).
@@ -766,6 +876,7 @@ impl Glm2Model {
         Ok(self.run(inputs, caches, Logits::Last)?.0)
     }
 
+    #[cfg_attr(not(feature = "cuda"), allow(unused_assignments, unused_variables))]
     fn run(
         &self,
         inputs: &[&[u32]],
@@ -807,12 +918,43 @@ impl Glm2Model {
         let n = flat.len();
         let input = Tensor::from_vec(flat, (1, n), &self.device)?;
         let mut x = self.embed(&input)?; // [1, n, hidden]
+        #[cfg(feature = "cuda")]
+        let fused = self.device.is_cuda()
+            && fused_decode_enabled()
+            && !self.config.apply_residual_connection_post_layernorm;
+        #[cfg(not(feature = "cuda"))]
+        let fused = false;
+        let mut normed: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let d = &self.layer_devices[i];
             if !x.device().same_device(d) {
-                x = x.to_device(d)?;
+                x = to_other_device(&x, d)?;
+                normed = None;
             }
-            x = layer.forward(&x, &self.rotary[i], &segments, caches, i)?;
+            if fused {
+                #[cfg(feature = "cuda")]
+                {
+                    // the next block's input norm is fused in when it lives on the same device
+                    let next = self
+                        .layers
+                        .get(i + 1)
+                        .filter(|_| self.layer_devices[i + 1].same_device(d))
+                        .map(|b| &b.input_layernorm);
+                    let (out, n) = layer.forward_fused(
+                        &x,
+                        normed.take(),
+                        next,
+                        &self.rotary[i],
+                        &segments,
+                        caches,
+                        i,
+                    )?;
+                    x = out;
+                    normed = n;
+                }
+            } else {
+                x = layer.forward(&x, &self.rotary[i], &segments, caches, i)?;
+            }
         }
         for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
             cache.advance(t, true);

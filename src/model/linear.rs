@@ -243,6 +243,13 @@ impl Linear {
             Weight::Dense(w) if cpu && (rows <= MAX_ROWS || w.dtype() != DType::F32) => {
                 x2.contiguous()?.apply_op2_no_bwd(w, &Gemv)?
             }
+            #[cfg(feature = "cuda")]
+            Weight::Dense(w) if !cpu && rows <= 8 && w.device().is_cuda() => {
+                match crate::kernels::cuda::gemv(&x2, w)? {
+                    Some(y) => y,
+                    None => x2.matmul(&w.t()?)?,
+                }
+            }
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
             Weight::Quantized { q, scale, bits, dense: None } if cpu => {
                 let exact = x2.dtype() == DType::F32;

@@ -202,3 +202,195 @@ __device__ void swiglu(const T* __restrict__ x, T* __restrict__ out, int rows, i
 INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
+
+// ---------------------------------------------------------------------------------------------
+// add_rmsnorm: h = a + b (rounded to T, as candle's add), y = rmsnorm(h) * w (statistics in
+// float32, result rounded to T). `b` may be null (plain RMSNorm of a). out: [2, rows, n]
+// (h, then y). One block per row.
+template <typename T>
+__device__ void add_rmsnorm(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w,
+                            T* __restrict__ out, int rows, int n, float eps) {
+    const int r = blockIdx.x;
+    const T* ar = a + (size_t)r * n;
+    const T* br = b ? b + (size_t)r * n : nullptr;
+    T* hr = out + (size_t)r * n;
+    T* yr = out + (size_t)rows * n + (size_t)r * n;
+    // the first 8 elements of each thread stay in registers; the rest (n > 8 * blockDim) is read back
+    float hv[8];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        float h = 0.f;
+        if (i < n) {
+            h = to_f(ar[i]);
+            if (br) h = to_f(from_f<T>(h + to_f(br[i])));
+            hr[i] = from_f<T>(h);
+        }
+        hv[j] = h;
+        ss += h * h;
+    }
+    for (int i = threadIdx.x + 8 * blockDim.x; i < n; i += blockDim.x) {
+        float h = to_f(ar[i]);
+        if (br) h = to_f(from_f<T>(h + to_f(br[i])));
+        hr[i] = from_f<T>(h);
+        ss += h * h;
+    }
+    __shared__ float red[32];
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x + 31) / 32 ? red[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(red[0] / n + eps);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < n) yr[i] = from_f<T>(hv[j] * inv * to_f(w[i]));
+    }
+    for (int i = threadIdx.x + 8 * blockDim.x; i < n; i += blockDim.x) {
+        // reads back what this thread wrote: same thread, same index
+        yr[i] = from_f<T>(to_f(hr[i]) * inv * to_f(w[i]));
+    }
+}
+
+// argmax of each row of float32 logits (the lowest index among equal maxima).
+__device__ void argmax_rows(const float* __restrict__ x, uint32_t* __restrict__ out, int n) {
+    const float* xr = x + (size_t)blockIdx.x * n;
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = xr[i];
+        if (v > best || (v == best && i < bi)) { best = v; bi = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffff, best, o);
+        const int oi = __shfl_xor_sync(0xffffffff, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    __shared__ float bv[32];
+    __shared__ int bx[32];
+    if ((threadIdx.x & 31) == 0) { bv[threadIdx.x >> 5] = best; bx[threadIdx.x >> 5] = bi; }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        const int nw = (blockDim.x + 31) / 32;
+        best = threadIdx.x < nw ? bv[threadIdx.x] : -INFINITY;
+        bi = threadIdx.x < nw ? bx[threadIdx.x] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffff, best, o);
+            const int oi = __shfl_xor_sync(0xffffffff, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0u : (uint32_t)bi;
+    }
+}
+
+// Causal softmax of attention scores (prefill): rows of `cols` float32 scores, row r belongs to
+// query position first_q + (r % tc); columns after it are masked. Scores are scaled first.
+// Output probabilities rounded to T.
+template <typename T>
+__device__ void causal_softmax(const float* __restrict__ x, T* __restrict__ out, int cols, int tc,
+                               int first_q, float scale) {
+    const int r = blockIdx.x;
+    const int qpos = first_q + (r % tc);
+    const int vis = min(cols, qpos + 1);
+    const float* xr = x + (size_t)r * cols;
+    T* orow = out + (size_t)r * cols;
+    __shared__ float red[32];
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < vis; i += blockDim.x) m = fmaxf(m, xr[i] * scale);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, o));
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x + 31) / 32 ? red[threadIdx.x] : -INFINITY;
+        for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    m = red[0];
+    __syncthreads();
+    float sum = 0.f;
+    for (int i = threadIdx.x; i < vis; i += blockDim.x) sum += __expf(xr[i] * scale - m);
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = sum;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x + 31) / 32 ? red[threadIdx.x] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (threadIdx.x == 0) red[0] = v;
+    }
+    __syncthreads();
+    const float inv = 1.f / red[0];
+    for (int i = threadIdx.x; i < cols; i += blockDim.x)
+        orow[i] = from_f<T>(i < vis ? __expf(xr[i] * scale - m) * inv : 0.f);
+}
+
+// y[m, n] = sum_k x[m, k] w[n, k] for a few rows m < M (decoding): each warp streams one weight
+// row in 16-byte vectors; x rows are read through the cache. K must be a multiple of the vector
+// width and the pointers 16-byte aligned (the host checks).
+template <typename T> struct Vec16;
+template <> struct Vec16<float> { static constexpr int N = 4; };
+template <> struct Vec16<__half> { static constexpr int N = 8; };
+template <> struct Vec16<__nv_bfloat16> { static constexpr int N = 8; };
+
+template <typename T, int M>
+__device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int n, int k) {
+    constexpr int V = Vec16<T>::N;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const T* wr = w + (size_t)row * k;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.f;
+#pragma unroll 4
+    for (int k0 = lane * V; k0 < k; k0 += 32 * V) {
+        const uint4 wv = *reinterpret_cast<const uint4*>(wr + k0);
+        const T* we = reinterpret_cast<const T*>(&wv);
+        float wf[V];
+#pragma unroll
+        for (int j = 0; j < V; j++) wf[j] = to_f(we[j]);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * k + k0));
+            const T* xe = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+            for (int j = 0; j < V; j++) acc[m] += wf[j] * to_f(xe[j]);
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float v = acc[m];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (lane == 0) y[(size_t)m * n + row] = from_f<T>(v);
+    }
+}
+
+#define GEMV(T, NAME, M)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                                  \
+        gemv##M##_##NAME(const T* x, const T* w, T* y, int n, int k) {                                 \
+        gemv<T, M>(x, w, y, n, k);                                                                     \
+    }
+
+#define INSTANTIATE2(T, NAME)                                                                          \
+    extern "C" __global__ void add_rmsnorm_##NAME(const T* a, const T* b, const T* w, T* out, int rows, \
+                                                  int n, float eps) {                                  \
+        add_rmsnorm<T>(a, b, w, out, rows, n, eps);                                                    \
+    }                                                                                                  \
+    extern "C" __global__ void causal_softmax_##NAME(const float* x, T* out, int cols, int tc,         \
+                                                     int first_q, float scale) {                       \
+        causal_softmax<T>(x, out, cols, tc, first_q, scale);                                           \
+    }                                                                                                  \
+    GEMV(T, NAME, 1) GEMV(T, NAME, 2) GEMV(T, NAME, 3) GEMV(T, NAME, 4)                               \
+    GEMV(T, NAME, 5) GEMV(T, NAME, 6) GEMV(T, NAME, 7) GEMV(T, NAME, 8)
+
+INSTANTIATE2(float, f32)
+INSTANTIATE2(__half, f16)
+INSTANTIATE2(__nv_bfloat16, bf16)
+
+extern "C" __global__ void argmax_f32(const float* x, uint32_t* out, int n) { argmax_rows(x, out, n); }
