@@ -586,3 +586,191 @@ impl candle_core::CustomOp2 for Gemv {
         ))
     }
 }
+
+/// Official int8/int4 weights (`q` u8 `[n, k]` or `[n, k/2]`, `scale` f32 `[n]`, on the GPU)
+/// times `x` `[m, k]` for at most 8 rows: `[m, n]` in x's dtype (`bits` 8 or 4).
+pub fn gemv_official(x: &Tensor, q: &Tensor, scale: &Tensor, bits: u8) -> Result<Tensor> {
+    let mut x = x.contiguous()?;
+    if device_ptr(&x)? % 16 != 0 {
+        x = x.copy()?; // the kernel reads x in 16-byte vectors
+    }
+    x.apply_op3_no_bwd(q, scale, &GemvOfficial { bits })
+}
+
+/// Official int8/int4 weights dequantized to `dtype` `[n, k]` (each value rounded to float16
+/// first, as the official code).
+pub fn dequantize_official(q: &Tensor, scale: &Tensor, bits: u8, dtype: DType) -> Result<Tensor> {
+    q.apply_op2_no_bwd(scale, &DequantOfficial { bits, dtype })
+}
+
+struct GemvOfficial {
+    bits: u8,
+}
+
+fn u8_and_f32<'a>(
+    sq: &'a CudaStorage,
+    lq: &Layout,
+    ss: &'a CudaStorage,
+    ls: &Layout,
+    op: &str,
+) -> Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, u8>,
+    candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>,
+)> {
+    let (q0, q1) = contiguous(lq, op)?;
+    let (s0, s1) = contiguous(ls, op)?;
+    let (CudaStorageSlice::U8(q), CudaStorageSlice::F32(s)) = (&sq.slice, &ss.slice) else {
+        bail!("{op}: u8 weights and f32 scales expected")
+    };
+    Ok((q.slice(q0..q1), s.slice(s0..s1)))
+}
+
+impl candle_core::CustomOp3 for GemvOfficial {
+    fn name(&self) -> &'static str {
+        "glm2rs-gemv-official"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("glm2rs-gemv-official runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sq: &CudaStorage,
+        lq: &Layout,
+        ss: &CudaStorage,
+        ls: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, rb) = lq.shape().dims2()?;
+        let want = if self.bits == 8 { k } else { k / 2 };
+        if m == 0 || m > 8 || rb != want || rb % 16 != 0 || ls.shape().elem_count() != n {
+            bail!("gemv_official: x [{m}, {k}], q [{n}, {rb}] ({} bits)", self.bits);
+        }
+        let (x0, x1) = contiguous(lx, "gemv_official")?;
+        let (q, s) = u8_and_f32(sq, lq, ss, ls, "gemv_official")?;
+        let dev = &sx.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("gemv_q{}_{m}_{}", self.bits, suffix(sx.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let warps = 8u32;
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(warps), 1, 1),
+            block_dim: (warps * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_i, k_i) = (n as i32, k as i32);
+        macro_rules! launch {
+            ($x:expr, $variant:ident, $t:ty) => {{
+                let x = $x.slice(x0..x1);
+                let y = unsafe { dev.alloc::<$t>(m * n)? };
+                let mut b = func.builder();
+                b.arg(&x);
+                b.arg(&q);
+                b.arg(&s);
+                b.arg(&y);
+                b.arg(&n_i);
+                b.arg(&k_i);
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::$variant(y)
+            }};
+        }
+        let slice = match &sx.slice {
+            CudaStorageSlice::F32(x) => launch!(x, F32, f32),
+            CudaStorageSlice::F16(x) => launch!(x, F16, half::f16),
+            CudaStorageSlice::BF16(x) => launch!(x, BF16, half::bf16),
+            _ => bail!("gemv_official: unsupported input dtype"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((m, n)),
+        ))
+    }
+}
+
+struct DequantOfficial {
+    bits: u8,
+    dtype: DType,
+}
+
+impl candle_core::CustomOp2 for DequantOfficial {
+    fn name(&self) -> &'static str {
+        "glm2rs-dequant-official"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("glm2rs-dequant-official runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sq: &CudaStorage,
+        lq: &Layout,
+        ss: &CudaStorage,
+        ls: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, rb) = lq.shape().dims2()?;
+        let k = if self.bits == 8 { rb } else { 2 * rb };
+        let (q, s) = u8_and_f32(sq, lq, ss, ls, "dequant_official")?;
+        let dev = &sq.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("dequant_q{}_{}", self.bits, suffix(self.dtype)?),
+            MODULE,
+            PTX,
+        )?;
+        let total = (n * rb) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).clamp(1, 65535), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_i, k_i) = (n as i32, k as i32);
+        macro_rules! launch {
+            ($variant:ident, $t:ty) => {{
+                let out = unsafe { dev.alloc::<$t>(n * k)? };
+                let mut b = func.builder();
+                b.arg(&q);
+                b.arg(&s);
+                b.arg(&out);
+                b.arg(&n_i);
+                b.arg(&k_i);
+                unsafe { b.launch(cfg) }.w()?;
+                CudaStorageSlice::$variant(out)
+            }};
+        }
+        let slice = match self.dtype {
+            DType::F32 => launch!(F32, f32),
+            DType::F16 => launch!(F16, half::f16),
+            DType::BF16 => launch!(BF16, half::bf16),
+            d => bail!("dequant_official: unsupported dtype {d:?}"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((n, k)),
+        ))
+    }
+}

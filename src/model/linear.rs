@@ -5,9 +5,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::kernels::cpu_gemv::{Gemv, MAX_ROWS};
 use crate::kernels::cpu_quant::{Bits, QuantMatmul};
-use crate::quantize::{
-    ggml_to_official, ggml_type_for, official_to_ggml, quantize_official, QuantType,
-};
+use crate::quantize::{ggml_to_official, ggml_type_for, quantize_official, QuantType};
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -98,12 +96,15 @@ impl Linear {
             })
         };
         let official = |q: Tensor, scale: Tensor, bits: Bits| -> Result<Weight> {
-            // On GPUs a 16-bit model keeps official int8/int4 weights as GGML Q8_0/Q4_0
-            // blocks: the same values (a block's scale is the row's float16 scale), run by
-            // candle's quantized kernels, at a quarter (int4) of the memory.
-            let k = if bits == Bits::Eight { q.dim(1)? } else { 2 * q.dim(1)? };
-            if !device.is_cpu() && dtype != DType::F32 && k % 32 == 0 {
-                return ggml(official_to_ggml(&q, &scale, bits)?);
+            // On CUDA the official bytes live on the GPU as they are and run through glm2rs's
+            // own kernels (rows of 16-byte multiples; else a dequantized copy).
+            if device.is_cuda() && q.dim(1)? % 16 == 0 {
+                return Ok(Weight::Quantized {
+                    q: q.to_device(device)?,
+                    scale: scale.to_device(device)?,
+                    bits,
+                    dense: None,
+                });
             }
             let dense = if device.is_cpu() && std::env::var_os("GLM2RS_DEQUANTIZE").is_none() {
                 None
@@ -255,6 +256,22 @@ impl Linear {
                 let exact = x2.dtype() == DType::F32;
                 x2.contiguous()?
                     .apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits, exact })?
+            }
+            #[cfg(feature = "cuda")]
+            Weight::Quantized {
+                q,
+                scale,
+                bits,
+                dense: None,
+            } if q.device().is_cuda() => {
+                let b = if *bits == Bits::Eight { 8 } else { 4 };
+                if rows <= 8 {
+                    crate::kernels::cuda::gemv_official(&x2, q, scale, b)?
+                } else {
+                    // prefill: a dense copy of this one weight for the product, then freed
+                    let w = crate::kernels::cuda::dequantize_official(q, scale, b, x2.dtype())?;
+                    x2.matmul(&w.t()?)?
+                }
             }
             Weight::Quantized { dense: Some(w), .. } => x2.matmul(&w.t()?)?,
             Weight::Quantized { dense: None, .. } => {

@@ -394,3 +394,106 @@ INSTANTIATE2(__half, f16)
 INSTANTIATE2(__nv_bfloat16, bf16)
 
 extern "C" __global__ void argmax_f32(const float* x, uint32_t* out, int n) { argmax_rows(x, out, n); }
+
+// ---------------------------------------------------------------------------------------------
+// Official weight-only int8/int4 (ChatGLM2's quantization_bit): q [n, k] int8 or [n, k/2] with
+// column 2j in the high nibble and 2j+1 in the low one; scale [n] float32; value = scale * q.
+// In float32 models each weight is rounded to float16 first, as the official dequantization
+// (exact parity); 16-bit models apply the row scale once to the sum.
+
+template <int BITS>
+__device__ __forceinline__ void unpack16(const uint4& qv, float* w) {
+    const uint8_t* qb = reinterpret_cast<const uint8_t*>(&qv);
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        if (BITS == 8) {
+            w[j] = (float)(int8_t)qb[j];
+        } else {
+            w[2 * j] = (float)((int8_t)qb[j] >> 4);
+            w[2 * j + 1] = (float)((int8_t)((uint8_t)(qb[j] << 4)) >> 4);
+        }
+    }
+}
+
+template <typename T, int M, int BITS>
+__device__ void gemv_q(const T* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ scale,
+                       T* __restrict__ y, int n, int k) {
+    constexpr int V = Vec16<T>::N;
+    constexpr int COLS = BITS == 8 ? 16 : 32;  // columns per 16 bytes of q
+    constexpr bool EXACT = sizeof(T) == 4;
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const int rb = BITS == 8 ? k : k / 2;
+    const uint8_t* qr = q + (size_t)row * rb;
+    const float s = scale[row];
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.f;
+#pragma unroll 2
+    for (int cb = lane * 16; cb < rb; cb += 32 * 16) {
+        const uint4 qv = *reinterpret_cast<const uint4*>(qr + cb);
+        float w[COLS];
+        unpack16<BITS>(qv, w);
+        if (EXACT) {
+#pragma unroll
+            for (int j = 0; j < COLS; j++) w[j] = __half2float(__float2half(s * w[j]));
+        }
+        const int c0 = BITS == 8 ? cb : 2 * cb;
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+#pragma unroll
+            for (int v = 0; v < COLS / V; v++) {
+                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * k + c0 + v * V));
+                const T* xe = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+                for (int j = 0; j < V; j++) acc[m] += w[v * V + j] * to_f(xe[j]);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float v = acc[m];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+        if (lane == 0) y[(size_t)m * n + row] = from_f<T>(EXACT ? v : v * s);
+    }
+}
+
+// The dense weight [n, k] (prefill: a matmul follows).
+template <typename T, int BITS>
+__device__ void dequant_q(const uint8_t* __restrict__ q, const float* __restrict__ scale, T* __restrict__ out,
+                          int n, int k) {
+    const int rb = BITS == 8 ? k : k / 2;
+    const size_t total = (size_t)n * rb;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / rb, c = i % rb;
+        const float s = scale[r];
+        const int8_t b = (int8_t)q[i];
+        if (BITS == 8) {
+            out[r * k + c] = from_f<T>(__half2float(__float2half(s * (float)b)));
+        } else {
+            out[r * k + 2 * c] = from_f<T>(__half2float(__float2half(s * (float)(b >> 4))));
+            out[r * k + 2 * c + 1] =
+                from_f<T>(__half2float(__float2half(s * (float)((int8_t)((uint8_t)(q[i] << 4)) >> 4))));
+        }
+    }
+}
+
+#define GEMVQ(T, NAME, M, BITS)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256)                                                  \
+        gemv_q##BITS##_##M##_##NAME(const T* x, const uint8_t* q, const float* s, T* y, int n, int k) { \
+        gemv_q<T, M, BITS>(x, q, s, y, n, k);                                                          \
+    }
+#define INSTANTIATE3(T, NAME, BITS)                                                                    \
+    GEMVQ(T, NAME, 1, BITS) GEMVQ(T, NAME, 2, BITS) GEMVQ(T, NAME, 3, BITS) GEMVQ(T, NAME, 4, BITS)    \
+    GEMVQ(T, NAME, 5, BITS) GEMVQ(T, NAME, 6, BITS) GEMVQ(T, NAME, 7, BITS) GEMVQ(T, NAME, 8, BITS)    \
+    extern "C" __global__ void dequant_q##BITS##_##NAME(const uint8_t* q, const float* s, T* out, int n, int k) { \
+        dequant_q<T, BITS>(q, s, out, n, k);                                                           \
+    }
+
+INSTANTIATE3(float, f32, 8)
+INSTANTIATE3(float, f32, 4)
+INSTANTIATE3(__half, f16, 8)
+INSTANTIATE3(__half, f16, 4)
+INSTANTIATE3(__nv_bfloat16, bf16, 8)
+INSTANTIATE3(__nv_bfloat16, bf16, 4)
