@@ -99,7 +99,11 @@ class Model:
         prefix_checkpoint: str | None = None,
         chat_format: str | None = None,
         progress: bool | None = None,
-    ) -> Model: ...
+        num_gpus: int = 1,
+    ) -> Model:
+        """`num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`."""
+    @property
+    def num_gpus(self) -> int: ...
     @property
     def config(self) -> dict: ...
     @property
