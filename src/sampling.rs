@@ -99,62 +99,100 @@ impl Sampler {
                 *x /= t;
             }
         }
-        // Candidates sorted by logit, descending (ties: lower id first).
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-        order.sort_by(|&a, &b| {
-            logits[b as usize]
-                .partial_cmp(&logits[a as usize])
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.cmp(&b))
-        });
-        if self.cfg.top_k > 0 && self.cfg.top_k < order.len() {
-            // transformers keeps every token whose logit is >= the k-th largest
-            let kth = logits[order[self.cfg.top_k - 1] as usize];
-            let keep = order
-                .iter()
-                .take_while(|&&i| logits[i as usize] >= kth)
-                .count();
-            order.truncate(keep);
+        let n = logits.len();
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weight = |i: u32| ((logits[i as usize] - m) as f64).exp();
+        let top_k = if self.cfg.top_k > 0 && self.cfg.top_k < n {
+            self.cfg.top_k
+        } else {
+            0
+        };
+        if top_k == 0 && self.cfg.top_p >= 1.0 {
+            // the whole distribution: no ordering needed
+            let w: Vec<f64> = (0..n as u32).map(weight).collect();
+            return draw(&mut self.rng, (0..n as u32).zip(w));
         }
-        let max = logits[order[0] as usize];
-        let mut probs: Vec<f64> = order
+        // Candidates by logit, descending (ties: lower id first); only as many are ordered as
+        // the cut needs (a partial selection, grown when the nucleus is wider). Keys sort as
+        // plain integers: the logit's bits in descending order, then the id.
+        let keys: Vec<u64> = logits
             .iter()
-            .map(|&i| ((logits[i as usize] - max) as f64).exp())
+            .enumerate()
+            .map(|(i, &x)| {
+                let b = x.to_bits();
+                let ascending = if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 };
+                ((!ascending as u64) << 32) | i as u64
+            })
             .collect();
-        let sum: f64 = probs.iter().sum();
-        for p in probs.iter_mut() {
-            *p /= sum;
+        let top = |k: usize| -> Vec<u32> {
+            let mut ks = keys.clone();
+            if k < n {
+                ks.select_nth_unstable(k - 1);
+                ks.truncate(k);
+            }
+            ks.sort_unstable();
+            ks.into_iter().map(|key| key as u32).collect()
+        };
+        let by_logit = |a: &u32, b: &u32| keys[*a as usize].cmp(&keys[*b as usize]);
+        // top-k: transformers keeps every token whose logit is >= the k-th largest
+        let (pool, total) = if top_k > 0 {
+            let kth = logits[top(top_k)[top_k - 1] as usize];
+            let mut keep: Vec<u32> = (0..n as u32)
+                .filter(|&i| logits[i as usize] >= kth)
+                .collect();
+            keep.sort_by(by_logit);
+            let total: f64 = keep.iter().map(|&i| weight(i)).sum();
+            (Some(keep), total)
+        } else {
+            (None, (0..n as u32).map(weight).sum::<f64>())
+        };
+        if self.cfg.top_p >= 1.0 {
+            let keep = pool.expect("top-k set");
+            let w: Vec<f64> = keep.iter().map(|&i| weight(i)).collect();
+            return draw(&mut self.rng, keep.into_iter().zip(w));
         }
-        if self.cfg.top_p < 1.0 {
-            // transformers: drop the low tail whose cumulative probability is <= 1 - top_p,
-            // always keeping the most likely token.
-            let mut tail = 0.0;
-            let mut keep = probs.len();
-            for (j, p) in probs.iter().enumerate().rev() {
-                tail += p;
-                if tail <= 1.0 - self.cfg.top_p && j > 0 {
-                    keep = j;
-                } else {
+        // top-p: the shortest run of most likely tokens whose probability reaches top_p
+        let target = self.cfg.top_p * total;
+        let mut k = 64.min(n);
+        loop {
+            let order = match &pool {
+                Some(p) => p.clone(),
+                None => top(k),
+            };
+            let mut acc = 0.0;
+            let mut cut = None;
+            for (j, &i) in order.iter().enumerate() {
+                acc += weight(i);
+                if acc >= target {
+                    cut = Some(j + 1);
                     break;
                 }
             }
-            order.truncate(keep);
-            probs.truncate(keep);
-            let s: f64 = probs.iter().sum();
-            for p in probs.iter_mut() {
-                *p /= s;
+            let complete = pool.is_some() || k >= n;
+            if let Some(c) = cut.or(complete.then_some(order.len())) {
+                let kept = &order[..c.max(1)];
+                let w: Vec<f64> = kept.iter().map(|&i| weight(i)).collect();
+                return draw(&mut self.rng, kept.iter().copied().zip(w));
             }
+            k = (k * 4).min(n);
         }
-        let u: f64 = self.rng.random();
-        let mut acc = 0.0;
-        for (j, p) in probs.iter().enumerate() {
-            acc += p;
-            if u < acc {
-                return order[j];
-            }
-        }
-        order[probs.len() - 1]
     }
+}
+
+/// Draw one id from (id, weight) pairs with probability proportional to the weight.
+fn draw(rng: &mut rand::rngs::StdRng, items: impl Iterator<Item = (u32, f64)> + Clone) -> u32 {
+    let total: f64 = items.clone().map(|(_, w)| w).sum();
+    let u: f64 = rng.random::<f64>() * total;
+    let mut acc = 0.0;
+    let mut last = 0;
+    for (id, w) in items {
+        acc += w;
+        last = id;
+        if u < acc {
+            return id;
+        }
+    }
+    last
 }
 
 /// The index of the largest value (the first one on ties, as torch.argmax).
@@ -256,6 +294,48 @@ mod tests {
             .map(|_| s.sample(&mut logits.clone(), &[]))
             .collect();
         assert_eq!(seen, [0u32, 1].into_iter().collect());
+    }
+
+    /// The nucleus the sampler draws from equals the one of a full sort, on random logits,
+    /// wide and peaked, with and without top-k.
+    #[test]
+    fn partial_selection_keeps_the_full_sort_nucleus() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for case in 0..40 {
+            let n = 2000;
+            let spread = [0.1f32, 1.0, 5.0, 20.0][case % 4];
+            let logits: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * spread).collect();
+            let top_p = [0.3, 0.8, 0.95, 0.999][case / 4 % 4];
+            let top_k = if case % 3 == 0 { 50 } else { 0 };
+            // reference: full sort, keep the shortest prefix reaching top_p
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            order.sort_by(|&a, &b| logits[b as usize].partial_cmp(&logits[a as usize]).unwrap().then(a.cmp(&b)));
+            if top_k > 0 {
+                let kth = logits[order[top_k - 1] as usize];
+                order.retain(|&i| logits[i as usize] >= kth);
+            }
+            let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] - m) as f64).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let mut acc = 0.0;
+            let mut keep = order.len();
+            for (j, x) in w.iter().enumerate() {
+                acc += x;
+                if acc >= top_p * total {
+                    keep = j + 1;
+                    break;
+                }
+            }
+            let allowed: std::collections::HashSet<u32> = order[..keep].iter().copied().collect();
+            let mut s = Sampler::new(SamplingConfig { top_p, top_k, seed: Some(case as u64), ..cfg(true) }).unwrap();
+            let seen: std::collections::HashSet<u32> =
+                (0..300).map(|_| s.sample(&mut logits.clone(), &[])).collect();
+            assert!(seen.is_subset(&allowed), "case {case}: drew outside the nucleus");
+            if keep <= 3 {
+                assert_eq!(seen, allowed, "case {case}: a small nucleus is drawn whole");
+            }
+        }
     }
 
     #[test]
