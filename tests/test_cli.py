@@ -59,6 +59,16 @@ def test_serve_command_serves_and_stops_on_ctrl_c(fx):
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"})
         models = json.load(urllib.request.urlopen(req, timeout=30))
         assert models["data"][0]["id"] == "model"
+        # the real openai client against the real `glm2rs serve`: streamed text equals the whole
+        openai = pytest.importorskip("openai")
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=60)
+        kw = dict(model="model", messages=[{"role": "user", "content": "你好"}], temperature=0, max_tokens=12)
+        whole = c.chat.completions.create(**kw)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(stream=True, **kw)
+                           if ch.choices)
+        assert streamed == whole.choices[0].message.content and whole.usage.completion_tokens == 12
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=30) == 0
     finally:
