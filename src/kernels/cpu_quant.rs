@@ -164,6 +164,59 @@ mod x86 {
         }
     }
 
+    /// Integer dot products of one weight row with activations quantized to int8 (VNNI):
+    /// `xq[i]` are the M inputs (int4: arranged `[even | odd]`), `d[i]` their scales per block
+    /// of 64 (int4: 64 even and 64 odd values share one), `corr[i]` the offset correction.
+    /// Weights enter `vpdpbusd` as unsigned (`w + 8` / `w + 128`), whence the correction.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dots_vnni<const M: usize, const FOUR: bool>(
+        sc: f32,
+        q: &[u8],
+        xq: &[&[i8]],
+        d: &[&[f32]],
+        corr: &[f32],
+        out: &mut [f32],
+    ) {
+        let nb = q.len() / 64;
+        let mut acc = [_mm512_setzero_ps(); M];
+        if FOUR {
+            let h = q.len();
+            let flip = _mm512_set1_epi8(0x88u8 as i8);
+            let low = _mm512_set1_epi8(0x0F);
+            for c in 0..nb {
+                let b = _mm512_xor_si512(
+                    _mm512_loadu_si512(q.as_ptr().add(c * 64) as *const __m512i),
+                    flip,
+                );
+                let lo = _mm512_and_si512(b, low); // odd columns
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(b), low); // even columns
+                for i in 0..M {
+                    let xe = _mm512_loadu_si512(xq[i].as_ptr().add(c * 64) as *const __m512i);
+                    let xo = _mm512_loadu_si512(xq[i].as_ptr().add(h + c * 64) as *const __m512i);
+                    let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xe);
+                    let t = _mm512_dpbusd_epi32(t, lo, xo);
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[i][c]), acc[i]);
+                }
+            }
+        } else {
+            let flip = _mm512_set1_epi8(0x80u8 as i8);
+            for c in 0..nb {
+                let v = _mm512_xor_si512(
+                    _mm512_loadu_si512(q.as_ptr().add(c * 64) as *const __m512i),
+                    flip,
+                );
+                for i in 0..M {
+                    let x = _mm512_loadu_si512(xq[i].as_ptr().add(c * 64) as *const __m512i);
+                    let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x);
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[i][c]), acc[i]);
+                }
+            }
+        }
+        for i in 0..M {
+            out[i] = sc * (_mm512_reduce_add_ps(acc[i]) - corr[i]);
+        }
+    }
+
     /// int8, AVX2.
     #[target_feature(enable = "avx2,f16c,fma")]
     pub unsafe fn dots_i8_avx2<const M: usize, const EXACT: bool>(
@@ -352,7 +405,123 @@ fn arrange(bits: Bits, x: &[f32]) -> Vec<f32> {
     }
 }
 
+/// One input row quantized to int8 for the VNNI kernels: blocks of 64 values (int4: of each
+/// half of the arranged row, sharing one scale), and the correction of the weights' offset.
+struct QuantizedX {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    corr: f32,
+}
+
+fn quantize_x(bits: Bits, arranged: &[f32]) -> QuantizedX {
+    let k = arranged.len();
+    let mut q = vec![0i8; k];
+    let (halves, offset) = match bits {
+        Bits::Four => (2, 8.0f32),
+        Bits::Eight => (1, 128.0f32),
+    };
+    let span = k / halves; // values per half
+    let nb = span / 64;
+    let mut d = Vec::with_capacity(nb);
+    let mut corr = 0f32;
+    for b in 0..nb {
+        let mut amax = 0f32;
+        for hf in 0..halves {
+            for &v in &arranged[hf * span + b * 64..hf * span + b * 64 + 64] {
+                amax = amax.max(v.abs());
+            }
+        }
+        let db = amax / 127.0;
+        let inv = if db > 0.0 { 1.0 / db } else { 0.0 };
+        let mut sum = 0i32;
+        for hf in 0..halves {
+            let o = hf * span + b * 64;
+            for j in 0..64 {
+                let v = (arranged[o + j] * inv).round().clamp(-127.0, 127.0) as i8;
+                q[o + j] = v;
+                sum += v as i32;
+            }
+        }
+        d.push(db);
+        corr += db * offset * sum as f32;
+    }
+    QuantizedX { q, d, corr }
+}
+
+/// Whether the integer (VNNI) kernels take this weight: 16-bit activations, AVX-512 VNNI, and
+/// rows of whole 64-byte blocks.
+fn vnni_suits(w: &QWeight<'_>) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        !w.exact
+            && w.row_bytes() % 64 == 0
+            && has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512vnni")
+            && std::env::var_os("GLM2RS_NO_VNNI").is_none()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = w;
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn gemv_t_vnni(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let k = w.k;
+    let qx: Vec<QuantizedX> = (0..m)
+        .map(|i| quantize_x(w.bits, &arrange(w.bits, &x[i * k..(i + 1) * k])))
+        .collect();
+    // per block of at most M_BLOCK inputs: their values, scales and corrections
+    type Block<'a> = (Vec<&'a [i8]>, Vec<&'a [f32]>, Vec<f32>);
+    let blocks: Vec<Block<'_>> = qx
+        .chunks(M_BLOCK)
+        .map(|xs| {
+            (
+                xs.iter().map(|x| x.q.as_slice()).collect(),
+                xs.iter().map(|x| x.d.as_slice()).collect(),
+                xs.iter().map(|x| x.corr).collect(),
+            )
+        })
+        .collect();
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(ROWS_PER_TASK * m)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let row0 = task * ROWS_PER_TASK;
+            for (r, out_row) in chunk.chunks_mut(m).enumerate() {
+                let row = row0 + r;
+                for (b, (q, d, c)) in blocks.iter().enumerate() {
+                    let xs = q;
+                    let o = &mut out_row[b * M_BLOCK..b * M_BLOCK + xs.len()];
+                    let (sc, wr) = (w.scale[row], w.row(row));
+                    // SAFETY: vnni_suits checked the CPU features and the row length.
+                    unsafe {
+                        match (w.bits, xs.len()) {
+                            (Bits::Four, 1) => x86::dots_vnni::<1, true>(sc, wr, q, d, c, o),
+                            (Bits::Four, 2) => x86::dots_vnni::<2, true>(sc, wr, q, d, c, o),
+                            (Bits::Four, 3) => x86::dots_vnni::<3, true>(sc, wr, q, d, c, o),
+                            (Bits::Four, _) => x86::dots_vnni::<4, true>(sc, wr, q, d, c, o),
+                            (Bits::Eight, 1) => x86::dots_vnni::<1, false>(sc, wr, q, d, c, o),
+                            (Bits::Eight, 2) => x86::dots_vnni::<2, false>(sc, wr, q, d, c, o),
+                            (Bits::Eight, 3) => x86::dots_vnni::<3, false>(sc, wr, q, d, c, o),
+                            (Bits::Eight, _) => x86::dots_vnni::<4, false>(sc, wr, q, d, c, o),
+                        }
+                    }
+                }
+            }
+        });
+    out_t
+}
+
 fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if vnni_suits(w) {
+        return gemv_t_vnni(w, x, m, n);
+    }
     let k = w.k;
     let dots = pick(w.exact);
     let rows: Vec<Vec<f32>> = (0..m)
@@ -520,11 +689,53 @@ mod tests {
                         .unwrap()
                         .to_scalar::<f32>()
                         .unwrap();
-                    assert!(
-                        err < 1e-4 * (k as f32).sqrt(),
-                        "{bits:?} exact={exact} m={m} n={n} k={k}: {err}"
-                    );
+                    let w = QWeight { bits, exact, q: &q, scale: &scale, k };
+                    // decoding rows through the integer kernels round the activations to int8
+                    // (checked in vnni_kernels_match_float_kernels); the rest is float
+                    let tol = if m <= MAX_ROWS && vnni_suits(&w) {
+                        let big = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        0.01 * big
+                    } else {
+                        1e-4 * (k as f32).sqrt()
+                    };
+                    assert!(err < tol, "{bits:?} exact={exact} m={m} n={n} k={k}: {err}");
                 }
+            }
+        }
+    }
+
+    /// The integer (VNNI) kernels, where the CPU has them, agree with the float kernels up to
+    /// the int8 rounding of the activations.
+    #[test]
+    fn vnni_kernels_match_float_kernels() {
+        let mut seed = 5u32;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+            (seed >> 8) as u8
+        };
+        for bits in [Bits::Eight, Bits::Four] {
+            for (m, n, k) in [(1, 70, 256), (3, 40, 512), (5, 33, 1024)] {
+                let rb = if bits == Bits::Eight { k } else { k / 2 };
+                let q: Vec<u8> = (0..n * rb).map(|_| rnd()).collect();
+                let scale: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+                let w = QWeight { bits, exact: false, q: &q, scale: &scale, k };
+                if !vnni_suits(&w) {
+                    eprintln!("no AVX-512 VNNI here: integer kernels not tested");
+                    return;
+                }
+                let got = gemv_t(&w, &x, m, n); // [n, m]
+                let dense = dense(bits, false, &q, &scale, n, k);
+                let mut worst = 0f32;
+                let mut big = 0f32;
+                for r in 0..n {
+                    for i in 0..m {
+                        let want: f32 = (0..k).map(|c| dense[r * k + c] * x[i * k + c]).sum();
+                        worst = worst.max((got[r * m + i] - want).abs());
+                        big = big.max(want.abs());
+                    }
+                }
+                assert!(worst <= 0.01 * big, "{bits:?} m={m} k={k}: error {worst} of {big}");
             }
         }
     }
