@@ -222,17 +222,12 @@ fn run(rx: Receiver<Job>, max_batch: usize, stats: &Stats) {
     }
 }
 
-/// Send what the new token adds; `Ok(false)` once the request is complete.
+/// Send what the new token adds (the whole rest once the generation finished: `push_text`
+/// flushes then); `Ok(false)` once the request is complete.
 fn deliver(job: &mut Job, token: Option<u32>) -> Result<bool> {
     let piece = job.gen.push_text(token)?;
     if !piece.is_empty() {
         let _ = job.events.send(Event::Text(piece));
-    }
-    if job.gen.is_finished() && !job.gen.is_text_done() {
-        let rest = job.gen.push_text(None)?;
-        if !rest.is_empty() {
-            let _ = job.events.send(Event::Text(rest));
-        }
     }
     if job.gen.is_text_done() {
         let _ = job.events.send(Event::Done {

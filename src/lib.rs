@@ -44,18 +44,24 @@ use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Parse a device string: `"cpu"`, `"cuda"`, `"cuda:N"`, `"metal"`, `"metal:N"`.
-pub fn parse_device(s: &str) -> Result<Device> {
+/// A device string split into its kind and index (`"cuda:1"` -> `("cuda", 1)`; no index: 0),
+/// with the trimmed, lower-case string for messages.
+fn split_device(s: &str) -> Result<(String, usize, String)> {
     let s = s.trim().to_ascii_lowercase();
-    let (kind, index) = match s.split_once(':') {
+    match s.split_once(':') {
         Some((k, i)) => {
             let i: usize = i.parse().map_err(|_| {
                 Error::invalid(format!("device \"{s}\": the index must be a number"))
             })?;
-            (k.to_string(), i)
+            Ok((k.to_string(), i, s.clone()))
         }
-        None => (s.clone(), 0),
-    };
+        None => Ok((s.clone(), 0, s)),
+    }
+}
+
+/// Parse a device string: `"cpu"`, `"cuda"`, `"cuda:N"`, `"metal"`, `"metal:N"`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    let (kind, index, s) = split_device(s)?;
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),
         "cuda" | "gpu" => {
@@ -86,16 +92,7 @@ pub fn parse_devices(s: &str, num_gpus: usize) -> Result<Vec<Device>> {
     if num_gpus <= 1 {
         return Ok(vec![parse_device(s)?]);
     }
-    let t = s.trim().to_ascii_lowercase();
-    let (kind, first) = match t.split_once(':') {
-        Some((k, i)) => (
-            k.to_string(),
-            i.parse::<usize>().map_err(|_| {
-                Error::invalid(format!("device \"{s}\": the index must be a number"))
-            })?,
-        ),
-        None => (t.clone(), 0),
-    };
+    let (kind, first, _) = split_device(s)?;
     if kind != "cuda" && kind != "gpu" {
         return Err(Error::invalid(format!(
             "num_gpus={num_gpus} needs a CUDA device, not \"{s}\""
@@ -530,13 +527,11 @@ impl Model {
                 break;
             }
             let tokens = Generator::step_many(&mut refs)?;
+            // the piece of a generation's last token includes everything still held back
             for (&i, t) in idx.iter().zip(tokens) {
                 let piece = gens[i].push_text(t)?;
                 texts[i].push_str(&piece);
             }
-        }
-        for (g, t) in gens.iter_mut().zip(texts.iter_mut()) {
-            t.push_str(&g.push_text(None)?);
         }
         Ok(texts)
     }
