@@ -454,12 +454,15 @@ fn vnni_suits(w: &QWeight<'_>) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
+        // read once: this is asked on every quantized product
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *OFF.get_or_init(|| std::env::var_os("GLM2RS_NO_VNNI").is_some());
         !w.exact
+            && !off
             && w.row_bytes() % 64 == 0
             && has!("avx512f")
             && has!("avx512bw")
             && has!("avx512vnni")
-            && std::env::var_os("GLM2RS_NO_VNNI").is_none()
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
