@@ -165,6 +165,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """The options that say which model to load and how (shared by the subcommands)."""
+    p.add_argument("--model", required=True, help="model directory, .gguf file or hub id")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantize")
+    p.add_argument("--revision")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="glm2rs", description="ChatGLM2/3 inference in Rust")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -178,24 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     q.set_defaults(func=cmd_quantize)
 
     c = sub.add_parser("chat", help="interactive chat in the terminal (keeps the KV cache between turns)")
-    c.add_argument("--model", required=True)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--dtype", default="auto")
-    c.add_argument("--quantize")
-    c.add_argument("--revision")
+    _model_args(c)
     c.add_argument("--max-new-tokens", type=int, default=512)
     c.add_argument("--temperature", type=float, default=0.8)
     c.add_argument("--top-p", type=float, default=0.8)
     c.set_defaults(func=cmd_chat)
 
     g = sub.add_parser("generate", help="stream a completion and show tokens/s")
-    g.add_argument("--model", required=True)
+    _model_args(g)
     g.add_argument("-p", "--prompt", required=True)
     g.add_argument("--raw", action="store_true", help="use the prompt as is (no [Round 1] chat format)")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--dtype", default="auto")
-    g.add_argument("--quantize")
-    g.add_argument("--revision")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
@@ -203,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="C-Eval accuracy or perplexity")
+    _model_args(e)
     e.add_argument("task", choices=["ceval", "ppl"])
-    e.add_argument("--model", required=True)
     e.add_argument("--data", help="C-Eval directory of .jsonl files (inputs_pretokenized, label)")
     e.add_argument("--answer-only", action="store_true", help="few-shot, score the answer letter directly")
     e.add_argument("--shots", type=int, default=5)
@@ -215,38 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--window", type=int, default=512)
     e.add_argument("--stride", type=int, default=256)
     e.add_argument("--output", help="also write the JSON here")
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--quantize")
     e.add_argument("--prefix-checkpoint")
-    e.add_argument("--revision")
     e.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("serve", help="HTTP server: api.py contract, OpenAI API, web chat page")
-    s.add_argument("--model", required=True)
+    _model_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GLM2RS_API_KEY)")
     s.add_argument("--model-name", help="model id shown by /v1/models (default: the directory name)")
     s.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 503")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--quantize")
     s.add_argument("--prefix-checkpoint")
-    s.add_argument("--revision")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="prefill and decode tokens/s (random prompt ids)")
-    b.add_argument("--model", required=True)
+    _model_args(b)
     b.add_argument("--prompt-len", type=int, default=128)
     b.add_argument("--gen-len", type=int, default=32)
     b.add_argument("--batch", type=int, default=1, help="also time a batch of this many sequences")
     b.add_argument("--repeat", type=int, default=2)
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="auto")
-    b.add_argument("--quantize")
-    b.add_argument("--revision")
     b.set_defaults(func=cmd_bench)
 
     args = ap.parse_args(argv)
