@@ -288,3 +288,23 @@ def test_load_32_concurrent_streaming_clients_none_lost(model):
         assert r["completed"] == 32 and r["lost"] == 0, r["errors"]
         assert r["tokens"] == 32 * 24
         assert health(s)["completed"] >= 32 and health(s)["running"] == 0
+
+
+def test_stop_does_not_wait_for_silent_or_streaming_clients(model):
+    import socket
+
+    s = glm2rs.Server(model, port=0)
+    silent = socket.create_connection((s.host, s.port))
+    silent.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # headers never finished
+    streaming = http.client.HTTPConnection(s.host, s.port, timeout=60)
+    streaming.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                      body=json.dumps({"model": "m", "prompt": "你好", "max_tokens": 4000, "stream": True}))
+    r = streaming.getresponse()
+    assert r.status == 200 and r.readline()  # the stream has started
+    t = time.perf_counter()
+    s.stop()
+    took = time.perf_counter() - t
+    assert not s.running
+    assert took < 10, f"stop took {took:.1f} s"
+    silent.close()
+    streaming.close()

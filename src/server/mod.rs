@@ -23,6 +23,10 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
+use std::future::IntoFuture;
+
+/// How long a stopping server lets requests in flight finish before cutting them.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -216,7 +220,7 @@ pub fn router(engine: Engine, model_name: &str, api_key: Option<String>) -> Rout
 /// A server running on its own threads; [`ServerHandle::stop`] ends it.
 pub struct ServerHandle {
     addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    shutdown: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -239,7 +243,7 @@ impl ServerHandle {
             .thread_name("glm2rs-http")
             .build()
             .map_err(|e| Error::Internal(format!("cannot start the HTTP runtime: {e}")))?;
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (tx, rx) = tokio::sync::watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("glm2rs-server".into())
             .spawn(move || {
@@ -251,12 +255,23 @@ impl ServerHandle {
                             return;
                         }
                     };
+                    // On stop: no new connections; requests in flight get SHUTDOWN_GRACE to
+                    // finish, then whatever is still open (a stream, a silent client) is cut.
+                    let mut stop = rx.clone();
                     let served = axum::serve(listener, app)
                         .with_graceful_shutdown(async move {
-                            let _ = rx.await;
+                            let _ = stop.wait_for(|s| *s).await;
                         })
-                        .await;
-                    if let Err(e) = served {
+                        .into_future();
+                    let mut stop = rx;
+                    let deadline = async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                        tokio::time::sleep(SHUTDOWN_GRACE).await;
+                    };
+                    let (served, deadline) = (std::pin::pin!(served), std::pin::pin!(deadline));
+                    if let futures_util::future::Either::Left((Err(e), _)) =
+                        futures_util::future::select(served, deadline).await
+                    {
                         eprintln!("glm2rs serve: {e}");
                     }
                 });
@@ -284,7 +299,7 @@ impl ServerHandle {
     /// Stop accepting, finish, and wait for the server thread.
     pub fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
+            let _ = tx.send(true);
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
