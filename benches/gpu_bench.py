@@ -7,7 +7,8 @@ chatglm2-6b shapes are written there first).
 - parity: tiny-glm2 on CUDA in float32 (logits against the official golden, greedy chats, int8/int4
   official checkpoints, batched generation equal to one at a time);
 - big: chatglm2-6b bf16: load time, prefill of 2048 tokens, decode tokens/s at batch 1 (and the
-  given batches, aggregate), peak GPU memory of the process (nvidia-smi, polled);
+  given batches, aggregate), peak GPU memory of the process (nvidia-smi, polled) and of the allocator
+  (glm2rs.cuda_memory: live allocations, as torch.cuda.max_memory_allocated);
 - quant: the same for block-quantized weights (quantize= on load);
 - num-gpus: the layers split over N GPUs (parity on the fixture, then 6B decode).
 """
@@ -104,6 +105,27 @@ def parity(fx: Path, num_gpus: int = 1) -> None:
             f"batched == one at a time: {batch_ok}")
 
 
+def parity16(fx: Path) -> None:
+    """Official int8/int4 in 16-bit models against the exact float32 model on the same tokens
+    (causal: the first rows see the same inputs): one row (the float GEMV), 6 rows (the integer
+    GEMV, x rounded to int8 per 8 columns), 20 rows (the integer GEMV in chunks of 8) and 40 rows
+    (dequantize + matmul). Errors are max |logit difference|, and relative to max |logit|."""
+    ids = [64790, 64792] + list(range(1000, 1038))  # 40 tokens
+    for sub in ("model-int8", "model-int4"):
+        if not any((fx / sub).glob("*.safetensors")) and not any((fx / sub).glob("*.bin")):
+            continue
+        ref = glm2rs.Model.from_pretrained(str(fx / sub), device="cuda", dtype="float32").logits(ids)
+        scale = float(np.abs(ref).max())
+        for dtype in ("bfloat16", "float16"):
+            m = glm2rs.Model.from_pretrained(str(fx / sub), device="cuda", dtype=dtype)
+            err = {n: float(np.abs(m.logits(ids[:n]) - ref[:n]).max()) for n in (1, 6, 20, 40)}
+            ok = err[1] <= max(2 * err[40], 1e-2) and max(err[6], err[20]) <= 0.02 * scale
+            RESULTS.setdefault("parity16", {})[f"{sub}/{dtype}"] = {"max_abs_logit": scale, "err": err, "ok": ok}
+            log(f"parity {sub} {dtype} (max |logit| {scale:.1f}): max err 1 row (float GEMV) {err[1]:.2e}, "
+                f"6 rows (integer GEMV) {err[6]:.2e}, 20 rows (chunks) {err[20]:.2e}, "
+                f"40 rows (dequantize+matmul) {err[40]:.2e} -> {'ok' if ok else 'WORSE'}")
+
+
 def make_big(fx: Path, d: Path) -> Path:
     if not (d / "config.json").exists():
         t0 = time.time()
@@ -118,20 +140,33 @@ def figures(label: str, d: Path, batches: list[int], quantize: str | None = None
     r: dict = {}
     with PeakMemory() as pm:
         t0 = time.perf_counter()
-        m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", quantize=quantize,
-                                         num_gpus=num_gpus)
+        # a quantized model is written once as GGUF (quantizing on load takes a minute) and read
+        # back by later runs: the same official bytes
+        gguf = d.parent / f"{d.name}-{quantize}.gguf"
+        if quantize and gguf.exists():
+            m = glm2rs.Model.from_pretrained(str(gguf), device="cuda", dtype="bfloat16", num_gpus=num_gpus)
+        else:
+            m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", quantize=quantize,
+                                             num_gpus=num_gpus)
         r["load_s"] = time.perf_counter() - t0
+        if quantize and not gguf.exists():
+            m.save_quantized(str(gguf))
         r["weight_gib"] = m.weight_bytes / 2**30
         rng = np.random.default_rng(0)
         ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, 2046)]
         m.last_logits([ids[:64]])  # warm up
+        glm2rs.cuda_memory("cuda", reset_peak=True)
         pre = []
         for _ in range(3):
             t = time.perf_counter()
             m.last_logits([ids])  # waits for the result
             pre.append(time.perf_counter() - t)
         r["prefill_2048_s"] = min(pre)
+        mem = glm2rs.cuda_memory("cuda")
     r["peak_gib_prefill"] = pm.peak / 1024
+    # allocator-side, as torch.cuda.max_memory_allocated (the official 12.5 GiB figure)
+    r["allocated_peak_gib_prefill"] = mem["used_peak"] / 2**30
+    r["reserved_peak_gib_prefill"] = mem["reserved_peak"] / 2**30
     s = m.stream_ids(ids[:32], max_new_tokens=8)
     for _ in s:
         pass
@@ -185,6 +220,7 @@ def main() -> int:
     try:
         if a.parity:
             parity(fx)
+            parity16(fx)
             if a.num_gpus > 1:
                 parity(fx, a.num_gpus)
         if a.big or a.quant or a.num_gpus > 1:

@@ -1,5 +1,7 @@
-//! Criterion benches of the hot CPU kernels on chatglm2-6b shapes:
-//! `cargo bench --bench kernels` (add `-- --quick` for a short run).
+//! Criterion benches of the hot kernels on chatglm2-6b shapes:
+//! `cargo bench --bench kernels` (add `-- --quick` for a short run). With `--features cuda`
+//! the GPU kernels too (`-- gpu_` selects them; `scripts/build_cuda_wheel.sh --bench` builds the
+//! binary here to run on the GPU machine).
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -34,7 +36,10 @@ fn gemv(c: &mut Criterion) {
     }
 }
 
+#[cfg(not(feature = "cuda"))]
 criterion_group!(benches, gemv, quant);
+#[cfg(feature = "cuda")]
+criterion_group!(benches, gemv, quant, gpu::gpu);
 criterion_main!(benches);
 
 fn quant(c: &mut Criterion) {
@@ -56,6 +61,90 @@ fn quant(c: &mut Criterion) {
                 });
             }
         }
+        g.finish();
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::{DType, Device, Tensor};
+    use criterion::{Criterion, Throughput};
+    use glm2rs::kernels::cuda;
+    use std::time::{Duration, Instant};
+
+    /// GPU time per call: `iters` launches back to back between two synchronizations (one
+    /// synchronization per call would time the launch latency, not the kernel).
+    fn timed(dev: &Device, iters: u64, mut f: impl FnMut()) -> Duration {
+        dev.synchronize().unwrap();
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        dev.synchronize().unwrap();
+        t.elapsed()
+    }
+
+    pub fn gpu(c: &mut Criterion) {
+        let dev = glm2rs::parse_device("cuda").expect("a CUDA device");
+        let rand = |shape: (usize, usize), std: f32, dt: DType| {
+            Tensor::randn(0f32, std, shape, &dev).unwrap().to_dtype(dt).unwrap()
+        };
+        // (name, out, in): the four projections of a chatglm2-6b layer
+        let shapes = [
+            ("qkv", 4608usize, 4096usize),
+            ("dense", 4096, 4096),
+            ("h_to_4h", 27392, 4096),
+            ("4h_to_h", 4096, 13696),
+        ];
+        for (name, n, k) in shapes {
+            let w = rand((n, k), 0.02, DType::BF16);
+            let wf = w.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+            let mut g = c.benchmark_group(format!("gpu_{name}_bf16"));
+            g.sample_size(20);
+            g.warm_up_time(Duration::from_millis(300));
+            g.measurement_time(Duration::from_secs(1));
+            for m in [1usize, 8] {
+                let x = rand((m, k), 1.0, DType::BF16);
+                g.throughput(Throughput::Bytes((n * k * 2) as u64));
+                g.bench_function(format!("gemv_m{m}"), |b| {
+                    b.iter_custom(|it| timed(&dev, it, || drop(cuda::gemv(&x, &w).unwrap().unwrap())))
+                });
+                g.bench_function(format!("candle_matmul_m{m}"), |b| {
+                    b.iter_custom(|it| timed(&dev, it, || drop(x.matmul(&w.t().unwrap()).unwrap())))
+                });
+            }
+            for (bits, qb) in [(8u8, glm2rs::kernels::cpu_quant::Bits::Eight), (4, glm2rs::kernels::cpu_quant::Bits::Four)] {
+                let (q, s) = glm2rs::quantize::quantize_official(&wf, qb).unwrap();
+                let (q, s) = (q.to_device(&dev).unwrap(), s.to_device(&dev).unwrap());
+                g.throughput(Throughput::Bytes(q.elem_count() as u64));
+                for m in [1usize, 8] {
+                    let x = rand((m, k), 1.0, DType::BF16);
+                    g.bench_function(format!("int{bits}_gemv_m{m}"), |b| {
+                        b.iter_custom(|it| {
+                            timed(&dev, it, || drop(cuda::gemv_official(&x, &q, &s, bits).unwrap()))
+                        })
+                    });
+                }
+                g.bench_function(format!("int{bits}_dequantize"), |b| {
+                    b.iter_custom(|it| {
+                        timed(&dev, it, || {
+                            drop(cuda::dequantize_official(&q, &s, bits, DType::BF16).unwrap())
+                        })
+                    })
+                });
+            }
+            g.finish();
+        }
+        let mut g = c.benchmark_group("gpu_add_rmsnorm_bf16");
+        g.sample_size(20);
+        g.warm_up_time(Duration::from_millis(300));
+        g.measurement_time(Duration::from_secs(1));
+        let a = rand((1, 4096), 1.0, DType::BF16);
+        let r = rand((1, 4096), 1.0, DType::BF16);
+        let nw = rand((1, 4096), 1.0, DType::BF16).squeeze(0).unwrap();
+        g.bench_function("fused", |b| {
+            b.iter_custom(|it| timed(&dev, it, || drop(cuda::add_rmsnorm(&a, Some(&r), &nw, 1e-5).unwrap())))
+        });
         g.finish();
     }
 }

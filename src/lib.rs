@@ -76,6 +76,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                     unsafe { d.disable_event_tracking() };
                 }
             }
+            keep_pool_memory(index)?;
             Ok(dev)
         }
         "metal" | "mps" => Device::new_metal(index)
@@ -102,11 +103,63 @@ pub fn parse_devices(s: &str, num_gpus: usize) -> Result<Vec<Device>> {
     // each cross-device copy after the work that produced its source.
     (first..first + num_gpus)
         .map(|i| {
-            Device::new_cuda(i).map_err(|e| {
+            let dev = Device::new_cuda(i).map_err(|e| {
                 Error::invalid(format!("device \"cuda:{i}\" is not available: {e}"))
-            })
+            })?;
+            keep_pool_memory(i)?;
+            Ok(dev)
         })
         .collect()
+}
+
+/// Freed GPU memory stays in the pool for the next step (`GLM2RS_CUDA_POOL_RELEASE=1` returns
+/// it to the driver at each synchronization, the CUDA default).
+fn keep_pool_memory(_ordinal: usize) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if std::env::var("GLM2RS_CUDA_POOL_RELEASE").map_or(true, |v| v != "1") {
+        kernels::cuda::keep_pool_memory(_ordinal)?;
+    }
+    Ok(())
+}
+
+/// Allocator-side GPU memory in bytes (the pool every tensor comes from; the CUDA context and
+/// library workspaces are not in it): the figures PyTorch reports as `memory_allocated`,
+/// `max_memory_allocated`, `memory_reserved` and `max_memory_reserved`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaMemory {
+    pub used: u64,
+    pub used_peak: u64,
+    pub reserved: u64,
+    pub reserved_peak: u64,
+}
+
+/// [`CudaMemory`] of a `"cuda"` / `"cuda:N"` device; `reset_peak` restarts the peaks from the
+/// current values after reading them.
+pub fn cuda_memory(device: &str, reset_peak: bool) -> Result<CudaMemory> {
+    let (kind, _index, s) = split_device(device)?;
+    if kind != "cuda" && kind != "gpu" {
+        return Err(Error::invalid(format!(
+            "cuda_memory needs a CUDA device, not \"{s}\""
+        )));
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let [used, used_peak, reserved, reserved_peak] =
+            kernels::cuda::pool_memory(_index, reset_peak)?;
+        Ok(CudaMemory {
+            used,
+            used_peak,
+            reserved,
+            reserved_peak,
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = reset_peak;
+        Err(Error::invalid(
+            "this build of glm2rs has no CUDA support (build with the `cuda` feature)",
+        ))
+    }
 }
 
 /// Parse a dtype string; `None` means `"auto"`.

@@ -1087,10 +1087,28 @@ impl PyServer {
     }
 }
 
+/// Allocator-side memory of a GPU in bytes: ``used``, ``used_peak``, ``reserved``,
+/// ``reserved_peak`` (PyTorch's ``memory_allocated`` and friends). ``reset_peak`` restarts the
+/// peaks after reading them.
+#[pyfunction]
+#[pyo3(signature = (device = "cuda", reset_peak = false))]
+fn cuda_memory(device: &str, reset_peak: bool) -> PyResult<std::collections::HashMap<&'static str, u64>> {
+    let m = crate::cuda_memory(device, reset_peak)?;
+    Ok([
+        ("used", m.used),
+        ("used_peak", m.used_peak),
+        ("reserved", m.reserved),
+        ("reserved_peak", m.reserved_peak),
+    ]
+    .into_iter()
+    .collect())
+}
+
 #[pymodule]
 fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<PyModel>()?;
+    m.add_function(wrap_pyfunction!(cuda_memory, m)?)?;
     m.add_class::<PyTokenizer>()?;
     m.add_class::<PyStream>()?;
     m.add_class::<PyChatStream>()?;

@@ -162,3 +162,17 @@ def test_bad_load_arguments(fx, kw):
 def test_cuda_device_without_cuda_build_is_a_clear_error(fx):
     with pytest.raises(glm2rs.InvalidArgumentError, match="cuda"):
         glm2rs.Model.from_pretrained(str(fx / "model-safetensors"), device="cuda")
+
+
+def test_cuda_memory_needs_a_cuda_device_and_build():
+    with pytest.raises(glm2rs.InvalidArgumentError, match="CUDA device"):
+        glm2rs.cuda_memory("cpu")
+    with pytest.raises(glm2rs.InvalidArgumentError):
+        glm2rs.cuda_memory("cuda:x")
+    try:
+        m = glm2rs.cuda_memory("cuda")
+    except glm2rs.InvalidArgumentError as e:  # a CPU build says so
+        assert "CUDA" in str(e)
+    else:  # a CUDA build reports the pool
+        assert set(m) == {"used", "used_peak", "reserved", "reserved_peak"}
+        assert m["used_peak"] >= m["used"] and m["reserved"] >= m["used"]

@@ -42,10 +42,12 @@ from ._glm2rs import (  # noqa: E402
     Tokenizer,
     TokenizerError,
     __version__,
+    cuda_memory,
 )
 
 __all__ = [
     "Model",
+    "cuda_memory",
     "Server",
     "ChatSession",
     "ChatTurn",

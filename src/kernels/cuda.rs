@@ -42,7 +42,7 @@ fn device_ptr(t: &Tensor) -> Result<u64> {
 
 /// One sequence of a batched decode step (mirrors `SeqInfo` in glm2.cu).
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct SeqInfo {
     k: u64,
     v: u64,
@@ -51,6 +51,17 @@ struct SeqInfo {
     rot: i32,
     row: i32,
 }
+
+/// Sequences passed in the launch parameters (mirrors `MAX_TABLE_SEQS` in glm2.cu): 2 KiB.
+const TABLE_SEQS: usize = 64;
+
+/// The per-sequence table as a kernel parameter (`SeqTable` in glm2.cu).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SeqTable([SeqInfo; TABLE_SEQS]);
+
+// SAFETY: plain old data with the C layout of the kernel's parameter.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for SeqTable {}
 
 /// A sequence's part of a decode step: its layer cache (`[1, groups, cap, head_dim]`,
 /// contiguous, capacity for one more entry), entries held and rotary position.
@@ -110,21 +121,28 @@ impl CustomOp1 for DecodeAttention<'_> {
                 row: row as i32,
             });
         }
-        let bytes: Vec<u8> = infos
-            .iter()
-            .flat_map(|i| {
-                let mut b = Vec::with_capacity(32);
-                b.extend_from_slice(&i.k.to_le_bytes());
-                b.extend_from_slice(&i.v.to_le_bytes());
-                b.extend_from_slice(&i.cap.to_le_bytes());
-                b.extend_from_slice(&i.len.to_le_bytes());
-                b.extend_from_slice(&i.rot.to_le_bytes());
-                b.extend_from_slice(&i.row.to_le_bytes());
-                b
-            })
-            .collect();
         let dev = &s.device;
-        let seqs_dev = dev.cuda_stream().clone_htod(&bytes).w()?;
+        // A few sequences go in the launch parameters; more in a table copied to the device.
+        let (table, seqs_dev) = if rows <= TABLE_SEQS {
+            let mut t = SeqTable([SeqInfo::default(); TABLE_SEQS]);
+            t.0[..rows].copy_from_slice(&infos);
+            (Some(t), None)
+        } else {
+            let bytes: Vec<u8> = infos
+                .iter()
+                .flat_map(|i| {
+                    let mut b = Vec::with_capacity(32);
+                    b.extend_from_slice(&i.k.to_le_bytes());
+                    b.extend_from_slice(&i.v.to_le_bytes());
+                    b.extend_from_slice(&i.cap.to_le_bytes());
+                    b.extend_from_slice(&i.len.to_le_bytes());
+                    b.extend_from_slice(&i.rot.to_le_bytes());
+                    b.extend_from_slice(&i.row.to_le_bytes());
+                    b
+                })
+                .collect();
+            (None, Some(dev.cuda_stream().clone_htod(&bytes).w()?))
+        };
         let bias = match self.bias {
             Some(b) => device_ptr(b)?,
             None => 0u64,
@@ -132,11 +150,8 @@ impl CustomOp1 for DecodeAttention<'_> {
         let (cos, sin) = (device_ptr(self.cos)?, device_ptr(self.sin)?);
         let rot_half = self.cos.dim(1)? as i32;
         let scale = 1f32 / (hd as f32).sqrt();
-        let func = dev.get_or_load_custom_func(
-            &format!("decode_attention_{}", suffix(dtype)?),
-            MODULE,
-            PTX,
-        )?;
+        let kind = if table.is_some() { "decode_attention_t" } else { "decode_attention" };
+        let func = dev.get_or_load_custom_func(&format!("{kind}_{}", suffix(dtype)?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, nh as u32, 1),
             block_dim: (ATTENTION_THREADS, 1, 1),
@@ -150,7 +165,11 @@ impl CustomOp1 for DecodeAttention<'_> {
                 let mut b = func.builder();
                 b.arg(&src);
                 b.arg(&bias);
-                b.arg(&seqs_dev);
+                match (&table, &seqs_dev) {
+                    (Some(t), _) => b.arg(t),
+                    (None, Some(d)) => b.arg(d),
+                    (None, None) => unreachable!("one of the two tables is set"),
+                };
                 b.arg(&cos);
                 b.arg(&sin);
                 b.arg(&out);
@@ -510,10 +529,31 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if device_ptr(&x)? % 16 != 0 || device_ptr(w)? % 16 != 0 {
         return Ok(None);
     }
-    Ok(Some(x.apply_op2_no_bwd(w, &Gemv)?))
+    Ok(Some(x.apply_op2_no_bwd(w, &Gemv { swiglu: false })?))
 }
 
-struct Gemv;
+/// `swiglu(x Wᵀ)` for one row of `x` (`[1, k]`) and a dense `W` `[2f, k]` whose first `f` rows
+/// are the gate (dense_h_to_4h): `[1, f]` in one launch, exactly what `gemv` then `SwiGlu` give.
+/// `None` when the shapes or alignment do not suit it.
+pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (m, k) = x.dims2()?;
+    let (n, k2) = w.dims2()?;
+    if m != 1 || n % 2 != 0 || k != k2 || k % (16 / x.dtype().size_in_bytes()) != 0 {
+        return Ok(None);
+    }
+    if x.dtype() != w.dtype() || !w.is_contiguous() || !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    if device_ptr(&x)? % 16 != 0 || device_ptr(w)? % 16 != 0 {
+        return Ok(None);
+    }
+    Ok(Some(x.apply_op2_no_bwd(w, &Gemv { swiglu: true })?))
+}
+
+struct Gemv {
+    swiglu: bool,
+}
 
 impl candle_core::CustomOp2 for Gemv {
     fn name(&self) -> &'static str {
@@ -542,23 +582,25 @@ impl candle_core::CustomOp2 for Gemv {
         let (x0, x1) = contiguous(lx, "gemv")?;
         let (w0, w1) = contiguous(lw, "gemv")?;
         let dev = &sx.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("gemv{m}_{}", suffix(sx.dtype())?),
-            MODULE,
-            PTX,
-        )?;
+        // with swiglu: one warp per gate/up row pair, n/2 outputs
+        let (name, n_out) = if self.swiglu {
+            (format!("gemv_swiglu_{}", suffix(sx.dtype())?), n / 2)
+        } else {
+            (format!("gemv{m}_{}", suffix(sx.dtype())?), n)
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let warps = 8u32;
         let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(warps), 1, 1),
+            grid_dim: ((n_out as u32).div_ceil(warps), 1, 1),
             block_dim: (warps * 32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (n_i, k_i) = (n as i32, k as i32);
+        let (n_i, k_i) = (n_out as i32, k as i32);
         macro_rules! launch {
             ($x:expr, $w:expr, $variant:ident, $t:ty) => {{
                 let x = $x.slice(x0..x1);
                 let w = $w.slice(w0..w1);
-                let y = unsafe { dev.alloc::<$t>(m * n)? };
+                let y = unsafe { dev.alloc::<$t>(m * n_out)? };
                 let mut b = func.builder();
                 b.arg(&x);
                 b.arg(&w);
@@ -582,7 +624,7 @@ impl candle_core::CustomOp2 for Gemv {
                 slice,
                 device: dev.clone(),
             },
-            Shape::from((m, n)),
+            Shape::from((m, n_out)),
         ))
     }
 }
@@ -594,7 +636,22 @@ pub fn gemv_official(x: &Tensor, q: &Tensor, scale: &Tensor, bits: u8) -> Result
     if device_ptr(&x)? % 16 != 0 {
         x = x.copy()?; // the kernel reads x in 16-byte vectors
     }
-    x.apply_op3_no_bwd(q, scale, &GemvOfficial { bits })
+    x.apply_op3_no_bwd(q, scale, &GemvOfficial { bits, swiglu: false })
+}
+
+/// `swiglu(x Wᵀ)` for one row of 16-bit `x` and official int8/int4 dense_h_to_4h weights (gate
+/// rows first): `[1, n/2]` in one launch of the float kernel, exactly what `gemv_official` then
+/// `SwiGlu` give. `None` when it does not apply (float32, several rows, the integer kernel forced).
+pub fn gemv_official_swiglu(x: &Tensor, q: &Tensor, scale: &Tensor, bits: u8) -> Result<Option<Tensor>> {
+    let (m, _) = x.dims2()?;
+    if m != 1 || x.dtype() == DType::F32 || q.dim(0)? % 2 != 0 || gemvq_kernel(1) != GemvqKernel::Float {
+        return Ok(None);
+    }
+    let mut x = x.contiguous()?;
+    if device_ptr(&x)? % 16 != 0 {
+        x = x.copy()?;
+    }
+    Ok(Some(x.apply_op3_no_bwd(q, scale, &GemvOfficial { bits, swiglu: true })?))
 }
 
 /// Official int8/int4 weights dequantized to `dtype` `[n, k]` (each value rounded to float16
@@ -605,6 +662,44 @@ pub fn dequantize_official(q: &Tensor, scale: &Tensor, bits: u8, dtype: DType) -
 
 struct GemvOfficial {
     bits: u8,
+    /// one row, gate/up row pairs through SwiGLU (`gemv_official_swiglu`)
+    swiglu: bool,
+}
+
+/// The 16-bit int8/int4 GEMV kernels: `Float` converts the weights to float (accumulation and x
+/// exactly as in a float matmul); `Integer` quantizes x to int8 per 8 columns and multiplies bytes
+/// with dp4a (less arithmetic per weight: faster for several rows, at the cost of x's rounding).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GemvqKernel {
+    Float,
+    Integer,
+}
+
+/// `GLM2RS_GEMVQ=float|dp4a` forces a kernel (read once); by default one row (single-sequence
+/// decoding, where both are equally fast on an H200) runs `Float` and batches run `Integer`.
+fn gemvq_kernel(m: usize) -> GemvqKernel {
+    static FORCED: std::sync::OnceLock<Option<GemvqKernel>> = std::sync::OnceLock::new();
+    let forced = *FORCED.get_or_init(|| match std::env::var("GLM2RS_GEMVQ").as_deref() {
+        Ok("float") => Some(GemvqKernel::Float),
+        Ok("dp4a") => Some(GemvqKernel::Integer),
+        _ => None,
+    });
+    forced.unwrap_or(if m == 1 {
+        GemvqKernel::Float
+    } else {
+        GemvqKernel::Integer
+    })
+}
+
+/// Weight rows per warp of the integer GEMV (1, 2 or 4; `GLM2RS_GEMVQ_ROWS`, read once, default
+/// 4: each x record read serves four rows; 1.3x the batch-16 decode of 2 rows on an H200).
+fn gemvq_rows() -> u32 {
+    static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| match std::env::var("GLM2RS_GEMVQ_ROWS").as_deref() {
+        Ok("1") => 1,
+        Ok("2") => 2,
+        _ => 4,
+    })
 }
 
 fn u8_and_f32<'a>(
@@ -660,24 +755,65 @@ impl candle_core::CustomOp3 for GemvOfficial {
         let (x0, x1) = contiguous(lx, "gemv_official")?;
         let (q, s) = u8_and_f32(sq, lq, ss, ls, "gemv_official")?;
         let dev = &sx.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("gemv_q{}_{m}_{}", self.bits, suffix(sx.dtype())?),
-            MODULE,
-            PTX,
-        )?;
+        // float32: the exact one-row kernel; 16-bit: see `gemvq_kernel`.
+        let integer = sx.dtype() != DType::F32 && !self.swiglu && gemvq_kernel(m) == GemvqKernel::Integer;
+        let (name, rows) = match sx.dtype() {
+            DType::F32 if self.swiglu => bail!("gemv_official_swiglu: 16-bit inputs only"),
+            DType::F32 => (format!("gemv_q{}_{m}_f32", self.bits), 1),
+            dt if self.swiglu => (format!("gemv_q{}_1_{}_swiglu", self.bits, suffix(dt)?), 2),
+            dt if integer => {
+                let r = gemvq_rows();
+                (format!("gemv_dp4a_q{}_{m}_{}_r{r}", self.bits, suffix(dt)?), r)
+            }
+            dt => (format!("gemv_q{}_{m}_{}_r2", self.bits, suffix(dt)?), 2),
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let warps = 8u32;
         let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(warps), 1, 1),
+            grid_dim: ((n as u32).div_ceil(warps * rows), 1, 1),
             block_dim: (warps * 32, 1, 1),
             shared_mem_bytes: 0,
         };
         let (n_i, k_i) = (n as i32, k as i32);
+        let n_out = if self.swiglu { n / 2 } else { n };
+        let groups = m * k / 8;
+        let quantize = if integer {
+            Some(dev.get_or_load_custom_func(
+                &format!("quantize_x{}_{}", self.bits, suffix(sx.dtype())?),
+                MODULE,
+                PTX,
+            )?)
+        } else {
+            None
+        };
         macro_rules! launch {
             ($x:expr, $variant:ident, $t:ty) => {{
                 let x = $x.slice(x0..x1);
-                let y = unsafe { dev.alloc::<$t>(m * n)? };
+                let y = unsafe { dev.alloc::<$t>(m * n_out)? };
                 let mut b = func.builder();
-                b.arg(&x);
+                // 16-byte records (4 x u32) of int8 x per 8 columns
+                let xq = match &quantize {
+                    Some(qf) => {
+                        let xq = unsafe { dev.alloc::<u32>(groups * 4)? };
+                        let g = groups as i32;
+                        let mut qb = qf.builder();
+                        qb.arg(&x);
+                        qb.arg(&xq);
+                        qb.arg(&g);
+                        let qcfg = LaunchConfig {
+                            grid_dim: ((groups as u32).div_ceil(256), 1, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        unsafe { qb.launch(qcfg) }.w()?;
+                        Some(xq)
+                    }
+                    None => None,
+                };
+                match &xq {
+                    Some(xq) => b.arg(xq),
+                    None => b.arg(&x),
+                };
                 b.arg(&q);
                 b.arg(&s);
                 b.arg(&y);
@@ -698,7 +834,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
                 slice,
                 device: dev.clone(),
             },
-            Shape::from((m, n)),
+            Shape::from((m, n_out)),
         ))
     }
 }
@@ -739,7 +875,10 @@ impl candle_core::CustomOp2 for DequantOfficial {
             MODULE,
             PTX,
         )?;
-        let total = (n * rb) as u32;
+        if rb % 16 != 0 {
+            bail!("dequant_official: rows of {rb} bytes (multiples of 16 expected)");
+        }
+        let total = (n * rb / 16) as u32; // one thread per 16 bytes
         let cfg = LaunchConfig {
             grid_dim: (total.div_ceil(256).clamp(1, 65535), 1, 1),
             block_dim: (256, 1, 1),
@@ -773,4 +912,51 @@ impl candle_core::CustomOp2 for DequantOfficial {
             Shape::from((n, k)),
         ))
     }
+}
+
+/// The default memory pool of GPU `ordinal`: cudarc allocates every tensor from it with
+/// `cuMemAllocAsync`, so its attributes are the allocator-side figures (as PyTorch's
+/// `memory_allocated` / `memory_reserved`), without the CUDA context or library workspaces.
+fn mem_pool(ordinal: usize) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    result::init().w()?;
+    let dev = result::device::get(ordinal as i32).w()?;
+    unsafe { result::device::get_mem_pool(dev) }.w()
+}
+
+/// `[used, used_peak, reserved, reserved_peak]` bytes of GPU `ordinal`'s pool; `reset_peak`
+/// starts both peaks again from the current values.
+pub fn pool_memory(ordinal: usize, reset_peak: bool) -> Result<[u64; 4]> {
+    use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute as A};
+    let pool = mem_pool(ordinal)?;
+    let attrs = [
+        A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+    ];
+    let mut out = [0u64; 4];
+    for (o, a) in out.iter_mut().zip(attrs) {
+        unsafe { mem_pool::get_attribute(pool, a, o as *mut u64 as *mut _) }.w()?;
+    }
+    if reset_peak {
+        for a in [A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH] {
+            let mut zero = 0u64;
+            unsafe { mem_pool::set_attribute(pool, a, &mut zero as *mut u64 as *mut _) }.w()?;
+        }
+    }
+    Ok(out)
+}
+
+/// Keep freed memory in GPU `ordinal`'s pool instead of returning it to the driver at every
+/// synchronization (the pool's default): a decode step then reuses the previous step's memory,
+/// as PyTorch's caching allocator does.
+pub fn keep_pool_memory(ordinal: usize) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute as A};
+    let pool = mem_pool(ordinal)?;
+    let mut keep = u64::MAX;
+    unsafe {
+        mem_pool::set_attribute(pool, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _)
+    }
+    .w()
 }

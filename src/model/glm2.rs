@@ -14,6 +14,10 @@ use candle_core::{DType, Device, Module, Tensor};
 
 /// Longest query block whose attention scores are materialised at once during prefill.
 const ATTENTION_SCORE_BUDGET: usize = 64 << 20; // f32 elements per block
+/// The same on a GPU, where memory is scarcer and smaller blocks cost little time: 64 MiB of
+/// float32 scores (256 queries of chatglm2-6b at 2048 tokens).
+#[cfg(feature = "cuda")]
+const GPU_ATTENTION_SCORE_BUDGET: usize = 16 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // Rotary embedding: applied to the first half of each head, interleaved (x0, x1) pairs.
@@ -248,7 +252,7 @@ impl SelfAttention {
         let kt = k.to_dtype(DType::F32)?.contiguous()?.t()?; // [b, ng, hd, L]
         let v = v.contiguous()?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let block = (ATTENTION_SCORE_BUDGET / (b * nh * l).max(1)).clamp(1, t.max(1));
+        let block = (GPU_ATTENTION_SCORE_BUDGET / (b * nh * l).max(1)).clamp(1, t.max(1));
         let mut outs = Vec::with_capacity(t.div_ceil(block));
         let mut i0 = 0;
         while i0 < t {
@@ -435,6 +439,13 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // one token on a GPU: the product and SwiGLU in one launch
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && fused_decode_enabled() {
+            if let Some(h) = self.dense_h_to_4h.forward_swiglu_cuda(x)? {
+                return Ok(self.dense_4h_to_h.forward(&h)?);
+            }
+        }
         let h = self.dense_h_to_4h.forward(x)?;
         #[cfg(feature = "cuda")]
         let h = if h.device().is_cuda() && fused_decode_enabled() {

@@ -10,6 +10,11 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
+/// On CUDA, official int8/int4 products of up to this many rows (batched decoding) run the GEMV
+/// kernel in chunks of 8 rows; more rows (prefill) dequantize the weight for a matmul.
+#[cfg(feature = "cuda")]
+const QUANT_GEMV_MAX_ROWS: usize = 32;
+
 #[derive(Debug, Clone)]
 enum Weight {
     Dense(Tensor),
@@ -221,6 +226,39 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// `swiglu(x Wᵀ)` in one CUDA launch for a single row (decoding one sequence) of a bias-free
+    /// dense_h_to_4h (gate rows first), with the numbers of the product then SwiGLU; `None` when
+    /// the fused kernels do not apply.
+    #[cfg(feature = "cuda")]
+    pub fn forward_swiglu_cuda(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        if rows != 1 || self.bias.is_some() || self.out_dim % 2 != 0 || !x.device().is_cuda() {
+            return Ok(None);
+        }
+        let x2 = x.reshape((1, in_dim))?;
+        let y = match &self.weight {
+            Weight::Dense(w) if w.device().is_cuda() => crate::kernels::cuda::gemv_swiglu(&x2, w)?,
+            Weight::Quantized {
+                q,
+                scale,
+                bits,
+                dense: None,
+            } if q.device().is_cuda() => {
+                let b = if *bits == Bits::Eight { 8 } else { 4 };
+                crate::kernels::cuda::gemv_official_swiglu(&x2, q, scale, b)?
+            }
+            _ => None,
+        };
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = self.out_dim / 2;
+        y.map(|y| y.reshape(out)).transpose()
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let y = self.matmul(x)?;
@@ -267,6 +305,17 @@ impl Linear {
                 let b = if *bits == Bits::Eight { 8 } else { 4 };
                 if rows <= 8 {
                     crate::kernels::cuda::gemv_official(&x2, q, scale, b)?
+                } else if rows <= QUANT_GEMV_MAX_ROWS {
+                    // batched decoding: the GEMV over chunks of 8 rows reads the packed weight
+                    // once per chunk, cheaper than writing and reading a dense copy
+                    let parts = (0..rows)
+                        .step_by(8)
+                        .map(|r0| {
+                            let x = x2.narrow(0, r0, (rows - r0).min(8))?;
+                            crate::kernels::cuda::gemv_official(&x, q, scale, b)
+                        })
+                        .collect::<candle_core::Result<Vec<_>>>()?;
+                    Tensor::cat(&parts, 0)?
                 } else {
                     // prefill: a dense copy of this one weight for the product, then freed
                     let w = crate::kernels::cuda::dequantize_official(q, scale, b, x2.dtype())?;

@@ -174,18 +174,31 @@ __device__ void decode_attention(const T* __restrict__ qkv, const T* __restrict_
     }
 }
 
+// silu(a) * b of a gate and an up value, each first rounded to T (as the matmul output they come
+// from), silu rounded to T before the product, as candle's silu then mul.
+template <typename T>
+__device__ __forceinline__ T swiglu_pair(float g, float u) {
+    const float a = to_f(from_f<T>(g));
+    const float b = to_f(from_f<T>(u));
+    const float sa = to_f(from_f<T>(a / (1.f + __expf(-a))));
+    return from_f<T>(sa * b);
+}
+
 template <typename T>
 __device__ void swiglu(const T* __restrict__ x, T* __restrict__ out, int rows, int f) {
     const size_t n = (size_t)rows * f;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         const size_t rr = i / f, c = i % f;
-        const float a = to_f(x[rr * 2 * f + c]);
-        const float b = to_f(x[rr * 2 * f + f + c]);
-        // silu rounded to T first, as candle's silu then mul
-        const float sa = to_f(from_f<T>(a / (1.f + __expf(-a))));
-        out[i] = from_f<T>(sa * b);
+        out[i] = swiglu_pair<T>(to_f(x[rr * 2 * f + c]), to_f(x[rr * 2 * f + f + c]));
     }
 }
+
+// Up to MAX_TABLE_SEQS sequences travel in the launch's parameters (no host-to-device copy per
+// layer); more go through a table in device memory. Mirrors `TABLE_SEQS` in src/kernels/cuda.rs.
+constexpr int MAX_TABLE_SEQS = 64;
+struct SeqTable {
+    SeqInfo s[MAX_TABLE_SEQS];
+};
 
 #define INSTANTIATE(T, NAME)                                                                         \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                         \
@@ -194,6 +207,13 @@ __device__ void swiglu(const T* __restrict__ x, T* __restrict__ out, int rows, i
                                 int rot_half, float scale) {                                         \
         decode_attention<T>(qkv, bias, seqs, cos_t, sin_t, out, heads, groups, head_dim, rot_half,   \
                             scale);                                                                  \
+    }                                                                                                \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                         \
+        decode_attention_t_##NAME(const T* qkv, const T* bias, const __grid_constant__ SeqTable table, \
+                                  const T* cos_t, const T* sin_t, T* out, int heads, int groups,     \
+                                  int head_dim, int rot_half, float scale) {                         \
+        decode_attention<T>(qkv, bias, table.s, cos_t, sin_t, out, heads, groups, head_dim,          \
+                            rot_half, scale);                                                        \
     }                                                                                                \
     extern "C" __global__ void swiglu_##NAME(const T* x, T* out, int rows, int f) {                  \
         swiglu<T>(x, out, rows, f);                                                                  \
@@ -371,6 +391,34 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
     }
 }
 
+// One row of x through dense_h_to_4h and SwiGLU at once: warp j computes the gate row j and the up
+// row j + f (in the order and with the rounding of `gemv` then `swiglu`) and writes swiglu(gate, up).
+template <typename T>
+__device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ y, int f, int k) {
+    constexpr int V = Vec16<T>::N;
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= f) return;
+    const T* wr[2] = {w + (size_t)j * k, w + (size_t)(j + f) * k};
+    float acc[2] = {0.f, 0.f};
+#pragma unroll 4
+    for (int k0 = lane * V; k0 < k; k0 += 32 * V) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + k0));
+        const T* xe = reinterpret_cast<const T*>(&xv);
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const uint4 wv = *reinterpret_cast<const uint4*>(wr[r] + k0);
+            const T* we = reinterpret_cast<const T*>(&wv);
+#pragma unroll
+            for (int e = 0; e < V; e++) acc[r] += to_f(we[e]) * to_f(xe[e]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+        for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffff, acc[r], o);
+    if (lane == 0) y[j] = swiglu_pair<T>(acc[0], acc[1]);
+}
+
 #define GEMV(T, NAME, M)                                                                              \
     extern "C" __global__ void __launch_bounds__(256)                                                  \
         gemv##M##_##NAME(const T* x, const T* w, T* y, int n, int k) {                                 \
@@ -387,7 +435,11 @@ __device__ void gemv(const T* __restrict__ x, const T* __restrict__ w, T* __rest
         causal_softmax<T>(x, out, cols, tc, first_q, scale);                                           \
     }                                                                                                  \
     GEMV(T, NAME, 1) GEMV(T, NAME, 2) GEMV(T, NAME, 3) GEMV(T, NAME, 4)                               \
-    GEMV(T, NAME, 5) GEMV(T, NAME, 6) GEMV(T, NAME, 7) GEMV(T, NAME, 8)
+    GEMV(T, NAME, 5) GEMV(T, NAME, 6) GEMV(T, NAME, 7) GEMV(T, NAME, 8)                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                  \
+        gemv_swiglu_##NAME(const T* x, const T* w, T* y, int f, int k) {                               \
+        gemv_swiglu<T>(x, w, y, f, k);                                                                 \
+    }
 
 INSTANTIATE2(float, f32)
 INSTANTIATE2(__half, f16)
@@ -399,7 +451,7 @@ extern "C" __global__ void argmax_f32(const float* x, uint32_t* out, int n) { ar
 // Official weight-only int8/int4 (ChatGLM2's quantization_bit): q [n, k] int8 or [n, k/2] with
 // column 2j in the high nibble and 2j+1 in the low one; scale [n] float32; value = scale * q.
 // In float32 models each weight is rounded to float16 first, as the official dequantization
-// (exact parity); 16-bit models apply the row scale once to the sum.
+// (exact parity, `gemv_q_exact`); 16-bit models apply the row scale once to the sum (`gemv_q16`).
 
 template <int BITS>
 __device__ __forceinline__ void unpack16(const uint4& qv, float* w) {
@@ -415,12 +467,11 @@ __device__ __forceinline__ void unpack16(const uint4& qv, float* w) {
     }
 }
 
-template <typename T, int M, int BITS>
-__device__ void gemv_q(const T* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ scale,
-                       T* __restrict__ y, int n, int k) {
-    constexpr int V = Vec16<T>::N;
+// float32 models: each weight rounded to float16 after scaling, as the official dequantization.
+template <int M, int BITS>
+__device__ void gemv_q_exact(const float* __restrict__ x, const uint8_t* __restrict__ q,
+                             const float* __restrict__ scale, float* __restrict__ y, int n, int k) {
     constexpr int COLS = BITS == 8 ? 16 : 32;  // columns per 16 bytes of q
-    constexpr bool EXACT = sizeof(T) == 4;
     const int lane = threadIdx.x & 31;
     const int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= n) return;
@@ -435,19 +486,18 @@ __device__ void gemv_q(const T* __restrict__ x, const uint8_t* __restrict__ q, c
         const uint4 qv = *reinterpret_cast<const uint4*>(qr + cb);
         float w[COLS];
         unpack16<BITS>(qv, w);
-        if (EXACT) {
 #pragma unroll
-            for (int j = 0; j < COLS; j++) w[j] = __half2float(__float2half(s * w[j]));
-        }
+        for (int j = 0; j < COLS; j++) w[j] = __half2float(__float2half(s * w[j]));
         const int c0 = BITS == 8 ? cb : 2 * cb;
 #pragma unroll
         for (int m = 0; m < M; m++) {
 #pragma unroll
-            for (int v = 0; v < COLS / V; v++) {
-                const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * k + c0 + v * V));
-                const T* xe = reinterpret_cast<const T*>(&xv);
-#pragma unroll
-                for (int j = 0; j < V; j++) acc[m] += w[v * V + j] * to_f(xe[j]);
+            for (int v = 0; v < COLS / 4; v++) {
+                const float4 xv = __ldg(reinterpret_cast<const float4*>(x + (size_t)m * k + c0 + v * 4));
+                acc[m] += w[4 * v] * xv.x;
+                acc[m] += w[4 * v + 1] * xv.y;
+                acc[m] += w[4 * v + 2] * xv.z;
+                acc[m] += w[4 * v + 3] * xv.w;
             }
         }
     }
@@ -455,45 +505,343 @@ __device__ void gemv_q(const T* __restrict__ x, const uint8_t* __restrict__ q, c
     for (int m = 0; m < M; m++) {
         float v = acc[m];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-        if (lane == 0) y[(size_t)m * n + row] = from_f<T>(EXACT ? v : v * s);
+        if (lane == 0) y[(size_t)m * n + row] = v;
     }
 }
 
-// The dense weight [n, k] (prefill: a matmul follows).
+// 16-bit models: the weights become floats without integer-to-float conversions (a quarter-rate
+// pipe that bounded the simple kernel at about 1.1 TB/s). A signed field of BITS bits at bit P
+// (P + BITS <= 23) of a word w is exactly
+//   fma(as_float((w & mask) ^ (sign | 0x4B000000)), 2^-P, -(2^(23-P) + 2^(BITS-1))):
+// the xor turns two's complement into offset binary and puts it under the exponent of 2^23.
+template <int BITS, int P>
+__device__ __forceinline__ float field(uint32_t w) {
+    constexpr uint32_t MASK = ((1u << BITS) - 1u) << P;
+    constexpr uint32_t XOR = ((1u << (BITS - 1)) << P) | 0x4B000000u;
+    constexpr float INV = 1.0f / (float)(1u << P);
+    constexpr float OFF = 8388608.0f / (float)(1u << P) + (float)(1u << (BITS - 1));
+    return fmaf(__uint_as_float((w & MASK) ^ XOR), INV, -OFF);
+}
+
+// The columns of one 32-bit word of q: int4 byte j holds column 2j in its high nibble and 2j+1
+// in its low one; int8 byte j is column j.
+template <int BITS>
+__device__ __forceinline__ void unpack_word(uint32_t w, float* f) {
+    const uint32_t h = w >> 16;
+    if (BITS == 4) {
+        f[0] = field<4, 4>(w);
+        f[1] = field<4, 0>(w);
+        f[2] = field<4, 12>(w);
+        f[3] = field<4, 8>(w);
+        f[4] = field<4, 4>(h);
+        f[5] = field<4, 0>(h);
+        f[6] = field<4, 12>(h);
+        f[7] = field<4, 8>(h);
+    } else {
+        f[0] = field<8, 0>(w);
+        f[1] = field<8, 8>(w);
+        f[2] = field<8, 0>(h);
+        f[3] = field<8, 8>(h);
+    }
+}
+
+// Weights are read once per step: load them without allocating in L1, which keeps x there.
+__device__ __forceinline__ uint32_t load_stream(const uint32_t* p) {
+    uint32_t v;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint2 load_stream(const uint2* p) {
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+
+// 8 consecutive 16-bit values of x as floats (one 16-byte load).
+template <typename T>
+__device__ __forceinline__ void load_x8(const T* p, float* f) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 8; j++) f[j] = to_f(e[j]);
+}
+
+// The packed bytes of 8 columns: one word (int4) or two (int8).
+template <int BITS> struct Packed8;
+template <> struct Packed8<4> {
+    using T = uint32_t;
+    static __device__ __forceinline__ void unpack(T w, float* f) { unpack_word<4>(w, f); }
+};
+template <> struct Packed8<8> {
+    using T = uint2;
+    static __device__ __forceinline__ void unpack(T w, float* f) {
+        unpack_word<8>(w.x, f);
+        unpack_word<8>(w.y, f + 4);
+    }
+};
+
+// Lane l takes columns 8l..8l+7 of each 256-column step, so the warp's x loads are contiguous
+// 16-byte pieces (a lane reading 32 columns of x at a 64-byte stride made L1 the bottleneck)
+// and its weight loads are contiguous too. Each warp computes R rows, so every x value read and
+// converted serves R rows; U steps are loaded before any is used, to keep bytes in flight.
+// Float32 accumulation; the row scale is applied once to the sum.
+// SWIGLU (M = 1, R = 2): warp j takes the gate row j and the up row j + n/2 of dense_h_to_4h and
+// writes swiglu(gate, up) to y[j] (what this kernel then `swiglu` would give, in one launch).
+template <typename T, int M, int BITS, int R, bool SWIGLU = false>
+__device__ void gemv_q16(const T* __restrict__ x, const uint8_t* __restrict__ q, const float* __restrict__ scale,
+                         T* __restrict__ y, int n, int k) {
+    using P = Packed8<BITS>;
+    using W = typename P::T;
+    constexpr int U = BITS == 4 ? 8 : 4;
+    static_assert(!SWIGLU || (M == 1 && R == 2), "SwiGLU pairs one gate and one up row");
+    const int lane = threadIdx.x & 31;
+    const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int row0 = SWIGLU ? warp : warp * R;
+    if (SWIGLU ? warp >= n / 2 : row0 >= n) return;
+    int rows[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) rows[r] = SWIGLU ? warp + r * (n / 2) : min(row0 + r, n - 1);
+    const W* qr[R];  // 8 columns per element
+#pragma unroll
+    for (int r = 0; r < R; r++) qr[r] = reinterpret_cast<const W*>(q + (size_t)rows[r] * (k * BITS / 8));
+    float acc[M][R];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[m][r] = 0.f;
+    for (int c0 = lane * 8; c0 < k; c0 += 256 * U) {
+        W qv[U][R];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + u * 256;
+#pragma unroll
+            for (int r = 0; r < R; r++) qv[u][r] = c < k ? load_stream(qr[r] + c / 8) : W{};
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int c = c0 + u * 256;
+            if (c >= k) break;
+            float wf[R][8];
+#pragma unroll
+            for (int r = 0; r < R; r++) P::unpack(qv[u][r], wf[r]);
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float xf[8];
+                load_x8<T>(x + (size_t)m * k + c, xf);
+#pragma unroll
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int j = 0; j < 8; j++) acc[m][r] = fmaf(wf[r][j], xf[j], acc[m][r]);
+            }
+        }
+    }
+    if constexpr (SWIGLU) {
+        float v[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            v[r] = acc[0][r];
+            for (int o = 16; o > 0; o >>= 1) v[r] += __shfl_xor_sync(0xffffffff, v[r], o);
+        }
+        if (lane == 0) y[warp] = swiglu_pair<T>(v[0] * scale[rows[0]], v[1] * scale[rows[1]]);
+    } else {
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            if (row0 + r >= n) break;
+            const float s = scale[row0 + r];
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float v = acc[m][r];
+                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+                if (lane == 0) y[(size_t)m * n + row0 + r] = from_f<T>(v * s);
+            }
+        }
+    }
+}
+
+// Integer path for 16-bit models (the default): x is quantized to int8 per group of 8 columns
+// (scale max|x|/127, round to nearest) by `quantize_x`, and the GEMV multiplies bytes with dp4a:
+// about 7 instructions per 8 int4 weights instead of 3 per weight in float (which made the float
+// kernel compute-bound at ~1.8 TB/s). One 16-byte record per group: two words of int8 x in the
+// order the weight bytes are unpacked, the group scale, and the offset term.
+//   int4: the nibbles become offset binary u = v + 8 (xor 0x8 per nibble); low nibbles are the odd
+//         columns, high nibbles the even ones, so a = (x1, x3, x5, x7), b = (x0, x2, x4, x6) and
+//         off = -8 * sum(xq) removes the offset from the integer sum.
+//   int8: the weight bytes are signed already: a = (x0..x3), b = (x4..x7), off = 0.
+template <typename T, int BITS>
+__device__ void quantize_x(const T* __restrict__ x, int4* __restrict__ xq, int groups) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= groups) return;
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x) + i);
+    const T* e = reinterpret_cast<const T*>(&v);
+    float f[8], amax = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        f[j] = to_f(e[j]);
+        amax = fmaxf(amax, fabsf(f[j]));
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int qv[8], sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        qv[j] = __float2int_rn(f[j] * inv);
+        sum += qv[j];
+    }
+    auto pack = [](int b0, int b1, int b2, int b3) {
+        return (b0 & 0xFF) | ((b1 & 0xFF) << 8) | ((b2 & 0xFF) << 16) | ((uint32_t)(b3 & 0xFF) << 24);
+    };
+    int4 rec;
+    if (BITS == 4) {
+        rec.x = pack(qv[1], qv[3], qv[5], qv[7]);
+        rec.y = pack(qv[0], qv[2], qv[4], qv[6]);
+        rec.w = -8 * sum;
+    } else {
+        rec.x = pack(qv[0], qv[1], qv[2], qv[3]);
+        rec.y = pack(qv[4], qv[5], qv[6], qv[7]);
+        rec.w = 0;
+    }
+    rec.z = __float_as_int(amax / 127.f);
+    xq[i] = rec;
+}
+
+// y[m, n] = scale[n] * sum over groups of d_g * (integer dot of group g): lane l takes group l of
+// each 32-group step (contiguous weight words and x records across the warp); R rows per warp;
+// U steps loaded before use.
+template <typename T, int M, int BITS, int R>
+__device__ void gemv_dp4a(const int4* __restrict__ xq, const uint8_t* __restrict__ q, const float* __restrict__ scale,
+                          T* __restrict__ y, int n, int k) {
+    using W = typename Packed8<BITS>::T;
+    constexpr int U = BITS == 4 ? 8 : 4;
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * R;
+    if (row0 >= n) return;
+    const int groups = k / 8;
+    const W* qr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) qr[r] = reinterpret_cast<const W*>(q + (size_t)min(row0 + r, n - 1) * (k * BITS / 8));
+    float acc[M][R];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[m][r] = 0.f;
+    for (int g0 = lane; g0 < groups; g0 += 32 * U) {
+        W qv[U][R];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int g = g0 + u * 32;
+#pragma unroll
+            for (int r = 0; r < R; r++) qv[u][r] = g < groups ? load_stream(qr[r] + g) : W{};
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int g = g0 + u * 32;
+            if (g >= groups) break;
+            int lo[R], hi[R];
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                if constexpr (BITS == 4) {
+                    lo[r] = (qv[u][r] ^ 0x88888888u) & 0x0F0F0F0Fu;
+                    hi[r] = ((qv[u][r] >> 4) ^ 0x08888888u) & 0x0F0F0F0Fu;
+                } else {
+                    lo[r] = qv[u][r].x;
+                    hi[r] = qv[u][r].y;
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                const int4 rec = __ldg(xq + (size_t)m * groups + g);
+                const float d = __int_as_float(rec.z);
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const int sum = __dp4a(hi[r], rec.y, __dp4a(lo[r], rec.x, rec.w));
+                    acc[m][r] = fmaf(d, (float)sum, acc[m][r]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (row0 + r >= n) break;
+        const float s = scale[row0 + r];
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float v = acc[m][r];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+            if (lane == 0) y[(size_t)m * n + row0 + r] = from_f<T>(v * s);
+        }
+    }
+}
+
+// The dense weight [n, k] (prefill: a matmul follows): one thread per 16 bytes of q (rows are
+// multiples of 16 bytes, so a piece never crosses rows), written as 16-byte vectors.
 template <typename T, int BITS>
 __device__ void dequant_q(const uint8_t* __restrict__ q, const float* __restrict__ scale, T* __restrict__ out,
                           int n, int k) {
-    const int rb = BITS == 8 ? k : k / 2;
-    const size_t total = (size_t)n * rb;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = i / rb, c = i % rb;
+    constexpr int COLS = BITS == 8 ? 16 : 32;  // columns per 16 bytes of q
+    const size_t rb = BITS == 8 ? k : k / 2;
+    const size_t pieces = (size_t)n * rb / 16;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < pieces; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i * 16 / rb;
         const float s = scale[r];
-        const int8_t b = (int8_t)q[i];
-        if (BITS == 8) {
-            out[r * k + c] = from_f<T>(__half2float(__float2half(s * (float)b)));
-        } else {
-            out[r * k + 2 * c] = from_f<T>(__half2float(__float2half(s * (float)(b >> 4))));
-            out[r * k + 2 * c + 1] =
-                from_f<T>(__half2float(__float2half(s * (float)((int8_t)((uint8_t)(q[i] << 4)) >> 4))));
-        }
+        float w[COLS];
+        unpack16<BITS>(*reinterpret_cast<const uint4*>(q + i * 16), w);
+        __align__(16) T o[COLS];
+#pragma unroll
+        for (int j = 0; j < COLS; j++) o[j] = from_f<T>(__half2float(__float2half(s * w[j])));
+        uint4* dst = reinterpret_cast<uint4*>(out + r * k + (i * 16 - r * rb) * COLS / 16);
+#pragma unroll
+        for (int v = 0; v < (int)(COLS * sizeof(T) / 16); v++) dst[v] = reinterpret_cast<const uint4*>(o)[v];
     }
 }
 
 #define GEMVQ(T, NAME, M, BITS)                                                                        \
     extern "C" __global__ void __launch_bounds__(256)                                                  \
         gemv_q##BITS##_##M##_##NAME(const T* x, const uint8_t* q, const float* s, T* y, int n, int k) { \
-        gemv_q<T, M, BITS>(x, q, s, y, n, k);                                                          \
+        gemv_q_exact<M, BITS>(x, q, s, y, n, k);                                                       \
     }
-#define INSTANTIATE3(T, NAME, BITS)                                                                    \
-    GEMVQ(T, NAME, 1, BITS) GEMVQ(T, NAME, 2, BITS) GEMVQ(T, NAME, 3, BITS) GEMVQ(T, NAME, 4, BITS)    \
-    GEMVQ(T, NAME, 5, BITS) GEMVQ(T, NAME, 6, BITS) GEMVQ(T, NAME, 7, BITS) GEMVQ(T, NAME, 8, BITS)    \
+#define GEMVQ16(T, NAME, M, BITS, R)                                                                   \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q##BITS##_##M##_##NAME##_r##R(              \
+        const T* x, const uint8_t* q, const float* s, T* y, int n, int k) {                            \
+        gemv_q16<T, M, BITS, R>(x, q, s, y, n, k);                                                     \
+    }
+#define GEMVQ16_M(T, NAME, BITS, R)                                                                    \
+    GEMVQ16(T, NAME, 1, BITS, R) GEMVQ16(T, NAME, 2, BITS, R) GEMVQ16(T, NAME, 3, BITS, R)              \
+    GEMVQ16(T, NAME, 4, BITS, R) GEMVQ16(T, NAME, 5, BITS, R) GEMVQ16(T, NAME, 6, BITS, R)              \
+    GEMVQ16(T, NAME, 7, BITS, R) GEMVQ16(T, NAME, 8, BITS, R)
+#define DEQUANT(T, NAME, BITS)                                                                         \
     extern "C" __global__ void dequant_q##BITS##_##NAME(const uint8_t* q, const float* s, T* out, int n, int k) { \
         dequant_q<T, BITS>(q, s, out, n, k);                                                           \
     }
+// float32 models: the exact kernel (one row per warp).
+#define INSTANTIATE_F32(BITS)                                                                          \
+    GEMVQ(float, f32, 1, BITS) GEMVQ(float, f32, 2, BITS) GEMVQ(float, f32, 3, BITS)                   \
+    GEMVQ(float, f32, 4, BITS) GEMVQ(float, f32, 5, BITS) GEMVQ(float, f32, 6, BITS)                   \
+    GEMVQ(float, f32, 7, BITS) GEMVQ(float, f32, 8, BITS) DEQUANT(float, f32, BITS)
+#define DP4A(T, NAME, M, BITS, R)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) gemv_dp4a_q##BITS##_##M##_##NAME##_r##R(         \
+        const int4* xq, const uint8_t* q, const float* s, T* y, int n, int k) {                        \
+        gemv_dp4a<T, M, BITS, R>(xq, q, s, y, n, k);                                                   \
+    }
+#define DP4A_M(T, NAME, BITS, R)                                                                       \
+    DP4A(T, NAME, 1, BITS, R) DP4A(T, NAME, 2, BITS, R) DP4A(T, NAME, 3, BITS, R)                      \
+    DP4A(T, NAME, 4, BITS, R) DP4A(T, NAME, 5, BITS, R) DP4A(T, NAME, 6, BITS, R)                      \
+    DP4A(T, NAME, 7, BITS, R) DP4A(T, NAME, 8, BITS, R)
+// 16-bit models: the integer kernels (rows per warp 1, 2 or 4: GLM2RS_GEMVQ_ROWS) and the float
+// ones (GLM2RS_GEMVQ=float; see src/kernels/cuda.rs).
+#define INSTANTIATE_16(T, NAME, BITS)                                                                  \
+    GEMVQ16_M(T, NAME, BITS, 2)                                                                        \
+    extern "C" __global__ void __launch_bounds__(256) gemv_q##BITS##_1_##NAME##_swiglu(                \
+        const T* x, const uint8_t* q, const float* s, T* y, int n, int k) {                            \
+        gemv_q16<T, 1, BITS, 2, true>(x, q, s, y, n, k);                                               \
+    }                                                                                                  \
+    DP4A_M(T, NAME, BITS, 1) DP4A_M(T, NAME, BITS, 2) DP4A_M(T, NAME, BITS, 4)                         \
+    extern "C" __global__ void quantize_x##BITS##_##NAME(const T* x, int4* xq, int groups) {            \
+        quantize_x<T, BITS>(x, xq, groups);                                                            \
+    }                                                                                                  \
+    DEQUANT(T, NAME, BITS)
 
-INSTANTIATE3(float, f32, 8)
-INSTANTIATE3(float, f32, 4)
-INSTANTIATE3(__half, f16, 8)
-INSTANTIATE3(__half, f16, 4)
-INSTANTIATE3(__nv_bfloat16, bf16, 8)
-INSTANTIATE3(__nv_bfloat16, bf16, 4)
+INSTANTIATE_F32(8)
+INSTANTIATE_F32(4)
+INSTANTIATE_16(__half, f16, 8)
+INSTANTIATE_16(__half, f16, 4)
+INSTANTIATE_16(__nv_bfloat16, bf16, 8)
+INSTANTIATE_16(__nv_bfloat16, bf16, 4)
