@@ -407,12 +407,14 @@ fn arrange(bits: Bits, x: &[f32]) -> Vec<f32> {
 
 /// One input row quantized to int8 for the VNNI kernels: blocks of 64 values (int4: of each
 /// half of the arranged row, sharing one scale), and the correction of the weights' offset.
+#[cfg(target_arch = "x86_64")]
 struct QuantizedX {
     q: Vec<i8>,
     d: Vec<f32>,
     corr: f32,
 }
 
+#[cfg(target_arch = "x86_64")]
 fn quantize_x(bits: Bits, arranged: &[f32]) -> QuantizedX {
     let k = arranged.len();
     let mut q = vec![0i8; k];
