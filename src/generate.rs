@@ -239,7 +239,7 @@ impl Generator {
         }
         // A model split over several GPUs runs its sequences one at a time: on two H200s its
         // batched results differed from one-at-a-time ones in about a third of the checks, and
-        // single sequences rarely (1 greedy chat in ~30); the race is not found yet (see
+        // single sequences rarely (2 greedy chats in 55); the race is not found yet (see
         // docs/benchmarks.md). `GLM2RS_SPLIT_BATCH=1` steps them together, to debug it.
         static SPLIT_BATCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let split_batch =
