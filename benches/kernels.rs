@@ -87,7 +87,10 @@ mod gpu {
     pub fn gpu(c: &mut Criterion) {
         let dev = glm2rs::parse_device("cuda").expect("a CUDA device");
         let rand = |shape: (usize, usize), std: f32, dt: DType| {
-            Tensor::randn(0f32, std, shape, &dev).unwrap().to_dtype(dt).unwrap()
+            Tensor::randn(0f32, std, shape, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap()
         };
         // (name, out, in): the four projections of a chatglm2-6b layer
         let shapes = [
@@ -98,7 +101,11 @@ mod gpu {
         ];
         for (name, n, k) in shapes {
             let w = rand((n, k), 0.02, DType::BF16);
-            let wf = w.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap();
+            let wf = w
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
             let mut g = c.benchmark_group(format!("gpu_{name}_bf16"));
             g.sample_size(20);
             g.warm_up_time(Duration::from_millis(300));
@@ -107,13 +114,18 @@ mod gpu {
                 let x = rand((m, k), 1.0, DType::BF16);
                 g.throughput(Throughput::Bytes((n * k * 2) as u64));
                 g.bench_function(format!("gemv_m{m}"), |b| {
-                    b.iter_custom(|it| timed(&dev, it, || drop(cuda::gemv(&x, &w).unwrap().unwrap())))
+                    b.iter_custom(|it| {
+                        timed(&dev, it, || drop(cuda::gemv(&x, &w).unwrap().unwrap()))
+                    })
                 });
                 g.bench_function(format!("candle_matmul_m{m}"), |b| {
                     b.iter_custom(|it| timed(&dev, it, || drop(x.matmul(&w.t().unwrap()).unwrap())))
                 });
             }
-            for (bits, qb) in [(8u8, glm2rs::kernels::cpu_quant::Bits::Eight), (4, glm2rs::kernels::cpu_quant::Bits::Four)] {
+            for (bits, qb) in [
+                (8u8, glm2rs::kernels::cpu_quant::Bits::Eight),
+                (4, glm2rs::kernels::cpu_quant::Bits::Four),
+            ] {
                 let (q, s) = glm2rs::quantize::quantize_official(&wf, qb).unwrap();
                 let (q, s) = (q.to_device(&dev).unwrap(), s.to_device(&dev).unwrap());
                 g.throughput(Throughput::Bytes(q.elem_count() as u64));
@@ -121,7 +133,9 @@ mod gpu {
                     let x = rand((m, k), 1.0, DType::BF16);
                     g.bench_function(format!("int{bits}_gemv_m{m}"), |b| {
                         b.iter_custom(|it| {
-                            timed(&dev, it, || drop(cuda::gemv_official(&x, &q, &s, bits).unwrap()))
+                            timed(&dev, it, || {
+                                drop(cuda::gemv_official(&x, &q, &s, bits).unwrap())
+                            })
                         })
                     });
                 }
@@ -143,7 +157,11 @@ mod gpu {
         let r = rand((1, 4096), 1.0, DType::BF16);
         let nw = rand((1, 4096), 1.0, DType::BF16).squeeze(0).unwrap();
         g.bench_function("fused", |b| {
-            b.iter_custom(|it| timed(&dev, it, || drop(cuda::add_rmsnorm(&a, Some(&r), &nw, 1e-5).unwrap())))
+            b.iter_custom(|it| {
+                timed(&dev, it, || {
+                    drop(cuda::add_rmsnorm(&a, Some(&r), &nw, 1e-5).unwrap())
+                })
+            })
         });
         g.finish();
     }

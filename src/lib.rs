@@ -21,9 +21,9 @@ pub mod kernels;
 pub mod model;
 pub mod pth;
 pub mod quantize;
+pub mod sampling;
 #[cfg(feature = "server")]
 pub mod server;
-pub mod sampling;
 pub mod session;
 pub mod tokenizer;
 
@@ -363,14 +363,8 @@ impl Model {
         } else {
             opts.layer_devices.clone()
         };
-        let mut model = Glm2Model::load(
-            &config,
-            ckpt,
-            dtype,
-            &devices,
-            opts.quantize,
-            opts.progress,
-        )?;
+        let mut model =
+            Glm2Model::load(&config, ckpt, dtype, &devices, opts.quantize, opts.progress)?;
         let prefix = match (&opts.prefix_checkpoint, config.pre_seq_len) {
             (Some(p), _) => Some(model::prefix::Prefix::load_dir(p, &config, dtype, &opts.device)?),
             (None, Some(pre)) if model::prefix::Prefix::present(ckpt) => Some(model::prefix::Prefix::from_checkpoint(
@@ -522,10 +516,7 @@ impl Model {
         let mut out = Vec::with_capacity(prompts.len());
         for chunk in prompts.chunks(batch.max(1)) {
             if let Some(i) = chunk.iter().position(|p| p.is_empty()) {
-                return Err(Error::invalid(format!(
-                    "prompt {} is empty",
-                    out.len() + i
-                )));
+                return Err(Error::invalid(format!("prompt {} is empty", out.len() + i)));
             }
             let mut caches: Vec<Cache> = chunk.iter().map(|_| self.model.new_cache()).collect();
             let mut refs: Vec<&mut Cache> = caches.iter_mut().collect();
@@ -561,7 +552,11 @@ impl Model {
 
     /// Generate text from several prompts at once (see [`Model::generate_batch_ids`]); stop
     /// strings cut each text as in [`Model::generate`].
-    pub fn generate_batch(&self, prompts: &[String], cfg: &GenerationConfig) -> Result<Vec<String>> {
+    pub fn generate_batch(
+        &self,
+        prompts: &[String],
+        cfg: &GenerationConfig,
+    ) -> Result<Vec<String>> {
         let mut gens = prompts
             .iter()
             .map(|p| self.generator_for_prompt(p, cfg))

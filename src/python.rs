@@ -1031,7 +1031,8 @@ impl PyServer {
             },
         };
         let m = model.inner.clone();
-        let handle = py.detach(move || catch_panic(|| crate::server::ServerHandle::start(m, cfg)))?;
+        let handle =
+            py.detach(move || catch_panic(|| crate::server::ServerHandle::start(m, cfg)))?;
         let addr = handle.addr();
         Ok(Self {
             inner: Mutex::new(Some(handle)),
@@ -1092,7 +1093,10 @@ impl PyServer {
 /// peaks after reading them.
 #[pyfunction]
 #[pyo3(signature = (device = "cuda", reset_peak = false))]
-fn cuda_memory(device: &str, reset_peak: bool) -> PyResult<std::collections::HashMap<&'static str, u64>> {
+fn cuda_memory(
+    device: &str,
+    reset_peak: bool,
+) -> PyResult<std::collections::HashMap<&'static str, u64>> {
     let m = crate::cuda_memory(device, reset_peak)?;
     Ok([
         ("used", m.used),

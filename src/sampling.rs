@@ -120,7 +120,11 @@ impl Sampler {
             .enumerate()
             .map(|(i, &x)| {
                 let b = x.to_bits();
-                let ascending = if b & 0x8000_0000 != 0 { !b } else { b | 0x8000_0000 };
+                let ascending = if b & 0x8000_0000 != 0 {
+                    !b
+                } else {
+                    b | 0x8000_0000
+                };
                 ((!ascending as u64) << 32) | i as u64
             })
             .collect();
@@ -310,13 +314,21 @@ mod tests {
             let top_k = if case % 3 == 0 { 50 } else { 0 };
             // reference: full sort, keep the shortest prefix reaching top_p
             let mut order: Vec<u32> = (0..n as u32).collect();
-            order.sort_by(|&a, &b| logits[b as usize].partial_cmp(&logits[a as usize]).unwrap().then(a.cmp(&b)));
+            order.sort_by(|&a, &b| {
+                logits[b as usize]
+                    .partial_cmp(&logits[a as usize])
+                    .unwrap()
+                    .then(a.cmp(&b))
+            });
             if top_k > 0 {
                 let kth = logits[order[top_k - 1] as usize];
                 order.retain(|&i| logits[i as usize] >= kth);
             }
             let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let w: Vec<f64> = order.iter().map(|&i| ((logits[i as usize] - m) as f64).exp()).collect();
+            let w: Vec<f64> = order
+                .iter()
+                .map(|&i| ((logits[i as usize] - m) as f64).exp())
+                .collect();
             let total: f64 = w.iter().sum();
             let mut acc = 0.0;
             let mut keep = order.len();
@@ -328,10 +340,20 @@ mod tests {
                 }
             }
             let allowed: std::collections::HashSet<u32> = order[..keep].iter().copied().collect();
-            let mut s = Sampler::new(SamplingConfig { top_p, top_k, seed: Some(case as u64), ..cfg(true) }).unwrap();
-            let seen: std::collections::HashSet<u32> =
-                (0..300).map(|_| s.sample(&mut logits.clone(), &[])).collect();
-            assert!(seen.is_subset(&allowed), "case {case}: drew outside the nucleus");
+            let mut s = Sampler::new(SamplingConfig {
+                top_p,
+                top_k,
+                seed: Some(case as u64),
+                ..cfg(true)
+            })
+            .unwrap();
+            let seen: std::collections::HashSet<u32> = (0..300)
+                .map(|_| s.sample(&mut logits.clone(), &[]))
+                .collect();
+            assert!(
+                seen.is_subset(&allowed),
+                "case {case}: drew outside the nucleus"
+            );
             if keep <= 3 {
                 assert_eq!(seen, allowed, "case {case}: a small nucleus is drawn whole");
             }

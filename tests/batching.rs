@@ -40,30 +40,65 @@ fn forward_many_equals_each_sequence_alone() {
         .forward_many(&[c_past], &mut [&mut cc], Logits::Last)
         .unwrap();
     let out = inner
-        .forward_many(&[&a, &b, c_new], &mut [&mut ca, &mut cb, &mut cc], Logits::All)
+        .forward_many(
+            &[&a, &b, c_new],
+            &mut [&mut ca, &mut cb, &mut cc],
+            Logits::All,
+        )
         .unwrap();
     for (seq, got) in [&a, &b, &c].iter().zip(&out) {
         let want = m.logits(seq).unwrap();
-        let want = want.narrow(0, want.dim(0).unwrap() - got.dim(0).unwrap(), got.dim(0).unwrap()).unwrap();
-        let d = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let want = want
+            .narrow(
+                0,
+                want.dim(0).unwrap() - got.dim(0).unwrap(),
+                got.dim(0).unwrap(),
+            )
+            .unwrap();
+        let d = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-5, "batched logits differ by {d}");
     }
-    assert_eq!((ca.position(), cb.position(), cc.position()), (a.len(), b.len(), c.len()));
+    assert_eq!(
+        (ca.position(), cb.position(), cc.position()),
+        (a.len(), b.len(), c.len())
+    );
     // a decode step of all three together (Logits::Last) continues each correctly
     let next: Vec<u32> = vec![5, 6, 7];
     let out = inner
-        .forward_many(&[&next[0..1], &next[1..2], &next[2..3]], &mut [&mut ca, &mut cb, &mut cc], Logits::Last)
+        .forward_many(
+            &[&next[0..1], &next[1..2], &next[2..3]],
+            &mut [&mut ca, &mut cb, &mut cc],
+            Logits::Last,
+        )
         .unwrap();
     for (i, seq) in [&a, &b, &c].iter().enumerate() {
         let mut full = seq.to_vec();
         full.push(next[i]);
         let want = m.logits(&full).unwrap();
         let want = want.narrow(0, full.len() - 1, 1).unwrap();
-        let d = (&out[i] - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (&out[i] - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(d < 1e-5, "decode step of sequence {i} differs by {d}");
     }
     // a bad sequence fails the call and leaves the caches as they were
-    let err = inner.forward_many(&[&next[0..1], &[70000]], &mut [&mut ca, &mut cb], Logits::Last);
+    let err = inner.forward_many(
+        &[&next[0..1], &[70000]],
+        &mut [&mut ca, &mut cb],
+        Logits::Last,
+    );
     assert!(matches!(err, Err(Error::InvalidArgument(_))));
     assert_eq!(ca.position(), a.len() + 1);
 }
@@ -71,10 +106,14 @@ fn forward_many_equals_each_sequence_alone() {
 #[test]
 fn generate_batch_equals_one_at_a_time() {
     let Some(m) = model() else { return };
-    let prompts: Vec<Vec<u32>> = ["你好", "a much longer prompt than the others, to mix lengths", "x"]
-        .iter()
-        .map(|p| m.tokenizer().encode(p, true).unwrap())
-        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "你好",
+        "a much longer prompt than the others, to mix lengths",
+        "x",
+    ]
+    .iter()
+    .map(|p| m.tokenizer().encode(p, true).unwrap())
+    .collect();
     let cfg = greedy(17);
     let batch = m.generate_batch_ids(&prompts, &cfg).unwrap();
     for (p, got) in prompts.iter().zip(&batch) {
@@ -90,21 +129,33 @@ fn generate_batch_equals_one_at_a_time() {
 #[test]
 fn engine_serves_concurrent_requests_in_shared_steps() {
     let Some(m) = model() else { return };
-    let engine = Engine::new(m.clone(), EngineConfig { max_batch: 8, max_queue: 16 }).unwrap();
+    let engine = Engine::new(
+        m.clone(),
+        EngineConfig {
+            max_batch: 8,
+            max_queue: 16,
+        },
+    )
+    .unwrap();
     let prompts: Vec<Vec<u32>> = (0..6)
         .map(|i| m.tokenizer().encode(&format!("request {i}"), true).unwrap())
         .collect();
     let cfg = greedy(30);
-    let mut rxs: Vec<_> = prompts.iter().map(|p| engine.submit(p.clone(), &cfg).unwrap()).collect();
+    let mut rxs: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.submit(p.clone(), &cfg).unwrap())
+        .collect();
     for (p, rx) in prompts.iter().zip(rxs.iter_mut()) {
         let mut text = String::new();
         let mut done = None;
         while let Some(ev) = rx.blocking_recv() {
             match ev {
                 Event::Text(t) => text.push_str(&t),
-                Event::Done { reason, prompt_tokens, completion_tokens } => {
-                    done = Some((reason, prompt_tokens, completion_tokens))
-                }
+                Event::Done {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                } => done = Some((reason, prompt_tokens, completion_tokens)),
                 Event::Error(e) => panic!("{e}"),
             }
         }
@@ -116,15 +167,28 @@ fn engine_serves_concurrent_requests_in_shared_steps() {
     assert!(engine.steps() < 6 * 30 / 2, "{} steps", engine.steps());
     assert_eq!(engine.completed(), 6);
     // bad requests are refused before they run
-    assert!(matches!(engine.submit(vec![], &cfg), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        engine.submit(vec![], &cfg),
+        Err(Error::InvalidArgument(_))
+    ));
     let too_long = vec![5u32; m.config().seq_length + 1];
-    assert!(matches!(engine.submit(too_long, &cfg), Err(Error::InvalidArgument(_))));
+    assert!(matches!(
+        engine.submit(too_long, &cfg),
+        Err(Error::InvalidArgument(_))
+    ));
 }
 
 #[test]
 fn engine_queue_is_bounded_and_dropped_requests_free_their_place() {
     let Some(m) = model() else { return };
-    let engine = Engine::new(m.clone(), EngineConfig { max_batch: 1, max_queue: 1 }).unwrap();
+    let engine = Engine::new(
+        m.clone(),
+        EngineConfig {
+            max_batch: 1,
+            max_queue: 1,
+        },
+    )
+    .unwrap();
     let ids = m.tokenizer().encode("long", true).unwrap();
     let long = greedy(3000);
     let mut first = engine.submit(ids.clone(), &long).unwrap();
@@ -132,19 +196,29 @@ fn engine_queue_is_bounded_and_dropped_requests_free_their_place() {
     assert!(matches!(first.blocking_recv(), Some(Event::Text(_))));
     let second = engine.submit(ids.clone(), &long).unwrap();
     let third = engine.submit(ids.clone(), &long);
-    assert!(matches!(third, Err(Error::Overloaded(_))), "{:?}", third.err());
+    assert!(
+        matches!(third, Err(Error::Overloaded(_))),
+        "{:?}",
+        third.err()
+    );
     // dropping both frees the engine for new work
     drop(first);
     drop(second);
     let t0 = std::time::Instant::now();
     while engine.queued() + engine.running() > 0 {
-        assert!(t0.elapsed().as_secs() < 30, "cancelled requests were not freed");
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "cancelled requests were not freed"
+        );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let mut rx = engine.submit(ids, &greedy(3)).unwrap();
     let mut n = 0;
     while let Some(ev) = rx.blocking_recv() {
-        if let Event::Done { completion_tokens, .. } = ev {
+        if let Event::Done {
+            completion_tokens, ..
+        } = ev
+        {
             n = completion_tokens;
         }
     }

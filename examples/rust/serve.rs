@@ -12,17 +12,23 @@ use glm2rs::{LoadOptions, Model};
 async fn main() -> glm2rs::Result<()> {
     let mut args = std::env::args().skip(1);
     let dir = args.next().expect("usage: serve MODEL_DIR [PORT]");
-    let port: u16 = args.next().map_or(8000, |p| p.parse().expect("PORT is a number"));
+    let port: u16 = args
+        .next()
+        .map_or(8000, |p| p.parse().expect("PORT is a number"));
     let model = Model::from_dir(dir.as_ref(), &LoadOptions::default())?;
 
     // The engine batches every request of the service; it can also be used directly.
     let engine = Engine::new(model.clone(), EngineConfig::default())?;
-    let ids = model.tokenizer().encode("[Round 1]\n\n问：你好\n\n答：", true)?;
+    let ids = model
+        .tokenizer()
+        .encode("[Round 1]\n\n问：你好\n\n答：", true)?;
     let mut events = engine.submit(ids, &Default::default())?;
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Text(t) => print!("{t}"),
-            Event::Done { completion_tokens, .. } => println!("\n[{completion_tokens} tokens]"),
+            Event::Done {
+                completion_tokens, ..
+            } => println!("\n[{completion_tokens} tokens]"),
             Event::Error(e) => eprintln!("error: {e}"),
         }
     }

@@ -195,7 +195,8 @@ mod x86 {
                     let xo = _mm512_loadu_si512(xq[i].as_ptr().add(h + c * 64) as *const __m512i);
                     let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, xe);
                     let t = _mm512_dpbusd_epi32(t, lo, xo);
-                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[i][c]), acc[i]);
+                    acc[i] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[i][c]), acc[i]);
                 }
             }
         } else {
@@ -208,7 +209,8 @@ mod x86 {
                 for i in 0..M {
                     let x = _mm512_loadu_si512(xq[i].as_ptr().add(c * 64) as *const __m512i);
                     let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, x);
-                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[i][c]), acc[i]);
+                    acc[i] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_set1_ps(d[i][c]), acc[i]);
                 }
             }
         }
@@ -384,7 +386,13 @@ impl QWeight<'_> {
 /// A whole official weight (`q` bytes of `n` rows, `scale` per row, `k` columns) dequantized to
 /// f32 as the official code does (each weight rounded to float16).
 pub fn dequantize_official(bits: Bits, q: &[u8], scale: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let w = QWeight { bits, exact: true, q, scale, k };
+    let w = QWeight {
+        bits,
+        exact: true,
+        q,
+        scale,
+        k,
+    };
     let mut out = vec![0f32; n * k];
     for (r, row) in out.chunks_mut(k).enumerate() {
         w.dequantize_row(r, row);
@@ -688,16 +696,39 @@ mod tests {
                     let got = x
                         .apply_op3_no_bwd(&qt, &st, &QuantMatmul { bits, exact })
                         .unwrap();
-                    let w = QWeight { bits, exact, q: &q, scale: &scale, k };
+                    let w = QWeight {
+                        bits,
+                        exact,
+                        q: &q,
+                        scale: &scale,
+                        k,
+                    };
                     let diff = (&got - &want).unwrap();
                     if vnni_suits(&w) {
                         // the integer kernels round the activations to int8 (about 0.7% rms
                         // per value for Gaussian inputs): compare root-mean-square errors
-                        let rms = |t: &Tensor| t.sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
+                        let rms = |t: &Tensor| {
+                            t.sqr()
+                                .unwrap()
+                                .mean_all()
+                                .unwrap()
+                                .to_scalar::<f32>()
+                                .unwrap()
+                                .sqrt()
+                        };
                         let rel = rms(&diff) / rms(&want);
-                        assert!(rel < 0.02, "{bits:?} exact={exact} m={m} n={n} k={k}: rms error {rel}");
+                        assert!(
+                            rel < 0.02,
+                            "{bits:?} exact={exact} m={m} n={n} k={k}: rms error {rel}"
+                        );
                     } else {
-                        let err = diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                        let err = diff
+                            .abs()
+                            .unwrap()
+                            .max_all()
+                            .unwrap()
+                            .to_scalar::<f32>()
+                            .unwrap();
                         assert!(
                             err < 1e-4 * (k as f32).sqrt(),
                             "{bits:?} exact={exact} m={m} n={n} k={k}: {err}"
@@ -722,8 +753,16 @@ mod tests {
                 let rb = if bits == Bits::Eight { k } else { k / 2 };
                 let q: Vec<u8> = (0..n * rb).map(|_| rnd()).collect();
                 let scale: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
-                let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
-                let w = QWeight { bits, exact: false, q: &q, scale: &scale, k };
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                    .collect();
+                let w = QWeight {
+                    bits,
+                    exact: false,
+                    q: &q,
+                    scale: &scale,
+                    k,
+                };
                 if !vnni_suits(&w) {
                     eprintln!("no AVX-512 VNNI here: integer kernels not tested");
                     return;
@@ -739,7 +778,10 @@ mod tests {
                         big = big.max(want.abs());
                     }
                 }
-                assert!(worst <= 0.01 * big, "{bits:?} m={m} k={k}: error {worst} of {big}");
+                assert!(
+                    worst <= 0.01 * big,
+                    "{bits:?} m={m} k={k}: error {worst} of {big}"
+                );
             }
         }
     }

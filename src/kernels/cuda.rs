@@ -1,8 +1,8 @@
 //! CUDA custom ops (feature `cuda`): the fused decode attention and SwiGLU of
 //! `src/kernels/cuda/glm2.cu`, compiled to PTX by build.rs.
 
-use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
@@ -100,7 +100,10 @@ impl CustomOp1 for DecodeAttention<'_> {
             bail!("decode attention: qkv width {width} does not fit {nh} heads, {ng} groups, head_dim {hd}");
         }
         if self.seqs.len() != rows {
-            bail!("decode attention: {} sequences for {rows} rows", self.seqs.len());
+            bail!(
+                "decode attention: {} sequences for {rows} rows",
+                self.seqs.len()
+            );
         }
         let Some((o1, o2)) = l.contiguous_offsets() else {
             bail!("decode attention: qkv must be contiguous")
@@ -109,8 +112,11 @@ impl CustomOp1 for DecodeAttention<'_> {
         let mut infos = Vec::with_capacity(rows);
         for (row, q) in self.seqs.iter().enumerate() {
             let cap = q.k.dim(2)?;
-            if q.k.dtype() != dtype || q.v.dtype() != dtype || q.len >= cap || !q.k.is_contiguous() {
-                bail!("decode attention: cache of sequence {row} is not ready (dtype, room, layout)");
+            if q.k.dtype() != dtype || q.v.dtype() != dtype || q.len >= cap || !q.k.is_contiguous()
+            {
+                bail!(
+                    "decode attention: cache of sequence {row} is not ready (dtype, room, layout)"
+                );
             }
             infos.push(SeqInfo {
                 k: device_ptr(&q.k)?,
@@ -150,8 +156,13 @@ impl CustomOp1 for DecodeAttention<'_> {
         let (cos, sin) = (device_ptr(self.cos)?, device_ptr(self.sin)?);
         let rot_half = self.cos.dim(1)? as i32;
         let scale = 1f32 / (hd as f32).sqrt();
-        let kind = if table.is_some() { "decode_attention_t" } else { "decode_attention" };
-        let func = dev.get_or_load_custom_func(&format!("{kind}_{}", suffix(dtype)?), MODULE, PTX)?;
+        let kind = if table.is_some() {
+            "decode_attention_t"
+        } else {
+            "decode_attention"
+        };
+        let func =
+            dev.get_or_load_custom_func(&format!("{kind}_{}", suffix(dtype)?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, nh as u32, 1),
             block_dim: (ATTENTION_THREADS, 1, 1),
@@ -277,7 +288,12 @@ fn contiguous(l: &Layout, op: &str) -> Result<(usize, usize)> {
 
 /// `h = a + b` and `y = rmsnorm(h) * w` in one pass (`b = None`: plain RMSNorm of `a`).
 /// Returns `(h, y)`, both shaped like `a`.
-pub fn add_rmsnorm(a: &Tensor, b: Option<&Tensor>, w: &Tensor, eps: f32) -> Result<(Tensor, Tensor)> {
+pub fn add_rmsnorm(
+    a: &Tensor,
+    b: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
     let a = a.contiguous()?;
     let both = match b {
         Some(b) => a.apply_op3_no_bwd(&b.contiguous()?, w, &AddRmsNorm { eps, has_b: true })?,
@@ -322,7 +338,12 @@ impl candle_core::CustomOp3 for AddRmsNorm {
         let n = *dims.last().unwrap_or(&0);
         let rows = la.shape().elem_count() / n.max(1);
         if lb.shape() != la.shape() || lw.shape().elem_count() != n {
-            bail!("add_rmsnorm: shapes {:?} {:?} {:?}", la.shape(), lb.shape(), lw.shape());
+            bail!(
+                "add_rmsnorm: shapes {:?} {:?} {:?}",
+                la.shape(),
+                lb.shape(),
+                lw.shape()
+            );
         }
         let (a0, a1) = contiguous(la, "add_rmsnorm")?;
         let (b0, b1) = contiguous(lb, "add_rmsnorm")?;
@@ -473,12 +494,8 @@ impl CustomOp1 for CausalSoftmax {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (cols_i, tc_i, fq_i, scale) = (
-            cols as i32,
-            self.tc as i32,
-            self.first_q as i32,
-            self.scale,
-        );
+        let (cols_i, tc_i, fq_i, scale) =
+            (cols as i32, self.tc as i32, self.first_q as i32, self.scale);
         macro_rules! launch {
             ($variant:ident, $t:ty) => {{
                 let out = unsafe { dev.alloc::<$t>(rows * cols)? };
@@ -512,11 +529,27 @@ impl CustomOp1 for CausalSoftmax {
 /// `x Wᵀ` for at most 8 rows of `x` (`[m, k]`) and a weight `[n, k]` of the same dtype, by the
 /// streaming kernel. `None` when the shapes or alignment do not suit it (use a matmul).
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    gemv_op(x, w, 8, Gemv { swiglu: false })
+}
+
+/// `swiglu(x Wᵀ)` for one row of `x` (`[1, k]`) and a dense `W` `[2f, k]` whose first `f` rows
+/// are the gate (dense_h_to_4h): `[1, f]` in one launch, exactly what `gemv` then `SwiGlu` give.
+/// `None` when the shapes or alignment do not suit it.
+pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if w.dim(0)? % 2 != 0 {
+        return Ok(None);
+    }
+    gemv_op(x, w, 1, Gemv { swiglu: true })
+}
+
+/// `op` on x (at most `max_rows` rows) and w when they suit the streaming kernel: one float dtype,
+/// the same width in whole 16-byte vectors, 16-byte aligned.
+fn gemv_op(x: &Tensor, w: &Tensor, max_rows: usize, op: Gemv) -> Result<Option<Tensor>> {
     let (m, k) = x.dims2()?;
     let (_n, k2) = w.dims2()?;
     let vec = 16 / x.dtype().size_in_bytes();
     if m == 0
-        || m > 8
+        || m > max_rows
         || k != k2
         || k % vec != 0
         || x.dtype() != w.dtype()
@@ -529,26 +562,7 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     if device_ptr(&x)? % 16 != 0 || device_ptr(w)? % 16 != 0 {
         return Ok(None);
     }
-    Ok(Some(x.apply_op2_no_bwd(w, &Gemv { swiglu: false })?))
-}
-
-/// `swiglu(x Wᵀ)` for one row of `x` (`[1, k]`) and a dense `W` `[2f, k]` whose first `f` rows
-/// are the gate (dense_h_to_4h): `[1, f]` in one launch, exactly what `gemv` then `SwiGlu` give.
-/// `None` when the shapes or alignment do not suit it.
-pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (m, k) = x.dims2()?;
-    let (n, k2) = w.dims2()?;
-    if m != 1 || n % 2 != 0 || k != k2 || k % (16 / x.dtype().size_in_bytes()) != 0 {
-        return Ok(None);
-    }
-    if x.dtype() != w.dtype() || !w.is_contiguous() || !matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
-        return Ok(None);
-    }
-    let x = x.contiguous()?;
-    if device_ptr(&x)? % 16 != 0 || device_ptr(w)? % 16 != 0 {
-        return Ok(None);
-    }
-    Ok(Some(x.apply_op2_no_bwd(w, &Gemv { swiglu: true })?))
+    Ok(Some(x.apply_op2_no_bwd(w, &op)?))
 }
 
 struct Gemv {
@@ -632,26 +646,48 @@ impl candle_core::CustomOp2 for Gemv {
 /// Official int8/int4 weights (`q` u8 `[n, k]` or `[n, k/2]`, `scale` f32 `[n]`, on the GPU)
 /// times `x` `[m, k]` for at most 8 rows: `[m, n]` in x's dtype (`bits` 8 or 4).
 pub fn gemv_official(x: &Tensor, q: &Tensor, scale: &Tensor, bits: u8) -> Result<Tensor> {
-    let mut x = x.contiguous()?;
-    if device_ptr(&x)? % 16 != 0 {
-        x = x.copy()?; // the kernel reads x in 16-byte vectors
-    }
-    x.apply_op3_no_bwd(q, scale, &GemvOfficial { bits, swiglu: false })
+    aligned(x)?.apply_op3_no_bwd(
+        q,
+        scale,
+        &GemvOfficial {
+            bits,
+            swiglu: false,
+        },
+    )
+}
+
+/// `x` contiguous and 16-byte aligned (the kernels read it in 16-byte vectors).
+fn aligned(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    Ok(if device_ptr(&x)? % 16 != 0 {
+        x.copy()?
+    } else {
+        x
+    })
 }
 
 /// `swiglu(x Wᵀ)` for one row of 16-bit `x` and official int8/int4 dense_h_to_4h weights (gate
 /// rows first): `[1, n/2]` in one launch of the float kernel, exactly what `gemv_official` then
 /// `SwiGlu` give. `None` when it does not apply (float32, several rows, the integer kernel forced).
-pub fn gemv_official_swiglu(x: &Tensor, q: &Tensor, scale: &Tensor, bits: u8) -> Result<Option<Tensor>> {
+pub fn gemv_official_swiglu(
+    x: &Tensor,
+    q: &Tensor,
+    scale: &Tensor,
+    bits: u8,
+) -> Result<Option<Tensor>> {
     let (m, _) = x.dims2()?;
-    if m != 1 || x.dtype() == DType::F32 || q.dim(0)? % 2 != 0 || gemvq_kernel(1) != GemvqKernel::Float {
+    if m != 1
+        || x.dtype() == DType::F32
+        || q.dim(0)? % 2 != 0
+        || gemvq_kernel(1) != GemvqKernel::Float
+    {
         return Ok(None);
     }
-    let mut x = x.contiguous()?;
-    if device_ptr(&x)? % 16 != 0 {
-        x = x.copy()?;
-    }
-    Ok(Some(x.apply_op3_no_bwd(q, scale, &GemvOfficial { bits, swiglu: true })?))
+    Ok(Some(aligned(x)?.apply_op3_no_bwd(
+        q,
+        scale,
+        &GemvOfficial { bits, swiglu: true },
+    )?))
 }
 
 /// Official int8/int4 weights dequantized to `dtype` `[n, k]` (each value rounded to float16
@@ -750,20 +786,27 @@ impl candle_core::CustomOp3 for GemvOfficial {
         let (n, rb) = lq.shape().dims2()?;
         let want = if self.bits == 8 { k } else { k / 2 };
         if m == 0 || m > 8 || rb != want || rb % 16 != 0 || ls.shape().elem_count() != n {
-            bail!("gemv_official: x [{m}, {k}], q [{n}, {rb}] ({} bits)", self.bits);
+            bail!(
+                "gemv_official: x [{m}, {k}], q [{n}, {rb}] ({} bits)",
+                self.bits
+            );
         }
         let (x0, x1) = contiguous(lx, "gemv_official")?;
         let (q, s) = u8_and_f32(sq, lq, ss, ls, "gemv_official")?;
         let dev = &sx.device;
         // float32: the exact one-row kernel; 16-bit: see `gemvq_kernel`.
-        let integer = sx.dtype() != DType::F32 && !self.swiglu && gemvq_kernel(m) == GemvqKernel::Integer;
+        let integer =
+            sx.dtype() != DType::F32 && !self.swiglu && gemvq_kernel(m) == GemvqKernel::Integer;
         let (name, rows) = match sx.dtype() {
             DType::F32 if self.swiglu => bail!("gemv_official_swiglu: 16-bit inputs only"),
             DType::F32 => (format!("gemv_q{}_{m}_f32", self.bits), 1),
             dt if self.swiglu => (format!("gemv_q{}_1_{}_swiglu", self.bits, suffix(dt)?), 2),
             dt if integer => {
                 let r = gemvq_rows();
-                (format!("gemv_dp4a_q{}_{m}_{}_r{r}", self.bits, suffix(dt)?), r)
+                (
+                    format!("gemv_dp4a_q{}_{m}_{}_r{r}", self.bits, suffix(dt)?),
+                    r,
+                )
             }
             dt => (format!("gemv_q{}_{m}_{}_r2", self.bits, suffix(dt)?), 2),
         };
@@ -917,7 +960,9 @@ impl candle_core::CustomOp2 for DequantOfficial {
 /// The default memory pool of GPU `ordinal`: cudarc allocates every tensor from it with
 /// `cuMemAllocAsync`, so its attributes are the allocator-side figures (as PyTorch's
 /// `memory_allocated` / `memory_reserved`), without the CUDA context or library workspaces.
-fn mem_pool(ordinal: usize) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
+fn mem_pool(
+    ordinal: usize,
+) -> Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool> {
     use candle_core::cuda_backend::cudarc::driver::result;
     result::init().w()?;
     let dev = result::device::get(ordinal as i32).w()?;
@@ -927,7 +972,9 @@ fn mem_pool(ordinal: usize) -> Result<candle_core::cuda_backend::cudarc::driver:
 /// `[used, used_peak, reserved, reserved_peak]` bytes of GPU `ordinal`'s pool; `reset_peak`
 /// starts both peaks again from the current values.
 pub fn pool_memory(ordinal: usize, reset_peak: bool) -> Result<[u64; 4]> {
-    use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute as A};
+    use candle_core::cuda_backend::cudarc::driver::{
+        result::mem_pool, sys::CUmemPool_attribute as A,
+    };
     let pool = mem_pool(ordinal)?;
     let attrs = [
         A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
@@ -940,7 +987,10 @@ pub fn pool_memory(ordinal: usize, reset_peak: bool) -> Result<[u64; 4]> {
         unsafe { mem_pool::get_attribute(pool, a, o as *mut u64 as *mut _) }.w()?;
     }
     if reset_peak {
-        for a in [A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH] {
+        for a in [
+            A::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+        ] {
             let mut zero = 0u64;
             unsafe { mem_pool::set_attribute(pool, a, &mut zero as *mut u64 as *mut _) }.w()?;
         }
@@ -952,11 +1002,17 @@ pub fn pool_memory(ordinal: usize, reset_peak: bool) -> Result<[u64; 4]> {
 /// synchronization (the pool's default): a decode step then reuses the previous step's memory,
 /// as PyTorch's caching allocator does.
 pub fn keep_pool_memory(ordinal: usize) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::{result::mem_pool, sys::CUmemPool_attribute as A};
+    use candle_core::cuda_backend::cudarc::driver::{
+        result::mem_pool, sys::CUmemPool_attribute as A,
+    };
     let pool = mem_pool(ordinal)?;
     let mut keep = u64::MAX;
     unsafe {
-        mem_pool::set_attribute(pool, A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut keep as *mut u64 as *mut _)
+        mem_pool::set_attribute(
+            pool,
+            A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut _,
+        )
     }
     .w()
 }

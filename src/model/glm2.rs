@@ -449,7 +449,8 @@ impl Mlp {
         let h = self.dense_h_to_4h.forward(x)?;
         #[cfg(feature = "cuda")]
         let h = if h.device().is_cuda() && fused_decode_enabled() {
-            h.contiguous()?.apply_op1_no_bwd(&crate::kernels::cuda::SwiGlu)?
+            h.contiguous()?
+                .apply_op1_no_bwd(&crate::kernels::cuda::SwiGlu)?
         } else {
             candle_nn::ops::swiglu(&h)?
         };
@@ -552,7 +553,15 @@ impl Block {
         use crate::kernels::cuda::add_rmsnorm;
         let ln = match normed {
             Some(n) => n,
-            None => add_rmsnorm(x, None, &self.input_layernorm.weight, self.input_layernorm.eps)?.1,
+            None => {
+                add_rmsnorm(
+                    x,
+                    None,
+                    &self.input_layernorm.weight,
+                    self.input_layernorm.eps,
+                )?
+                .1
+            }
         };
         let attn = self
             .self_attention
@@ -652,7 +661,14 @@ impl Glm2Model {
         report(1);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            layers.push(Block::load(ckpt, i, cfg, quantize, dtype, &layer_devices[i])?);
+            layers.push(Block::load(
+                ckpt,
+                i,
+                cfg,
+                quantize,
+                dtype,
+                &layer_devices[i],
+            )?);
             report(2 + i);
         }
         let final_layernorm = if cfg.post_layer_norm {
@@ -982,7 +998,11 @@ impl Glm2Model {
         if let Some(norm) = &self.final_layernorm {
             x = norm.forward(&x)?;
         }
-        let logits = self.output_layer.forward(&x)?.to_dtype(DType::F32)?.squeeze(0)?;
+        let logits = self
+            .output_layer
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .squeeze(0)?;
         Ok((logits, segments))
     }
 

@@ -290,7 +290,12 @@ impl Linear {
                 }
             }
             Weight::Dense(w) => x2.matmul(&w.t()?)?,
-            Weight::Quantized { q, scale, bits, dense: None } if cpu => {
+            Weight::Quantized {
+                q,
+                scale,
+                bits,
+                dense: None,
+            } if cpu => {
                 let exact = x2.dtype() == DType::F32;
                 x2.contiguous()?
                     .apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits, exact })?

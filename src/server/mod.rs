@@ -137,12 +137,17 @@ impl IntoResponse for ApiError {
 }
 
 /// Parse a request body as a JSON object.
-pub(crate) fn parse_object(body: &[u8]) -> std::result::Result<serde_json::Map<String, Value>, ApiError> {
+pub(crate) fn parse_object(
+    body: &[u8],
+) -> std::result::Result<serde_json::Map<String, Value>, ApiError> {
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad(None, format!("the request body is not valid JSON: {e}")))?;
     match v {
         Value::Object(m) => Ok(m),
-        _ => Err(ApiError::bad(None, "the request body must be a JSON object")),
+        _ => Err(ApiError::bad(
+            None,
+            "the request body must be a JSON object",
+        )),
     }
 }
 
@@ -176,8 +181,8 @@ async fn not_found() -> ApiError {
 /// With an API key set, every request except the web page needs `Authorization: Bearer KEY`.
 async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
-        let page = req.method() == Method::GET
-            && matches!(req.uri().path(), "/" | "/chat" | "/health");
+        let page =
+            req.method() == Method::GET && matches!(req.uri().path(), "/" | "/chat" | "/health");
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -210,7 +215,10 @@ pub fn router(engine: Engine, model_name: &str, api_key: Option<String>) -> Rout
         .route("/chat", get(index))
         .route("/health", get(health))
         .route("/v1/models", get(openai::models))
-        .route("/v1/chat/completions", axum::routing::post(openai::chat_completions))
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(openai::chat_completions),
+        )
         .route("/v1/completions", axum::routing::post(openai::completions))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
@@ -227,8 +235,9 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Bind `host:port` (errors come back here) and serve `model` until stopped.
     pub fn start(model: Model, cfg: ServerConfig) -> Result<Self> {
-        let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
-            .map_err(|e| Error::invalid(format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port)))?;
+        let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).map_err(|e| {
+            Error::invalid(format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))
+        })?;
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::Internal(e.to_string()))?;

@@ -38,10 +38,16 @@ pub(crate) fn number(o: &Obj, key: &'static str, lo: f64, hi: f64) -> ApiResult<
             if x.is_finite() && x >= lo && x <= hi {
                 Ok(Some(x))
             } else {
-                Err(ApiError::bad(key, format!("{key} must be between {lo} and {hi}, got {n}")))
+                Err(ApiError::bad(
+                    key,
+                    format!("{key} must be between {lo} and {hi}, got {n}"),
+                ))
             }
         }
-        Some(other) => Err(ApiError::bad(key, format!("{key} must be a number, got {other}"))),
+        Some(other) => Err(ApiError::bad(
+            key,
+            format!("{key} must be a number, got {other}"),
+        )),
     }
 }
 
@@ -51,9 +57,15 @@ pub(crate) fn positive_int(o: &Obj, key: &'static str) -> ApiResult<Option<usize
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
             Some(v) if v >= 1 => Ok(Some(usize::try_from(v).unwrap_or(usize::MAX))),
-            _ => Err(ApiError::bad(key, format!("{key} must be a positive integer, got {n}"))),
+            _ => Err(ApiError::bad(
+                key,
+                format!("{key} must be a positive integer, got {n}"),
+            )),
         },
-        Some(other) => Err(ApiError::bad(key, format!("{key} must be an integer, got {other}"))),
+        Some(other) => Err(ApiError::bad(
+            key,
+            format!("{key} must be an integer, got {other}"),
+        )),
     }
 }
 
@@ -61,7 +73,10 @@ fn boolean(o: &Obj, key: &'static str) -> ApiResult<bool> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
-        Some(other) => Err(ApiError::bad(key, format!("{key} must be true or false, got {other}"))),
+        Some(other) => Err(ApiError::bad(
+            key,
+            format!("{key} must be true or false, got {other}"),
+        )),
     }
 }
 
@@ -105,7 +120,12 @@ fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Co
         Some(Value::Number(n)) if n.is_i64() || n.is_u64() => {
             Some(n.as_u64().unwrap_or_else(|| n.as_i64().unwrap_or(0) as u64))
         }
-        Some(other) => return Err(ApiError::bad("seed", format!("seed must be an integer, got {other}"))),
+        Some(other) => {
+            return Err(ApiError::bad(
+                "seed",
+                format!("seed must be an integer, got {other}"),
+            ))
+        }
     };
     let stop = match o.get("stop") {
         None | Some(Value::Null) => vec![],
@@ -114,10 +134,18 @@ fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Co
             .iter()
             .map(|v| match v {
                 Value::String(s) => Ok(s.clone()),
-                _ => Err(ApiError::bad("stop", "stop must be a string or a list of strings")),
+                _ => Err(ApiError::bad(
+                    "stop",
+                    "stop must be a string or a list of strings",
+                )),
             })
             .collect::<ApiResult<Vec<_>>>()?,
-        Some(_) => return Err(ApiError::bad("stop", "stop must be a string or a list of strings")),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "stop",
+                "stop must be a string or a list of strings",
+            ))
+        }
     };
     if stop.iter().any(|s| s.is_empty()) {
         return Err(ApiError::bad("stop", "stop strings must not be empty"));
@@ -130,7 +158,12 @@ fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Co
     let include_usage = match o.get("stream_options") {
         None | Some(Value::Null) => false,
         Some(Value::Object(so)) => boolean(so, "include_usage")?,
-        Some(_) => return Err(ApiError::bad("stream_options", "stream_options must be an object")),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "stream_options",
+                "stream_options must be an object",
+            ))
+        }
     };
     let sampling = sampling(o, default_temperature, default_top_p, seed)?;
     Ok(Common {
@@ -178,7 +211,10 @@ fn message_content(v: &Value) -> ApiResult<String> {
         Value::Array(parts) => {
             let mut out = String::new();
             for p in parts {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
                     (Some("text"), Some(t)) => out.push_str(t),
                     _ => {
                         return Err(ApiError::bad(
@@ -190,7 +226,10 @@ fn message_content(v: &Value) -> ApiResult<String> {
             }
             Ok(out)
         }
-        _ => Err(ApiError::bad("messages", "a message's content must be a string")),
+        _ => Err(ApiError::bad(
+            "messages",
+            "a message's content must be a string",
+        )),
     }
 }
 
@@ -211,13 +250,19 @@ fn messages(o: &Obj) -> ApiResult<Vec<Message>> {
             .and_then(Value::as_str)
             .ok_or_else(|| ApiError::bad("messages", "every message needs a string \"role\""))?;
         if !matches!(role, "system" | "user" | "assistant" | "observation") {
-            return Err(ApiError::bad("messages", format!("unknown role \"{role}\"")));
+            return Err(ApiError::bad(
+                "messages",
+                format!("unknown role \"{role}\""),
+            ));
         }
         let content = message_content(m.get("content").unwrap_or(&Value::Null))?;
         out.push(Message::new(role, &content));
     }
     if out.last().map(|m| m.role.as_str()) != Some("user") {
-        return Err(ApiError::bad("messages", "the last message must come from the user"));
+        return Err(ApiError::bad(
+            "messages",
+            "the last message must come from the user",
+        ));
     }
     Ok(out)
 }
@@ -436,7 +481,13 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
         .map_err(|e| ApiError::from_engine(e, None))?;
     let id = new_id("chatcmpl");
     if c.stream {
-        return Ok(sse(rx, Kind::Chat, id, s.model_name.clone(), c.include_usage));
+        return Ok(sse(
+            rx,
+            Kind::Chat,
+            id,
+            s.model_name.clone(),
+            c.include_usage,
+        ));
     }
     let (text, done) = collect(rx, Kind::Chat).await?;
     Ok(Json(json!({
@@ -456,7 +507,10 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
             a[0].as_str().unwrap_or_default().to_string()
         }
         Some(Value::Array(_)) => {
-            return Err(ApiError::bad("prompt", "only one prompt per request is supported"))
+            return Err(ApiError::bad(
+                "prompt",
+                "only one prompt per request is supported",
+            ))
         }
         None => return Err(ApiError::bad("prompt", "prompt is required")),
         Some(_) => return Err(ApiError::bad("prompt", "prompt must be a string")),
@@ -485,7 +539,13 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
         .map_err(|e| ApiError::from_engine(e, None))?;
     let id = new_id("cmpl");
     if c.stream {
-        return Ok(sse(rx, Kind::Text, id, s.model_name.clone(), c.include_usage));
+        return Ok(sse(
+            rx,
+            Kind::Text,
+            id,
+            s.model_name.clone(),
+            c.include_usage,
+        ));
     }
     let (text, done) = collect(rx, Kind::Text).await?;
     Ok(Json(json!({
