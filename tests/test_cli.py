@@ -48,8 +48,11 @@ def test_serve_command_serves_and_stops_on_ctrl_c(fx):
     with socket.socket() as sk:
         sk.bind(("127.0.0.1", 0))
         port = sk.getsockname()[1]
-    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "serve", "--model", str(fx / "model"), "--port",
-                          str(port), "--api-key", "k"], stderr=subprocess.PIPE, text=True)
+    # Ctrl-C is SIGINT; a test run started in the background (`cmd &` without job control) has
+    # SIGINT ignored, which the child would inherit (and Python then leaves it ignored): restore it.
+    p = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "glm2rs.cli", "serve", "--model",
+                          str(fx / "model"), "--port", str(port), "--api-key", "k"], stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = p.stderr.readline()
         while "serving" not in line:
@@ -70,7 +73,13 @@ def test_serve_command_serves_and_stops_on_ctrl_c(fx):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="bad", max_retries=0).models.list()
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=30) == 0
+        try:
+            rc = p.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler dumps every thread on SIGABRT
+            p.send_signal(signal.SIGABRT)
+            p.wait(timeout=10)
+            pytest.fail("glm2rs serve did not stop on SIGINT; its stderr:\n" + p.stderr.read()[-6000:])
+        assert rc == 0
     finally:
         if p.poll() is None:
             p.kill()
