@@ -5,7 +5,8 @@ chatglm2-6b shapes are written there first).
                                 [--num-gpus 2] [--out results.json]
 
 - parity: tiny-glm2 on CUDA in float32 (logits against the official golden, greedy chats, int8/int4
-  official checkpoints, batched generation equal to one at a time);
+  official checkpoints, batched generation equal to one at a time), then the official int8/int4
+  checkpoints in bfloat16/float16 against float32 for each GEMV path (one row, batches, prefill);
 - big: chatglm2-6b bf16: load time, prefill of 2048 tokens, decode tokens/s at batch 1 (and the
   given batches, aggregate), peak GPU memory of the process (nvidia-smi, polled) and of the allocator
   (glm2rs.cuda_memory: live allocations, as torch.cuda.max_memory_allocated);
