@@ -175,6 +175,10 @@ def test_errors_name_the_field(server):
     assert st == 400 and json.loads(out)["error"]["param"] == "max_tokens"
     st, out = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "你好 " * 5000}]})
     assert st == 400 and json.loads(out)["error"]["code"] == "context_length_exceeded"
+    assert json.loads(out)["error"]["param"] == "messages"
+    st, out = post(server, "/v1/completions", {"model": "m", "prompt": "你好 " * 5000})
+    assert st == 400 and json.loads(out)["error"]["code"] == "context_length_exceeded"
+    assert json.loads(out)["error"]["param"] == "prompt"
     st, _ = get(server, "/v1/nothing")
     assert st == 404
     with pytest.raises(openai.BadRequestError):

@@ -179,11 +179,12 @@ fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Co
 }
 
 /// Check the prompt and `max_tokens` against the context and set the length limit.
-fn fit(s: &Shared, prompt_len: usize, c: &mut Common) -> ApiResult<()> {
+/// Check the prompt (the request field `prompt_field`) and max_tokens against the context.
+fn fit(s: &Shared, prompt_field: &'static str, prompt_len: usize, c: &mut Common) -> ApiResult<()> {
     let context = s.engine.model().model().max_context();
     if prompt_len >= context {
         return Err(ApiError::bad(
-            "messages",
+            prompt_field,
             format!("the prompt has {prompt_len} tokens; this model's context is {context} tokens"),
         )
         .with_code("context_length_exceeded"));
@@ -473,7 +474,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
     let ids = model
         .chat_prompt_ids(query, history)
         .map_err(|e| ApiError::from_engine(e, Some("messages")))?;
-    fit(&s, ids.len(), &mut c)?;
+    fit(&s, "messages", ids.len(), &mut c)?;
     let cfg = model.chat_config(&c.cfg);
     let rx = s
         .engine
@@ -527,12 +528,7 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
         .tokenizer()
         .encode(&prompt, true)
         .map_err(|e| ApiError::from_engine(e, Some("prompt")))?;
-    fit(&s, ids.len(), &mut c).map_err(|mut e| {
-        if e.param.as_deref() == Some("messages") {
-            e.param = Some("prompt".into());
-        }
-        e
-    })?;
+    fit(&s, "prompt", ids.len(), &mut c)?;
     let rx = s
         .engine
         .submit(ids, &c.cfg)
