@@ -69,6 +69,7 @@ fn quant(c: &mut Criterion) {
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use criterion::{Criterion, Throughput};
+    use glm2rs::kernels::cpu_quant::Bits;
     use glm2rs::kernels::cuda;
     use std::time::{Duration, Instant};
 
@@ -122,10 +123,8 @@ mod gpu {
                     b.iter_custom(|it| timed(&dev, it, || drop(x.matmul(&w.t().unwrap()).unwrap())))
                 });
             }
-            for (bits, qb) in [
-                (8u8, glm2rs::kernels::cpu_quant::Bits::Eight),
-                (4, glm2rs::kernels::cpu_quant::Bits::Four),
-            ] {
+            for qb in [Bits::Eight, Bits::Four] {
+                let bits = qb.count();
                 let (q, s) = glm2rs::quantize::quantize_official(&wf, qb).unwrap();
                 let (q, s) = (q.to_device(&dev).unwrap(), s.to_device(&dev).unwrap());
                 g.throughput(Throughput::Bytes(q.elem_count() as u64));
@@ -134,7 +133,7 @@ mod gpu {
                     g.bench_function(format!("int{bits}_gemv_m{m}"), |b| {
                         b.iter_custom(|it| {
                             timed(&dev, it, || {
-                                drop(cuda::gemv_official(&x, &q, &s, bits).unwrap())
+                                drop(cuda::gemv_official(&x, &q, &s, qb).unwrap())
                             })
                         })
                     });
@@ -142,7 +141,7 @@ mod gpu {
                 g.bench_function(format!("int{bits}_dequantize"), |b| {
                     b.iter_custom(|it| {
                         timed(&dev, it, || {
-                            drop(cuda::dequantize_official(&q, &s, bits, DType::BF16).unwrap())
+                            drop(cuda::dequantize_official(&q, &s, qb, DType::BF16).unwrap())
                         })
                     })
                 });

@@ -610,3 +610,16 @@ impl Model {
         Ok(out)
     }
 }
+
+/// Largest absolute elementwise difference of two tensors of one shape (unit tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

@@ -80,7 +80,7 @@ pub fn quantize_official(w: &Tensor, bits: Bits) -> Result<(Tensor, Tensor)> {
         Bits::Eight => 127.0,
         Bits::Four => 7.0,
     };
-    let rb = if bits == Bits::Eight { k } else { k / 2 };
+    let rb = bits.row_bytes(k);
     let mut q = vec![0u8; n * rb];
     let mut scales = vec![0f32; n];
     use rayon::prelude::*;
@@ -133,7 +133,7 @@ pub fn ggml_type_for(t: GgmlDType, k: usize) -> Option<GgmlDType> {
 /// `q4_0` (d = scale, nibble = q + 8). Needs 32 | k.
 pub fn official_to_ggml(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<QTensor> {
     let (n, rb) = q.dims2()?;
-    let k = if bits == Bits::Eight { rb } else { 2 * rb };
+    let k = bits.columns(rb);
     if k % 32 != 0 {
         return Err(Error::invalid(format!(
             "a GGUF block needs 32 | columns, got {k}"
@@ -184,7 +184,7 @@ pub fn ggml_to_official(t: &QTensor, bits: Bits) -> Result<(Tensor, Tensor)> {
     let data = t.data()?;
     let block_bytes = if bits == Bits::Eight { 34 } else { 18 };
     let per_row = k / 32;
-    let rb = if bits == Bits::Eight { k } else { k / 2 };
+    let rb = bits.row_bytes(k);
     let mut q = vec![0u8; n * rb];
     let mut scales = vec![0f32; n];
     for r in 0..n {
@@ -244,27 +244,13 @@ mod tests {
             // the GGML dequantization gives the same weights (before the float16 rounding)
             let deq = g.dequantize(&Device::Cpu).unwrap();
             let mine = crate::model::linear::dequantize(&q, &s, bits).unwrap();
-            let err = (deq - mine)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let err = crate::max_abs_diff(&deq, &mine);
             let scale = s.max(0).unwrap().to_scalar::<f32>().unwrap();
             let qmax = if bits == Bits::Eight { 127.0 } else { 7.0 };
             // ours rounds each weight to float16 (half an ulp of the largest weight at most)
             assert!(err <= scale * qmax / 1024.0, "{bits:?}: {err}");
             // and quantization error is bounded by half a step
-            let werr = (w.clone() - crate::model::linear::dequantize(&q, &s, bits).unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let werr = crate::max_abs_diff(&w, &mine);
             assert!(
                 werr <= scale * 0.51 + 1e-3,
                 "{bits:?}: {werr} vs step {scale}"

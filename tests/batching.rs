@@ -55,14 +55,7 @@ fn forward_many_equals_each_sequence_alone() {
                 got.dim(0).unwrap(),
             )
             .unwrap();
-        let d = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(got, &want);
         assert!(d < 1e-5, "batched logits differ by {d}");
     }
     assert_eq!(
@@ -83,14 +76,7 @@ fn forward_many_equals_each_sequence_alone() {
         full.push(next[i]);
         let want = m.logits(&full).unwrap();
         let want = want.narrow(0, full.len() - 1, 1).unwrap();
-        let d = (&out[i] - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = common::max_abs_diff(&out[i], &want);
         assert!(d < 1e-5, "decode step of sequence {i} differs by {d}");
     }
     // a bad sequence fails the call and leaves the caches as they were

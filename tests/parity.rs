@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures, ids, read_json};
+use common::{fixtures, ids, max_abs_diff, read_json};
 use glm2rs::{build_prompt, GenerationConfig, LoadOptions, Model, SamplingConfig};
 use std::path::Path;
 
@@ -13,17 +13,6 @@ fn load(dir: &Path) -> Model {
         ..Default::default()
     };
     Model::from_dir(dir, &opts).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn check_forward(model: &Model, fx: &Path) {

@@ -451,14 +451,7 @@ mod tests {
         let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let want = f(&x).matmul(&f(&w).t().unwrap()).unwrap();
         let got = f(&x.apply_op2_no_bwd(&w, &Gemv).unwrap());
-        let err = (got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let err = crate::max_abs_diff(&got, &want);
         let scale = want
             .abs()
             .unwrap()

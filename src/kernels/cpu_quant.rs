@@ -25,6 +25,33 @@ pub enum Bits {
     Four,
 }
 
+impl Bits {
+    /// 8 or 4.
+    pub fn count(self) -> u8 {
+        match self {
+            Bits::Eight => 8,
+            Bits::Four => 4,
+        }
+    }
+
+    /// Bytes of a packed row of `k` columns (int4: two columns a byte, the last one alone when
+    /// `k` is odd).
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Bits::Eight => k,
+            Bits::Four => k.div_ceil(2),
+        }
+    }
+
+    /// Columns of a packed row of `rb` bytes.
+    pub fn columns(self, rb: usize) -> usize {
+        match self {
+            Bits::Eight => rb,
+            Bits::Four => 2 * rb,
+        }
+    }
+}
+
 /// The official dequantized weight: `scale * q` rounded to float16.
 #[inline(always)]
 fn deq(s: f32, q: i8) -> f32 {
@@ -346,10 +373,7 @@ struct QWeight<'a> {
 
 impl QWeight<'_> {
     fn row_bytes(&self) -> usize {
-        match self.bits {
-            Bits::Eight => self.k,
-            Bits::Four => self.k / 2,
-        }
+        self.bits.row_bytes(self.k)
     }
 
     fn row(&self, r: usize) -> &[u8] {
@@ -584,11 +608,7 @@ impl CustomOp3 for QuantMatmul {
     ) -> Result<(CpuStorage, Shape)> {
         let (m, k) = l1.shape().dims2()?;
         let (n, rb) = l2.shape().dims2()?;
-        let want_rb = match self.bits {
-            Bits::Eight => k,
-            Bits::Four => k / 2,
-        };
-        if rb != want_rb || (self.bits == Bits::Four && k % 2 != 0) {
+        if rb != self.bits.row_bytes(k) || (self.bits == Bits::Four && k % 2 != 0) {
             bail!(
                 "quantized matmul: x is [{m}, {k}] but q is [{n}, {rb}] ({:?})",
                 self.bits
@@ -683,7 +703,7 @@ mod tests {
                 (20, 70, 96),
                 (300, 9, 34),
             ] {
-                let rb = if bits == Bits::Eight { k } else { k / 2 };
+                let rb = bits.row_bytes(k);
                 let q: Vec<u8> = (0..n * rb).map(|_| rnd()).collect();
                 let scale: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
                 let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
@@ -750,7 +770,7 @@ mod tests {
         };
         for bits in [Bits::Eight, Bits::Four] {
             for (m, n, k) in [(1, 70, 256), (3, 40, 512), (5, 33, 1024)] {
-                let rb = if bits == Bits::Eight { k } else { k / 2 };
+                let rb = bits.row_bytes(k);
                 let q: Vec<u8> = (0..n * rb).map(|_| rnd()).collect();
                 let scale: Vec<f32> = (0..n).map(|i| 0.01 + i as f32 * 1e-3).collect();
                 let x: Vec<f32> = (0..m * k)

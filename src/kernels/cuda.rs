@@ -1,6 +1,7 @@
 //! CUDA custom ops (feature `cuda`): the fused decode attention and SwiGLU of
 //! `src/kernels/cuda/glm2.cu`, compiled to PTX by build.rs.
 
+use crate::kernels::cpu_quant::Bits;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
@@ -645,7 +646,7 @@ impl candle_core::CustomOp2 for Gemv {
 
 /// Official int8/int4 weights (`q` u8 `[n, k]` or `[n, k/2]`, `scale` f32 `[n]`, on the GPU)
 /// times `x` `[m, k]` for at most 8 rows: `[m, n]` in x's dtype (`bits` 8 or 4).
-pub fn gemv_official(x: &Tensor, q: &Tensor, scale: &Tensor, bits: u8) -> Result<Tensor> {
+pub fn gemv_official(x: &Tensor, q: &Tensor, scale: &Tensor, bits: Bits) -> Result<Tensor> {
     aligned(x)?.apply_op3_no_bwd(
         q,
         scale,
@@ -673,7 +674,7 @@ pub fn gemv_official_swiglu(
     x: &Tensor,
     q: &Tensor,
     scale: &Tensor,
-    bits: u8,
+    bits: Bits,
 ) -> Result<Option<Tensor>> {
     let (m, _) = x.dims2()?;
     if m != 1
@@ -692,12 +693,12 @@ pub fn gemv_official_swiglu(
 
 /// Official int8/int4 weights dequantized to `dtype` `[n, k]` (each value rounded to float16
 /// first, as the official code).
-pub fn dequantize_official(q: &Tensor, scale: &Tensor, bits: u8, dtype: DType) -> Result<Tensor> {
+pub fn dequantize_official(q: &Tensor, scale: &Tensor, bits: Bits, dtype: DType) -> Result<Tensor> {
     q.apply_op2_no_bwd(scale, &DequantOfficial { bits, dtype })
 }
 
 struct GemvOfficial {
-    bits: u8,
+    bits: Bits,
     /// one row, gate/up row pairs through SwiGLU (`gemv_official_swiglu`)
     swiglu: bool,
 }
@@ -784,11 +785,11 @@ impl candle_core::CustomOp3 for GemvOfficial {
     ) -> Result<(CudaStorage, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (n, rb) = lq.shape().dims2()?;
-        let want = if self.bits == 8 { k } else { k / 2 };
+        let want = self.bits.row_bytes(k);
         if m == 0 || m > 8 || rb != want || rb % 16 != 0 || ls.shape().elem_count() != n {
             bail!(
                 "gemv_official: x [{m}, {k}], q [{n}, {rb}] ({} bits)",
-                self.bits
+                self.bits.count()
             );
         }
         let (x0, x1) = contiguous(lx, "gemv_official")?;
@@ -799,16 +800,22 @@ impl candle_core::CustomOp3 for GemvOfficial {
             sx.dtype() != DType::F32 && !self.swiglu && gemvq_kernel(m) == GemvqKernel::Integer;
         let (name, rows) = match sx.dtype() {
             DType::F32 if self.swiglu => bail!("gemv_official_swiglu: 16-bit inputs only"),
-            DType::F32 => (format!("gemv_q{}_{m}_f32", self.bits), 1),
-            dt if self.swiglu => (format!("gemv_q{}_1_{}_swiglu", self.bits, suffix(dt)?), 2),
+            DType::F32 => (format!("gemv_q{}_{m}_f32", self.bits.count()), 1),
+            dt if self.swiglu => (
+                format!("gemv_q{}_1_{}_swiglu", self.bits.count(), suffix(dt)?),
+                2,
+            ),
             dt if integer => {
                 let r = gemvq_rows();
                 (
-                    format!("gemv_dp4a_q{}_{m}_{}_r{r}", self.bits, suffix(dt)?),
+                    format!("gemv_dp4a_q{}_{m}_{}_r{r}", self.bits.count(), suffix(dt)?),
                     r,
                 )
             }
-            dt => (format!("gemv_q{}_{m}_{}_r2", self.bits, suffix(dt)?), 2),
+            dt => (
+                format!("gemv_q{}_{m}_{}_r2", self.bits.count(), suffix(dt)?),
+                2,
+            ),
         };
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let warps = 8u32;
@@ -822,7 +829,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
         let groups = m * k / 8;
         let quantize = if integer {
             Some(dev.get_or_load_custom_func(
-                &format!("quantize_x{}_{}", self.bits, suffix(sx.dtype())?),
+                &format!("quantize_x{}_{}", self.bits.count(), suffix(sx.dtype())?),
                 MODULE,
                 PTX,
             )?)
@@ -883,7 +890,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
 }
 
 struct DequantOfficial {
-    bits: u8,
+    bits: Bits,
     dtype: DType,
 }
 
@@ -910,11 +917,11 @@ impl candle_core::CustomOp2 for DequantOfficial {
         ls: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (n, rb) = lq.shape().dims2()?;
-        let k = if self.bits == 8 { rb } else { 2 * rb };
+        let k = self.bits.columns(rb);
         let (q, s) = u8_and_f32(sq, lq, ss, ls, "dequant_official")?;
         let dev = &sq.device;
         let func = dev.get_or_load_custom_func(
-            &format!("dequant_q{}_{}", self.bits, suffix(self.dtype)?),
+            &format!("dequant_q{}_{}", self.bits.count(), suffix(self.dtype)?),
             MODULE,
             PTX,
         )?;

@@ -59,7 +59,7 @@ pub fn dequantize(q: &Tensor, scale: &Tensor, bits: Bits) -> Result<Tensor> {
         .to_device(&Device::Cpu)?
         .to_dtype(DType::F32)?
         .to_vec1()?;
-    let k = if bits == Bits::Eight { rb } else { 2 * rb };
+    let k = bits.columns(rb);
     let out = crate::kernels::cpu_quant::dequantize_official(bits, &bytes, &scale, n, k);
     Ok(Tensor::from_vec(out, (n, k), &Device::Cpu)?)
 }
@@ -144,7 +144,7 @@ impl Linear {
                     ))
                 }
                 (Some(bits), None) => {
-                    let cols = if bits == Bits::Eight { in_dim } else { in_dim.div_ceil(2) };
+                    let cols = bits.row_bytes(in_dim);
                     let q = ckpt.get_int8(&name, &[out_dim, cols])?;
                     let scale = ckpt.get(&format!("{prefix}.weight_scale"), &[out_dim], DType::F32, &Device::Cpu)?;
                     official(q, scale, bits)?
@@ -247,8 +247,7 @@ impl Linear {
                 bits,
                 dense: None,
             } if q.device().is_cuda() => {
-                let b = if *bits == Bits::Eight { 8 } else { 4 };
-                crate::kernels::cuda::gemv_official_swiglu(&x2, q, scale, b)?
+                crate::kernels::cuda::gemv_official_swiglu(&x2, q, scale, *bits)?
             }
             _ => None,
         };
@@ -307,7 +306,7 @@ impl Linear {
                 bits,
                 dense: None,
             } if q.device().is_cuda() => {
-                let b = if *bits == Bits::Eight { 8 } else { 4 };
+                let b = *bits;
                 if rows <= 8 {
                     crate::kernels::cuda::gemv_official(&x2, q, scale, b)?
                 } else if rows <= QUANT_GEMV_MAX_ROWS {

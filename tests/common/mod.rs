@@ -1,7 +1,20 @@
 //! Finding the reference fixtures (`GLM2RS_FIXTURES`, default `../shared/fixtures/tiny-glm2`).
 #![allow(dead_code)]
 
+use candle_core::Tensor;
 use std::path::PathBuf;
+
+/// Largest absolute elementwise difference of two tensors of one shape.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
 
 /// The fixture directory, or `None` (with a note) when it is absent outside CI.
 /// Under `CI=true` a missing fixture fails the test.
