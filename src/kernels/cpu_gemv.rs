@@ -289,24 +289,37 @@ fn pick(w: &Mat<'_>) -> DotsFn {
     dots_portable
 }
 
-/// `out[n, m]` (transposed) = W[n, k] · x[m, k]ᵀ, streaming each weight row once.
-fn gemv_t(w: Mat<'_>, x: Mat<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
-    let dots = pick(&w);
-    let rows: Vec<Mat<'_>> = (0..m).map(|i| x.row(i, k)).collect();
+/// `out[n, m]` (transposed), filled by parallel tasks of `ROWS_PER_TASK` weight rows:
+/// `f(row, b, out)` writes weight row `row`'s results for block `b` of the inputs (inputs
+/// `b * M_BLOCK..`, `out.len()` of them: `M_BLOCK`, the last block fewer). Each weight row is
+/// read by one task only, once per block.
+pub(crate) fn gemv_t_blocks(
+    n: usize,
+    m: usize,
+    f: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut out_t = vec![0f32; n * m];
     out_t
         .par_chunks_mut(ROWS_PER_TASK * m)
         .enumerate()
         .for_each(|(task, chunk)| {
-            let row0 = task * ROWS_PER_TASK;
             for (r, out_row) in chunk.chunks_mut(m).enumerate() {
-                for (i0, xs) in rows.chunks(M_BLOCK).enumerate() {
-                    let i0 = i0 * M_BLOCK;
-                    dots(&w, row0 + r, k, 0, k, xs, &mut out_row[i0..i0 + xs.len()]);
+                for (b, o) in out_row.chunks_mut(M_BLOCK).enumerate() {
+                    f(task * ROWS_PER_TASK + r, b, o);
                 }
             }
         });
     out_t
+}
+
+/// `out[n, m]` (transposed) = W[n, k] · x[m, k]ᵀ, streaming each weight row once.
+fn gemv_t(w: Mat<'_>, x: Mat<'_>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let dots = pick(&w);
+    let rows: Vec<Mat<'_>> = (0..m).map(|i| x.row(i, k)).collect();
+    gemv_t_blocks(n, m, |row, b, o| {
+        let xs = &rows[b * M_BLOCK..b * M_BLOCK + o.len()];
+        dots(&w, row, k, 0, k, xs, o)
+    })
 }
 
 /// `out[n, m]` (transposed) = W[n, k] · x[m, k]ᵀ for many rows: blocks of W rows are widened to

@@ -10,13 +10,10 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape};
 use half::f16;
-use rayon::prelude::*;
 
 use super::cpu_gemv::{
-    blocked_matmul_t, f32_to_storage, scatter_transposed, MAX_ROWS, M_BLOCK, M_CHUNK,
+    blocked_matmul_t, f32_to_storage, gemv_t_blocks, scatter_transposed, MAX_ROWS, M_BLOCK, M_CHUNK,
 };
-
-const ROWS_PER_TASK: usize = 32;
 
 /// Bits per weight of the official layouts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -523,35 +520,23 @@ fn gemv_t_vnni(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
             )
         })
         .collect();
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let row0 = task * ROWS_PER_TASK;
-            for (r, out_row) in chunk.chunks_mut(m).enumerate() {
-                let row = row0 + r;
-                for (b, (q, d, c)) in blocks.iter().enumerate() {
-                    let xs = q;
-                    let o = &mut out_row[b * M_BLOCK..b * M_BLOCK + xs.len()];
-                    let (sc, wr) = (w.scale[row], w.row(row));
-                    // SAFETY: vnni_suits checked the CPU features and the row length.
-                    unsafe {
-                        match (w.bits, xs.len()) {
-                            (Bits::Four, 1) => x86::dots_vnni::<1, true>(sc, wr, q, d, c, o),
-                            (Bits::Four, 2) => x86::dots_vnni::<2, true>(sc, wr, q, d, c, o),
-                            (Bits::Four, 3) => x86::dots_vnni::<3, true>(sc, wr, q, d, c, o),
-                            (Bits::Four, _) => x86::dots_vnni::<4, true>(sc, wr, q, d, c, o),
-                            (Bits::Eight, 1) => x86::dots_vnni::<1, false>(sc, wr, q, d, c, o),
-                            (Bits::Eight, 2) => x86::dots_vnni::<2, false>(sc, wr, q, d, c, o),
-                            (Bits::Eight, 3) => x86::dots_vnni::<3, false>(sc, wr, q, d, c, o),
-                            (Bits::Eight, _) => x86::dots_vnni::<4, false>(sc, wr, q, d, c, o),
-                        }
-                    }
-                }
+    gemv_t_blocks(n, m, |row, b, o| {
+        let (q, d, c) = &blocks[b];
+        let (sc, wr) = (w.scale[row], w.row(row));
+        // SAFETY: vnni_suits checked the CPU features and the row length.
+        unsafe {
+            match (w.bits, o.len()) {
+                (Bits::Four, 1) => x86::dots_vnni::<1, true>(sc, wr, q, d, c, o),
+                (Bits::Four, 2) => x86::dots_vnni::<2, true>(sc, wr, q, d, c, o),
+                (Bits::Four, 3) => x86::dots_vnni::<3, true>(sc, wr, q, d, c, o),
+                (Bits::Four, _) => x86::dots_vnni::<4, true>(sc, wr, q, d, c, o),
+                (Bits::Eight, 1) => x86::dots_vnni::<1, false>(sc, wr, q, d, c, o),
+                (Bits::Eight, 2) => x86::dots_vnni::<2, false>(sc, wr, q, d, c, o),
+                (Bits::Eight, 3) => x86::dots_vnni::<3, false>(sc, wr, q, d, c, o),
+                (Bits::Eight, _) => x86::dots_vnni::<4, false>(sc, wr, q, d, c, o),
             }
-        });
-    out_t
+        }
+    })
 }
 
 fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
@@ -565,21 +550,10 @@ fn gemv_t(w: &QWeight<'_>, x: &[f32], m: usize, n: usize) -> Vec<f32> {
         .map(|i| arrange(w.bits, &x[i * k..(i + 1) * k]))
         .collect();
     let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(ROWS_PER_TASK * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let row0 = task * ROWS_PER_TASK;
-            for (r, out_row) in chunk.chunks_mut(m).enumerate() {
-                let row = row0 + r;
-                for (b, xs) in refs.chunks(M_BLOCK).enumerate() {
-                    let o = &mut out_row[b * M_BLOCK..b * M_BLOCK + xs.len()];
-                    dots(w.bits, w.scale[row], w.row(row), xs, o);
-                }
-            }
-        });
-    out_t
+    gemv_t_blocks(n, m, |row, b, o| {
+        let xs = &refs[b * M_BLOCK..b * M_BLOCK + o.len()];
+        dots(w.bits, w.scale[row], w.row(row), xs, o)
+    })
 }
 
 /// `x[m, k]` (float) times the quantized `W[n, k]ᵀ` given as `q` (U8 bytes of the int8 / packed
