@@ -1,7 +1,7 @@
 """GPU checks and figures, run on the device machine (no download: random weights of the real
 chatglm2-6b shapes are written there first).
 
-    python benches/gpu_bench.py --fixtures DIR [--parity] [--big] [--quant q4_0,q8_0] [--batches 16,64]
+    python benches/gpu_bench.py --fixtures DIR [--parity] [--graph] [--big] [--quant 4,8] [--batches 16,64]
                                 [--num-gpus 2] [--out results.json]
 
 - parity: tiny-glm2 on CUDA in float32 (logits against the official golden, greedy chats, int8/int4
@@ -11,6 +11,8 @@ chatglm2-6b shapes are written there first).
   given batches, aggregate), peak GPU memory of the process (nvidia-smi, polled) and of the allocator
   (glm2rs.cuda_memory: live allocations, as torch.cuda.max_memory_allocated);
 - quant: the same for block-quantized weights (quantize= on load);
+- graph: decoding with CUDA graphs against the same steps launched one by one (ids equal on the
+  tiny models in four dtypes; the 6B batch-1 decode timed both ways, ids compared);
 - num-gpus: the layers split over N GPUs (parity on the fixture, then 6B decode).
 """
 
@@ -109,7 +111,8 @@ def parity(fx: Path, num_gpus: int = 1) -> None:
 
 def parity16(fx: Path) -> None:
     """Official int8/int4 in 16-bit models against the exact float32 model on the same tokens
-    (causal: the first rows see the same inputs): one row (the float GEMV), 6 rows (the integer
+    (causal: the first rows see the same inputs): one row (the float GEMV in float16, the integer
+    one in bfloat16), 6 rows (the integer
     GEMV, x rounded to int8 per 8 columns), 20 rows (the integer GEMV in chunks of 8) and 40 rows
     (dequantize + matmul). Errors are max |logit difference|, and relative to max |logit|."""
     ids = [64790, 64792] + list(range(1000, 1038))  # 40 tokens
@@ -123,9 +126,37 @@ def parity16(fx: Path) -> None:
             err = {n: float(np.abs(m.logits(ids[:n]) - ref[:n]).max()) for n in (1, 6, 20, 40)}
             ok = err[1] <= max(2 * err[40], 1e-2) and max(err[6], err[20]) <= 0.02 * scale
             RESULTS.setdefault("parity16", {})[f"{sub}/{dtype}"] = {"max_abs_logit": scale, "err": err, "ok": ok}
-            log(f"parity {sub} {dtype} (max |logit| {scale:.1f}): max err 1 row (float GEMV) {err[1]:.2e}, "
+            log(f"parity {sub} {dtype} (max |logit| {scale:.1f}): max err 1 row ({'float' if dtype == 'float16' else 'integer'} GEMV) {err[1]:.2e}, "
                 f"6 rows (integer GEMV) {err[6]:.2e}, 20 rows (chunks) {err[20]:.2e}, "
                 f"40 rows (dequantize+matmul) {err[40]:.2e} -> {'ok' if ok else 'WORSE'}")
+
+
+def graph_check(fx: Path) -> None:
+    """Decoding with CUDA graphs (the default) against the same steps launched one by one
+    (GLM2RS_CUDA_GRAPH=0): greedy ids over 300 steps (the cache grows past 256 entries, so the
+    step is captured again), float32, bfloat16 and official int4/int8, and the time per step."""
+    tok = None
+    for sub, dtype in (("model-safetensors", "float32"), ("model-safetensors", "bfloat16"),
+                       ("model-int4", "bfloat16"), ("model-int8", "float16")):
+        if not any((fx / sub).glob("*.safetensors")) and not any((fx / sub).glob("*.bin")):
+            continue
+        m = glm2rs.Model.from_pretrained(str(fx / sub), device="cuda", dtype=dtype)
+        tok = m.tokenizer
+        prompts = [tok.encode(tok.build_prompt(q)) for q in ("你好", "Tell me a story about a cat.", "x")]
+        m.generate_ids(prompts[0], max_new_tokens=8)  # kernels loaded before either is timed
+        out, speed = {}, {}
+        for mode in ("1", "0"):
+            os.environ["GLM2RS_CUDA_GRAPH"] = mode
+            t = time.perf_counter()
+            out[mode] = [m.generate_ids(p, max_new_tokens=300) for p in prompts]
+            n = sum(len(o) for o in out[mode])
+            speed[mode] = n / (time.perf_counter() - t)
+        os.environ.pop("GLM2RS_CUDA_GRAPH")
+        same = out["1"] == out["0"]
+        RESULTS.setdefault("graph_check", {})[f"{sub}/{dtype}"] = {
+            "equal": same, "tokens": [len(o) for o in out["1"]], "tok_s_graph": speed["1"], "tok_s_eager": speed["0"]}
+        log(f"graph check {sub} {dtype}: graph ids == eager ids: {same} (lengths {[len(o) for o in out['1']]}), "
+            f"tiny-model tok/s graph {speed['1']:.0f} vs eager {speed['0']:.0f}")
 
 
 def make_big(fx: Path, d: Path) -> Path:
@@ -138,7 +169,7 @@ def make_big(fx: Path, d: Path) -> Path:
 
 
 def figures(label: str, d: Path, batches: list[int], quantize: str | None = None, num_gpus: int = 1,
-            decode_tokens: int = 128) -> None:
+            decode_tokens: int = 128, compare_graph: bool = False) -> None:
     r: dict = {}
     with PeakMemory() as pm:
         t0 = time.perf_counter()
@@ -169,18 +200,27 @@ def figures(label: str, d: Path, batches: list[int], quantize: str | None = None
     # allocator-side, as torch.cuda.max_memory_allocated (the official 12.5 GiB figure)
     r["allocated_peak_gib_prefill"] = mem["used_peak"] / 2**30
     r["reserved_peak_gib_prefill"] = mem["reserved_peak"] / 2**30
-    s = m.stream_ids(ids[:32], max_new_tokens=8)
-    for _ in s:
-        pass
-    dec = []
-    for _ in range(2):
-        s = m.stream_ids(ids[:32], max_new_tokens=decode_tokens + 1)
-        t_first, n_first = None, 0
+    def decode_b1() -> tuple[float, list[int]]:
+        s = m.stream_ids(ids[:32], max_new_tokens=8)
         for _ in s:
-            if t_first is None:
-                t_first, n_first = time.perf_counter(), len(s.token_ids)
-        dec.append((len(s.token_ids) - n_first) / (time.perf_counter() - t_first))
-    r["decode_b1_tok_s"] = max(dec)
+            pass
+        dec = []
+        for _ in range(2):
+            s = m.stream_ids(ids[:32], max_new_tokens=decode_tokens + 1)
+            t_first, n_first = None, 0
+            for _ in s:
+                if t_first is None:
+                    t_first, n_first = time.perf_counter(), len(s.token_ids)
+            dec.append((len(s.token_ids) - n_first) / (time.perf_counter() - t_first))
+        return max(dec), list(s.token_ids)
+
+    r["decode_b1_tok_s"], graph_ids = decode_b1()
+    if compare_graph:
+        # the same steps launched one by one from the host (no CUDA graph), same process
+        os.environ["GLM2RS_CUDA_GRAPH"] = "0"
+        r["decode_b1_eager_tok_s"], eager_ids = decode_b1()
+        os.environ.pop("GLM2RS_CUDA_GRAPH")
+        r["decode_b1_graph_ids_equal"] = graph_ids == eager_ids
     for b in batches:
         prompts = [[64790, 64792] + [int(x) for x in rng.integers(100, 60000, 30)] for _ in range(b)]
         t = time.perf_counter()
@@ -208,6 +248,9 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--baseline", action="store_true", help="also time the decode without the fused kernels")
     ap.add_argument("--big-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--graph", action="store_true",
+                    help="CUDA graph checks: tiny models' greedy ids with and without graphs, and the 6B "
+                         "batch-1 decode also timed without graphs")
     a = ap.parse_args()
     if a.big_only:
         figures("bf16 (GLM2RS_FUSED=0)", Path(a.ckpt), [int(x) for x in a.batches.split(",") if x],
@@ -220,6 +263,8 @@ def main() -> int:
     log(f"GPUs: {gpu}; glm2rs {glm2rs.__version__}")
     batches = [int(x) for x in a.batches.split(",") if x]
     try:
+        if a.graph:
+            graph_check(fx)
         if a.parity:
             parity(fx)
             parity16(fx)
@@ -228,7 +273,7 @@ def main() -> int:
         if a.big or a.quant or a.num_gpus > 1:
             d = make_big(fx, Path(a.ckpt))
         if a.big:
-            figures("bf16", d, batches)
+            figures("bf16", d, batches, compare_graph=a.graph)
             if a.baseline:
                 # the same with candle's own ops for the decode step (GLM2RS_FUSED=0), in a fresh process
                 env = dict(os.environ, GLM2RS_FUSED="0")
@@ -238,7 +283,7 @@ def main() -> int:
                 if out.returncode == 0 and out.stdout.strip():
                     RESULTS["baseline_unfused"] = out.stdout.strip().splitlines()[-1]
         for q in [q for q in a.quant.split(",") if q]:
-            figures(q, d, batches[:1], quantize=q)
+            figures(q, d, batches[:1], quantize=q, compare_graph=a.graph)
         if a.num_gpus > 1:
             figures(f"bf16 x{a.num_gpus} GPUs", d, [], num_gpus=a.num_gpus)
     finally:

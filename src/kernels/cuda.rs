@@ -36,7 +36,8 @@ fn device_ptr(t: &Tensor) -> Result<u64> {
         CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
         CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
         CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
-        _ => bail!("expected a float CUDA tensor"),
+        CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
+        _ => bail!("expected a float or u32 CUDA tensor"),
     };
     Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
 }
@@ -51,6 +52,35 @@ struct SeqInfo {
     len: i32,
     rot: i32,
     row: i32,
+}
+
+/// `u32` words of one [`SeqInfo`] in a device table.
+pub const SEQ_INFO_WORDS: usize = std::mem::size_of::<SeqInfo>() / 4;
+
+impl SeqInfo {
+    fn of(q: &DecodeSeq, row: usize) -> Result<Self> {
+        Ok(Self {
+            k: device_ptr(&q.k)?,
+            v: device_ptr(&q.v)?,
+            cap: q.k.dim(2)? as i32,
+            len: q.len as i32,
+            rot: q.rot as i32,
+            row: row as i32,
+        })
+    }
+
+    fn words(&self) -> [u32; SEQ_INFO_WORDS] {
+        let mut w = [0u32; SEQ_INFO_WORDS];
+        w[0] = self.k as u32;
+        w[1] = (self.k >> 32) as u32;
+        w[2] = self.v as u32;
+        w[3] = (self.v >> 32) as u32;
+        w[4] = self.cap as u32;
+        w[5] = self.len as u32;
+        w[6] = self.rot as u32;
+        w[7] = self.row as u32;
+        w
+    }
 }
 
 /// Sequences passed in the launch parameters (mirrors `MAX_TABLE_SEQS` in glm2.cu): 2 KiB.
@@ -77,6 +107,10 @@ pub struct DecodeSeq {
 /// bias not yet added), writing each new key and value into its cache. Output `[n, heads * head_dim]`.
 pub struct DecodeAttention<'a> {
     pub seqs: &'a [DecodeSeq],
+    /// The sequences' table already on the device (`u32`, [`SEQ_INFO_WORDS`] per sequence,
+    /// as [`write_seq_table`] writes it), read at run time: a captured graph's launches see the
+    /// lengths of each replay. `None`: built from `seqs`.
+    pub table: Option<&'a Tensor>,
     pub bias: Option<&'a Tensor>,
     pub cos: &'a Tensor,
     pub sin: &'a Tensor,
@@ -119,36 +153,26 @@ impl CustomOp1 for DecodeAttention<'_> {
                     "decode attention: cache of sequence {row} is not ready (dtype, room, layout)"
                 );
             }
-            infos.push(SeqInfo {
-                k: device_ptr(&q.k)?,
-                v: device_ptr(&q.v)?,
-                cap: cap as i32,
-                len: q.len as i32,
-                rot: q.rot as i32,
-                row: row as i32,
-            });
+            infos.push(SeqInfo::of(q, row)?);
         }
         let dev = &s.device;
+        let given = match self.table {
+            Some(t) if t.dtype() == DType::U32 && t.elem_count() >= rows * SEQ_INFO_WORDS => {
+                Some(device_ptr(t)?)
+            }
+            Some(_) => bail!("decode attention: the device table must hold {rows} u32 rows"),
+            None => None,
+        };
         // A few sequences go in the launch parameters; more in a table copied to the device.
-        let (table, seqs_dev) = if rows <= TABLE_SEQS {
+        let (table, seqs_dev) = if given.is_some() {
+            (None, None)
+        } else if rows <= TABLE_SEQS {
             let mut t = SeqTable([SeqInfo::default(); TABLE_SEQS]);
             t.0[..rows].copy_from_slice(&infos);
             (Some(t), None)
         } else {
-            let bytes: Vec<u8> = infos
-                .iter()
-                .flat_map(|i| {
-                    let mut b = Vec::with_capacity(32);
-                    b.extend_from_slice(&i.k.to_le_bytes());
-                    b.extend_from_slice(&i.v.to_le_bytes());
-                    b.extend_from_slice(&i.cap.to_le_bytes());
-                    b.extend_from_slice(&i.len.to_le_bytes());
-                    b.extend_from_slice(&i.rot.to_le_bytes());
-                    b.extend_from_slice(&i.row.to_le_bytes());
-                    b
-                })
-                .collect();
-            (None, Some(dev.cuda_stream().clone_htod(&bytes).w()?))
+            let words: Vec<u32> = infos.iter().flat_map(SeqInfo::words).collect();
+            (None, Some(dev.cuda_stream().clone_htod(&words).w()?))
         };
         let bias = match self.bias {
             Some(b) => device_ptr(b)?,
@@ -177,10 +201,11 @@ impl CustomOp1 for DecodeAttention<'_> {
                 let mut b = func.builder();
                 b.arg(&src);
                 b.arg(&bias);
-                match (&table, &seqs_dev) {
-                    (Some(t), _) => b.arg(t),
-                    (None, Some(d)) => b.arg(d),
-                    (None, None) => unreachable!("one of the two tables is set"),
+                match (&table, &seqs_dev, &given) {
+                    (Some(t), _, _) => b.arg(t),
+                    (None, Some(d), _) => b.arg(d),
+                    (None, None, Some(p)) => b.arg(p),
+                    (None, None, None) => unreachable!("one of the tables is set"),
                 };
                 b.arg(&cos);
                 b.arg(&sin);
@@ -669,7 +694,8 @@ fn aligned(x: &Tensor) -> Result<Tensor> {
 
 /// `swiglu(x Wᵀ)` for one row of 16-bit `x` and official int8/int4 dense_h_to_4h weights (gate
 /// rows first): `[1, n/2]` in one launch of the float kernel, exactly what `gemv_official` then
-/// `SwiGlu` give. `None` when it does not apply (float32, several rows, the integer kernel forced).
+/// `SwiGlu` give. `None` when it does not apply (float32, several rows, the integer kernel: see
+/// `gemvq_kernel`).
 pub fn gemv_official_swiglu(
     x: &Tensor,
     q: &Tensor,
@@ -680,7 +706,7 @@ pub fn gemv_official_swiglu(
     if m != 1
         || x.dtype() == DType::F32
         || q.dim(0)? % 2 != 0
-        || gemvq_kernel(1) != GemvqKernel::Float
+        || gemvq_kernel(1, x.dtype()) != GemvqKernel::Float
     {
         return Ok(None);
     }
@@ -705,23 +731,27 @@ struct GemvOfficial {
 
 /// The 16-bit int8/int4 GEMV kernels: `Float` converts the weights to float (accumulation and x
 /// exactly as in a float matmul); `Integer` quantizes x to int8 per 8 columns and multiplies bytes
-/// with dp4a (less arithmetic per weight: faster for several rows, at the cost of x's rounding).
+/// with dp4a (about a third of the arithmetic per weight, at the cost of x's rounding). The float
+/// kernel is bound by that arithmetic (73% SM throughput, 27% DRAM under ncu on an H200).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum GemvqKernel {
     Float,
     Integer,
 }
 
-/// `GLM2RS_GEMVQ=float|dp4a` forces a kernel (read once); by default one row (single-sequence
-/// decoding, where both are equally fast on an H200) runs `Float` and batches run `Integer`.
-fn gemvq_kernel(m: usize) -> GemvqKernel {
+/// `GLM2RS_GEMVQ=float|dp4a` forces a kernel (read once). By default every row count of bfloat16
+/// models runs `Integer` (x's 8-bit rounding is of the order of bfloat16's own: max logit error
+/// 0.20 against 0.18 for the dequantize + matmul of prefill, and int4 decoding at 425 instead of
+/// 390 tokens/s on an H200), and float16 models keep `Float` for one row (single-sequence
+/// decoding), where it is 14x closer to the float32 model than the integer kernel.
+fn gemvq_kernel(m: usize, dtype: DType) -> GemvqKernel {
     static FORCED: std::sync::OnceLock<Option<GemvqKernel>> = std::sync::OnceLock::new();
     let forced = *FORCED.get_or_init(|| match std::env::var("GLM2RS_GEMVQ").as_deref() {
         Ok("float") => Some(GemvqKernel::Float),
         Ok("dp4a") => Some(GemvqKernel::Integer),
         _ => None,
     });
-    forced.unwrap_or(if m == 1 {
+    forced.unwrap_or(if m == 1 && dtype == DType::F16 {
         GemvqKernel::Float
     } else {
         GemvqKernel::Integer
@@ -796,8 +826,9 @@ impl candle_core::CustomOp3 for GemvOfficial {
         let (q, s) = u8_and_f32(sq, lq, ss, ls, "gemv_official")?;
         let dev = &sx.device;
         // float32: the exact one-row kernel; 16-bit: see `gemvq_kernel`.
-        let integer =
-            sx.dtype() != DType::F32 && !self.swiglu && gemvq_kernel(m) == GemvqKernel::Integer;
+        let integer = sx.dtype() != DType::F32
+            && !self.swiglu
+            && gemvq_kernel(m, sx.dtype()) == GemvqKernel::Integer;
         let (name, rows) = match sx.dtype() {
             DType::F32 if self.swiglu => bail!("gemv_official_swiglu: 16-bit inputs only"),
             DType::F32 => (format!("gemv_q{}_{m}_f32", self.bits.count()), 1),
@@ -961,6 +992,88 @@ impl candle_core::CustomOp2 for DequantOfficial {
             },
             Shape::from((n, k)),
         ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// CUDA graphs: a decoding step captured once and replayed with one launch.
+
+/// The [`SEQ_INFO_WORDS`] words of `seq`'s row `row` of a device table for
+/// [`DecodeAttention::table`].
+pub fn seq_info_words(seq: &DecodeSeq, row: usize) -> Result<[u32; SEQ_INFO_WORDS]> {
+    Ok(SeqInfo::of(seq, row)?.words())
+}
+
+/// Copy `words` to the start of the contiguous `u32` CUDA tensor `dst`, in stream order (a
+/// replayed graph reads them when it runs).
+pub fn write_u32(dst: &Tensor, words: &[u32]) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    if dst.dtype() != DType::U32 || !dst.is_contiguous() || dst.elem_count() < words.len() {
+        bail!(
+            "write_u32: the destination must be a contiguous u32 tensor of {} or more elements",
+            words.len()
+        );
+    }
+    let candle_core::Device::Cuda(dev) = dst.device() else {
+        bail!("write_u32: the destination must be on a CUDA device")
+    };
+    let ptr = device_ptr(dst)?;
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().w()?;
+    // pageable source: the call returns once the words are staged, so `words` may go
+    unsafe { result::memcpy_htod_async(ptr, words, stream.cu_stream()) }.w()
+}
+
+/// A captured sequence of launches, replayed with one launch on the calling thread's stream.
+pub struct Graph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph execs may be launched from any thread of the process; the owner (a
+// cache's attached state, reached only through `&mut Cache`) uses it from one thread at a time.
+unsafe impl Send for Graph {}
+unsafe impl Sync for Graph {}
+
+impl Graph {
+    /// Capture what `body` launches on `device`'s stream (nothing runs). Host-to-device copies
+    /// of kernel parameters must have been made before, by a run of the same work under
+    /// [`htod_cache`]; anything else that needs the host (a copy back, a synchronization)
+    /// fails the capture. The stream leaves capture mode whatever `body` does.
+    pub fn capture<E: From<candle_core::Error>>(
+        device: &candle_core::Device,
+        body: impl FnOnce() -> std::result::Result<(), E>,
+    ) -> std::result::Result<Self, E> {
+        use candle_core::cuda_backend::cudarc::driver::sys::{
+            CUgraphInstantiate_flags, CUstreamCaptureMode,
+        };
+        let candle_core::Device::Cuda(dev) = device else {
+            return Err(candle_core::Error::Msg("CUDA graphs need a CUDA device".into()).into());
+        };
+        let stream = dev.cuda_stream();
+        let _cached = dev.enable_cuda_graph_htod_cache();
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .w()?;
+        let ran = body();
+        let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+        ran?;
+        match graph.w()? {
+            Some(g) => Ok(Self(g)),
+            None => Err(candle_core::Error::Msg("the captured graph is empty".into()).into()),
+        }
+    }
+
+    /// Run the captured work once more.
+    pub fn launch(&self) -> Result<()> {
+        self.0.launch().w()
+    }
+}
+
+/// While the returned guard lives, small host-to-device parameter copies of candle's kernels
+/// on this thread are kept on the device by content, so that a later [`Graph::capture`] of the
+/// same work finds them (candle's CUDA graph support). `None` off CUDA.
+pub fn htod_cache(device: &candle_core::Device) -> Option<impl Sized> {
+    match device {
+        candle_core::Device::Cuda(dev) => Some(dev.enable_cuda_graph_htod_cache()),
+        _ => None,
     }
 }
 

@@ -93,6 +93,39 @@ fn to_other_device(x: &Tensor, d: &Device) -> Result<Tensor> {
     Ok(y)
 }
 
+/// Whether decoding steps of one sequence replay a CUDA graph (default; `GLM2RS_CUDA_GRAPH=0`
+/// runs every launch from the host). Read at each step, so a benchmark can compare both in one
+/// process.
+#[cfg(feature = "cuda")]
+fn cuda_graphs_enabled() -> bool {
+    std::env::var_os("GLM2RS_CUDA_GRAPH").is_none_or(|v| v != "0")
+}
+
+/// A cache's CUDA graph state (kept in [`Cache`]'s attached slot; see `Glm2Model::graph_step`).
+#[cfg(feature = "cuda")]
+enum GraphState {
+    /// Capturing failed here: decode without graphs.
+    Off,
+    On {
+        bufs: GraphBuffers,
+        /// The captured step and the cache tensors (keys, values per layer) it points into.
+        graph: Option<(Vec<candle_core::TensorId>, crate::kernels::cuda::Graph)>,
+        /// The eager warm-up step has run.
+        warm: bool,
+    },
+}
+
+/// The fixed device buffers a captured decoding step reads and writes.
+#[cfg(feature = "cuda")]
+struct GraphBuffers {
+    /// `[layers * SEQ_INFO_WORDS + 1]` u32: each layer's attention table row, then the input id.
+    step: Tensor,
+    /// `[1, vocab]` f32: the step's logits.
+    logits: Tensor,
+    /// The model whose weights the graph reads (its embedding tensor).
+    model: candle_core::TensorId,
+}
+
 /// The official weight-only quantization of the four big linear layers of each block.
 fn quant_bits(cfg: &Glm2Config) -> Option<Bits> {
     match cfg.quantization_bit {
@@ -189,6 +222,9 @@ impl SelfAttention {
     /// `(first row, rows)` of sequence `i`, whose positions continue `caches[i]` and whose keys and
     /// values are appended to it. The projections run once over all rows; attention runs per
     /// sequence over its own cache.
+    /// `table`: the decode attention's table of this layer on the device (a captured CUDA
+    /// graph's step; see [`Glm2Model::graph_step`]).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn forward(
         &self,
         x: &Tensor,
@@ -196,6 +232,7 @@ impl SelfAttention {
         segments: &[(usize, usize)],
         caches: &mut [&mut Cache],
         layer: usize,
+        table: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         #[cfg(feature = "cuda")]
@@ -204,7 +241,7 @@ impl SelfAttention {
             && hd <= crate::kernels::cuda::MAX_HEAD_DIM
             && segments.iter().all(|&(_, t)| t == 1)
         {
-            return self.forward_decode_cuda(x, rotary, caches, layer);
+            return self.forward_decode_cuda(x, rotary, caches, layer, table);
         }
         let qkv = self.query_key_value.forward(x)?; // [1, n, (nh + 2 ng) hd]
         let mut ctxs = Vec::with_capacity(segments.len());
@@ -290,6 +327,7 @@ impl SelfAttention {
         rotary: &RotaryEmbedding,
         caches: &mut [&mut Cache],
         layer: usize,
+        table: Option<&Tensor>,
     ) -> Result<Tensor> {
         use crate::kernels::cuda::{DecodeAttention, DecodeSeq};
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
@@ -308,6 +346,7 @@ impl SelfAttention {
         }
         let op = DecodeAttention {
             seqs: &seqs,
+            table,
             bias: bias.as_ref(),
             cos: &rotary.cos,
             sin: &rotary.sin,
@@ -521,7 +560,7 @@ impl Block {
         let ln = self.input_layernorm.forward(x)?;
         let attn = self
             .self_attention
-            .forward(&ln, rotary, segments, caches, layer)?;
+            .forward(&ln, rotary, segments, caches, layer, None)?;
         let residual = if self.residual_post_layernorm { &ln } else { x };
         let ln_input = (residual + attn)?;
         let ln2 = self.post_attention_layernorm.forward(&ln_input)?;
@@ -549,6 +588,7 @@ impl Block {
         segments: &[(usize, usize)],
         caches: &mut [&mut Cache],
         layer: usize,
+        table: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         use crate::kernels::cuda::add_rmsnorm;
         let ln = match normed {
@@ -565,7 +605,7 @@ impl Block {
         };
         let attn = self
             .self_attention
-            .forward(&ln, rotary, segments, caches, layer)?;
+            .forward(&ln, rotary, segments, caches, layer, table)?;
         let (h, ln2) = add_rmsnorm(
             x,
             Some(&attn),
@@ -903,7 +943,6 @@ impl Glm2Model {
         Ok(self.run(inputs, caches, Logits::Last)?.0)
     }
 
-    #[cfg_attr(not(feature = "cuda"), allow(unused_assignments, unused_variables))]
     fn run(
         &self,
         inputs: &[&[u32]],
@@ -943,8 +982,35 @@ impl Glm2Model {
             flat.extend_from_slice(ids);
         }
         let n = flat.len();
+        #[cfg(feature = "cuda")]
+        if which == Logits::Last && n == 1 {
+            if let Some(logits) = self.graph_step(flat[0], &mut *caches[0])? {
+                return Ok((logits, segments));
+            }
+        }
         let input = Tensor::from_vec(flat, (1, n), &self.device)?;
-        let mut x = self.embed(&input)?; // [1, n, hidden]
+        let logits = self.forward_ids(&input, &segments, caches, which, None)?;
+        for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
+            cache.advance(t, true);
+        }
+        Ok((logits, segments))
+    }
+
+    /// The forward pass of `input` (`[1, n]` ids on the model's device, `segments` as in
+    /// [`SelfAttention::forward`]) without advancing the caches: f32 logits `[rows, vocab]`.
+    /// `table`: every layer's decode attention table on the device, one after another
+    /// ([`Glm2Model::graph_step`]).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_assignments, unused_variables))]
+    fn forward_ids(
+        &self,
+        input: &Tensor,
+        segments: &[(usize, usize)],
+        caches: &mut [&mut Cache],
+        which: Logits,
+        table: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let n = input.dim(1)?;
+        let mut x = self.embed(input)?; // [1, n, hidden]
         #[cfg(feature = "cuda")]
         let fused = self.device.is_cuda()
             && fused_decode_enabled()
@@ -961,30 +1027,32 @@ impl Glm2Model {
             if fused {
                 #[cfg(feature = "cuda")]
                 {
+                    use crate::kernels::cuda::SEQ_INFO_WORDS;
                     // the next block's input norm is fused in when it lives on the same device
                     let next = self
                         .layers
                         .get(i + 1)
                         .filter(|_| self.layer_devices[i + 1].same_device(d))
                         .map(|b| &b.input_layernorm);
+                    let table = table
+                        .map(|t| t.narrow(0, i * SEQ_INFO_WORDS, SEQ_INFO_WORDS))
+                        .transpose()?;
                     let (out, n) = layer.forward_fused(
                         &x,
                         normed.take(),
                         next,
                         &self.rotary[i],
-                        &segments,
+                        segments,
                         caches,
                         i,
+                        table.as_ref(),
                     )?;
                     x = out;
                     normed = n;
                 }
             } else {
-                x = layer.forward(&x, &self.rotary[i], &segments, caches, i)?;
+                x = layer.forward(&x, &self.rotary[i], segments, caches, i)?;
             }
-        }
-        for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
-            cache.advance(t, true);
         }
         if which == Logits::Last {
             x = if segments.len() == 1 {
@@ -998,12 +1066,127 @@ impl Glm2Model {
         if let Some(norm) = &self.final_layernorm {
             x = norm.forward(&x)?;
         }
-        let logits = self
+        Ok(self
             .output_layer
             .forward(&x)?
             .to_dtype(DType::F32)?
-            .squeeze(0)?;
-        Ok((logits, segments))
+            .squeeze(0)?)
+    }
+
+    /// One decoding step of one sequence (`id` after what `cache` holds) as a replay of a CUDA
+    /// graph: the step's ~200 launches cost one. The graph belongs to the cache (it points into
+    /// its buffers and is kept in it); each step writes the attention tables (lengths, rotary
+    /// position) and the id into a device buffer the graph reads. The first step runs the same
+    /// work eagerly (loading kernels, caching candle's parameter copies); the next is captured;
+    /// a cache that grows (new buffers) is captured again. `None`: not applicable here, or the
+    /// capture failed (then the cache decodes without graphs); the caller runs the step.
+    /// `GLM2RS_CUDA_GRAPH=0` turns graphs off. The numbers are those of the eager step: the
+    /// same kernels on the same data.
+    #[cfg(feature = "cuda")]
+    fn graph_step(&self, id: u32, cache: &mut Cache) -> Result<Option<Tensor>> {
+        use crate::kernels::cuda::{self as kc, DecodeSeq, Graph, SEQ_INFO_WORDS};
+        let (ng, hd) = (self.config.kv_groups(), self.config.kv_channels);
+        if !cuda_graphs_enabled()
+            || cache.is_empty()
+            || !self.device.is_cuda()
+            || !fused_decode_enabled()
+            || self.config.apply_residual_connection_post_layernorm
+            || hd > kc::MAX_HEAD_DIM
+            || self.num_devices() > 1
+        {
+            return Ok(None);
+        }
+        let model = self.word_embeddings.id();
+        let state = cache
+            .attached
+            .0
+            .take()
+            .and_then(|b| b.downcast::<GraphState>().ok())
+            .map(|b| *b);
+        let (bufs, graph, warm) = match state {
+            Some(GraphState::Off) => {
+                cache.attached.0 = Some(Box::new(GraphState::Off));
+                return Ok(None);
+            }
+            Some(GraphState::On { bufs, graph, warm }) if bufs.model == model => {
+                (bufs, graph, warm)
+            }
+            _ => {
+                let words = self.layers.len() * SEQ_INFO_WORDS + 1;
+                let bufs = GraphBuffers {
+                    step: Tensor::zeros(words, DType::U32, &self.device)?,
+                    logits: Tensor::zeros(
+                        (1, self.config.padded_vocab_size),
+                        DType::F32,
+                        &self.device,
+                    )?,
+                    model,
+                };
+                (bufs, None, false)
+            }
+        };
+        // room for this token in every layer, made outside any capture (growing allocates)
+        let mut words = Vec::with_capacity(self.layers.len() * SEQ_INFO_WORDS + 1);
+        let mut key = Vec::with_capacity(2 * self.layers.len());
+        for i in 0..self.layers.len() {
+            let (k, v) = cache.reserve(i, 1, (1, ng, hd), self.dtype, &self.device)?;
+            key.extend([k.id(), v.id()]);
+            let seq = DecodeSeq {
+                k,
+                v,
+                len: cache.len(),
+                rot: cache.position(),
+            };
+            words.extend(kc::seq_info_words(&seq, 0)?);
+        }
+        words.push(id);
+        kc::write_u32(&bufs.step, &words)?;
+        let body = |cache: &mut Cache| -> Result<()> {
+            let ids = bufs
+                .step
+                .narrow(0, self.layers.len() * SEQ_INFO_WORDS, 1)?
+                .reshape((1, 1))?;
+            let logits = self.forward_ids(
+                &ids,
+                &[(0, 1)],
+                &mut [cache],
+                Logits::Last,
+                Some(&bufs.step),
+            )?;
+            bufs.logits.slice_set(&logits, 0, 0)?;
+            Ok(())
+        };
+        let (graph, warm) = match graph {
+            Some((k, g)) if k == key => {
+                g.launch()?;
+                (Some((k, g)), warm)
+            }
+            _ if !warm => {
+                let _cached = kc::htod_cache(&self.device);
+                body(cache)?;
+                (None, true)
+            }
+            _ => match Graph::capture(&self.device, || body(cache)) {
+                Ok(g) => {
+                    g.launch()?;
+                    (Some((key, g)), true)
+                }
+                Err(e) => {
+                    static WARNED: std::sync::Once = std::sync::Once::new();
+                    WARNED.call_once(|| {
+                        eprintln!(
+                            "glm2rs: CUDA graph capture failed ({e}); decoding without graphs"
+                        )
+                    });
+                    cache.attached.0 = Some(Box::new(GraphState::Off));
+                    return Ok(None);
+                }
+            },
+        };
+        cache.advance(1, true);
+        let logits = bufs.logits.copy()?;
+        cache.attached.0 = Some(Box::new(GraphState::On { bufs, graph, warm }));
+        Ok(Some(logits))
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {

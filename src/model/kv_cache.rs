@@ -14,6 +14,27 @@ pub struct LayerCache {
     v: Tensor,
 }
 
+/// State a backend ties to a cache's buffers (the captured CUDA graph of its decoding step,
+/// which points into them): a clone starts without it, [`Cache::clear`] drops it.
+#[derive(Default)]
+pub(crate) struct Attached(pub(crate) Option<Box<dyn std::any::Any + Send + Sync>>);
+
+impl Clone for Attached {
+    fn clone(&self) -> Self {
+        Self(None)
+    }
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Attached(..)"
+        } else {
+            "Attached(None)"
+        })
+    }
+}
+
 /// The cache of every layer, plus the number of positions it holds.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -26,6 +47,8 @@ pub struct Cache {
     max_len: usize,
     /// Element type of the stored keys and values (`None`: as appended).
     dtype: Option<DType>,
+    /// Backend state tied to the buffers above.
+    pub(crate) attached: Attached,
 }
 
 impl Cache {
@@ -36,6 +59,7 @@ impl Cache {
             position: 0,
             max_len,
             dtype: None,
+            attached: Attached::default(),
         }
     }
 
@@ -79,6 +103,7 @@ impl Cache {
         }
         self.len = 0;
         self.position = 0;
+        self.attached = Attached::default();
     }
 
     /// Drop the entries from `len` on (e.g. to undo a token).
@@ -194,5 +219,17 @@ mod tests {
         c.truncate(10);
         assert_eq!((c.len(), c.position()), (10, 10));
         Ok(())
+    }
+
+    #[test]
+    fn attached_state_is_not_cloned_and_is_cleared() {
+        let mut c = Cache::new(1, 16);
+        c.attached = Attached(Some(Box::new(7u32)));
+        assert!(c.clone().attached.0.is_none());
+        assert!(c.attached.0.is_some());
+        c.truncate(0);
+        assert!(c.attached.0.is_some(), "truncating keeps the buffers");
+        c.clear();
+        assert!(c.attached.0.is_none());
     }
 }
