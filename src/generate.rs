@@ -237,19 +237,6 @@ impl Generator {
                 "generations stepped together must share one model",
             ));
         }
-        // A model split over several GPUs runs its sequences one at a time: on two H200s its
-        // batched results differed from one-at-a-time ones in about a third of the checks, and
-        // single sequences rarely (2 greedy chats in 55); the race is not found yet (see
-        // docs/benchmarks.md). `GLM2RS_SPLIT_BATCH=1` steps them together, to debug it.
-        static SPLIT_BATCH: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let split_batch =
-            *SPLIT_BATCH.get_or_init(|| std::env::var("GLM2RS_SPLIT_BATCH").as_deref() == Ok("1"));
-        if active.len() > 1 && model.num_devices() > 1 && !split_batch {
-            for &i in &active {
-                out[i] = Self::step_many(&mut [&mut *gens[i]])?[0];
-            }
-            return Ok(out);
-        }
         let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(active.len());
         let mut caches: Vec<&mut Cache> = Vec::with_capacity(active.len());
         for g in gens.iter_mut().filter(|g| g.finished.is_none()) {

@@ -79,18 +79,18 @@ fn fused_decode_enabled() -> bool {
     *ON.get_or_init(|| std::env::var("GLM2RS_FUSED").map_or(true, |v| v != "0"))
 }
 
-/// Copy `x` to device `d`, waiting for the work that produced it first: streams of different
-/// GPUs are not ordered with each other (event tracking is off, see `parse_device`), so the
-/// source is synchronized before the copy and the destination after it (before the source
-/// memory can be reused).
+/// Copy `x` to device `d` (a model split over several GPUs) through host memory: the copy back
+/// waits for the work that produced `x`, the copy up is ordered before `d`'s next work. A direct
+/// device-to-device copy (candle's `to_device`, a peer copy between the two GPUs' memory pools, each
+/// side synchronized) gave wrong results now and then on two H200s: a test process that steps
+/// split sequences together mismatched one at a time generation in 5 of 7 processes that way and
+/// in none of the processes copying through the host (docs/benchmarks.md). The hidden states of a
+/// decoding step are a few KiB.
 fn to_other_device(x: &Tensor, d: &Device) -> Result<Tensor> {
     if x.device().same_device(d) {
         return Ok(x.clone());
     }
-    x.device().synchronize()?;
-    let y = x.to_device(d)?;
-    d.synchronize()?;
-    Ok(y)
+    Ok(x.to_device(&Device::Cpu)?.to_device(d)?)
 }
 
 /// Whether decoding steps of one sequence replay a CUDA graph (default; `GLM2RS_CUDA_GRAPH=0`
