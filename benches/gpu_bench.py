@@ -1,7 +1,7 @@
 """GPU checks and figures, run on the device machine (no download: random weights of the real
 chatglm2-6b shapes are written there first).
 
-    python benches/gpu_bench.py --fixtures DIR [--parity] [--graph] [--big] [--quant 4,8] [--batches 16,64]
+    python benches/gpu_bench.py --fixtures DIR [--parity] [--graph] [--flash] [--big] [--quant 4,8] [--batches 16,64]
                                 [--num-gpus 2] [--out results.json]
 
 - parity: tiny-glm2 on CUDA in float32 (logits against the official golden, greedy chats, int8/int4
@@ -11,6 +11,7 @@ chatglm2-6b shapes are written there first).
   given batches, aggregate), peak GPU memory of the process (nvidia-smi, polled) and of the allocator
   (glm2rs.cuda_memory: live allocations, as torch.cuda.max_memory_allocated);
 - quant: the same for block-quantized weights (quantize= on load);
+- flash: the flash-attention prompt kernel against the blocked path, both against float32 (6B);
 - graph: decoding with CUDA graphs against the same steps launched one by one (ids equal on the
   tiny models in four dtypes; the 6B batch-1 decode timed both ways, ids compared);
 - num-gpus: the layers split over N GPUs (parity on the fixture, then 6B decode).
@@ -159,6 +160,54 @@ def graph_check(fx: Path) -> None:
             f"tiny-model tok/s graph {speed['1']:.0f} vs eager {speed['0']:.0f}")
 
 
+def flash_check(d: Path) -> None:
+    """Prompt attention of the flash kernel against the blocked path (GLM2RS_FLASH=0) on the 6B
+    checkpoint in bfloat16 and float16, both against the same weights in float32 (logits of 300- and
+    37-token prompts), and the 2048-token prefill time of each."""
+    rng = np.random.default_rng(0)
+    long_ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, 2046)]
+    prompts = {"300": long_ids[:300], "37": long_ids[:37]}
+
+    def flash_and_blocked(f):
+        os.environ.pop("GLM2RS_FLASH", None)
+        a = f()
+        os.environ["GLM2RS_FLASH"] = "0"
+        b = f()
+        os.environ.pop("GLM2RS_FLASH")
+        return a, b
+
+    got = {}
+    for dtype in ("bfloat16", "float16"):
+        m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype=dtype)
+        got[dtype] = {n: flash_and_blocked(lambda: m.logits(ids)) for n, ids in prompts.items()}
+        if dtype == "bfloat16":
+            m.last_logits([long_ids[:64]])
+
+            def prefill():
+                ts = []
+                for _ in range(3):
+                    t = time.perf_counter()
+                    m.last_logits([long_ids])
+                    ts.append(time.perf_counter() - t)
+                return min(ts)
+
+            fl, bl = flash_and_blocked(prefill)
+            RESULTS.setdefault("flash", {})["prefill_2048_s"] = {"flash": fl, "blocked": bl}
+            log(f"prefill 2048 bf16: flash {fl:.4f} s, blocked {bl:.4f} s")
+        del m
+    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="float32")
+    ref = {n: m.logits(ids) for n, ids in prompts.items()}
+    del m
+    for dtype, per in got.items():
+        for n, (fl, bl) in per.items():
+            e = {"flash": float(np.abs(fl - ref[n]).max()), "blocked": float(np.abs(bl - ref[n]).max()),
+                 "flash_vs_blocked": float(np.abs(fl - bl).max()), "max_abs_logit": float(np.abs(ref[n]).max()),
+                 "nan": bool(np.isnan(fl).any())}
+            RESULTS.setdefault("flash", {})[f"{dtype}/{n}"] = e
+            log(f"flash {dtype} prompt {n}: max |logit - float32| flash {e['flash']:.4f}, blocked {e['blocked']:.4f}, "
+                f"flash vs blocked {e['flash_vs_blocked']:.4f} (max |logit| {e['max_abs_logit']:.2f}), NaN {e['nan']}")
+
+
 def make_big(fx: Path, d: Path) -> Path:
     if not (d / "config.json").exists():
         t0 = time.time()
@@ -248,6 +297,8 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--baseline", action="store_true", help="also time the decode without the fused kernels")
     ap.add_argument("--big-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--flash", action="store_true",
+                    help="flash-attention prompts against the blocked path and float32 (6B checkpoint)")
     ap.add_argument("--graph", action="store_true",
                     help="CUDA graph checks: tiny models' greedy ids with and without graphs, and the 6B "
                          "batch-1 decode also timed without graphs")
@@ -270,8 +321,10 @@ def main() -> int:
             parity16(fx)
             if a.num_gpus > 1:
                 parity(fx, a.num_gpus)
-        if a.big or a.quant or a.num_gpus > 1:
+        if a.big or a.quant or a.num_gpus > 1 or a.flash:
             d = make_big(fx, Path(a.ckpt))
+        if a.flash:
+            flash_check(d)
         if a.big:
             figures("bf16", d, batches, compare_graph=a.graph)
             if a.baseline:

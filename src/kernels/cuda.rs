@@ -552,6 +552,145 @@ impl CustomOp1 for CausalSoftmax {
     }
 }
 
+/// Causal attention of a prompt block in one kernel (`flash_prefill` in glm2.cu, tensor cores):
+/// `q` `[b, heads, t, d]` (positions `past..past + t`) over `k`, `v` `[b, groups, past + t, d]`
+/// (rows of `d` contiguous: KV-cache views), 16-bit, `d` 64 or 128. Returns `[b, heads, t, d]`,
+/// or `None` when the kernel does not apply (dtype, head size, layout).
+pub fn flash_prefill(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+    let (b, nh, t, d) = q.dims4()?;
+    let (kb, ng, l, kd) = k.dims4()?;
+    let dtype = q.dtype();
+    let rows_ok = |x: &Tensor| {
+        let st = x.stride();
+        st[3] == 1
+            && st[2] == d
+            && x.layout().start_offset() % 8 == 0
+            && st[1] % 8 == 0
+            && st[0] % 8 == 0
+    };
+    if !matches!(dtype, DType::BF16 | DType::F16)
+        || !matches!(d, 64 | 128)
+        || kd != d
+        || kb != b
+        || v.dims4()? != (b, ng, l, d)
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+        || ng == 0
+        || nh % ng != 0
+        || l < t
+        || t == 0
+        || !rows_ok(k)
+        || !rows_ok(v)
+    {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    Ok(Some(q.apply_op3_no_bwd(
+        k,
+        v,
+        &FlashPrefill { groups: ng, scale },
+    )?))
+}
+
+struct FlashPrefill {
+    groups: usize,
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for FlashPrefill {
+    fn name(&self) -> &'static str {
+        "glm2rs-flash-prefill"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("glm2rs-flash-prefill runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        sq: &CudaStorage,
+        lq: &Layout,
+        sk: &CudaStorage,
+        lk: &Layout,
+        sv: &CudaStorage,
+        lv: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, nh, t, d) = lq.shape().dims4()?;
+        let (_, _, l, _) = lk.shape().dims4()?;
+        let (q0, q1) = contiguous(lq, "flash prefill")?;
+        let (k0, v0) = (lk.start_offset(), lv.start_offset());
+        let (ks, vs) = (lk.stride(), lv.stride());
+        let dev = &sq.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("flash_prefill_{}_d{d}", suffix(sq.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: ((t as u32).div_ceil(64), nh as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (t_i, l_i, past_i, nh_i, ng_i) = (
+            t as i32,
+            l as i32,
+            (l - t) as i32,
+            nh as i32,
+            self.groups as i32,
+        );
+        let (k_bs, k_gs, v_bs, v_gs) = (ks[0] as i64, ks[1] as i64, vs[0] as i64, vs[1] as i64);
+        macro_rules! launch {
+            ($q:expr, $k:expr, $v:expr, $variant:ident, $t:ty) => {{
+                let q = $q.slice(q0..q1);
+                let k = $k.slice(k0..);
+                let v = $v.slice(v0..);
+                let out = unsafe { dev.alloc::<$t>(b * nh * t * d)? };
+                let mut bl = func.builder();
+                bl.arg(&q);
+                bl.arg(&k);
+                bl.arg(&v);
+                bl.arg(&out);
+                bl.arg(&t_i);
+                bl.arg(&l_i);
+                bl.arg(&past_i);
+                bl.arg(&nh_i);
+                bl.arg(&ng_i);
+                bl.arg(&k_bs);
+                bl.arg(&k_gs);
+                bl.arg(&v_bs);
+                bl.arg(&v_gs);
+                bl.arg(&self.scale);
+                unsafe { bl.launch(cfg) }.w()?;
+                CudaStorageSlice::$variant(out)
+            }};
+        }
+        let slice = match (&sq.slice, &sk.slice, &sv.slice) {
+            (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
+                launch!(q, k, v, BF16, half::bf16)
+            }
+            (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
+                launch!(q, k, v, F16, half::f16)
+            }
+            _ => bail!("flash prefill: q, k and v must share one 16-bit dtype"),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((b, nh, t, d)),
+        ))
+    }
+}
+
 /// `x Wᵀ` for at most 8 rows of `x` (`[m, k]`) and a weight `[n, k]` of the same dtype, by the
 /// streaming kernel. `None` when the shapes or alignment do not suit it (use a matmul).
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {

@@ -93,6 +93,13 @@ fn to_other_device(x: &Tensor, d: &Device) -> Result<Tensor> {
     Ok(x.to_device(&Device::Cpu)?.to_device(d)?)
 }
 
+/// Whether 16-bit prompts attend in one flash-attention kernel per layer (default;
+/// `GLM2RS_FLASH=0`: scores in float32 blocks through cuBLAS and a causal-softmax kernel).
+#[cfg(feature = "cuda")]
+fn flash_enabled() -> bool {
+    std::env::var_os("GLM2RS_FLASH").is_none_or(|v| v != "0")
+}
+
 /// Whether decoding steps of one sequence replay a CUDA graph (default; `GLM2RS_CUDA_GRAPH=0`
 /// runs every launch from the host). Read at each step, so a benchmark can compare both in one
 /// process.
@@ -281,6 +288,12 @@ impl SelfAttention {
     fn attend_cuda(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         use crate::kernels::cuda::CausalSoftmax;
         let (b, nh, t, hd) = q.dims4()?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        if flash_enabled() {
+            if let Some(out) = crate::kernels::cuda::flash_prefill(q, k, v, scale)? {
+                return Ok(out);
+            }
+        }
         let ng = self.num_groups;
         let r = nh / ng;
         let l = k.dim(2)?;
@@ -288,7 +301,6 @@ impl SelfAttention {
         let dtype = q.dtype();
         let kt = k.to_dtype(DType::F32)?.contiguous()?.t()?; // [b, ng, hd, L]
         let v = v.contiguous()?;
-        let scale = 1.0 / (hd as f32).sqrt();
         let block = (GPU_ATTENTION_SCORE_BUDGET / (b * nh * l).max(1)).clamp(1, t.max(1));
         let mut outs = Vec::with_capacity(t.div_ceil(block));
         let mut i0 = 0;
@@ -369,6 +381,12 @@ impl SelfAttention {
             return self.attend_cuda(q, k, v);
         }
         let (b, nh, t, hd) = q.dims4()?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        if flash_enabled() {
+            if let Some(out) = crate::kernels::cuda::flash_prefill(q, k, v, scale)? {
+                return Ok(out);
+            }
+        }
         let ng = self.num_groups;
         let r = nh / ng;
         let l = k.dim(2)?;

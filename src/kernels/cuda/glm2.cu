@@ -448,6 +448,174 @@ INSTANTIATE2(__nv_bfloat16, bf16)
 extern "C" __global__ void argmax_f32(const float* x, uint32_t* out, int n) { argmax_rows(x, out, n); }
 
 // ---------------------------------------------------------------------------------------------
+// flash_prefill: causal attention of a prompt block in one kernel (FlashAttention-2 style) for
+// 16-bit models, on tensor cores (mma m16n8k16, float32 accumulation): scores, online softmax in
+// float32 and the product with the values never leave the chip. Queries [b, heads, t, D]
+// (contiguous), keys and values [b, groups, L, D] rows of D contiguous (batch / group strides
+// given: the KV cache's views), multi-query groups read in place. Query i sits at position
+// past + i and sees keys 0..past + i. Grid (ceil(t / 64), heads, b), 128 threads: each warp 16
+// query rows; key tiles of 64 rows through shared memory (values stored transposed).
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// d += a (16x16, row) * b (16x8, col), float32 accumulators
+template <typename T> __device__ __forceinline__ void mma16816(float* d, const uint32_t* a, const uint32_t* b);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+constexpr int FA_BQ = 64;  // query rows per block (16 per warp)
+constexpr int FA_BK = 64;  // keys per tile
+
+template <typename T, int D>
+__device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                              T* __restrict__ out, int t, int L, int past, int heads, int groups,
+                              long long k_bs, long long k_gs, long long v_bs, long long v_gs, float scale) {
+    static_assert(D % 16 == 0, "head dim in whole mma chunks");
+    __shared__ __align__(16) T ks[FA_BK][D + 8];
+    __shared__ __align__(16) T vt[D][FA_BK + 8];
+    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    const int g = h / (heads / groups);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gr = lane >> 2, tq = lane & 3;
+    const T* qb = q + (size_t)(b * heads + h) * t * D;
+    const T* kb = k + b * k_bs + g * k_gs;
+    const T* vb = v + b * v_bs + g * v_gs;
+    const int q0 = qt * FA_BQ + warp * 16;  // the warp's first query row
+    const int r0 = min(q0 + gr, t - 1), r1 = min(q0 + gr + 8, t - 1);
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int c = 0; c < D / 16; c++) {
+        qa[c][0] = *reinterpret_cast<const uint32_t*>(qb + (size_t)r0 * D + c * 16 + 2 * tq);
+        qa[c][1] = *reinterpret_cast<const uint32_t*>(qb + (size_t)r1 * D + c * 16 + 2 * tq);
+        qa[c][2] = *reinterpret_cast<const uint32_t*>(qb + (size_t)r0 * D + c * 16 + 2 * tq + 8);
+        qa[c][3] = *reinterpret_cast<const uint32_t*>(qb + (size_t)r1 * D + c * 16 + 2 * tq + 8);
+    }
+    float o[D / 8][4];
+#pragma unroll
+    for (int d = 0; d < D / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    const int nkeys = min(past + min(qt * FA_BQ + FA_BQ, t), L);  // keys the block's last row sees
+    for (int k0 = 0; k0 < nkeys; k0 += FA_BK) {
+        __syncthreads();  // the previous tile is consumed
+        for (int i = threadIdx.x; i < FA_BK * D / 8; i += blockDim.x) {
+            const int row = i / (D / 8), c8 = (i % (D / 8)) * 8;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (k0 + row < L) {
+                kv = *reinterpret_cast<const uint4*>(kb + (size_t)(k0 + row) * D + c8);
+                vv = *reinterpret_cast<const uint4*>(vb + (size_t)(k0 + row) * D + c8);
+            }
+            *reinterpret_cast<uint4*>(&ks[row][c8]) = kv;
+            const T* ve = reinterpret_cast<const T*>(&vv);
+#pragma unroll
+            for (int j = 0; j < 8; j++) vt[c8 + j][row] = ve[j];
+        }
+        __syncthreads();
+        // scores of the warp's 16 rows x 64 keys: s[j] holds keys k0 + 8j + 2tq + {0, 1} of rows
+        // gr (elements 0, 1) and gr + 8 (elements 2, 3)
+        float s[FA_BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < FA_BK / 8; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+            for (int c = 0; c < D / 16; c++) {
+                uint32_t bk[2];
+                bk[0] = *reinterpret_cast<const uint32_t*>(&ks[j * 8 + gr][c * 16 + 2 * tq]);
+                bk[1] = *reinterpret_cast<const uint32_t*>(&ks[j * 8 + gr][c * 16 + 2 * tq + 8]);
+                mma16816<T>(s[j], qa[c], bk);
+            }
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; rr++) {
+            const int qpos = past + q0 + gr + 8 * rr;
+            float mx = -INFINITY;
+#pragma unroll
+            for (int j = 0; j < FA_BK / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int key = k0 + j * 8 + 2 * tq + e;
+                    const float x = (key <= qpos && key < L) ? s[j][2 * rr + e] * scale : -INFINITY;
+                    s[j][2 * rr + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float mnew = fmaxf(m[rr], mx);  // finite: key 0 is in the first tile
+            const float alpha = __expf(m[rr] - mnew);
+            float rs = 0.f;
+#pragma unroll
+            for (int j = 0; j < FA_BK / 8; j++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float p = __expf(s[j][2 * rr + e] - mnew);
+                    s[j][2 * rr + e] = p;
+                    rs += p;
+                }
+            rs += __shfl_xor_sync(0xffffffff, rs, 1);
+            rs += __shfl_xor_sync(0xffffffff, rs, 2);
+            l[rr] = l[rr] * alpha + rs;
+            m[rr] = mnew;
+#pragma unroll
+            for (int d = 0; d < D / 8; d++) {
+                o[d][2 * rr] *= alpha;
+                o[d][2 * rr + 1] *= alpha;
+            }
+        }
+        // o += p v: the score fragments of two key blocks are the A fragment of 16 keys
+#pragma unroll
+        for (int kc = 0; kc < FA_BK / 16; kc++) {
+            uint32_t pa[4];
+            pa[0] = pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+            pa[1] = pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+            pa[2] = pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+            pa[3] = pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+#pragma unroll
+            for (int d = 0; d < D / 8; d++) {
+                uint32_t bv[2];
+                bv[0] = *reinterpret_cast<const uint32_t*>(&vt[d * 8 + gr][kc * 16 + 2 * tq]);
+                bv[1] = *reinterpret_cast<const uint32_t*>(&vt[d * 8 + gr][kc * 16 + 2 * tq + 8]);
+                mma16816<T>(o[d], pa, bv);
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        const int row = q0 + gr + 8 * rr;
+        if (row >= t) continue;
+        const float inv = 1.f / l[rr];
+        T* orow = out + ((size_t)(b * heads + h) * t + row) * D;
+#pragma unroll
+        for (int d = 0; d < D / 8; d++)
+            *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * tq) = pack2<T>(o[d][2 * rr] * inv, o[d][2 * rr + 1] * inv);
+    }
+}
+
+#define FLASH(T, NAME, D)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128) flash_prefill_##NAME##_d##D(                     \
+        const T* q, const T* k, const T* v, T* out, int t, int L, int past, int heads, int groups,     \
+        long long k_bs, long long k_gs, long long v_bs, long long v_gs, float scale) {                 \
+        flash_prefill<T, D>(q, k, v, out, t, L, past, heads, groups, k_bs, k_gs, v_bs, v_gs, scale);   \
+    }
+FLASH(__nv_bfloat16, bf16, 64) FLASH(__nv_bfloat16, bf16, 128) FLASH(__half, f16, 64) FLASH(__half, f16, 128)
+
+// ---------------------------------------------------------------------------------------------
 // Official weight-only int8/int4 (ChatGLM2's quantization_bit): q [n, k] int8 or [n, k/2] with
 // column 2j in the high nibble and 2j+1 in the low one; scale [n] float32; value = scale * q.
 // In float32 models each weight is rounded to float16 first, as the official dequantization
