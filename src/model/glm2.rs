@@ -381,12 +381,6 @@ impl SelfAttention {
             return self.attend_cuda(q, k, v);
         }
         let (b, nh, t, hd) = q.dims4()?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        if flash_enabled() {
-            if let Some(out) = crate::kernels::cuda::flash_prefill(q, k, v, scale)? {
-                return Ok(out);
-            }
-        }
         let ng = self.num_groups;
         let r = nh / ng;
         let l = k.dim(2)?;
