@@ -107,9 +107,9 @@ pub struct DecodeSeq {
 /// bias not yet added), writing each new key and value into its cache. Output `[n, heads * head_dim]`.
 pub struct DecodeAttention<'a> {
     pub seqs: &'a [DecodeSeq],
-    /// The sequences' table already on the device (`u32`, [`SEQ_INFO_WORDS`] per sequence,
-    /// as [`write_seq_table`] writes it), read at run time: a captured graph's launches see the
-    /// lengths of each replay. `None`: built from `seqs`.
+    /// The sequences' table already on the device (`u32`, [`SEQ_INFO_WORDS`] per sequence: rows
+    /// of [`seq_info_words`] written by [`write_u32`]), read at run time, so a captured graph's
+    /// launches see the lengths of each replay. `None`: built from `seqs`.
     pub table: Option<&'a Tensor>,
     pub bias: Option<&'a Tensor>,
     pub cos: &'a Tensor,
