@@ -1,7 +1,7 @@
 """GPU checks and figures, run on the device machine (no download: random weights of the real
 chatglm2-6b shapes are written there first).
 
-    python benches/gpu_bench.py --fixtures DIR [--parity] [--graph] [--flash] [--big] [--quant 4,8] [--batches 16,64]
+    python benches/gpu_bench.py --fixtures DIR [--parity] [--graph] [--flash] [--long] [--big] [--quant 4,8] [--batches 16,64]
                                 [--num-gpus 2] [--out results.json]
 
 - parity: tiny-glm2 on CUDA in float32 (logits against the official golden, greedy chats, int8/int4
@@ -11,6 +11,7 @@ chatglm2-6b shapes are written there first).
   given batches, aggregate), peak GPU memory of the process (nvidia-smi, polled) and of the allocator
   (glm2rs.cuda_memory: live allocations, as torch.cuda.max_memory_allocated);
 - quant: the same for block-quantized weights (quantize= on load);
+- long: bfloat16 prefill of 8192 and 32768 tokens (time, allocated peak);
 - flash: the flash-attention prompt kernel against the blocked path, both against float32 (6B);
 - graph: decoding with CUDA graphs against the same steps launched one by one (ids equal on the
   tiny models in four dtypes; the 6B batch-1 decode timed both ways, ids compared);
@@ -208,6 +209,26 @@ def flash_check(d: Path) -> None:
                 f"flash vs blocked {e['flash_vs_blocked']:.4f} (max |logit| {e['max_abs_logit']:.2f}), NaN {e['nan']}")
 
 
+def long_prefill(d: Path, lengths: tuple[int, ...] = (8192, 32768)) -> None:
+    """Prefill of long prompts in bfloat16 (the official figures: 0.89 s / 14.9 GiB at 8192 tokens,
+    1.24 s / 24.6 GiB at 32768 on an H200): best of 2, and the allocator's peak."""
+    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    m.last_logits([[64790, 64792] + [int(x) for x in rng.integers(100, 60000, 62)]])
+    for n in lengths:
+        ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, n - 2)]
+        glm2rs.cuda_memory("cuda", reset_peak=True)
+        ts = []
+        for _ in range(2):
+            t = time.perf_counter()
+            m.last_logits([ids])
+            ts.append(time.perf_counter() - t)
+        peak = glm2rs.cuda_memory("cuda")["used_peak"] / 2**30
+        RESULTS.setdefault("long_prefill", {})[str(n)] = {"s": min(ts), "allocated_peak_gib": peak}
+        log(f"prefill {n} bf16: {min(ts):.3f} s, allocated peak {peak:.2f} GiB")
+    del m
+
+
 def make_big(fx: Path, d: Path) -> Path:
     if not (d / "config.json").exists():
         t0 = time.time()
@@ -297,6 +318,7 @@ def main() -> int:
     ap.add_argument("--out")
     ap.add_argument("--baseline", action="store_true", help="also time the decode without the fused kernels")
     ap.add_argument("--big-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--long", action="store_true", help="bf16 prefill of 8192 and 32768 tokens (6B)")
     ap.add_argument("--flash", action="store_true",
                     help="flash-attention prompts against the blocked path and float32 (6B checkpoint)")
     ap.add_argument("--graph", action="store_true",
@@ -321,8 +343,10 @@ def main() -> int:
             parity16(fx)
             if a.num_gpus > 1:
                 parity(fx, a.num_gpus)
-        if a.big or a.quant or a.num_gpus > 1 or a.flash:
+        if a.big or a.quant or a.num_gpus > 1 or a.flash or a.long:
             d = make_big(fx, Path(a.ckpt))
+        if a.long:
+            long_prefill(d)
         if a.flash:
             flash_check(d)
         if a.big:
