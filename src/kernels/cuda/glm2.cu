@@ -748,6 +748,24 @@ template <> struct Packed8<8> {
     }
 };
 
+// The epilogue of the int8/int4 GEMVs: each of the warp's R rows (those below n) summed over the
+// lanes, times its row scale, stored for each of the M inputs by lane 0.
+template <typename T, int M, int R>
+__device__ __forceinline__ void store_rows(const float (&acc)[M][R], const float* __restrict__ scale,
+                                           T* __restrict__ y, int n, int row0, int lane) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (row0 + r >= n) break;
+        const float s = scale[row0 + r];
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            float v = acc[m][r];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+            if (lane == 0) y[(size_t)m * n + row0 + r] = from_f<T>(v * s);
+        }
+    }
+}
+
 // Lane l takes columns 8l..8l+7 of each 256-column step, so the warp's x loads are contiguous
 // 16-byte pieces (a lane reading 32 columns of x at a 64-byte stride made L1 the bottleneck)
 // and its weight loads are contiguous too. Each warp computes R rows, so every x value read and
@@ -812,17 +830,7 @@ __device__ void gemv_q16(const T* __restrict__ x, const uint8_t* __restrict__ q,
         }
         if (lane == 0) y[warp] = swiglu_pair<T>(v[0] * scale[rows[0]], v[1] * scale[rows[1]]);
     } else {
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            if (row0 + r >= n) break;
-            const float s = scale[row0 + r];
-#pragma unroll
-            for (int m = 0; m < M; m++) {
-                float v = acc[m][r];
-                for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-                if (lane == 0) y[(size_t)m * n + row0 + r] = from_f<T>(v * s);
-            }
-        }
+        store_rows<T, M, R>(acc, scale, y, n, row0, lane);
     }
 }
 
@@ -926,17 +934,7 @@ __device__ void gemv_dp4a(const int4* __restrict__ xq, const uint8_t* __restrict
             }
         }
     }
-#pragma unroll
-    for (int r = 0; r < R; r++) {
-        if (row0 + r >= n) break;
-        const float s = scale[row0 + r];
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-            float v = acc[m][r];
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
-            if (lane == 0) y[(size_t)m * n + row0 + r] = from_f<T>(v * s);
-        }
-    }
+    store_rows<T, M, R>(acc, scale, y, n, row0, lane);
 }
 
 // The dense weight [n, k] (prefill: a matmul follows): one thread per 16 bytes of q (rows are
