@@ -25,6 +25,52 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
+/// `name()` and a `cpu_fwd` that refuses, for the custom ops below (they run on CUDA only): the
+/// op's name and how many inputs it takes.
+macro_rules! cuda_only {
+    ($name:literal, 1) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+    ($name:literal, 2) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+    ($name:literal, 3) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+}
+
 /// Device address of the first element of `t` (its layout's start offset included).
 fn device_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
@@ -120,13 +166,7 @@ pub struct DecodeAttention<'a> {
 }
 
 impl CustomOp1 for DecodeAttention<'_> {
-    fn name(&self) -> &'static str {
-        "glm2rs-decode-attention"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-decode-attention runs on CUDA only")
-    }
+    cuda_only!("glm2rs-decode-attention", 1);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, width) = l.shape().dims2()?;
@@ -241,13 +281,7 @@ impl CustomOp1 for DecodeAttention<'_> {
 pub struct SwiGlu;
 
 impl CustomOp1 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "glm2rs-swiglu"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-swiglu runs on CUDA only")
-    }
+    cuda_only!("glm2rs-swiglu", 1);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dims = l.shape().dims().to_vec();
@@ -335,21 +369,7 @@ struct AddRmsNorm {
 }
 
 impl candle_core::CustomOp3 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "glm2rs-add-rmsnorm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-add-rmsnorm runs on CUDA only")
-    }
+    cuda_only!("glm2rs-add-rmsnorm", 3);
 
     fn cuda_fwd(
         &self,
@@ -439,13 +459,7 @@ impl candle_core::CustomOp3 for AddRmsNorm {
 pub struct ArgmaxRows;
 
 impl CustomOp1 for ArgmaxRows {
-    fn name(&self) -> &'static str {
-        "glm2rs-argmax"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-argmax runs on CUDA only")
-    }
+    cuda_only!("glm2rs-argmax", 1);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, n) = l.shape().dims2()?;
@@ -489,13 +503,7 @@ pub struct CausalSoftmax {
 }
 
 impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "glm2rs-causal-softmax"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-causal-softmax runs on CUDA only")
-    }
+    cuda_only!("glm2rs-causal-softmax", 1);
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let dims = l.shape().dims().to_vec();
@@ -598,21 +606,7 @@ struct FlashPrefill {
 }
 
 impl candle_core::CustomOp3 for FlashPrefill {
-    fn name(&self) -> &'static str {
-        "glm2rs-flash-prefill"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-flash-prefill runs on CUDA only")
-    }
+    cuda_only!("glm2rs-flash-prefill", 3);
 
     fn cuda_fwd(
         &self,
@@ -735,19 +729,7 @@ struct Gemv {
 }
 
 impl candle_core::CustomOp2 for Gemv {
-    fn name(&self) -> &'static str {
-        "glm2rs-cuda-gemv"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-cuda-gemv runs on CUDA only")
-    }
+    cuda_only!("glm2rs-cuda-gemv", 2);
 
     fn cuda_fwd(
         &self,
@@ -927,21 +909,7 @@ fn u8_and_f32<'a>(
 }
 
 impl candle_core::CustomOp3 for GemvOfficial {
-    fn name(&self) -> &'static str {
-        "glm2rs-gemv-official"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-gemv-official runs on CUDA only")
-    }
+    cuda_only!("glm2rs-gemv-official", 3);
 
     fn cuda_fwd(
         &self,
@@ -1065,19 +1033,7 @@ struct DequantOfficial {
 }
 
 impl candle_core::CustomOp2 for DequantOfficial {
-    fn name(&self) -> &'static str {
-        "glm2rs-dequant-official"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        bail!("glm2rs-dequant-official runs on CUDA only")
-    }
+    cuda_only!("glm2rs-dequant-official", 2);
 
     fn cuda_fwd(
         &self,
