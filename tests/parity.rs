@@ -99,6 +99,49 @@ fn safetensors_matches_official_logits_and_greedy_ids() {
 }
 
 #[test]
+fn ptuning_prefixes_match_official_logits_and_greedy_ids() {
+    // Both official PrefixEncoder layouts (with and without prefix_projection) on top of model/.
+    let Some(fx) = fixtures() else { return };
+    for (dir, golden, logits) in [
+        ("ptuning-checkpoint", "ptuning.json", "ptuning_logits.npy"),
+        (
+            "ptuning-checkpoint-projection",
+            "ptuning_projection.json",
+            "ptuning_projection_logits.npy",
+        ),
+    ] {
+        let opts = LoadOptions {
+            dtype: Some(DType::F32),
+            prefix_checkpoint: Some(fx.join(dir)),
+            ..Default::default()
+        };
+        let model = Model::from_dir(&fx.join("model"), &opts).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        let g = read_json(fx.join("golden").join(golden));
+        assert_eq!(
+            model.model().prefix_len() as u64,
+            g["pre_seq_len"].as_u64().unwrap()
+        );
+        let prompt = ids(&g["prompt_ids"]);
+        let want = Tensor::read_npy(fx.join("golden").join(logits))
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let got = model.logits(&prompt).unwrap().get(prompt.len() - 1).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-4, "{dir}: last logits differ by {d}");
+        let want_ids = ids(&g["greedy_output_ids"]);
+        let cfg = GenerationConfig {
+            max_new_tokens: Some(want_ids.len()),
+            sampling: SamplingConfig::default(),
+            ..Default::default()
+        };
+        assert_eq!(model.generate_ids(&prompt, &cfg).unwrap(), want_ids, "{dir}");
+    }
+}
+
+#[test]
 fn tokenizer_matches_official_on_every_case() {
     let Some(fx) = fixtures() else { return };
     let tok = glm2rs::Tokenizer::from_spm_file(&fx.join("model/tokenizer.model"), false).unwrap();

@@ -87,8 +87,78 @@ def write_checkpoint(dir: Path, cfg: dict, weights: dict, tokenizer_model: Path,
     return dir
 
 
+def load_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """A PyTorch zip checkpoint (`torch.save`) as NumPy arrays, without torch and without running
+    pickled code: only the storage classes and `_rebuild_tensor_v2` are resolved, everything else
+    is refused. Lets the float64 reference read the fixture's official `.bin` files."""
+    import pickle
+    import zipfile
+
+    dtypes = {"HalfStorage": np.float16, "FloatStorage": np.float32, "BFloat16Storage": None,
+              "CharStorage": np.int8, "ByteStorage": np.uint8, "LongStorage": np.int64,
+              "IntStorage": np.int32, "DoubleStorage": np.float64}
+    with zipfile.ZipFile(path) as z:
+        root = z.namelist()[0].split("/")[0]
+
+        def rebuild(storage, offset, size, stride, *_):
+            dtype, key = storage
+            raw = np.frombuffer(z.read(f"{root}/data/{key}"), dtype=dtype)
+            item = raw.itemsize
+            return np.lib.stride_tricks.as_strided(raw[offset:], shape=tuple(size),
+                                                   strides=tuple(s * item for s in stride)).copy()
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "torch._utils" and name == "_rebuild_tensor_v2":
+                    return rebuild
+                if module == "collections" and name == "OrderedDict":
+                    import collections
+
+                    return collections.OrderedDict
+                if module == "torch" and name in dtypes and dtypes[name] is not None:
+                    return name
+                raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+            def persistent_load(self, pid):
+                _, cls, key, _location, _numel = pid
+                return dtypes[cls], key
+
+        return dict(Unpickler(z.open(f"{root}/data.pkl")).load())
+
+
+def dequantize_official(weights: dict[str, np.ndarray], bits: int) -> dict[str, np.ndarray]:
+    """The fp16 weights the official int8/int4 layers compute with (chatglm2-6b `quantization.py`:
+    `extract_weight_to_half` gives `weight_scale[row] * q`, in fp16). int4: two signed 4-bit
+    values per int8 byte, column 2j in the high nibble and 2j + 1 in the low one."""
+    out = {}
+    for name, w in weights.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale = weights.get(name + "_scale")
+        if scale is None:
+            out[name] = w
+            continue
+        q = w.astype(np.int8)
+        if bits == 4:
+            hi = q >> 4  # arithmetic shift keeps the sign
+            lo = (q << 4).astype(np.int8) >> 4
+            q = np.stack([hi, lo], axis=-1).reshape(q.shape[0], -1)
+        out[name] = (q.astype(np.float16) * scale.astype(np.float16)[:, None]).astype(np.float16)
+    return out
+
+
 def prefix_kv(cfg: dict, prefix_weights: dict, projection: bool) -> np.ndarray:
-    """The official PrefixEncoder + get_prompt: [num_layers * 2, pre_seq_len, groups, kv_channels]."""
+    """The official PrefixEncoder + get_prompt: [num_layers * 2, pre_seq_len, groups, kv_channels].
+
+    Follows chatglm2-6b `modeling_chatglm.py` (THUDM/chatglm2-6b; copy read at
+    bq-xiao/chatglm2-6b-model@1fd8e8d): `PrefixEncoder.__init__` makes
+    `embedding = Embedding(pre_seq_len, kv_size)` with
+    `kv_size = num_layers * kv_channels * multi_query_group_num * 2` in both branches, and with
+    `prefix_projection` `trans = Sequential(Linear(kv_size, hidden_size), Tanh(),
+    Linear(hidden_size, kv_size))`; `forward` applies `trans` to the embedding. `get_prompt` views
+    the result as `[b, pre_seq_len, num_layers * 2, multi_query_group_num, kv_channels]`, permutes
+    `[2, 1, 0, 3, 4]` and splits by 2: layer i's keys are index 2i, its values 2i + 1.
+    Checked against the fixture's golden logits (tests/test_ptuning.py), not only against glm2rs."""
     W = {k: v.astype(np.float64) for k, v in prefix_weights.items()}
     emb = W["transformer.prefix_encoder.embedding.weight"]
     if projection:
@@ -101,19 +171,20 @@ def prefix_kv(cfg: dict, prefix_weights: dict, projection: bool) -> np.ndarray:
 
 
 def random_prefix(cfg: dict, pre: int, projection: bool, seed: int = 5) -> dict[str, np.ndarray]:
+    """Random prefix-encoder weights in the official ChatGLM2 layout (see `prefix_kv`)."""
     rng = np.random.default_rng(seed)
     g = cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else cfg["num_attention_heads"]
-    width = cfg["num_layers"] * 2 * g * cfg["kv_channels"]
+    kv_size = cfg["num_layers"] * cfg["kv_channels"] * g * 2
     h = cfg["hidden_size"]
     f = lambda *s: (rng.standard_normal(s) * 0.5).astype(np.float32)  # noqa: E731
     if not projection:
-        return {"transformer.prefix_encoder.embedding.weight": f(pre, width)}
+        return {"transformer.prefix_encoder.embedding.weight": f(pre, kv_size)}
     return {
-        "transformer.prefix_encoder.embedding.weight": f(pre, h),
-        "transformer.prefix_encoder.trans.0.weight": f(h, h),
+        "transformer.prefix_encoder.embedding.weight": f(pre, kv_size),
+        "transformer.prefix_encoder.trans.0.weight": f(h, kv_size),
         "transformer.prefix_encoder.trans.0.bias": f(h),
-        "transformer.prefix_encoder.trans.2.weight": f(width, h),
-        "transformer.prefix_encoder.trans.2.bias": f(width),
+        "transformer.prefix_encoder.trans.2.weight": f(kv_size, h),
+        "transformer.prefix_encoder.trans.2.bias": f(kv_size),
     }
 
 

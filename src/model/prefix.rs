@@ -23,6 +23,7 @@ struct PrefixConfig {
     prefix_projection: bool,
 }
 
+/// The one tensor every prefix checkpoint has.
 const EMB: &str = "transformer.prefix_encoder.embedding.weight";
 
 impl Prefix {
@@ -48,6 +49,17 @@ impl Prefix {
     }
 
     /// Compute the prefix from `transformer.prefix_encoder.*` of a checkpoint.
+    ///
+    /// The layout is ChatGLM2's `PrefixEncoder` (chatglm2-6b `modeling_chatglm.py`), with
+    /// `kv_size = num_layers * kv_channels * multi_query_group_num * 2`:
+    /// - `embedding`: `Embedding(pre_seq_len, kv_size)`, with or without `prefix_projection`;
+    /// - with `prefix_projection`, `trans`: `Linear(kv_size, hidden)` (`trans.0`), `Tanh`,
+    ///   `Linear(hidden, kv_size)` (`trans.2`), applied to the embedding.
+    ///
+    /// (The first-generation ChatGLM-6B encoder embedded `[pre, hidden]` and projected to
+    /// `num_layers * hidden * 2`; no ChatGLM2 checkpoint has that layout.) Computed in float32,
+    /// as `ptuning/main.py` keeps the prefix encoder in float32, then cast to `dtype`
+    /// (`get_prompt`'s `.type(dtype)`).
     pub fn from_checkpoint(
         ckpt: &Checkpoint,
         cfg: &Glm2Config,
@@ -62,48 +74,34 @@ impl Prefix {
             cfg.kv_channels,
             cfg.hidden_size,
         );
-        let width = l * 2 * g * hd;
+        let kv_size = l * hd * g * 2;
         let cpu = Device::Cpu;
-        let misfit = |what: String| {
-            Error::config(format!(
-                "the P-Tuning prefix does not fit the base model ({what}; the base model needs {l} layers x 2 x {g} groups x {hd} channels = {width})"
-            ))
-        };
-        let stored = ckpt
-            .shape(EMB)
-            .ok_or_else(|| misfit(format!("{EMB} is missing")))?;
-        let kv = if projection {
-            if stored != [pre, h] {
-                return Err(misfit(format!(
-                    "{EMB} is {stored:?}, expected [{pre}, {h}] with prefix_projection"
-                )));
+        // Every tensor's shape is checked before it is read, so a prefix trained for another
+        // model is a `ConfigError` naming the tensor, its shape and the shape this model needs.
+        let fetch = |name: &str, want: &[usize]| -> Result<Tensor> {
+            let full = format!("transformer.prefix_encoder.{name}");
+            match ckpt.shape(&full) {
+                Some(s) if s == want => ckpt.get(&full, want, DType::F32, &cpu),
+                found => Err(Error::config(format!(
+                    "the P-Tuning prefix does not fit the base model: {full} is {}, expected {want:?} \
+                     (pre_seq_len {pre}, prefix_projection {projection}; kv_size = {l} layers x {hd} \
+                     kv_channels x {g} groups x 2 = {kv_size}, hidden_size {h})",
+                    found.map_or("missing".to_string(), |s| format!("{s:?}")),
+                ))),
             }
-            let emb = ckpt.get(EMB, &[pre, h], DType::F32, &cpu)?;
-            let get = |n: &str, s: &[usize]| {
-                ckpt.get(
-                    &format!("transformer.prefix_encoder.trans.{n}"),
-                    s,
-                    DType::F32,
-                    &cpu,
-                )
-            };
-            let w0 = get("0.weight", &[h, h])?;
-            let b0 = get("0.bias", &[h])?;
-            let w2 = ckpt
-                .shape("transformer.prefix_encoder.trans.2.weight")
-                .filter(|s| s == &[width, h])
-                .ok_or_else(|| misfit("trans.2.weight has another shape".to_string()))
-                .and_then(|_| get("2.weight", &[width, h]))?;
-            let b2 = get("2.bias", &[width])?;
+        };
+        // [pre, kv_size]
+        let emb = fetch("embedding.weight", &[pre, kv_size])?;
+        let kv = if projection {
+            let w0 = fetch("trans.0.weight", &[h, kv_size])?;
+            let b0 = fetch("trans.0.bias", &[h])?;
+            let w2 = fetch("trans.2.weight", &[kv_size, h])?;
+            let b2 = fetch("trans.2.bias", &[kv_size])?;
+            // [pre, hidden] -> [pre, kv_size]
             let hid = emb.matmul(&w0.t()?)?.broadcast_add(&b0)?.tanh()?;
             hid.matmul(&w2.t()?)?.broadcast_add(&b2)?
         } else {
-            if stored != [pre, width] {
-                return Err(misfit(format!(
-                    "{EMB} is {stored:?}, expected [{pre}, {width}]"
-                )));
-            }
-            ckpt.get(EMB, &[pre, width], DType::F32, &cpu)?
+            emb
         };
         // [pre, L*2, g, hd]; layer i: keys at 2i, values at 2i+1 (official view/permute/split)
         let kv = kv.to_dtype(dtype)?.reshape((pre, l * 2, g, hd))?;
