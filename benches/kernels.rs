@@ -43,7 +43,8 @@ criterion_group!(benches, gemv, quant, gpu::gpu);
 criterion_main!(benches);
 
 fn quant(c: &mut Criterion) {
-    use glm2rs::kernels::cpu_quant::{Bits, QuantMatmul};
+    use glm2rs::kernels::cpu_quant::QuantMatmul;
+    use glm2rs::quantize::Bits;
     let dev = Device::Cpu;
     let (n, k) = (27392usize, 4096usize);
     let w = Tensor::randn(0f32, 0.02, (n, k), &dev).unwrap();
@@ -55,7 +56,12 @@ fn quant(c: &mut Criterion) {
         for m in [1usize, 32] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
             for exact in [false, true] {
-                let op = QuantMatmul { bits, exact };
+                // GLM2RS_NO_VNNI=1 measures the float kernels
+                let op = QuantMatmul {
+                    bits,
+                    exact,
+                    vnni: glm2rs::Tuning::env().vnni,
+                };
                 g.bench_function(format!("m{m}_exact{exact}"), |b| {
                     b.iter(|| x.apply_op3_no_bwd(&q, &s, &op).unwrap())
                 });
@@ -69,8 +75,8 @@ fn quant(c: &mut Criterion) {
 mod gpu {
     use candle_core::{DType, Device, Tensor};
     use criterion::{Criterion, Throughput};
-    use glm2rs::kernels::cpu_quant::Bits;
     use glm2rs::kernels::cuda;
+    use glm2rs::quantize::Bits;
     use std::time::{Duration, Instant};
 
     /// GPU time per call: `iters` launches back to back between two synchronizations (one

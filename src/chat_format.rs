@@ -68,6 +68,35 @@ impl Message {
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "observation"];
 
+/// ChatGLM2 history as (query, response) pairs; other roles are an error.
+pub fn pairs_from_messages(history: &[Message]) -> Result<Vec<(String, String)>> {
+    let mut pairs = vec![];
+    let mut it = history.iter();
+    while let Some(q) = it.next() {
+        if q.role != "user" {
+            return Err(Error::invalid(format!(
+                "ChatGLM2 has no \"{}\" role: its history is (query, response) pairs{}",
+                q.role,
+                if q.role == "system" {
+                    " and it takes no system prompt (use a ChatGLM3 model)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let a = it
+            .next()
+            .ok_or_else(|| Error::invalid("ChatGLM2 history must alternate query and response"))?;
+        if a.role != "assistant" {
+            return Err(Error::invalid(
+                "ChatGLM2 history must alternate query and response",
+            ));
+        }
+        pairs.push((q.content.clone(), a.content.clone()));
+    }
+    Ok(pairs)
+}
+
 /// ChatGLM3's `build_single_message`: `<|role|>` + encode(metadata + "\n") + encode(content).
 pub fn chatglm3_message_ids(tok: &Tokenizer, m: &Message) -> Result<Vec<u32>> {
     if !ROLES.contains(&m.role.as_str()) {
@@ -175,6 +204,25 @@ impl ResponseStream {
     pub fn text(&self) -> &str {
         &self.emitted
     }
+}
+
+/// Prompt ids of a whole conversation plus a new query, in the tokenizer's format: ChatGLM3's
+/// `build_chat_input` for a tokenizer with role tokens, else the ChatGLM2 prompt
+/// `encode(build_prompt(query, history))` (the official `chat` re-encodes so).
+pub fn chat_prompt_ids(tok: &Tokenizer, query: &Message, history: &[Message]) -> Result<Vec<u32>> {
+    if tok.has_roles() {
+        let mut all = history.to_vec();
+        all.push(query.clone());
+        return chatglm3_prompt_ids(tok, &all);
+    }
+    if query.role != "user" {
+        return Err(Error::invalid(format!(
+            "ChatGLM2 has no \"{}\" role",
+            query.role
+        )));
+    }
+    let pairs = pairs_from_messages(history)?;
+    tok.encode(&build_prompt(&query.content, &pairs), true)
 }
 
 #[cfg(test)]

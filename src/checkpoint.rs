@@ -219,7 +219,7 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     index: HashMap<String, usize>,
     /// GGUF written by save_quantized with the official per-row layouts.
-    official_bits: Option<crate::kernels::cpu_quant::Bits>,
+    official_bits: Option<crate::quantize::Bits>,
 }
 
 impl Checkpoint {
@@ -343,8 +343,8 @@ impl Checkpoint {
             .and_then(|v| v.to_string().ok())
             .map(|s| s.as_str())
         {
-            Some("int8") => Some(crate::kernels::cpu_quant::Bits::Eight),
-            Some("int4") => Some(crate::kernels::cpu_quant::Bits::Four),
+            Some("int8") => Some(crate::quantize::Bits::Eight),
+            Some("int4") => Some(crate::quantize::Bits::Four),
             _ => None,
         };
         Ok((
@@ -358,7 +358,7 @@ impl Checkpoint {
     }
 
     /// For a GGUF with the official per-row layouts: their bit width.
-    pub fn gguf_official_bits(&self) -> Option<crate::kernels::cpu_quant::Bits> {
+    pub fn gguf_official_bits(&self) -> Option<crate::quantize::Bits> {
         self.official_bits
     }
 

@@ -9,7 +9,7 @@
 
 use crate::error::{Error, Result};
 use crate::generate::{FinishReason, GenerationConfig, Generator};
-use crate::Model;
+use crate::pipeline::Model;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;

@@ -25,6 +25,68 @@ pub struct GenerationConfig {
     pub stop_strings: Vec<String>,
 }
 
+/// The defaults of a generation's sampling and length, per kind of request: defined once here,
+/// used by the Python bindings and the HTTP server alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerationDefaults {
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_p: f64,
+    pub max_length: Option<usize>,
+    pub max_new_tokens: Option<usize>,
+}
+
+impl GenerationDefaults {
+    /// Plain generation (`stream`, `generate`, ...): greedy, as transformers' `generate`.
+    pub const PLAIN: Self = Self {
+        do_sample: false,
+        temperature: 1.0,
+        top_p: 1.0,
+        max_length: None,
+        max_new_tokens: None,
+    };
+    /// The official `chat` / `stream_chat` (and `/v1/chat/completions`): sampling with top_p
+    /// 0.8 and temperature 0.8, `max_length` 8192 (capped at the model's context).
+    pub const CHAT: Self = Self {
+        do_sample: true,
+        temperature: 0.8,
+        top_p: 0.8,
+        max_length: Some(8192),
+        max_new_tokens: None,
+    };
+    /// The official `api.py` (`POST /`): top_p 0.7, temperature 0.95, `max_length` 2048.
+    pub const API_PY: Self = Self {
+        do_sample: true,
+        temperature: 0.95,
+        top_p: 0.7,
+        max_length: Some(2048),
+        max_new_tokens: None,
+    };
+    /// OpenAI's `/v1/completions`: temperature 1, top_p 1, 16 tokens.
+    pub const COMPLETIONS: Self = Self {
+        do_sample: true,
+        temperature: 1.0,
+        top_p: 1.0,
+        max_length: None,
+        max_new_tokens: Some(16),
+    };
+
+    /// A [`GenerationConfig`] holding these defaults.
+    pub fn config(&self) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            max_length: self.max_length,
+            sampling: SamplingConfig {
+                do_sample: self.do_sample,
+                temperature: self.temperature,
+                top_p: self.top_p,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+}
+
 /// Why a generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {

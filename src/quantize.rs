@@ -7,11 +7,44 @@
 //! embedding, the output layer and the norms stay in the model dtype.
 
 use crate::error::{Error, Result};
-use crate::kernels::cpu_quant::Bits;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 use std::borrow::Cow;
+
+/// Bits per weight of the official layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bits {
+    Eight,
+    Four,
+}
+
+impl Bits {
+    /// 8 or 4.
+    pub fn count(self) -> u8 {
+        match self {
+            Bits::Eight => 8,
+            Bits::Four => 4,
+        }
+    }
+
+    /// Bytes of a packed row of `k` columns (int4: two columns a byte, the last one alone when
+    /// `k` is odd).
+    pub fn row_bytes(self, k: usize) -> usize {
+        match self {
+            Bits::Eight => k,
+            Bits::Four => k.div_ceil(2),
+        }
+    }
+
+    /// Columns of a packed row of `rb` bytes.
+    pub fn columns(self, rb: usize) -> usize {
+        match self {
+            Bits::Eight => rb,
+            Bits::Four => 2 * rb,
+        }
+    }
+}
 
 /// What to quantize the linear layers to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,13 +277,13 @@ mod tests {
             // the GGML dequantization gives the same weights (before the float16 rounding)
             let deq = g.dequantize(&Device::Cpu).unwrap();
             let mine = crate::model::linear::dequantize(&q, &s, bits).unwrap();
-            let err = crate::max_abs_diff(&deq, &mine);
+            let err = crate::testing::max_abs_diff(&deq, &mine);
             let scale = s.max(0).unwrap().to_scalar::<f32>().unwrap();
             let qmax = if bits == Bits::Eight { 127.0 } else { 7.0 };
             // ours rounds each weight to float16 (half an ulp of the largest weight at most)
             assert!(err <= scale * qmax / 1024.0, "{bits:?}: {err}");
             // and quantization error is bounded by half a step
-            let werr = crate::max_abs_diff(&w, &mine);
+            let werr = crate::testing::max_abs_diff(&w, &mine);
             assert!(
                 werr <= scale * 0.51 + 1e-3,
                 "{bits:?}: {werr} vs step {scale}"

@@ -2,129 +2,22 @@
 //! official `chat`), and sessions that keep their KV cache between turns so that a turn only
 //! runs its own new tokens.
 
-use crate::chat_format::{
-    build_prompt, chatglm3_message_ids, chatglm3_prompt_ids, chatglm3_stop_ids, ChatFormat,
-    Message, ResponseStream,
-};
+use crate::chat_format::{chatglm3_message_ids, ChatFormat, Message, ResponseStream};
 use crate::error::{Error, Result};
 use crate::generate::{GenerationConfig, Generator};
 use crate::model::Cache;
-use crate::Model;
+use crate::pipeline::Model;
 
-/// ChatGLM2 history as (query, response) pairs; other roles are an error.
-pub fn pairs_from_messages(history: &[Message]) -> Result<Vec<(String, String)>> {
-    let mut pairs = vec![];
-    let mut it = history.iter();
-    while let Some(q) = it.next() {
-        if q.role != "user" {
-            return Err(Error::invalid(format!(
-                "ChatGLM2 has no \"{}\" role: its history is (query, response) pairs{}",
-                q.role,
-                if q.role == "system" {
-                    " and it takes no system prompt (use a ChatGLM3 model)"
-                } else {
-                    ""
-                }
-            )));
-        }
-        let a = it
-            .next()
-            .ok_or_else(|| Error::invalid("ChatGLM2 history must alternate query and response"))?;
-        if a.role != "assistant" {
-            return Err(Error::invalid(
-                "ChatGLM2 history must alternate query and response",
-            ));
-        }
-        pairs.push((q.content.clone(), a.content.clone()));
-    }
-    Ok(pairs)
-}
-
-impl Model {
-    /// The conversation format of this model (ChatGLM3 when its tokenizer has role tokens).
-    pub fn chat_format(&self) -> ChatFormat {
-        if self.tokenizer().has_roles() {
-            ChatFormat::ChatGlm3
-        } else {
-            ChatFormat::ChatGlm2
-        }
-    }
-
-    /// Prompt ids of a whole conversation plus a new query (the official `chat` re-encodes so).
-    pub fn chat_prompt_ids(&self, query: &Message, history: &[Message]) -> Result<Vec<u32>> {
-        match self.chat_format() {
-            ChatFormat::ChatGlm2 => {
-                if query.role != "user" {
-                    return Err(Error::invalid(format!(
-                        "ChatGLM2 has no \"{}\" role",
-                        query.role
-                    )));
-                }
-                let pairs = pairs_from_messages(history)?;
-                self.tokenizer()
-                    .encode(&build_prompt(&query.content, &pairs), true)
-            }
-            ChatFormat::ChatGlm3 => {
-                let mut all = history.to_vec();
-                all.push(query.clone());
-                chatglm3_prompt_ids(self.tokenizer(), &all)
-            }
-        }
-    }
-
-    /// `cfg` with the stop ids of this model's chat format added.
-    pub fn chat_config(&self, cfg: &GenerationConfig) -> GenerationConfig {
-        let mut cfg = cfg.clone();
-        if self.chat_format() == ChatFormat::ChatGlm3 {
-            cfg.stop_token_ids
-                .extend(chatglm3_stop_ids(self.tokenizer()));
-        }
-        cfg
-    }
-
-    /// A one-shot chat turn over the whole conversation; its text comes post-processed.
-    pub fn chat_stream(
-        &self,
-        query: &Message,
-        history: &[Message],
-        cfg: &GenerationConfig,
-    ) -> Result<ChatStream> {
-        let ids = self.chat_prompt_ids(query, history)?;
-        let gen = self.generator(ids, &self.chat_config(cfg))?;
-        Ok(ChatStream {
-            gen,
-            post: ResponseStream::new(),
-            done: false,
-        })
-    }
-
-    /// The official `chat`: returns the post-processed response.
-    pub fn chat(
-        &self,
-        query: &Message,
-        history: &[Message],
-        cfg: &GenerationConfig,
-    ) -> Result<String> {
-        let mut s = self.chat_stream(query, history, cfg)?;
-        while s.next_text()?.is_some() {}
-        Ok(s.response().to_string())
-    }
-
-    /// A chat session that keeps its KV cache between turns.
-    pub fn start_chat(&self, system: Option<&str>) -> Result<ChatSession> {
-        if system.is_some() && self.chat_format() == ChatFormat::ChatGlm2 {
-            return Err(Error::invalid(
-                "ChatGLM2 has no system role: a system prompt needs a ChatGLM3 model (chat_format=\"chatglm3\")",
-            ));
-        }
-        Ok(ChatSession {
-            model: self.clone(),
-            system: system.map(str::to_string),
-            cache: Some(self.model().new_cache()),
-            ids: vec![],
-            history: vec![],
-        })
-    }
+/// The official `chat`: returns the post-processed response.
+pub fn chat(
+    model: &Model,
+    query: &Message,
+    history: &[Message],
+    cfg: &GenerationConfig,
+) -> Result<String> {
+    let mut s = ChatStream::new(model, query, history, cfg)?;
+    while s.next_text()?.is_some() {}
+    Ok(s.response().to_string())
 }
 
 /// Generated text passed through the official response post-processing, as deltas.
@@ -135,6 +28,22 @@ pub struct ChatStream {
 }
 
 impl ChatStream {
+    /// A one-shot chat turn over the whole conversation; its text comes post-processed.
+    pub fn new(
+        model: &Model,
+        query: &Message,
+        history: &[Message],
+        cfg: &GenerationConfig,
+    ) -> Result<ChatStream> {
+        let ids = model.chat_prompt_ids(query, history)?;
+        let gen = model.generator(ids, &model.chat_config(cfg))?;
+        Ok(ChatStream {
+            gen,
+            post: ResponseStream::new(),
+            done: false,
+        })
+    }
+
     /// The next delta of the post-processed response; `None` at the end.
     pub fn next_text(&mut self) -> Result<Option<String>> {
         while !self.done {
@@ -212,6 +121,22 @@ impl ChatTurn {
 }
 
 impl ChatSession {
+    /// A chat session that keeps its KV cache between turns.
+    pub fn new(model: &Model, system: Option<&str>) -> Result<ChatSession> {
+        if system.is_some() && model.chat_format() == ChatFormat::ChatGlm2 {
+            return Err(Error::invalid(
+                "ChatGLM2 has no system role: a system prompt needs a ChatGLM3 model (chat_format=\"chatglm3\")",
+            ));
+        }
+        Ok(ChatSession {
+            model: model.clone(),
+            system: system.map(str::to_string),
+            cache: Some(model.model().new_cache()),
+            ids: vec![],
+            history: vec![],
+        })
+    }
+
     pub fn history(&self) -> &[Message] {
         &self.history
     }

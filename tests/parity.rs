@@ -115,7 +115,8 @@ fn ptuning_prefixes_match_official_logits_and_greedy_ids() {
             prefix_checkpoint: Some(fx.join(dir)),
             ..Default::default()
         };
-        let model = Model::from_dir(&fx.join("model"), &opts).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        let model =
+            Model::from_dir(&fx.join("model"), &opts).unwrap_or_else(|e| panic!("{dir}: {e}"));
         let g = read_json(fx.join("golden").join(golden));
         assert_eq!(
             model.model().prefix_len() as u64,
@@ -128,7 +129,11 @@ fn ptuning_prefixes_match_official_logits_and_greedy_ids() {
             .unwrap()
             .flatten_all()
             .unwrap();
-        let got = model.logits(&prompt).unwrap().get(prompt.len() - 1).unwrap();
+        let got = model
+            .logits(&prompt)
+            .unwrap()
+            .get(prompt.len() - 1)
+            .unwrap();
         let d = max_abs_diff(&got, &want);
         assert!(d < 1e-4, "{dir}: last logits differ by {d}");
         let want_ids = ids(&g["greedy_output_ids"]);
@@ -137,7 +142,11 @@ fn ptuning_prefixes_match_official_logits_and_greedy_ids() {
             sampling: SamplingConfig::default(),
             ..Default::default()
         };
-        assert_eq!(model.generate_ids(&prompt, &cfg).unwrap(), want_ids, "{dir}");
+        assert_eq!(
+            model.generate_ids(&prompt, &cfg).unwrap(),
+            want_ids,
+            "{dir}"
+        );
     }
 }
 

@@ -27,6 +27,7 @@ def _preload_cuda_runtime() -> None:
 
 _preload_cuda_runtime()
 
+from . import hub as _hub  # noqa: E402
 from ._glm2rs import (  # noqa: E402
     ChatSession,
     ChatStreamer,
@@ -44,6 +45,19 @@ from ._glm2rs import (  # noqa: E402
     __version__,
     cuda_memory,
 )
+
+
+
+def _from_pretrained(cls, name_or_path, *, revision=None, **kwargs):
+    """Load a local model directory, a GGUF file or a Hugging Face hub id (a snapshot of the
+    files glm2rs reads, through huggingface_hub). Keywords: `device`, `dtype`, `quantize`,
+    `prefix_checkpoint`, `chat_format`, `progress`, `num_gpus` (see the README)."""
+    return cls._from_local(_hub.resolve(str(name_or_path), revision), **kwargs)
+
+
+# The hub is resolved here, in Python, before the extension loads anything: the extension never
+# calls back into the package.
+Model.from_pretrained = classmethod(_from_pretrained)
 
 __all__ = [
     "Model",

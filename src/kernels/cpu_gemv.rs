@@ -464,7 +464,7 @@ mod tests {
         let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
         let want = f(&x).matmul(&f(&w).t().unwrap()).unwrap();
         let got = f(&x.apply_op2_no_bwd(&w, &Gemv).unwrap());
-        let err = crate::max_abs_diff(&got, &want);
+        let err = crate::testing::max_abs_diff(&got, &want);
         let scale = want
             .abs()
             .unwrap()

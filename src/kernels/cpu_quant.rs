@@ -11,43 +11,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape};
 use half::f16;
 
+use crate::quantize::Bits;
+
 use super::cpu_gemv::{
     blocked_matmul_t, f32_to_storage, gemv_t_blocks, scatter_transposed, MAX_ROWS, M_BLOCK, M_CHUNK,
 };
-
-/// Bits per weight of the official layouts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bits {
-    Eight,
-    Four,
-}
-
-impl Bits {
-    /// 8 or 4.
-    pub fn count(self) -> u8 {
-        match self {
-            Bits::Eight => 8,
-            Bits::Four => 4,
-        }
-    }
-
-    /// Bytes of a packed row of `k` columns (int4: two columns a byte, the last one alone when
-    /// `k` is odd).
-    pub fn row_bytes(self, k: usize) -> usize {
-        match self {
-            Bits::Eight => k,
-            Bits::Four => k.div_ceil(2),
-        }
-    }
-
-    /// Columns of a packed row of `rb` bytes.
-    pub fn columns(self, rb: usize) -> usize {
-        match self {
-            Bits::Eight => rb,
-            Bits::Four => 2 * rb,
-        }
-    }
-}
 
 /// The official dequantized weight: `scale * q` rounded to float16.
 #[inline(always)]
@@ -363,6 +331,8 @@ fn pick_mode<const EXACT: bool>() -> DotsFn {
 struct QWeight<'a> {
     bits: Bits,
     exact: bool,
+    /// The VNNI kernels may take it (`QuantMatmul::vnni`).
+    vnni: bool,
     q: &'a [u8],
     scale: &'a [f32],
     k: usize,
@@ -410,6 +380,7 @@ pub fn dequantize_official(bits: Bits, q: &[u8], scale: &[f32], n: usize, k: usi
     let w = QWeight {
         bits,
         exact: true,
+        vnni: false,
         q,
         scale,
         k,
@@ -485,11 +456,8 @@ fn vnni_suits(w: &QWeight<'_>) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        // read once: this is asked on every quantized product
-        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let off = *OFF.get_or_init(|| std::env::var_os("GLM2RS_NO_VNNI").is_some());
         !w.exact
-            && !off
+            && w.vnni
             && w.row_bytes() % 64 == 0
             && has!("avx512f")
             && has!("avx512bw")
@@ -564,6 +532,9 @@ pub struct QuantMatmul {
     /// it; used in float32). Otherwise the scale is applied to each row's dot product, which
     /// is faster and no less accurate (used with float16/bfloat16 activations).
     pub exact: bool,
+    /// Let 16-bit activations take the AVX-512 VNNI integer kernels where the CPU has them
+    /// (`Tuning::vnni`).
+    pub vnni: bool,
 }
 
 impl CustomOp3 for QuantMatmul {
@@ -607,6 +578,7 @@ impl CustomOp3 for QuantMatmul {
         let w = QWeight {
             bits: self.bits,
             exact: self.exact,
+            vnni: self.vnni,
             q: &q[q0..q1],
             scale: &scale[c0..c1],
             k,
@@ -650,6 +622,7 @@ mod tests {
         let w = QWeight {
             bits,
             exact,
+            vnni: true,
             q,
             scale,
             k,
@@ -688,11 +661,20 @@ mod tests {
                         .unwrap();
                     let want = x.matmul(&wd.t().unwrap()).unwrap();
                     let got = x
-                        .apply_op3_no_bwd(&qt, &st, &QuantMatmul { bits, exact })
+                        .apply_op3_no_bwd(
+                            &qt,
+                            &st,
+                            &QuantMatmul {
+                                bits,
+                                exact,
+                                vnni: true,
+                            },
+                        )
                         .unwrap();
                     let w = QWeight {
                         bits,
                         exact,
+                        vnni: true,
                         q: &q,
                         scale: &scale,
                         k,
@@ -715,7 +697,7 @@ mod tests {
                             "{bits:?} exact={exact} m={m} n={n} k={k}: rms error {rel}"
                         );
                     } else {
-                        let err = crate::max_abs_diff(&got, &want);
+                        let err = crate::testing::max_abs_diff(&got, &want);
                         assert!(
                             err < 1e-4 * (k as f32).sqrt(),
                             "{bits:?} exact={exact} m={m} n={n} k={k}: {err}"
@@ -746,6 +728,7 @@ mod tests {
                 let w = QWeight {
                     bits,
                     exact: false,
+                    vnni: true,
                     q: &q,
                     scale: &scale,
                     k,
@@ -779,6 +762,7 @@ mod tests {
         let w = QWeight {
             bits: Bits::Four,
             exact: true,
+            vnni: false,
             q: &[0x7F, 0x80],
             scale: &[2.0],
             k: 4,
@@ -790,6 +774,7 @@ mod tests {
         let w = QWeight {
             bits: Bits::Eight,
             exact: true,
+            vnni: false,
             q: &[3],
             scale: &[0.1],
             k: 1,

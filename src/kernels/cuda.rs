@@ -1,7 +1,8 @@
 //! CUDA custom ops (feature `cuda`): the fused decode attention and SwiGLU of
 //! `src/kernels/cuda/glm2.cu`, compiled to PTX by build.rs.
 
-use crate::kernels::cpu_quant::Bits;
+use crate::quantize::Bits;
+use crate::tuning::{GemvQ, Tuning};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
@@ -792,13 +793,22 @@ impl candle_core::CustomOp2 for Gemv {
 
 /// Official int8/int4 weights (`q` u8 `[n, k]` or `[n, k/2]`, `scale` f32 `[n]`, on the GPU)
 /// times `x` `[m, k]` for at most 8 rows: `[m, n]` in x's dtype (`bits` 8 or 4).
-pub fn gemv_official(x: &Tensor, q: &Tensor, scale: &Tensor, bits: Bits) -> Result<Tensor> {
+/// `tuning` picks the kernel (`gemvq`, `gemvq_rows`).
+pub fn gemv_official(
+    x: &Tensor,
+    q: &Tensor,
+    scale: &Tensor,
+    bits: Bits,
+    tuning: &Tuning,
+) -> Result<Tensor> {
     aligned(x)?.apply_op3_no_bwd(
         q,
         scale,
         &GemvOfficial {
             bits,
             swiglu: false,
+            forced: tuning.gemvq,
+            rows: tuning.gemvq_rows,
         },
     )
 }
@@ -822,19 +832,25 @@ pub fn gemv_official_swiglu(
     q: &Tensor,
     scale: &Tensor,
     bits: Bits,
+    tuning: &Tuning,
 ) -> Result<Option<Tensor>> {
     let (m, _) = x.dims2()?;
     if m != 1
         || x.dtype() == DType::F32
         || q.dim(0)? % 2 != 0
-        || gemvq_kernel(1, x.dtype()) != GemvqKernel::Float
+        || gemvq_kernel(1, x.dtype(), tuning.gemvq) != GemvqKernel::Float
     {
         return Ok(None);
     }
     Ok(Some(aligned(x)?.apply_op3_no_bwd(
         q,
         scale,
-        &GemvOfficial { bits, swiglu: true },
+        &GemvOfficial {
+            bits,
+            swiglu: true,
+            forced: tuning.gemvq,
+            rows: tuning.gemvq_rows,
+        },
     )?))
 }
 
@@ -848,6 +864,10 @@ struct GemvOfficial {
     bits: Bits,
     /// one row, gate/up row pairs through SwiGLU (`gemv_official_swiglu`)
     swiglu: bool,
+    /// `Tuning::gemvq`
+    forced: GemvQ,
+    /// `Tuning::gemvq_rows`
+    rows: u32,
 }
 
 /// The 16-bit int8/int4 GEMV kernels: `Float` converts the weights to float (accumulation and x
@@ -860,34 +880,27 @@ enum GemvqKernel {
     Integer,
 }
 
-/// `GLM2RS_GEMVQ=float|dp4a` forces a kernel (read once). By default every row count of bfloat16
+/// `Tuning::gemvq` (`GLM2RS_GEMVQ=float|dp4a`) forces a kernel. By default every row count of bfloat16
 /// models runs `Integer` (x's 8-bit rounding is of the order of bfloat16's own: max logit error
 /// 0.20 against 0.18 for the dequantize + matmul of prefill, and int4 decoding at 425 instead of
 /// 390 tokens/s on an H200), and float16 models keep `Float` for one row (single-sequence
 /// decoding), where it is 14x closer to the float32 model than the integer kernel.
-fn gemvq_kernel(m: usize, dtype: DType) -> GemvqKernel {
-    static FORCED: std::sync::OnceLock<Option<GemvqKernel>> = std::sync::OnceLock::new();
-    let forced = *FORCED.get_or_init(|| match std::env::var("GLM2RS_GEMVQ").as_deref() {
-        Ok("float") => Some(GemvqKernel::Float),
-        Ok("dp4a") => Some(GemvqKernel::Integer),
-        _ => None,
-    });
-    forced.unwrap_or(if m == 1 && dtype == DType::F16 {
-        GemvqKernel::Float
-    } else {
-        GemvqKernel::Integer
-    })
+fn gemvq_kernel(m: usize, dtype: DType, forced: GemvQ) -> GemvqKernel {
+    match forced {
+        GemvQ::Float => GemvqKernel::Float,
+        GemvQ::Dp4a => GemvqKernel::Integer,
+        GemvQ::Auto if m == 1 && dtype == DType::F16 => GemvqKernel::Float,
+        GemvQ::Auto => GemvqKernel::Integer,
+    }
 }
 
-/// Weight rows per warp of the integer GEMV (1, 2 or 4; `GLM2RS_GEMVQ_ROWS`, read once, default
-/// 4: each x record read serves four rows; 1.3x the batch-16 decode of 2 rows on an H200).
-fn gemvq_rows() -> u32 {
-    static ROWS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| match std::env::var("GLM2RS_GEMVQ_ROWS").as_deref() {
-        Ok("1") => 1,
-        Ok("2") => 2,
+/// Weight rows per warp of the integer GEMV (1, 2 or 4; `Tuning::gemvq_rows`, default 4: each x
+/// record read serves four rows; 1.3x the batch-16 decode of 2 rows on an H200).
+fn gemvq_rows(asked: u32) -> u32 {
+    match asked {
+        1 | 2 => asked,
         _ => 4,
-    })
+    }
 }
 
 fn u8_and_f32<'a>(
@@ -935,7 +948,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
         // float32: the exact one-row kernel; 16-bit: see `gemvq_kernel`.
         let integer = sx.dtype() != DType::F32
             && !self.swiglu
-            && gemvq_kernel(m, sx.dtype()) == GemvqKernel::Integer;
+            && gemvq_kernel(m, sx.dtype(), self.forced) == GemvqKernel::Integer;
         let (name, rows) = match sx.dtype() {
             DType::F32 if self.swiglu => bail!("gemv_official_swiglu: 16-bit inputs only"),
             DType::F32 => (format!("gemv_q{}_{m}_f32", self.bits.count()), 1),
@@ -944,7 +957,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
                 2,
             ),
             dt if integer => {
-                let r = gemvq_rows();
+                let r = gemvq_rows(self.rows);
                 (
                     format!("gemv_dp4a_q{}_{m}_{}_r{r}", self.bits.count(), suffix(dt)?),
                     r,

@@ -8,19 +8,20 @@ use super::linear::Linear;
 use crate::checkpoint::Checkpoint;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
-use crate::kernels::cpu_quant::Bits;
+use crate::quantize::Bits;
 use crate::quantize::QuantType;
+use crate::tuning::Tuning;
 use candle_core::{DType, Device, Module, Tensor};
+
+/// The CUDA decode beside this reference forward: fused decode attention, flash prefill glue,
+/// residual adds fused into RMSNorm, and the CUDA graph of a decoding step.
+#[cfg(feature = "cuda")]
+mod gpu;
 
 /// Longest query block whose attention scores are materialised at once during prefill.
 const ATTENTION_SCORE_BUDGET: usize = 64 << 20; // f32 elements per block
-/// The same on a GPU, where memory is scarcer and smaller blocks cost little time: 64 MiB of
-/// float32 scores (256 queries of chatglm2-6b at 2048 tokens).
-#[cfg(feature = "cuda")]
-const GPU_ATTENTION_SCORE_BUDGET: usize = 16 << 20;
-
-// ---------------------------------------------------------------------------------------------
-// Rotary embedding: applied to the first half of each head, interleaved (x0, x1) pairs.
+                                                // ---------------------------------------------------------------------------------------------
+                                                // Rotary embedding: applied to the first half of each head, interleaved (x0, x1) pairs.
 
 #[derive(Debug, Clone)]
 struct RotaryEmbedding {
@@ -71,14 +72,6 @@ impl RotaryEmbedding {
     }
 }
 
-/// Whether the fused CUDA decode kernels are used (default; `GLM2RS_FUSED=0` turns them off,
-/// e.g. to compare with candle's own ops).
-#[cfg(feature = "cuda")]
-fn fused_decode_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("GLM2RS_FUSED").map_or(true, |v| v != "0"))
-}
-
 /// Copy `x` to device `d` (a model split over several GPUs) through host memory: the copy back
 /// waits for the work that produced `x`, the copy up is ordered before `d`'s next work. A direct
 /// device-to-device copy (candle's `to_device`, a peer copy between the two GPUs' memory pools, each
@@ -91,46 +84,6 @@ fn to_other_device(x: &Tensor, d: &Device) -> Result<Tensor> {
         return Ok(x.clone());
     }
     Ok(x.to_device(&Device::Cpu)?.to_device(d)?)
-}
-
-/// Whether 16-bit prompts attend in one flash-attention kernel per layer (default;
-/// `GLM2RS_FLASH=0`: scores in float32 blocks through cuBLAS and a causal-softmax kernel).
-#[cfg(feature = "cuda")]
-fn flash_enabled() -> bool {
-    std::env::var_os("GLM2RS_FLASH").is_none_or(|v| v != "0")
-}
-
-/// Whether decoding steps of one sequence replay a CUDA graph (default; `GLM2RS_CUDA_GRAPH=0`
-/// runs every launch from the host). Read at each step, so a benchmark can compare both in one
-/// process.
-#[cfg(feature = "cuda")]
-fn cuda_graphs_enabled() -> bool {
-    std::env::var_os("GLM2RS_CUDA_GRAPH").is_none_or(|v| v != "0")
-}
-
-/// A cache's CUDA graph state (kept in [`Cache`]'s attached slot; see `Glm2Model::graph_step`).
-#[cfg(feature = "cuda")]
-enum GraphState {
-    /// Capturing failed here: decode without graphs.
-    Off,
-    On {
-        bufs: GraphBuffers,
-        /// The captured step and the cache tensors (keys, values per layer) it points into.
-        graph: Option<(Vec<candle_core::TensorId>, crate::kernels::cuda::Graph)>,
-        /// The eager warm-up step has run.
-        warm: bool,
-    },
-}
-
-/// The fixed device buffers a captured decoding step reads and writes.
-#[cfg(feature = "cuda")]
-struct GraphBuffers {
-    /// `[layers * SEQ_INFO_WORDS + 1]` u32: each layer's attention table row, then the input id.
-    step: Tensor,
-    /// `[1, vocab]` f32: the step's logits.
-    logits: Tensor,
-    /// The model whose weights the graph reads (its embedding tensor).
-    model: candle_core::TensorId,
 }
 
 /// The official weight-only quantization of the four big linear layers of each block.
@@ -193,6 +146,7 @@ impl SelfAttention {
         p: &str,
         cfg: &Glm2Config,
         q: Option<QuantType>,
+        tuning: &Tuning,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -205,6 +159,7 @@ impl SelfAttention {
                 cfg.add_bias_linear || cfg.add_qkv_bias,
                 quant_bits(cfg),
                 q,
+                tuning,
                 dtype,
                 device,
             )?,
@@ -216,6 +171,7 @@ impl SelfAttention {
                 cfg.add_bias_linear,
                 quant_bits(cfg),
                 q,
+                tuning,
                 dtype,
                 device,
             )?,
@@ -240,15 +196,14 @@ impl SelfAttention {
         caches: &mut [&mut Cache],
         layer: usize,
         table: Option<&Tensor>,
+        tuning: &Tuning,
     ) -> Result<Tensor> {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda()
-            && fused_decode_enabled()
-            && hd <= crate::kernels::cuda::MAX_HEAD_DIM
-            && segments.iter().all(|&(_, t)| t == 1)
-        {
-            return self.forward_decode_cuda(x, rotary, caches, layer, table);
+        if x.device().is_cuda() && tuning.fused && segments.iter().all(|&(_, t)| t == 1) {
+            if let Some(out) = self.forward_decode_cuda(x, rotary, caches, layer, table)? {
+                return Ok(out);
+            }
         }
         let qkv = self.query_key_value.forward(x)?; // [1, n, (nh + 2 ng) hd]
         let mut ctxs = Vec::with_capacity(segments.len());
@@ -270,7 +225,7 @@ impl SelfAttention {
             let q = rotary.apply(&q, start)?;
             let k = rotary.apply(&k, start)?;
             let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // [1, ng, L, hd]
-            let ctx = self.attend(&q, &k_all, &v_all)?; // [1, nh, t, hd]
+            let ctx = self.attend(&q, &k_all, &v_all, tuning)?; // [1, nh, t, hd]
             ctxs.push(ctx.transpose(1, 2)?.reshape((1, t, nh * hd))?);
         }
         let ctx = if ctxs.len() == 1 {
@@ -281,104 +236,14 @@ impl SelfAttention {
         self.dense.forward(&ctx).map_err(Error::from)
     }
 
-    /// [`SelfAttention::attend`] on CUDA: scores from float32 (TF32) products, then one kernel
-    /// for scale, causal mask and softmax, whose 16-bit probabilities multiply the values in
-    /// the model dtype (as fused attention kernels do).
-    #[cfg(feature = "cuda")]
-    fn attend_cuda(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        use crate::kernels::cuda::CausalSoftmax;
-        let (b, nh, t, hd) = q.dims4()?;
-        let scale = 1.0 / (hd as f32).sqrt();
-        if flash_enabled() {
-            if let Some(out) = crate::kernels::cuda::flash_prefill(q, k, v, scale)? {
-                return Ok(out);
-            }
-        }
-        let ng = self.num_groups;
-        let r = nh / ng;
-        let l = k.dim(2)?;
-        let past = l - t;
-        let dtype = q.dtype();
-        let kt = k.to_dtype(DType::F32)?.contiguous()?.t()?; // [b, ng, hd, L]
-        let v = v.contiguous()?;
-        let block = (GPU_ATTENTION_SCORE_BUDGET / (b * nh * l).max(1)).clamp(1, t.max(1));
-        let mut outs = Vec::with_capacity(t.div_ceil(block));
-        let mut i0 = 0;
-        while i0 < t {
-            let tc = block.min(t - i0);
-            let visible = past + i0 + tc;
-            let qc = q
-                .narrow(2, i0, tc)?
-                .to_dtype(DType::F32)?
-                .contiguous()?
-                .reshape((b, ng, r * tc, hd))?;
-            let scores = qc.matmul(&kt.narrow(3, 0, visible)?)?; // [b, ng, r*tc, visible]
-            let probs = scores.apply_op1_no_bwd(&CausalSoftmax {
-                tc,
-                first_q: past + i0,
-                scale,
-                dtype,
-            })?;
-            let out = probs.matmul(&v.narrow(2, 0, visible)?)?; // [b, ng, r*tc, hd]
-            outs.push(out.reshape((b, nh, tc, hd))?);
-            i0 += tc;
-        }
-        Ok(if outs.len() == 1 {
-            outs.pop().expect("one block")
-        } else {
-            Tensor::cat(&outs, 2)?
-        })
-    }
-
-    /// One decoding step of every sequence (one new token each) in one fused kernel: bias,
-    /// rotary, cache write and attention over each sequence's own cache.
-    #[cfg(feature = "cuda")]
-    fn forward_decode_cuda(
-        &self,
-        x: &Tensor,
-        rotary: &RotaryEmbedding,
-        caches: &mut [&mut Cache],
-        layer: usize,
-        table: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        use crate::kernels::cuda::{DecodeAttention, DecodeSeq};
-        let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
-        let (_, n, _) = x.dims3()?;
-        let (qkv, bias) = self.query_key_value.forward_no_bias(x)?; // [1, n, (nh + 2 ng) hd]
-        let qkv = qkv.reshape((n, (nh + 2 * ng) * hd))?;
-        let mut seqs = Vec::with_capacity(n);
-        for cache in caches.iter_mut() {
-            let (k, v) = cache.reserve(layer, 1, (1, ng, hd), qkv.dtype(), qkv.device())?;
-            seqs.push(DecodeSeq {
-                k,
-                v,
-                len: cache.len(),
-                rot: cache.position(),
-            });
-        }
-        let op = DecodeAttention {
-            seqs: &seqs,
-            table,
-            bias: bias.as_ref(),
-            cos: &rotary.cos,
-            sin: &rotary.sin,
-            heads: nh,
-            groups: ng,
-            head_dim: hd,
-        };
-        let ctx = qkv.apply_op1_no_bwd(&op)?; // [n, nh hd]
-        self.dense
-            .forward(&ctx.reshape((1, n, nh * hd))?)
-            .map_err(Error::from)
-    }
-
     /// Causal attention of `q` `[b, nh, t, hd]` (the last `t` positions) over `k`, `v`
     /// `[b, ng, L, hd]`, in f32. Heads of one group share its keys without copying them out:
     /// queries are viewed as `[b, ng, (nh/ng) * t, hd]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, tuning: &Tuning) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if q.device().is_cuda() && fused_decode_enabled() {
-            return self.attend_cuda(q, k, v);
+        if q.device().is_cuda() && tuning.fused {
+            return self.attend_cuda(q, k, v, tuning.flash);
         }
         let (b, nh, t, hd) = q.dims4()?;
         let ng = self.num_groups;
@@ -460,6 +325,7 @@ impl Mlp {
         p: &str,
         cfg: &Glm2Config,
         q: Option<QuantType>,
+        tuning: &Tuning,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -472,6 +338,7 @@ impl Mlp {
                 cfg.add_bias_linear,
                 quant_bits(cfg),
                 q,
+                tuning,
                 dtype,
                 device,
             )?,
@@ -483,29 +350,20 @@ impl Mlp {
                 cfg.add_bias_linear,
                 quant_bits(cfg),
                 q,
+                tuning,
                 dtype,
                 device,
             )?,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // one token on a GPU: the product and SwiGLU in one launch
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    fn forward(&self, x: &Tensor, tuning: &Tuning) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && fused_decode_enabled() {
-            if let Some(h) = self.dense_h_to_4h.forward_swiglu_cuda(x)? {
-                return Ok(self.dense_4h_to_h.forward(&h)?);
-            }
+        if x.device().is_cuda() && tuning.fused {
+            return self.forward_cuda(x);
         }
         let h = self.dense_h_to_4h.forward(x)?;
-        #[cfg(feature = "cuda")]
-        let h = if h.device().is_cuda() && fused_decode_enabled() {
-            h.contiguous()?
-                .apply_op1_no_bwd(&crate::kernels::cuda::SwiGlu)?
-        } else {
-            candle_nn::ops::swiglu(&h)?
-        };
-        #[cfg(not(feature = "cuda"))]
         let h = candle_nn::ops::swiglu(&h)?;
         Ok(self.dense_4h_to_h.forward(&h)?)
     }
@@ -529,6 +387,7 @@ impl Block {
         i: usize,
         cfg: &Glm2Config,
         q: Option<QuantType>,
+        tuning: &Tuning,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -546,6 +405,7 @@ impl Block {
                 &format!("{p}.self_attention"),
                 cfg,
                 q,
+                tuning,
                 dtype,
                 device,
             )?,
@@ -556,7 +416,7 @@ impl Block {
                 dtype,
                 device,
             )?,
-            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, q, dtype, device)?,
+            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, q, tuning, dtype, device)?,
             residual_post_layernorm: cfg.apply_residual_connection_post_layernorm,
         })
     }
@@ -568,70 +428,22 @@ impl Block {
         segments: &[(usize, usize)],
         caches: &mut [&mut Cache],
         layer: usize,
+        tuning: &Tuning,
     ) -> Result<Tensor> {
         let ln = self.input_layernorm.forward(x)?;
         let attn = self
             .self_attention
-            .forward(&ln, rotary, segments, caches, layer, None)?;
+            .forward(&ln, rotary, segments, caches, layer, None, tuning)?;
         let residual = if self.residual_post_layernorm { &ln } else { x };
         let ln_input = (residual + attn)?;
         let ln2 = self.post_attention_layernorm.forward(&ln_input)?;
-        let mlp = self.mlp.forward(&ln2)?;
+        let mlp = self.mlp.forward(&ln2, tuning)?;
         let residual = if self.residual_post_layernorm {
             &ln2
         } else {
             &ln_input
         };
         Ok((residual + mlp)?)
-    }
-
-    /// [`Block::forward`] with each residual add fused into the RMSNorm after it (CUDA; not for
-    /// `apply_residual_connection_post_layernorm`). `normed` is this block's input norm when
-    /// the previous block computed it; with `next_norm` the output comes with the next block's
-    /// input norm.
-    #[cfg(feature = "cuda")]
-    #[allow(clippy::too_many_arguments)]
-    fn forward_fused(
-        &self,
-        x: &Tensor,
-        normed: Option<Tensor>,
-        next_norm: Option<&RmsNorm>,
-        rotary: &RotaryEmbedding,
-        segments: &[(usize, usize)],
-        caches: &mut [&mut Cache],
-        layer: usize,
-        table: Option<&Tensor>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        use crate::kernels::cuda::add_rmsnorm;
-        let ln = match normed {
-            Some(n) => n,
-            None => {
-                add_rmsnorm(
-                    x,
-                    None,
-                    &self.input_layernorm.weight,
-                    self.input_layernorm.eps,
-                )?
-                .1
-            }
-        };
-        let attn = self
-            .self_attention
-            .forward(&ln, rotary, segments, caches, layer, table)?;
-        let (h, ln2) = add_rmsnorm(
-            x,
-            Some(&attn),
-            &self.post_attention_layernorm.weight,
-            self.post_attention_layernorm.eps,
-        )?;
-        let mlp = self.mlp.forward(&ln2)?;
-        Ok(match next_norm {
-            Some(n) => {
-                let (out, normed) = add_rmsnorm(&h, Some(&mlp), &n.weight, n.eps)?;
-                (out, Some(normed))
-            }
-            None => ((h + mlp)?, None),
-        })
     }
 }
 
@@ -648,8 +460,9 @@ pub enum Logits {
 }
 
 /// A loaded ChatGLM2 model: weights only, immutable, shareable across threads (`Arc`).
-/// Every call brings its own [`Cache`].
-#[derive(Debug)]
+/// Every call brings its own [`Cache`]. A clone shares the weights (tensors are reference
+/// counted).
+#[derive(Debug, Clone)]
 pub struct Glm2Model {
     config: Glm2Config,
     dtype: DType,
@@ -664,6 +477,9 @@ pub struct Glm2Model {
     final_layernorm: Option<RmsNorm>,
     output_layer: Linear,
     prefix: Option<super::prefix::Prefix>,
+    /// The switches this model was loaded with; the step-time ones (`fused`, `flash`,
+    /// `cuda_graph`) are read from here at each step.
+    tuning: Tuning,
 }
 
 /// Loading progress: `(tensors done, tensors in all)`.
@@ -678,6 +494,7 @@ impl Glm2Model {
         dtype: DType,
         devices: &[Device],
         quantize: Option<QuantType>,
+        tuning: Tuning,
         progress: Option<ProgressFn<'_>>,
     ) -> Result<Self> {
         let Some(device) = devices.first() else {
@@ -718,6 +535,7 @@ impl Glm2Model {
                 i,
                 cfg,
                 quantize,
+                &tuning,
                 dtype,
                 &layer_devices[i],
             )?);
@@ -742,6 +560,7 @@ impl Glm2Model {
             false,
             None,
             None,
+            &tuning,
             dtype,
             last_device,
         )?;
@@ -770,7 +589,23 @@ impl Glm2Model {
             final_layernorm,
             output_layer,
             prefix: None,
+            tuning,
         })
+    }
+
+    /// The same weights (shared, not copied) with other step-time switches
+    /// ([`Tuning::fused`], [`Tuning::flash`], [`Tuning::cuda_graph`]); the load-time ones stay
+    /// as loaded (see [`crate::tuning`]).
+    pub fn with_tuning(&self, tuning: Tuning) -> Self {
+        Self {
+            tuning,
+            ..self.clone()
+        }
+    }
+
+    /// The switches this model runs with.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
     }
 
     /// Every weight under its checkpoint name, for writing a GGUF file.
@@ -1025,45 +860,19 @@ impl Glm2Model {
         let mut x = self.embed(input)?; // [1, n, hidden]
         #[cfg(feature = "cuda")]
         let fused = self.device.is_cuda()
-            && fused_decode_enabled()
+            && self.tuning.fused
             && !self.config.apply_residual_connection_post_layernorm;
         #[cfg(not(feature = "cuda"))]
         let fused = false;
-        let mut normed: Option<Tensor> = None;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let d = &self.layer_devices[i];
-            if !x.device().same_device(d) {
-                x = to_other_device(&x, d)?;
-                normed = None;
+        if fused {
+            #[cfg(feature = "cuda")]
+            {
+                x = self.layers_fused(x, segments, caches, table)?;
             }
-            if fused {
-                #[cfg(feature = "cuda")]
-                {
-                    use crate::kernels::cuda::SEQ_INFO_WORDS;
-                    // the next block's input norm is fused in when it lives on the same device
-                    let next = self
-                        .layers
-                        .get(i + 1)
-                        .filter(|_| self.layer_devices[i + 1].same_device(d))
-                        .map(|b| &b.input_layernorm);
-                    let table = table
-                        .map(|t| t.narrow(0, i * SEQ_INFO_WORDS, SEQ_INFO_WORDS))
-                        .transpose()?;
-                    let (out, n) = layer.forward_fused(
-                        &x,
-                        normed.take(),
-                        next,
-                        &self.rotary[i],
-                        segments,
-                        caches,
-                        i,
-                        table.as_ref(),
-                    )?;
-                    x = out;
-                    normed = n;
-                }
-            } else {
-                x = layer.forward(&x, &self.rotary[i], segments, caches, i)?;
+        } else {
+            for (i, layer) in self.layers.iter().enumerate() {
+                x = to_other_device(&x, &self.layer_devices[i])?;
+                x = layer.forward(&x, &self.rotary[i], segments, caches, i, &self.tuning)?;
             }
         }
         if which == Logits::Last {
@@ -1083,122 +892,6 @@ impl Glm2Model {
             .forward(&x)?
             .to_dtype(DType::F32)?
             .squeeze(0)?)
-    }
-
-    /// One decoding step of one sequence (`id` after what `cache` holds) as a replay of a CUDA
-    /// graph: the step's ~200 launches cost one. The graph belongs to the cache (it points into
-    /// its buffers and is kept in it); each step writes the attention tables (lengths, rotary
-    /// position) and the id into a device buffer the graph reads. The first step runs the same
-    /// work eagerly (loading kernels, caching candle's parameter copies); the next is captured;
-    /// a cache that grows (new buffers) is captured again. `None`: not applicable here, or the
-    /// capture failed (then the cache decodes without graphs); the caller runs the step.
-    /// `GLM2RS_CUDA_GRAPH=0` turns graphs off. The numbers are those of the eager step: the
-    /// same kernels on the same data.
-    #[cfg(feature = "cuda")]
-    fn graph_step(&self, id: u32, cache: &mut Cache) -> Result<Option<Tensor>> {
-        use crate::kernels::cuda::{self as kc, DecodeSeq, Graph, SEQ_INFO_WORDS};
-        let (ng, hd) = (self.config.kv_groups(), self.config.kv_channels);
-        if !cuda_graphs_enabled()
-            || cache.is_empty()
-            || !self.device.is_cuda()
-            || !fused_decode_enabled()
-            || self.config.apply_residual_connection_post_layernorm
-            || hd > kc::MAX_HEAD_DIM
-            || self.num_devices() > 1
-        {
-            return Ok(None);
-        }
-        let model = self.word_embeddings.id();
-        let state = cache
-            .attached
-            .0
-            .take()
-            .and_then(|b| b.downcast::<GraphState>().ok())
-            .map(|b| *b);
-        let (bufs, graph, warm) = match state {
-            Some(GraphState::Off) => {
-                cache.attached.0 = Some(Box::new(GraphState::Off));
-                return Ok(None);
-            }
-            Some(GraphState::On { bufs, graph, warm }) if bufs.model == model => {
-                (bufs, graph, warm)
-            }
-            _ => {
-                let words = self.layers.len() * SEQ_INFO_WORDS + 1;
-                let bufs = GraphBuffers {
-                    step: Tensor::zeros(words, DType::U32, &self.device)?,
-                    logits: Tensor::zeros(
-                        (1, self.config.padded_vocab_size),
-                        DType::F32,
-                        &self.device,
-                    )?,
-                    model,
-                };
-                (bufs, None, false)
-            }
-        };
-        // room for this token in every layer, made outside any capture (growing allocates)
-        let mut words = Vec::with_capacity(self.layers.len() * SEQ_INFO_WORDS + 1);
-        let mut key = Vec::with_capacity(2 * self.layers.len());
-        for i in 0..self.layers.len() {
-            let (k, v) = cache.reserve(i, 1, (1, ng, hd), self.dtype, &self.device)?;
-            key.extend([k.id(), v.id()]);
-            let seq = DecodeSeq {
-                k,
-                v,
-                len: cache.len(),
-                rot: cache.position(),
-            };
-            words.extend(kc::seq_info_words(&seq, 0)?);
-        }
-        words.push(id);
-        kc::write_u32(&bufs.step, &words)?;
-        let body = |cache: &mut Cache| -> Result<()> {
-            let ids = bufs
-                .step
-                .narrow(0, self.layers.len() * SEQ_INFO_WORDS, 1)?
-                .reshape((1, 1))?;
-            let logits = self.forward_ids(
-                &ids,
-                &[(0, 1)],
-                &mut [cache],
-                Logits::Last,
-                Some(&bufs.step),
-            )?;
-            bufs.logits.slice_set(&logits, 0, 0)?;
-            Ok(())
-        };
-        let (graph, warm) = match graph {
-            Some((k, g)) if k == key => {
-                g.launch()?;
-                (Some((k, g)), warm)
-            }
-            _ if !warm => {
-                let _cached = kc::htod_cache(&self.device);
-                body(cache)?;
-                (None, true)
-            }
-            _ => match Graph::capture(&self.device, || body(cache)) {
-                Ok(g) => {
-                    g.launch()?;
-                    (Some((key, g)), true)
-                }
-                Err(e) => {
-                    static WARNED: std::sync::Once = std::sync::Once::new();
-                    WARNED.call_once(|| {
-                        eprintln!(
-                            "glm2rs: CUDA graph capture failed ({e}); decoding without graphs"
-                        )
-                    });
-                    cache.attached.0 = Some(Box::new(GraphState::Off));
-                    return Ok(None);
-                }
-            },
-        };
-        cache.advance(1, true);
-        let logits = bufs.logits.copy()?;
-        cache.attached.0 = Some(Box::new(GraphState::On { bufs, graph, warm }));
-        Ok(Some(logits))
     }
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {

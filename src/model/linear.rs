@@ -4,8 +4,10 @@
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
 use crate::kernels::cpu_gemv::{Gemv, MAX_ROWS};
-use crate::kernels::cpu_quant::{Bits, QuantMatmul};
+use crate::kernels::cpu_quant::QuantMatmul;
+use crate::quantize::Bits;
 use crate::quantize::{ggml_to_official, ggml_type_for, quantize_official, QuantType};
+use crate::tuning::Tuning;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
@@ -49,6 +51,8 @@ pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
     out_dim: usize,
+    /// Kernel choices made at load (`vnni`, `gemvq`, `gemvq_rows`).
+    tuning: Tuning,
 }
 
 /// Dequantize an official int8/int4 weight (raw bytes on the CPU) to f32 `[out, in]`.
@@ -76,6 +80,7 @@ impl Linear {
         bias: bool,
         layout: Option<Bits>,
         quantize: Option<QuantType>,
+        tuning: &Tuning,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -111,7 +116,7 @@ impl Linear {
                     dense: None,
                 });
             }
-            let dense = if device.is_cpu() && std::env::var_os("GLM2RS_DEQUANTIZE").is_none() {
+            let dense = if device.is_cpu() && !tuning.dequantize {
                 None
             } else {
                 Some(
@@ -173,6 +178,7 @@ impl Linear {
             weight,
             bias,
             out_dim,
+            tuning: *tuning,
         })
     }
 
@@ -214,6 +220,7 @@ impl Linear {
             weight: Weight::Dense(weight),
             bias,
             out_dim,
+            tuning: Tuning::default(),
         })
     }
 }
@@ -247,7 +254,7 @@ impl Linear {
                 bits,
                 dense: None,
             } if q.device().is_cuda() => {
-                crate::kernels::cuda::gemv_official_swiglu(&x2, q, scale, *bits)?
+                crate::kernels::cuda::gemv_official_swiglu(&x2, q, scale, *bits, &self.tuning)?
             }
             _ => None,
         };
@@ -296,8 +303,15 @@ impl Linear {
                 dense: None,
             } if cpu => {
                 let exact = x2.dtype() == DType::F32;
-                x2.contiguous()?
-                    .apply_op3_no_bwd(q, scale, &QuantMatmul { bits: *bits, exact })?
+                x2.contiguous()?.apply_op3_no_bwd(
+                    q,
+                    scale,
+                    &QuantMatmul {
+                        bits: *bits,
+                        exact,
+                        vnni: self.tuning.vnni,
+                    },
+                )?
             }
             #[cfg(feature = "cuda")]
             Weight::Quantized {
@@ -308,7 +322,7 @@ impl Linear {
             } if q.device().is_cuda() => {
                 let b = *bits;
                 if rows <= 8 {
-                    crate::kernels::cuda::gemv_official(&x2, q, scale, b)?
+                    crate::kernels::cuda::gemv_official(&x2, q, scale, b, &self.tuning)?
                 } else if rows <= QUANT_GEMV_MAX_ROWS {
                     // batched decoding: the GEMV over chunks of 8 rows reads the packed weight
                     // once per chunk, cheaper than writing and reading a dense copy
@@ -316,7 +330,7 @@ impl Linear {
                         .step_by(8)
                         .map(|r0| {
                             let x = x2.narrow(0, r0, (rows - r0).min(8))?;
-                            crate::kernels::cuda::gemv_official(&x, q, scale, b)
+                            crate::kernels::cuda::gemv_official(&x, q, scale, b, &self.tuning)
                         })
                         .collect::<candle_core::Result<Vec<_>>>()?;
                     Tensor::cat(&parts, 0)?

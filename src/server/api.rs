@@ -6,7 +6,7 @@
 use super::openai::{collect, number, positive_int, sampling, Kind};
 use super::{parse_object, ApiError, Shared};
 use crate::chat_format::Message;
-use crate::generate::GenerationConfig;
+use crate::generate::{GenerationConfig, GenerationDefaults};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::Json;
@@ -60,9 +60,11 @@ pub async fn official(State(s): State<Shared>, body: Bytes) -> Result<Json<Value
         Some(_) => return Err(ApiError::bad("history", "history must be a list")),
     }
     let _ = number(&o, "max_length", 1.0, f64::MAX)?; // type check; must be an integer:
-    let max_length = positive_int(&o, "max_length")?.unwrap_or(2048);
-    // api.py's defaults: top_p 0.7, temperature 0.95
-    let sampling = sampling(&o, 0.95, 0.7, None)?;
+    let d = GenerationDefaults::API_PY;
+    let max_length = positive_int(&o, "max_length")?
+        .or(d.max_length)
+        .expect("api.py has a default max_length");
+    let sampling = sampling(&o, d.temperature, d.top_p, None)?;
     let model = s.engine.model();
     let query = Message::new("user", &prompt);
     let ids = model

@@ -15,7 +15,7 @@ mod openai;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
-use crate::Model;
+use crate::pipeline::Model;
 use axum::extract::{Request, State};
 use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;

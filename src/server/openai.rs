@@ -3,7 +3,7 @@
 use super::{parse_object, ApiError, Shared};
 use crate::chat_format::{Message, ResponseStream};
 use crate::engine::{Event, Events};
-use crate::generate::{FinishReason, GenerationConfig};
+use crate::generate::{FinishReason, GenerationConfig, GenerationDefaults};
 use crate::sampling::SamplingConfig;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -467,8 +467,8 @@ fn sse(rx: Events, kind: Kind, id: String, model: String, include_usage: bool) -
 pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     let o = parse_object(&body)?;
     let msgs = messages(&o)?;
-    // official chat defaults (temperature 0.8, top_p 0.8)
-    let mut c = common(&o, 0.8, 0.8)?;
+    let d = GenerationDefaults::CHAT;
+    let mut c = common(&o, d.temperature, d.top_p)?;
     let model = s.engine.model();
     let (query, history) = msgs.split_last().expect("checked non-empty");
     let ids = model
@@ -519,9 +519,9 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
     if boolean(&o, "echo")? {
         return Err(ApiError::bad("echo", "echo is not supported"));
     }
-    // OpenAI's defaults: temperature 1, top_p 1, max_tokens 16
-    let mut c = common(&o, 1.0, 1.0)?;
-    c.max_tokens = Some(c.max_tokens.unwrap_or(16));
+    let d = GenerationDefaults::COMPLETIONS;
+    let mut c = common(&o, d.temperature, d.top_p)?;
+    c.max_tokens = c.max_tokens.or(d.max_new_tokens);
     let ids = s
         .engine
         .model()

@@ -1,20 +1,9 @@
 //! Finding the reference fixtures (`GLM2RS_FIXTURES`, default `../shared/fixtures/tiny-glm2`).
 #![allow(dead_code)]
 
-use candle_core::Tensor;
 use std::path::PathBuf;
 
-/// Largest absolute elementwise difference of two tensors of one shape.
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+pub use glm2rs::testing::max_abs_diff;
 
 /// The fixture directory, or `None` (with a note) when it is absent outside CI.
 /// Under `CI=true` a missing fixture fails the test.

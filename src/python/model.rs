@@ -1,0 +1,412 @@
+//! `glm2rs.Model`: loading (a local directory or GGUF file: hub ids are resolved by the Python
+//! package before this is called), logits, generation and the chat entry points.
+
+use super::args::{gen_config, to_ids};
+use super::chat::{cap_max_length, history_to_py, messages_from_py, PyChatSession, PyChatStream};
+use super::errors::InvalidArgumentError;
+use super::stream::PyStream;
+use super::tokenizer::PyTokenizer;
+use crate::chat_format::Message;
+use crate::device::{dtype_name, parse_devices, parse_dtype};
+use crate::error::{catch_panic, Error};
+use crate::generate::GenerationDefaults;
+use crate::pipeline::{LoadOptions, Model};
+use crate::session::{ChatSession, ChatStream};
+use crate::tuning::Tuning;
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// A progress bar on stderr for loading.
+fn progress_bar(label: &'static str) -> impl Fn(usize, usize) {
+    move |done, total| {
+        let width = 30;
+        let filled = if total == 0 {
+            width
+        } else {
+            done * width / total
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{label} [{}{}] {done}/{total}",
+            "#".repeat(filled),
+            ".".repeat(width - filled)
+        );
+        if done == total {
+            let _ = writeln!(err);
+        }
+        let _ = err.flush();
+    }
+}
+
+/// A loaded ChatGLM2/ChatGLM3 model. Immutable and thread-safe: many streams may run at once.
+#[pyclass(module = "glm2rs._glm2rs", name = "Model", frozen)]
+pub struct PyModel {
+    pub(super) inner: Model,
+}
+
+#[pymethods]
+impl PyModel {
+    /// Load a local model directory or GGUF file. `Model.from_pretrained` (defined by the Python
+    /// package, `glm2rs/__init__.py`) resolves hub ids to a local snapshot first, then calls this.
+    #[classmethod]
+    #[pyo3(signature = (path, *, device = "cpu", dtype = "auto",
+                        quantize = None, prefix_checkpoint = None, chat_format = None, progress = None,
+                        num_gpus = 1))]
+    #[allow(clippy::too_many_arguments)]
+    fn _from_local(
+        _cls: &Bound<'_, pyo3::types::PyType>,
+        py: Python<'_>,
+        path: PathBuf,
+        device: &str,
+        dtype: &str,
+        quantize: Option<Bound<'_, PyAny>>,
+        prefix_checkpoint: Option<PathBuf>,
+        chat_format: Option<&str>,
+        progress: Option<bool>,
+        num_gpus: usize,
+    ) -> PyResult<Self> {
+        let quantize = match quantize {
+            Some(q) if !q.is_none() => {
+                Some(crate::quantize::QuantType::parse(&q.str()?.to_string())?)
+            }
+            _ => None,
+        };
+        let chatglm3 = match chat_format {
+            None => None,
+            Some("chatglm2") => Some(false),
+            Some("chatglm3") => Some(true),
+            Some(other) => {
+                return Err(InvalidArgumentError::new_err(format!(
+                    "chat_format={other:?}: use \"chatglm2\" or \"chatglm3\""
+                )))
+            }
+        };
+        let devices = parse_devices(device, num_gpus)?;
+        let device = devices[0].clone();
+        let dtype = parse_dtype(dtype)?;
+        let show = match progress {
+            Some(p) => p,
+            None => py
+                .import("sys")?
+                .getattr("stderr")?
+                .call_method0("isatty")?
+                .extract()
+                .unwrap_or(false),
+        };
+        let model = py.detach(move || {
+            catch_panic(|| {
+                let bar = progress_bar("Loading weights");
+                let opts = LoadOptions {
+                    device,
+                    dtype,
+                    progress: if show { Some(&bar) } else { None },
+                    chatglm3,
+                    prefix_checkpoint,
+                    quantize,
+                    layer_devices: devices,
+                    tuning: Tuning::env(),
+                };
+                Model::load(&path, &opts)
+            })
+        })?;
+        Ok(Self { inner: model })
+    }
+
+    /// This model (weights shared, not copied) with other step-time switches of `glm2rs::tuning`
+    /// (CUDA): `fused`, `flash`, `cuda_graph`; `None` keeps the current value.
+    #[pyo3(signature = (*, fused = None, flash = None, cuda_graph = None))]
+    fn with_tuning(
+        &self,
+        fused: Option<bool>,
+        flash: Option<bool>,
+        cuda_graph: Option<bool>,
+    ) -> Self {
+        let mut t = *self.inner.model().tuning();
+        t.fused = fused.unwrap_or(t.fused);
+        t.flash = flash.unwrap_or(t.flash);
+        t.cuda_graph = cuda_graph.unwrap_or(t.cuda_graph);
+        Self {
+            inner: self.inner.with_tuning(t),
+        }
+    }
+
+    /// The tuning switches this model runs with, as a dict (see `glm2rs::tuning`).
+    #[getter]
+    fn tuning(&self) -> std::collections::BTreeMap<&'static str, String> {
+        let t = self.inner.model().tuning();
+        [
+            ("fused", t.fused.to_string()),
+            ("flash", t.flash.to_string()),
+            ("cuda_graph", t.cuda_graph.to_string()),
+            ("cuda_events", t.cuda_events.to_string()),
+            ("cuda_pool_release", t.cuda_pool_release.to_string()),
+            ("gemvq", format!("{:?}", t.gemvq).to_lowercase()),
+            ("gemvq_rows", t.gemvq_rows.to_string()),
+            ("dequantize", t.dequantize.to_string()),
+            ("vnni", t.vnni.to_string()),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    /// The parsed `config.json` as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let text = self.inner.config_json().to_string();
+        py.import("json")?.call_method1("loads", (text,))
+    }
+
+    #[getter]
+    fn tokenizer(&self) -> PyTokenizer {
+        PyTokenizer {
+            inner: self.inner.tokenizer().clone(),
+        }
+    }
+
+    /// The dtype the model runs in (`"float32"`, `"float16"`, `"bfloat16"`).
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        dtype_name(self.inner.model().dtype())
+    }
+
+    #[getter]
+    fn device(&self) -> String {
+        match self.inner.model().device() {
+            candle_core::Device::Cpu => "cpu".to_string(),
+            candle_core::Device::Cuda(_) => "cuda".to_string(),
+            candle_core::Device::Metal(_) => "metal".to_string(),
+        }
+    }
+
+    /// How many devices hold the layers (more than 1 when split with num_gpus).
+    #[getter]
+    fn num_gpus(&self) -> usize {
+        self.inner.model().num_devices()
+    }
+
+    /// float32 logits `[len(input_ids), vocab]` of every position, in a fresh context.
+    fn logits<'py>(&self, py: Python<'py>, input_ids: Vec<i64>) -> PyResult<Bound<'py, PyAny>> {
+        let ids = to_ids(input_ids, "input_ids")?;
+        let model = self.inner.clone();
+        let (data, rows, cols) = py.detach(move || {
+            catch_panic(|| {
+                let t = model.logits(&ids)?;
+                let (r, c) = t.dims2()?;
+                Ok((t.flatten_all()?.to_vec1::<f32>()?, r, c))
+            })
+        })?;
+        Ok(PyArray1::from_vec(py, data)
+            .reshape([rows, cols])?
+            .into_any())
+    }
+
+    /// Generate from token ids; returns the new ids only (ending with eos when eos was produced).
+    #[pyo3(signature = (input_ids, **kwargs))]
+    fn generate_ids(
+        &self,
+        py: Python<'_>,
+        input_ids: Vec<i64>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<u32>> {
+        let ids = to_ids(input_ids, "input_ids")?;
+        let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
+        let model = self.inner.clone();
+        Ok(py.detach(move || catch_panic(|| model.generate_ids(&ids, &cfg)))?)
+    }
+
+    /// Stream the completion of `prompt` (text, encoded with `[gMASK] sop` in front) as text pieces.
+    #[pyo3(signature = (prompt, **kwargs))]
+    fn stream(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<PyStream> {
+        let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
+        let model = self.inner.clone();
+        let prompt = prompt.to_string();
+        let gen = py.detach(move || catch_panic(|| model.generator_for_prompt(&prompt, &cfg)))?;
+        Ok(PyStream::new(gen))
+    }
+
+    /// Like `stream`, from token ids instead of text.
+    #[pyo3(signature = (input_ids, **kwargs))]
+    fn stream_ids(
+        &self,
+        py: Python<'_>,
+        input_ids: Vec<i64>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<PyStream> {
+        let ids = to_ids(input_ids, "input_ids")?;
+        let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
+        let model = self.inner.clone();
+        let gen = py.detach(move || catch_panic(|| model.generator(ids, &cfg)))?;
+        Ok(PyStream::new(gen))
+    }
+
+    /// The whole completion of `prompt` as one string (the pieces of `stream` joined).
+    #[pyo3(signature = (prompt, **kwargs))]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompt: &str,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<String> {
+        let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
+        let model = self.inner.clone();
+        let prompt = prompt.to_string();
+        Ok(py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?)
+    }
+
+    /// Complete several prompts at once, one batched forward per step for all of them; each
+    /// text equals what `generate` gives for that prompt alone (same keywords).
+    #[pyo3(signature = (prompts, **kwargs))]
+    fn generate_batch(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<String>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<String>> {
+        let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
+        let model = self.inner.clone();
+        Ok(py.detach(move || catch_panic(|| model.generate_batch(&prompts, &cfg)))?)
+    }
+
+    /// `generate_ids` for several id lists at once (one batched forward per step).
+    #[pyo3(signature = (input_ids, **kwargs))]
+    fn generate_batch_ids(
+        &self,
+        py: Python<'_>,
+        input_ids: Vec<Vec<i64>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let ids = input_ids
+            .into_iter()
+            .map(|v| to_ids(v, "input_ids"))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
+        let model = self.inner.clone();
+        Ok(py.detach(move || catch_panic(|| model.generate_batch_ids(&ids, &cfg)))?)
+    }
+
+    /// Logits of the last position of each id list (each in its own context), `batch_size`
+    /// sequences per forward: a float32 array `[len(input_ids), vocab]`.
+    #[pyo3(signature = (input_ids, batch_size = 8))]
+    fn last_logits<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: Vec<Vec<i64>>,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ids = input_ids
+            .into_iter()
+            .map(|v| to_ids(v, "input_ids"))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let model = self.inner.clone();
+        let rows = py.detach(move || catch_panic(|| model.last_logits_batch(&ids, batch_size)))?;
+        let n = rows.len();
+        let vocab = self.inner.config().padded_vocab_size;
+        let flat: Vec<f32> = rows.into_iter().flatten().collect();
+        Ok(PyArray1::from_vec(py, flat).reshape([n, vocab])?.into_any())
+    }
+
+    /// How the linear layers are quantized ("int8", "int4", "q4_0", ...), or None.
+    #[getter]
+    fn quantization(&self) -> Option<String> {
+        self.inner.quantization().map(str::to_string)
+    }
+
+    /// Bytes held by the weights.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.model().weight_bytes()
+    }
+
+    /// Write the model as held (quantized or not), its config and tokenizer to one GGUF file
+    /// that `Model.from_pretrained(path)` loads back.
+    fn save_quantized(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let model = self.inner.clone();
+        Ok(py.detach(move || catch_panic(|| model.save_quantized(&path)))?)
+    }
+
+    /// "chatglm2" or "chatglm3".
+    #[getter]
+    fn chat_format(&self) -> &'static str {
+        self.inner.chat_format().name()
+    }
+
+    /// The official `chat`: the whole conversation re-encoded, the response post-processed.
+    /// Returns `(response, history)`; defaults as the official code (sampling, top_p 0.8,
+    /// temperature 0.8, max_length 8192 capped at the context).
+    #[pyo3(signature = (query, history = None, **kwargs))]
+    fn chat<'py>(
+        &self,
+        py: Python<'py>,
+        query: &str,
+        history: Option<Bound<'py, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<(String, Bound<'py, PyList>)> {
+        let mut cfg = gen_config(kwargs, GenerationDefaults::CHAT)?;
+        cap_max_length(&mut cfg, &self.inner);
+        let mut msgs = messages_from_py(history.as_ref())?;
+        let model = self.inner.clone();
+        let q = Message::new("user", query);
+        let hist = msgs.clone();
+        let response =
+            py.detach(move || catch_panic(|| crate::session::chat(&model, &q, &hist, &cfg)))?;
+        msgs.push(Message::new("user", query));
+        msgs.push(Message::new("assistant", &response));
+        Ok((
+            response.clone(),
+            history_to_py(py, self.inner.chat_format(), &msgs)?,
+        ))
+    }
+
+    /// Like `chat`, but an iterator of text deltas (not the cumulative text the official
+    /// `stream_chat` yields). After the end, `.response` and `.history` hold the results.
+    #[pyo3(signature = (query, history = None, **kwargs))]
+    fn stream_chat(
+        &self,
+        py: Python<'_>,
+        query: &str,
+        history: Option<Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<PyChatStream> {
+        let mut cfg = gen_config(kwargs, GenerationDefaults::CHAT)?;
+        cap_max_length(&mut cfg, &self.inner);
+        let msgs = messages_from_py(history.as_ref())?;
+        let model = self.inner.clone();
+        let q = Message::new("user", query);
+        let hist = msgs.clone();
+        let stream = py.detach(move || catch_panic(|| ChatStream::new(&model, &q, &hist, &cfg)))?;
+        Ok(PyChatStream::new(
+            stream,
+            self.inner.chat_format(),
+            query,
+            msgs,
+        ))
+    }
+
+    /// A chat session that keeps its KV cache between turns (`system` needs ChatGLM3).
+    #[pyo3(signature = (system = None))]
+    fn start_chat(&self, system: Option<&str>) -> PyResult<PyChatSession> {
+        let s = ChatSession::new(&self.inner, system)?;
+        Ok(PyChatSession::new(s, self.inner.chat_format()))
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "Model({}, layers={}, hidden={}, dtype={}, device={})",
+            self.inner.dir().display(),
+            c.num_layers,
+            c.hidden_size,
+            self.dtype(),
+            self.device()
+        )
+    }
+}

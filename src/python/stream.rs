@@ -1,0 +1,79 @@
+//! `glm2rs.TextStreamer`: a generation stepped from Python, one decoding step per `__next__`
+//! with the GIL released.
+
+use crate::error::catch_panic;
+use crate::generate::Generator;
+use pyo3::prelude::*;
+
+/// An iterator of text pieces, generated one step per `__next__` with the GIL released.
+/// Dropping it (or `close()`) frees its KV cache.
+#[pyclass(module = "glm2rs._glm2rs", name = "TextStreamer")]
+pub struct PyStream {
+    gen: Option<Generator>,
+    /// Kept after the generator is freed.
+    token_ids: Vec<u32>,
+    finish_reason: Option<&'static str>,
+}
+
+impl PyStream {
+    pub(super) fn new(gen: Generator) -> Self {
+        Self {
+            gen: Some(gen),
+            token_ids: vec![],
+            finish_reason: None,
+        }
+    }
+}
+
+#[pymethods]
+impl PyStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&mut self, py: Python<'_>) -> PyResult<Option<String>> {
+        let Some(gen) = self.gen.as_mut() else {
+            return Ok(None);
+        };
+        let step = py.detach(|| catch_panic(|| gen.next_text()));
+        let reason = gen.finish_reason().map(|r| r.as_str());
+        self.token_ids = gen.generated_ids().to_vec();
+        match step {
+            Ok(Some(piece)) => Ok(Some(piece)),
+            Ok(None) => {
+                self.finish_reason = reason;
+                self.gen = None; // free the cache now
+                Ok(None)
+            }
+            Err(e) => {
+                self.gen = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Stop generating and free the cache.
+    fn close(&mut self) {
+        if let Some(g) = self.gen.take() {
+            self.token_ids = g.generated_ids().to_vec();
+        }
+    }
+
+    /// Ids generated so far.
+    #[getter]
+    fn token_ids(&self) -> Vec<u32> {
+        match &self.gen {
+            Some(g) => g.generated_ids().to_vec(),
+            None => self.token_ids.clone(),
+        }
+    }
+
+    /// `"stop"` or `"length"` once finished, else None.
+    #[getter]
+    fn finish_reason(&self) -> Option<&'static str> {
+        match &self.gen {
+            Some(g) => g.finish_reason().map(|r| r.as_str()),
+            None => self.finish_reason,
+        }
+    }
+}
