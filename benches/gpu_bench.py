@@ -135,7 +135,7 @@ def parity16(fx: Path) -> None:
 
 def graph_check(fx: Path) -> None:
     """Decoding with CUDA graphs (the default) against the same steps launched one by one
-    (GLM2RS_CUDA_GRAPH=0): greedy ids over 300 steps (the cache grows past 256 entries, so the
+    (`Model.with_tuning(cuda_graph=False)`, the same weights): greedy ids over 300 steps (the cache grows past 256 entries, so the
     step is captured again), float32, bfloat16 and official int4/int8, and the time per step."""
     tok = None
     for sub, dtype in (("model-safetensors", "float32"), ("model-safetensors", "bfloat16"),
@@ -147,13 +147,11 @@ def graph_check(fx: Path) -> None:
         prompts = [tok.encode(tok.build_prompt(q)) for q in ("你好", "Tell me a story about a cat.", "x")]
         m.generate_ids(prompts[0], max_new_tokens=8)  # kernels loaded before either is timed
         out, speed = {}, {}
-        for mode in ("1", "0"):
-            os.environ["GLM2RS_CUDA_GRAPH"] = mode
+        for mode, mm in (("1", m), ("0", m.with_tuning(cuda_graph=False))):
             t = time.perf_counter()
-            out[mode] = [m.generate_ids(p, max_new_tokens=300) for p in prompts]
+            out[mode] = [mm.generate_ids(p, max_new_tokens=300) for p in prompts]
             n = sum(len(o) for o in out[mode])
             speed[mode] = n / (time.perf_counter() - t)
-        os.environ.pop("GLM2RS_CUDA_GRAPH")
         same = out["1"] == out["0"]
         RESULTS.setdefault("graph_check", {})[f"{sub}/{dtype}"] = {
             "equal": same, "tokens": [len(o) for o in out["1"]], "tok_s_graph": speed["1"], "tok_s_eager": speed["0"]}
@@ -162,37 +160,32 @@ def graph_check(fx: Path) -> None:
 
 
 def flash_check(d: Path) -> None:
-    """Prompt attention of the flash kernel against the blocked path (GLM2RS_FLASH=0) on the 6B
+    """Prompt attention of the flash kernel against the blocked path (`with_tuning(flash=False)`) on the 6B
     checkpoint in bfloat16 and float16, both against the same weights in float32 (logits of 300- and
     37-token prompts), and the 2048-token prefill time of each."""
     rng = np.random.default_rng(0)
     long_ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, 2046)]
     prompts = {"300": long_ids[:300], "37": long_ids[:37]}
 
-    def flash_and_blocked(f):
-        os.environ.pop("GLM2RS_FLASH", None)
-        a = f()
-        os.environ["GLM2RS_FLASH"] = "0"
-        b = f()
-        os.environ.pop("GLM2RS_FLASH")
-        return a, b
+    def flash_and_blocked(m, f):
+        return f(m.with_tuning(flash=True)), f(m.with_tuning(flash=False))
 
     got = {}
     for dtype in ("bfloat16", "float16"):
         m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype=dtype)
-        got[dtype] = {n: flash_and_blocked(lambda: m.logits(ids)) for n, ids in prompts.items()}
+        got[dtype] = {n: flash_and_blocked(m, lambda mm: mm.logits(ids)) for n, ids in prompts.items()}
         if dtype == "bfloat16":
             m.last_logits([long_ids[:64]])
 
-            def prefill():
+            def prefill(mm):
                 ts = []
                 for _ in range(3):
                     t = time.perf_counter()
-                    m.last_logits([long_ids])
+                    mm.last_logits([long_ids])
                     ts.append(time.perf_counter() - t)
                 return min(ts)
 
-            fl, bl = flash_and_blocked(prefill)
+            fl, bl = flash_and_blocked(m, prefill)
             RESULTS.setdefault("flash", {})["prefill_2048_s"] = {"flash": fl, "blocked": bl}
             log(f"prefill 2048 bf16: flash {fl:.4f} s, blocked {bl:.4f} s")
         del m
@@ -270,7 +263,7 @@ def figures(label: str, d: Path, batches: list[int], quantize: str | None = None
     # allocator-side, as torch.cuda.max_memory_allocated (the official 12.5 GiB figure)
     r["allocated_peak_gib_prefill"] = mem["used_peak"] / 2**30
     r["reserved_peak_gib_prefill"] = mem["reserved_peak"] / 2**30
-    def decode_b1() -> tuple[float, list[int]]:
+    def decode_b1(m=m) -> tuple[float, list[int]]:
         s = m.stream_ids(ids[:32], max_new_tokens=8)
         for _ in s:
             pass
@@ -287,9 +280,7 @@ def figures(label: str, d: Path, batches: list[int], quantize: str | None = None
     r["decode_b1_tok_s"], graph_ids = decode_b1()
     if compare_graph:
         # the same steps launched one by one from the host (no CUDA graph), same process
-        os.environ["GLM2RS_CUDA_GRAPH"] = "0"
-        r["decode_b1_eager_tok_s"], eager_ids = decode_b1()
-        os.environ.pop("GLM2RS_CUDA_GRAPH")
+        r["decode_b1_eager_tok_s"], eager_ids = decode_b1(m.with_tuning(cuda_graph=False))
         r["decode_b1_graph_ids_equal"] = graph_ids == eager_ids
     for b in batches:
         prompts = [[64790, 64792] + [int(x) for x in rng.integers(100, 60000, 30)] for _ in range(b)]

@@ -139,7 +139,8 @@ mod gpu {
                     g.bench_function(format!("int{bits}_gemv_m{m}"), |b| {
                         b.iter_custom(|it| {
                             timed(&dev, it, || {
-                                drop(cuda::gemv_official(&x, &q, &s, qb).unwrap())
+                                let t = glm2rs::Tuning::env();
+                                drop(cuda::gemv_official(&x, &q, &s, qb, &t).unwrap())
                             })
                         })
                     });

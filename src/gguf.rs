@@ -1,6 +1,6 @@
 //! glm2rs's GGUF file: the weights as a model holds them (dense, official int8/int4 rows or
 //! candle's block types), `config.json` and the SentencePiece tokenizer in the metadata, written
-//! by [`crate::Model::save_quantized`] and read back by [`crate::Model::load`].
+//! by [`crate::pipeline::Model::save_quantized`] and read back by [`crate::pipeline::Model::load`].
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};

@@ -6,13 +6,16 @@
 //! | floor | modules | owns |
 //! | --- | --- | --- |
 //! | 0 | [`error`], [`tuning`] | the one error enum; the tuning switches |
-//! | 1 | [`config`], [`device`], [`pth`], [`quantize`] | `config.json`; devices, dtypes, the CUDA pool; the torch zip reader; quantized layouts (`Bits`) and types |
-//! | 2 | [`checkpoint`], [`tokenizer`], [`chat_format`], [`kernels`] | weight files; SentencePiece; prompt formats; CPU/CUDA kernels |
-//! | 3 | [`model`] | the GLM2 layers, KV cache, P-Tuning prefix; the reference forward and the CUDA decode beside it |
-//! | 4 | [`sampling`], [`generate`] | token choice; one sequence (cache + sampler + stop rules) |
-//! | 5 | [`pipeline`], [`gguf`] | [`Model`]: weights + tokenizer + chat format, loading, batched helpers; glm2rs's GGUF file |
+//! | 1 | [`config`], [`pth`], [`quantize`], [`tokenizer`], [`sampling`] | `config.json`; the torch zip reader; quantized layouts (`Bits`) and types; SentencePiece; token choice |
+//! | 2 | [`checkpoint`], [`chat_format`], [`kernels`] | weight files; prompt formats; CPU/CUDA kernels |
+//! | 3 | [`device`], [`model`] | devices, dtypes, the CUDA pool; the GLM2 layers, KV cache, P-Tuning prefix (reference forward, CUDA decode beside it) |
+//! | 4 | [`generate`], [`gguf`] | one sequence (cache + sampler + stop rules); glm2rs's GGUF file |
+//! | 5 | [`pipeline`] | [`Model`]: weights + tokenizer + chat format, loading, batched helpers |
 //! | 6 | [`session`], [`engine`] | chat and chat sessions; the continuous-batching scheduler |
-//! | 7 | `server` (feature `server`), `python` (feature `python`) | the faces: HTTP and Python |
+//! | 7 | `server` (feature `server`) | the HTTP face |
+//! | 8 | `python` (feature `python`) | the Python face (its `Server` wraps the HTTP one) |
+//!
+//! `tests/architecture.rs` holds the same table and fails when an arrow points up.
 //!
 //! ```no_run
 //! use glm2rs::{Model, LoadOptions, GenerationConfig};

@@ -3,7 +3,7 @@
 //! read ([`Tuning::from_env`], once per process, through [`Tuning::env`]). Everything below takes
 //! a `Tuning` (or the one field it needs) as an argument: a model keeps the `Tuning` it was loaded
 //! with (`LoadOptions::tuning`), its layers keep the kernel choices made at load, and
-//! [`crate::Model::with_tuning`] gives a model sharing the same weights with other step-time
+//! [`crate::pipeline::Model::with_tuning`] gives a model sharing the same weights with other step-time
 //! switches (what the GPU benchmarks use to compare both settings in one process).
 //!
 //! Environment variables are only a way to set them. Every boolean variable has the same
@@ -24,7 +24,7 @@
 //!
 //! Load-time switches (`cuda_events`, `cuda_pool_release`: at device creation; `gemvq`,
 //! `gemvq_rows`, `dequantize`, `vnni`: kept by each layer at load) need a reload to change; the
-//! step-time ones (`fused`, `flash`, `cuda_graph`) follow [`crate::Model::with_tuning`].
+//! step-time ones (`fused`, `flash`, `cuda_graph`) follow [`crate::pipeline::Model::with_tuning`].
 
 use std::sync::OnceLock;
 

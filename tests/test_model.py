@@ -137,3 +137,56 @@ def test_stop_strings_cut_the_text(model, tokenizer):
     s = model.stream(p, max_new_tokens=24, stop=[stop, "never-there"])
     assert "".join(s) == cut
     assert s.finish_reason == "stop"
+
+
+def test_tuning_switches_and_with_tuning(model, fx):
+    """One typed set of switches: the model reports them; `with_tuning` shares the weights with
+    other step-time switches (same numbers on CPU, where they choose nothing) and leaves the
+    original as it was."""
+    t = model.tuning
+    assert t["fused"] == "true" and t["flash"] == "true" and t["cuda_graph"] == "true"
+    other = model.with_tuning(cuda_graph=False, flash=False)
+    assert other.tuning["cuda_graph"] == "false" and other.tuning["flash"] == "false"
+    assert other.tuning["fused"] == "true" and model.tuning == t
+    ids = model.tokenizer.encode("你好")
+    assert np.array_equal(model.logits(ids), other.logits(ids))
+
+
+@pytest.mark.parametrize("env, key, want", [
+    ({"GLM2RS_FUSED": "off"}, "fused", "false"),
+    ({"GLM2RS_NO_VNNI": "0"}, "vnni", "true"),  # "0" is off for every variable
+    ({"GLM2RS_NO_VNNI": "1"}, "vnni", "false"),
+    ({"GLM2RS_DEQUANTIZE": "0"}, "dequantize", "false"),
+    ({"GLM2RS_GEMVQ": "dp4a"}, "gemvq", "dp4a"),
+    ({"GLM2RS_FUSED": "maybe"}, "fused", "true"),  # unknown value: default, with a warning
+])
+def test_tuning_comes_from_the_environment_once(fx, env, key, want):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import glm2rs; m = glm2rs.Model.from_pretrained(%r, dtype='float32', progress=False); "
+            "print(m.tuning[%r])" % (str(fx / "model"), key))
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want
+    if "maybe" in env.values():
+        assert "GLM2RS_FUSED" in r.stderr and "ignoring" in r.stderr
+
+
+def test_hub_is_resolved_in_python_before_the_extension(fx, monkeypatch):
+    """from_pretrained resolves names through glm2rs.hub, then loads the local path; the extension
+    itself never calls back into the package."""
+    import glm2rs.hub
+
+    seen = []
+    monkeypatch.setattr(glm2rs.hub, "resolve", lambda name, revision=None: seen.append((name, revision)) or str(fx / "model"))
+    m = glm2rs.Model.from_pretrained("THUDM/chatglm2-6b", revision="v1", dtype="float32")
+    assert seen == [("THUDM/chatglm2-6b", "v1")] and m.config["num_layers"] == 2
+
+    def boom(*a, **k):
+        raise AssertionError("the extension called glm2rs.hub")
+
+    monkeypatch.setattr(glm2rs.hub, "resolve", boom)
+    assert glm2rs.Model._from_local(str(fx / "model"), dtype="float32").config["num_layers"] == 2

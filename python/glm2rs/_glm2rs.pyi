@@ -103,7 +103,33 @@ class Model:
         progress: bool | None = None,
         num_gpus: int = 1,
     ) -> Model:
-        """`num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`."""
+        """A local directory, GGUF file or hub id (resolved by `glm2rs.hub` in Python first).
+        `num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`."""
+    @classmethod
+    def _from_local(
+        cls,
+        path: str,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        quantize: str | int | None = None,
+        prefix_checkpoint: str | None = None,
+        chat_format: str | None = None,
+        progress: bool | None = None,
+        num_gpus: int = 1,
+    ) -> Model:
+        """A local directory or GGUF file only (what `from_pretrained` calls)."""
+    def with_tuning(
+        self,
+        *,
+        fused: bool | None = None,
+        flash: bool | None = None,
+        cuda_graph: bool | None = None,
+    ) -> Model:
+        """The same weights (shared) with other step-time switches (CUDA)."""
+    @property
+    def tuning(self) -> dict[str, str]:
+        """Every tuning switch this model runs with (see the README's tuning table)."""
     @property
     def num_gpus(self) -> int: ...
     @property

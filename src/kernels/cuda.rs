@@ -5,7 +5,7 @@ use crate::quantize::Bits;
 use crate::tuning::{GemvQ, Tuning};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
 };
@@ -72,21 +72,59 @@ macro_rules! cuda_only {
     };
 }
 
+// ---------------------------------------------------------------------------------------------
+// The launch, written once: every op below passes its inputs as device addresses (`addr`),
+// allocates its output with `alloc`, pushes its arguments in the kernel's order and launches.
+// These two functions hold the only dispatch on the storage dtype.
+
+/// Device address of element `offset` of a storage (float, u32 or u8).
+fn addr(s: &CudaStorage, offset: usize) -> Result<u64> {
+    let stream = s.device.cuda_stream();
+    let base = match &s.slice {
+        CudaStorageSlice::F32(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::F16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::U32(x) => x.device_ptr(&stream).0,
+        CudaStorageSlice::U8(x) => x.device_ptr(&stream).0,
+        _ => bail!("glm2rs cuda kernels: unsupported dtype {:?}", s.dtype()),
+    };
+    Ok(base + (offset * s.dtype().size_in_bytes()) as u64)
+}
+
+/// A new buffer of `n` elements of `dtype` (float or u32) and its device address.
+fn alloc(dev: &CudaDevice, dtype: DType, n: usize) -> Result<(CudaStorageSlice, u64)> {
+    let stream = dev.cuda_stream();
+    macro_rules! new {
+        ($variant:ident, $t:ty) => {{
+            let x = unsafe { dev.alloc::<$t>(n)? };
+            let p = x.device_ptr(&stream).0;
+            (CudaStorageSlice::$variant(x), p)
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => new!(F32, f32),
+        DType::F16 => new!(F16, half::f16),
+        DType::BF16 => new!(BF16, half::bf16),
+        DType::U32 => new!(U32, u32),
+        d => bail!("glm2rs cuda kernels: unsupported output dtype {d:?}"),
+    })
+}
+
+/// The inputs of `op` share one dtype.
+fn same_dtype(inputs: &[&CudaStorage], op: &str) -> Result<()> {
+    if inputs.windows(2).any(|w| w[0].dtype() != w[1].dtype()) {
+        bail!("{op}: inputs must share one dtype");
+    }
+    Ok(())
+}
+
 /// Device address of the first element of `t` (its layout's start offset included).
 fn device_ptr(t: &Tensor) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
         bail!("expected a CUDA tensor")
     };
-    let stream = cs.device.cuda_stream();
-    let base = match &cs.slice {
-        CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
-        CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
-        _ => bail!("expected a float or u32 CUDA tensor"),
-    };
-    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
+    addr(cs, layout.start_offset())
 }
 
 /// One sequence of a batched decode step (mirrors `SeqInfo` in glm2.cu).
@@ -181,7 +219,7 @@ impl CustomOp1 for DecodeAttention<'_> {
                 self.seqs.len()
             );
         }
-        let Some((o1, o2)) = l.contiguous_offsets() else {
+        let Some((o1, _)) = l.contiguous_offsets() else {
             bail!("decode attention: qkv must be contiguous")
         };
         let dtype = s.dtype();
@@ -235,37 +273,26 @@ impl CustomOp1 for DecodeAttention<'_> {
             shared_mem_bytes: 0,
         };
         let (nh_i, ng_i, hd_i) = (nh as i32, ng as i32, hd as i32);
-        macro_rules! launch {
-            ($src:expr, $variant:ident, $t:ty) => {{
-                let src = $src.slice(o1..o2);
-                let out = unsafe { dev.alloc::<$t>(rows * nh * hd)? };
-                let mut b = func.builder();
-                b.arg(&src);
-                b.arg(&bias);
-                match (&table, &seqs_dev, &given) {
-                    (Some(t), _, _) => b.arg(t),
-                    (None, Some(d), _) => b.arg(d),
-                    (None, None, Some(p)) => b.arg(p),
-                    (None, None, None) => unreachable!("one of the tables is set"),
-                };
-                b.arg(&cos);
-                b.arg(&sin);
-                b.arg(&out);
-                b.arg(&nh_i);
-                b.arg(&ng_i);
-                b.arg(&hd_i);
-                b.arg(&rot_half);
-                b.arg(&scale);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(out)
-            }};
-        }
-        let slice = match &s.slice {
-            CudaStorageSlice::F32(x) => launch!(x, F32, f32),
-            CudaStorageSlice::F16(x) => launch!(x, F16, half::f16),
-            CudaStorageSlice::BF16(x) => launch!(x, BF16, half::bf16),
-            _ => bail!("decode attention: unsupported dtype {dtype:?}"),
+        let src = addr(s, o1)?;
+        let (slice, out) = alloc(dev, dtype, rows * nh * hd)?;
+        let mut b = func.builder();
+        b.arg(&src);
+        b.arg(&bias);
+        match (&table, &seqs_dev, &given) {
+            (Some(t), _, _) => b.arg(t),
+            (None, Some(d), _) => b.arg(d),
+            (None, None, Some(p)) => b.arg(p),
+            (None, None, None) => unreachable!("one of the tables is set"),
         };
+        b.arg(&cos);
+        b.arg(&sin);
+        b.arg(&out);
+        b.arg(&nh_i);
+        b.arg(&ng_i);
+        b.arg(&hd_i);
+        b.arg(&rot_half);
+        b.arg(&scale);
+        unsafe { b.launch(cfg) }.w()?;
         // the per-sequence table must outlive the launch: free it in stream order
         drop(seqs_dev);
         Ok((
@@ -292,7 +319,7 @@ impl CustomOp1 for SwiGlu {
         }
         let f = two_f / 2;
         let rows = l.shape().elem_count() / two_f.max(1);
-        let Some((o1, o2)) = l.contiguous_offsets() else {
+        let Some((o1, _)) = l.contiguous_offsets() else {
             bail!("swiglu: input must be contiguous")
         };
         let dev = &s.device;
@@ -307,25 +334,14 @@ impl CustomOp1 for SwiGlu {
             shared_mem_bytes: 0,
         };
         let (rows_i, f_i) = (rows as i32, f as i32);
-        macro_rules! launch {
-            ($src:expr, $variant:ident, $t:ty) => {{
-                let src = $src.slice(o1..o2);
-                let out = unsafe { dev.alloc::<$t>(n)? };
-                let mut b = func.builder();
-                b.arg(&src);
-                b.arg(&out);
-                b.arg(&rows_i);
-                b.arg(&f_i);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(out)
-            }};
-        }
-        let slice = match &s.slice {
-            CudaStorageSlice::F32(x) => launch!(x, F32, f32),
-            CudaStorageSlice::F16(x) => launch!(x, F16, half::f16),
-            CudaStorageSlice::BF16(x) => launch!(x, BF16, half::bf16),
-            _ => bail!("swiglu: unsupported dtype"),
-        };
+        let src = addr(s, o1)?;
+        let (slice, out) = alloc(dev, s.dtype(), n)?;
+        let mut b = func.builder();
+        b.arg(&src);
+        b.arg(&out);
+        b.arg(&rows_i);
+        b.arg(&f_i);
+        unsafe { b.launch(cfg) }.w()?;
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
         out_dims[last] = f;
@@ -392,9 +408,9 @@ impl candle_core::CustomOp3 for AddRmsNorm {
                 lw.shape()
             );
         }
-        let (a0, a1) = contiguous(la, "add_rmsnorm")?;
-        let (b0, b1) = contiguous(lb, "add_rmsnorm")?;
-        let (w0, w1) = contiguous(lw, "add_rmsnorm")?;
+        let (a0, _) = contiguous(la, "add_rmsnorm")?;
+        let (b0, _) = contiguous(lb, "add_rmsnorm")?;
+        let (w0, _) = contiguous(lw, "add_rmsnorm")?;
         let dev = &sa.device;
         let func = dev.get_or_load_custom_func(
             &format!("add_rmsnorm_{}", suffix(sa.dtype())?),
@@ -410,40 +426,20 @@ impl candle_core::CustomOp3 for AddRmsNorm {
         };
         let (rows_i, n_i, eps) = (rows as i32, n as i32, self.eps);
         let has_b = self.has_b;
-        macro_rules! launch {
-            ($a:expr, $b:expr, $w:expr, $variant:ident, $t:ty) => {{
-                let a = $a.slice(a0..a1);
-                let b = $b.slice(b0..b1);
-                let w = $w.slice(w0..w1);
-                let out = unsafe { dev.alloc::<$t>(2 * rows * n)? };
-                let mut bld = func.builder();
-                bld.arg(&a);
-                if has_b {
-                    bld.arg(&b);
-                } else {
-                    bld.arg(&0u64);
-                }
-                bld.arg(&w);
-                bld.arg(&out);
-                bld.arg(&rows_i);
-                bld.arg(&n_i);
-                bld.arg(&eps);
-                unsafe { bld.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(out)
-            }};
-        }
-        let slice = match (&sa.slice, &sb.slice, &sw.slice) {
-            (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b), CudaStorageSlice::F32(w)) => {
-                launch!(a, b, w, F32, f32)
-            }
-            (CudaStorageSlice::F16(a), CudaStorageSlice::F16(b), CudaStorageSlice::F16(w)) => {
-                launch!(a, b, w, F16, half::f16)
-            }
-            (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b), CudaStorageSlice::BF16(w)) => {
-                launch!(a, b, w, BF16, half::bf16)
-            }
-            _ => bail!("add_rmsnorm: inputs must share one float dtype"),
-        };
+        same_dtype(&[sa, sb, sw], "add_rmsnorm")?;
+        let a = addr(sa, a0)?;
+        let b = if has_b { addr(sb, b0)? } else { 0u64 };
+        let w = addr(sw, w0)?;
+        let (slice, out) = alloc(dev, sa.dtype(), 2 * rows * n)?;
+        let mut bld = func.builder();
+        bld.arg(&a);
+        bld.arg(&b);
+        bld.arg(&w);
+        bld.arg(&out);
+        bld.arg(&rows_i);
+        bld.arg(&n_i);
+        bld.arg(&eps);
+        unsafe { bld.launch(cfg) }.w()?;
         let mut out = vec![2];
         out.extend(dims);
         Ok((
@@ -464,14 +460,14 @@ impl CustomOp1 for ArgmaxRows {
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         let (rows, n) = l.shape().dims2()?;
-        let (o1, o2) = contiguous(l, "argmax")?;
-        let CudaStorageSlice::F32(x) = &s.slice else {
+        let (o1, _) = contiguous(l, "argmax")?;
+        if s.dtype() != DType::F32 {
             bail!("argmax: float32 logits expected")
-        };
+        }
         let dev = &s.device;
         let func = dev.get_or_load_custom_func("argmax_f32", MODULE, PTX)?;
-        let x = x.slice(o1..o2);
-        let out = unsafe { dev.alloc::<u32>(rows)? };
+        let x = addr(s, o1)?;
+        let (slice, out) = alloc(dev, DType::U32, rows)?;
         let n_i = n as i32;
         let mut b = func.builder();
         b.arg(&x);
@@ -485,7 +481,7 @@ impl CustomOp1 for ArgmaxRows {
         unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage {
-                slice: CudaStorageSlice::U32(out),
+                slice,
                 device: dev.clone(),
             },
             Shape::from(rows),
@@ -510,10 +506,10 @@ impl CustomOp1 for CausalSoftmax {
         let dims = l.shape().dims().to_vec();
         let cols = *dims.last().unwrap_or(&0);
         let rows = l.shape().elem_count() / cols.max(1);
-        let (o1, o2) = contiguous(l, "causal softmax")?;
-        let CudaStorageSlice::F32(x) = &s.slice else {
+        let (o1, _) = contiguous(l, "causal softmax")?;
+        if s.dtype() != DType::F32 {
             bail!("causal softmax: float32 scores expected")
-        };
+        }
         if self.first_q + self.tc > cols {
             bail!("causal softmax: queries beyond the keys");
         }
@@ -523,7 +519,7 @@ impl CustomOp1 for CausalSoftmax {
             MODULE,
             PTX,
         )?;
-        let x = x.slice(o1..o2);
+        let x = addr(s, o1)?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -531,26 +527,15 @@ impl CustomOp1 for CausalSoftmax {
         };
         let (cols_i, tc_i, fq_i, scale) =
             (cols as i32, self.tc as i32, self.first_q as i32, self.scale);
-        macro_rules! launch {
-            ($variant:ident, $t:ty) => {{
-                let out = unsafe { dev.alloc::<$t>(rows * cols)? };
-                let mut b = func.builder();
-                b.arg(&x);
-                b.arg(&out);
-                b.arg(&cols_i);
-                b.arg(&tc_i);
-                b.arg(&fq_i);
-                b.arg(&scale);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(out)
-            }};
-        }
-        let slice = match self.dtype {
-            DType::F32 => launch!(F32, f32),
-            DType::F16 => launch!(F16, half::f16),
-            DType::BF16 => launch!(BF16, half::bf16),
-            d => bail!("causal softmax: unsupported output dtype {d:?}"),
-        };
+        let (slice, out) = alloc(dev, self.dtype, rows * cols)?;
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&out);
+        b.arg(&cols_i);
+        b.arg(&tc_i);
+        b.arg(&fq_i);
+        b.arg(&scale);
+        unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage {
                 slice,
@@ -620,7 +605,7 @@ impl candle_core::CustomOp3 for FlashPrefill {
     ) -> Result<(CudaStorage, Shape)> {
         let (b, nh, t, d) = lq.shape().dims4()?;
         let (_, _, l, _) = lk.shape().dims4()?;
-        let (q0, q1) = contiguous(lq, "flash prefill")?;
+        let (q0, _) = contiguous(lq, "flash prefill")?;
         let (k0, v0) = (lk.start_offset(), lv.start_offset());
         let (ks, vs) = (lk.stride(), lv.stride());
         let dev = &sq.device;
@@ -642,40 +627,28 @@ impl candle_core::CustomOp3 for FlashPrefill {
             self.groups as i32,
         );
         let (k_bs, k_gs, v_bs, v_gs) = (ks[0] as i64, ks[1] as i64, vs[0] as i64, vs[1] as i64);
-        macro_rules! launch {
-            ($q:expr, $k:expr, $v:expr, $variant:ident, $t:ty) => {{
-                let q = $q.slice(q0..q1);
-                let k = $k.slice(k0..);
-                let v = $v.slice(v0..);
-                let out = unsafe { dev.alloc::<$t>(b * nh * t * d)? };
-                let mut bl = func.builder();
-                bl.arg(&q);
-                bl.arg(&k);
-                bl.arg(&v);
-                bl.arg(&out);
-                bl.arg(&t_i);
-                bl.arg(&l_i);
-                bl.arg(&past_i);
-                bl.arg(&nh_i);
-                bl.arg(&ng_i);
-                bl.arg(&k_bs);
-                bl.arg(&k_gs);
-                bl.arg(&v_bs);
-                bl.arg(&v_gs);
-                bl.arg(&self.scale);
-                unsafe { bl.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(out)
-            }};
+        same_dtype(&[sq, sk, sv], "flash prefill")?;
+        if !matches!(sq.dtype(), DType::F16 | DType::BF16) {
+            bail!("flash prefill: q, k and v must share one 16-bit dtype");
         }
-        let slice = match (&sq.slice, &sk.slice, &sv.slice) {
-            (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                launch!(q, k, v, BF16, half::bf16)
-            }
-            (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                launch!(q, k, v, F16, half::f16)
-            }
-            _ => bail!("flash prefill: q, k and v must share one 16-bit dtype"),
-        };
+        let (q, k, v) = (addr(sq, q0)?, addr(sk, k0)?, addr(sv, v0)?);
+        let (slice, out) = alloc(dev, sq.dtype(), b * nh * t * d)?;
+        let mut bl = func.builder();
+        bl.arg(&q);
+        bl.arg(&k);
+        bl.arg(&v);
+        bl.arg(&out);
+        bl.arg(&t_i);
+        bl.arg(&l_i);
+        bl.arg(&past_i);
+        bl.arg(&nh_i);
+        bl.arg(&ng_i);
+        bl.arg(&k_bs);
+        bl.arg(&k_gs);
+        bl.arg(&v_bs);
+        bl.arg(&v_gs);
+        bl.arg(&self.scale);
+        unsafe { bl.launch(cfg) }.w()?;
         Ok((
             CudaStorage {
                 slice,
@@ -741,8 +714,8 @@ impl candle_core::CustomOp2 for Gemv {
     ) -> Result<(CudaStorage, Shape)> {
         let (m, k) = lx.shape().dims2()?;
         let (n, _) = lw.shape().dims2()?;
-        let (x0, x1) = contiguous(lx, "gemv")?;
-        let (w0, w1) = contiguous(lw, "gemv")?;
+        let (x0, _) = contiguous(lx, "gemv")?;
+        let (w0, _) = contiguous(lw, "gemv")?;
         let dev = &sx.device;
         // with swiglu: one warp per gate/up row pair, n/2 outputs
         let (name, n_out) = if self.swiglu {
@@ -758,29 +731,16 @@ impl candle_core::CustomOp2 for Gemv {
             shared_mem_bytes: 0,
         };
         let (n_i, k_i) = (n_out as i32, k as i32);
-        macro_rules! launch {
-            ($x:expr, $w:expr, $variant:ident, $t:ty) => {{
-                let x = $x.slice(x0..x1);
-                let w = $w.slice(w0..w1);
-                let y = unsafe { dev.alloc::<$t>(m * n_out)? };
-                let mut b = func.builder();
-                b.arg(&x);
-                b.arg(&w);
-                b.arg(&y);
-                b.arg(&n_i);
-                b.arg(&k_i);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(y)
-            }};
-        }
-        let slice = match (&sx.slice, &sw.slice) {
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w)) => launch!(x, w, F32, f32),
-            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(w)) => launch!(x, w, F16, half::f16),
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w)) => {
-                launch!(x, w, BF16, half::bf16)
-            }
-            _ => bail!("gemv: x and w must share one float dtype"),
-        };
+        same_dtype(&[sx, sw], "gemv")?;
+        let (x, w) = (addr(sx, x0)?, addr(sw, w0)?);
+        let (slice, y) = alloc(dev, sx.dtype(), m * n_out)?;
+        let mut b = func.builder();
+        b.arg(&x);
+        b.arg(&w);
+        b.arg(&y);
+        b.arg(&n_i);
+        b.arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage {
                 slice,
@@ -903,22 +863,20 @@ fn gemvq_rows(asked: u32) -> u32 {
     }
 }
 
-fn u8_and_f32<'a>(
-    sq: &'a CudaStorage,
+/// Device addresses of official int8/int4 weights (u8) and their scales (f32).
+fn u8_and_f32(
+    sq: &CudaStorage,
     lq: &Layout,
-    ss: &'a CudaStorage,
+    ss: &CudaStorage,
     ls: &Layout,
     op: &str,
-) -> Result<(
-    candle_core::cuda_backend::cudarc::driver::CudaView<'a, u8>,
-    candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>,
-)> {
-    let (q0, q1) = contiguous(lq, op)?;
-    let (s0, s1) = contiguous(ls, op)?;
-    let (CudaStorageSlice::U8(q), CudaStorageSlice::F32(s)) = (&sq.slice, &ss.slice) else {
+) -> Result<(u64, u64)> {
+    let (q0, _) = contiguous(lq, op)?;
+    let (s0, _) = contiguous(ls, op)?;
+    if sq.dtype() != DType::U8 || ss.dtype() != DType::F32 {
         bail!("{op}: u8 weights and f32 scales expected")
-    };
-    Ok((q.slice(q0..q1), s.slice(s0..s1)))
+    }
+    Ok((addr(sq, q0)?, addr(ss, s0)?))
 }
 
 impl candle_core::CustomOp3 for GemvOfficial {
@@ -942,7 +900,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
                 self.bits.count()
             );
         }
-        let (x0, x1) = contiguous(lx, "gemv_official")?;
+        let (x0, _) = contiguous(lx, "gemv_official")?;
         let (q, s) = u8_and_f32(sq, lq, ss, ls, "gemv_official")?;
         let dev = &sx.device;
         // float32: the exact one-row kernel; 16-bit: see `gemvq_kernel`.
@@ -987,49 +945,40 @@ impl candle_core::CustomOp3 for GemvOfficial {
         } else {
             None
         };
-        macro_rules! launch {
-            ($x:expr, $variant:ident, $t:ty) => {{
-                let x = $x.slice(x0..x1);
-                let y = unsafe { dev.alloc::<$t>(m * n_out)? };
-                let mut b = func.builder();
-                // 16-byte records (4 x u32) of int8 x per 8 columns
-                let xq = match &quantize {
-                    Some(qf) => {
-                        let xq = unsafe { dev.alloc::<u32>(groups * 4)? };
-                        let g = groups as i32;
-                        let mut qb = qf.builder();
-                        qb.arg(&x);
-                        qb.arg(&xq);
-                        qb.arg(&g);
-                        let qcfg = LaunchConfig {
-                            grid_dim: ((groups as u32).div_ceil(256), 1, 1),
-                            block_dim: (256, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        unsafe { qb.launch(qcfg) }.w()?;
-                        Some(xq)
-                    }
-                    None => None,
+        let x = addr(sx, x0)?;
+        let (slice, y) = alloc(dev, sx.dtype(), m * n_out)?;
+        // 16-byte records (4 x u32) of int8 x per 8 columns, kept until the GEMV has run
+        let xq = match &quantize {
+            Some(qf) => {
+                let (xq, xq_p) = alloc(dev, DType::U32, groups * 4)?;
+                let g = groups as i32;
+                let mut qb = qf.builder();
+                qb.arg(&x);
+                qb.arg(&xq_p);
+                qb.arg(&g);
+                let qcfg = LaunchConfig {
+                    grid_dim: ((groups as u32).div_ceil(256), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
                 };
-                match &xq {
-                    Some(xq) => b.arg(xq),
-                    None => b.arg(&x),
-                };
-                b.arg(&q);
-                b.arg(&s);
-                b.arg(&y);
-                b.arg(&n_i);
-                b.arg(&k_i);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(y)
-            }};
-        }
-        let slice = match &sx.slice {
-            CudaStorageSlice::F32(x) => launch!(x, F32, f32),
-            CudaStorageSlice::F16(x) => launch!(x, F16, half::f16),
-            CudaStorageSlice::BF16(x) => launch!(x, BF16, half::bf16),
-            _ => bail!("gemv_official: unsupported input dtype"),
+                unsafe { qb.launch(qcfg) }.w()?;
+                Some((xq, xq_p))
+            }
+            None => None,
         };
+        let mut b = func.builder();
+        match &xq {
+            Some((_, xq_p)) => b.arg(xq_p),
+            None => b.arg(&x),
+        };
+        b.arg(&q);
+        b.arg(&s);
+        b.arg(&y);
+        b.arg(&n_i);
+        b.arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
+        // the int8 records are freed in stream order, after the launch
+        drop(xq);
         Ok((
             CudaStorage {
                 slice,
@@ -1074,25 +1023,14 @@ impl candle_core::CustomOp2 for DequantOfficial {
             shared_mem_bytes: 0,
         };
         let (n_i, k_i) = (n as i32, k as i32);
-        macro_rules! launch {
-            ($variant:ident, $t:ty) => {{
-                let out = unsafe { dev.alloc::<$t>(n * k)? };
-                let mut b = func.builder();
-                b.arg(&q);
-                b.arg(&s);
-                b.arg(&out);
-                b.arg(&n_i);
-                b.arg(&k_i);
-                unsafe { b.launch(cfg) }.w()?;
-                CudaStorageSlice::$variant(out)
-            }};
-        }
-        let slice = match self.dtype {
-            DType::F32 => launch!(F32, f32),
-            DType::F16 => launch!(F16, half::f16),
-            DType::BF16 => launch!(BF16, half::bf16),
-            d => bail!("dequant_official: unsupported dtype {d:?}"),
-        };
+        let (slice, out) = alloc(dev, self.dtype, n * k)?;
+        let mut b = func.builder();
+        b.arg(&q);
+        b.arg(&s);
+        b.arg(&out);
+        b.arg(&n_i);
+        b.arg(&k_i);
+        unsafe { b.launch(cfg) }.w()?;
         Ok((
             CudaStorage {
                 slice,

@@ -3,13 +3,9 @@
 //! Names mirror the checkpoint keys (`transformer.encoder.layers.N.self_attention...`).
 
 use super::kv_cache::Cache;
-use super::linear::Exported;
 use super::linear::Linear;
-use crate::checkpoint::Checkpoint;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
-use crate::quantize::Bits;
-use crate::quantize::QuantType;
 use crate::tuning::Tuning;
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -17,11 +13,15 @@ use candle_core::{DType, Device, Module, Tensor};
 /// residual adds fused into RMSNorm, and the CUDA graph of a decoding step.
 #[cfg(feature = "cuda")]
 mod gpu;
+/// Reading each layer from a checkpoint (weight names as the checkpoint keys), and writing them
+/// back out for a GGUF file.
+mod load;
 
 /// Longest query block whose attention scores are materialised at once during prefill.
 const ATTENTION_SCORE_BUDGET: usize = 64 << 20; // f32 elements per block
-                                                // ---------------------------------------------------------------------------------------------
-                                                // Rotary embedding: applied to the first half of each head, interleaved (x0, x1) pairs.
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding: applied to the first half of each head, interleaved (x0, x1) pairs.
 
 #[derive(Debug, Clone)]
 struct RotaryEmbedding {
@@ -86,15 +86,6 @@ fn to_other_device(x: &Tensor, d: &Device) -> Result<Tensor> {
     Ok(x.to_device(&Device::Cpu)?.to_device(d)?)
 }
 
-/// The official weight-only quantization of the four big linear layers of each block.
-fn quant_bits(cfg: &Glm2Config) -> Option<Bits> {
-    match cfg.quantization_bit {
-        8 => Some(Bits::Eight),
-        4 => Some(Bits::Four),
-        _ => None,
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // RMSNorm: statistics in f32, result cast back to the model dtype (official RMSNorm.forward).
 
@@ -105,20 +96,6 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn load(
-        ckpt: &Checkpoint,
-        name: &str,
-        cfg: &Glm2Config,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let weight = ckpt.get(&format!("{name}.weight"), &[cfg.hidden_size], dtype, device)?;
-        Ok(Self {
-            weight,
-            eps: cfg.layernorm_epsilon as f32,
-        })
-    }
-
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(
             &x.contiguous()?,
@@ -141,46 +118,6 @@ struct SelfAttention {
 }
 
 impl SelfAttention {
-    fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        cfg: &Glm2Config,
-        q: Option<QuantType>,
-        tuning: &Tuning,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(Self {
-            query_key_value: Linear::load(
-                ckpt,
-                &format!("{p}.query_key_value"),
-                cfg.hidden_size,
-                cfg.qkv_size(),
-                cfg.add_bias_linear || cfg.add_qkv_bias,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            dense: Linear::load(
-                ckpt,
-                &format!("{p}.dense"),
-                cfg.projection_size(),
-                cfg.hidden_size,
-                cfg.add_bias_linear,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            num_heads: cfg.num_attention_heads,
-            num_groups: cfg.kv_groups(),
-            head_dim: cfg.kv_channels,
-        })
-    }
-
     /// `x`: `[1, n, hidden]`, the rows of several sequences one after another: `segments[i]` is
     /// `(first row, rows)` of sequence `i`, whose positions continue `caches[i]` and whose keys and
     /// values are appended to it. The projections run once over all rows; attention runs per
@@ -320,43 +257,6 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        cfg: &Glm2Config,
-        q: Option<QuantType>,
-        tuning: &Tuning,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(Self {
-            dense_h_to_4h: Linear::load(
-                ckpt,
-                &format!("{p}.dense_h_to_4h"),
-                cfg.hidden_size,
-                2 * cfg.ffn_hidden_size,
-                cfg.add_bias_linear,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            dense_4h_to_h: Linear::load(
-                ckpt,
-                &format!("{p}.dense_4h_to_h"),
-                cfg.ffn_hidden_size,
-                cfg.hidden_size,
-                cfg.add_bias_linear,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-        })
-    }
-
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     fn forward(&self, x: &Tensor, tuning: &Tuning) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
@@ -382,45 +282,6 @@ struct Block {
 }
 
 impl Block {
-    fn load(
-        ckpt: &Checkpoint,
-        i: usize,
-        cfg: &Glm2Config,
-        q: Option<QuantType>,
-        tuning: &Tuning,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        let p = format!("transformer.encoder.layers.{i}");
-        Ok(Self {
-            input_layernorm: RmsNorm::load(
-                ckpt,
-                &format!("{p}.input_layernorm"),
-                cfg,
-                dtype,
-                device,
-            )?,
-            self_attention: SelfAttention::load(
-                ckpt,
-                &format!("{p}.self_attention"),
-                cfg,
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            post_attention_layernorm: RmsNorm::load(
-                ckpt,
-                &format!("{p}.post_attention_layernorm"),
-                cfg,
-                dtype,
-                device,
-            )?,
-            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, q, tuning, dtype, device)?,
-            residual_post_layernorm: cfg.apply_residual_connection_post_layernorm,
-        })
-    }
-
     fn forward(
         &self,
         x: &Tensor,
@@ -486,113 +347,6 @@ pub struct Glm2Model {
 pub type ProgressFn<'a> = &'a dyn Fn(usize, usize);
 
 impl Glm2Model {
-    /// Build the model from an opened checkpoint on `devices`: the embedding on the first, the
-    /// layers split into equal consecutive runs over all of them, the output layer on the last.
-    pub fn load(
-        cfg: &Glm2Config,
-        ckpt: &Checkpoint,
-        dtype: DType,
-        devices: &[Device],
-        quantize: Option<QuantType>,
-        tuning: Tuning,
-        progress: Option<ProgressFn<'_>>,
-    ) -> Result<Self> {
-        let Some(device) = devices.first() else {
-            return Err(Error::invalid("no device to load the model on"));
-        };
-        // 16-bit models: the float32 attention products may use TF32 tensor cores (their
-        // inputs are 16-bit values already); float32 models keep full float32 products.
-        #[cfg(feature = "cuda")]
-        if device.is_cuda() {
-            candle_core::cuda::set_gemm_reduced_precision_f32(dtype != DType::F32);
-        }
-        let last_device = devices.last().expect("non-empty");
-        let layer_devices: Vec<Device> = (0..cfg.num_layers)
-            .map(|i| devices[i * devices.len() / cfg.num_layers.max(1)].clone())
-            .collect();
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(Error::invalid(format!(
-                "dtype {dtype:?} is not a float dtype the model runs in"
-            )));
-        }
-        let total = cfg.num_layers + 3;
-        let report = |done: usize| {
-            if let Some(p) = progress {
-                p(done, total)
-            }
-        };
-        let word_embeddings = ckpt.get(
-            "transformer.embedding.word_embeddings.weight",
-            &[cfg.padded_vocab_size, cfg.hidden_size],
-            dtype,
-            device,
-        )?;
-        report(1);
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for i in 0..cfg.num_layers {
-            layers.push(Block::load(
-                ckpt,
-                i,
-                cfg,
-                quantize,
-                &tuning,
-                dtype,
-                &layer_devices[i],
-            )?);
-            report(2 + i);
-        }
-        let final_layernorm = if cfg.post_layer_norm {
-            Some(RmsNorm::load(
-                ckpt,
-                "transformer.encoder.final_layernorm",
-                cfg,
-                dtype,
-                last_device,
-            )?)
-        } else {
-            None
-        };
-        let output_layer = Linear::load(
-            ckpt,
-            "transformer.output_layer",
-            cfg.hidden_size,
-            cfg.padded_vocab_size,
-            false,
-            None,
-            None,
-            &tuning,
-            dtype,
-            last_device,
-        )?;
-        report(total - 1);
-        let mut tables: Vec<(Device, RotaryEmbedding)> = vec![];
-        let mut rotary = Vec::with_capacity(cfg.num_layers);
-        for d in &layer_devices {
-            match tables.iter().find(|(td, _)| td.same_device(d)) {
-                Some((_, r)) => rotary.push(r.clone()),
-                None => {
-                    let r = RotaryEmbedding::new(cfg, dtype, d)?;
-                    tables.push((d.clone(), r.clone()));
-                    rotary.push(r);
-                }
-            }
-        }
-        report(total);
-        Ok(Self {
-            config: cfg.clone(),
-            dtype,
-            device: device.clone(),
-            word_embeddings,
-            rotary,
-            layers,
-            layer_devices,
-            final_layernorm,
-            output_layer,
-            prefix: None,
-            tuning,
-        })
-    }
-
     /// The same weights (shared, not copied) with other step-time switches
     /// ([`Tuning::fused`], [`Tuning::flash`], [`Tuning::cuda_graph`]); the load-time ones stay
     /// as loaded (see [`crate::tuning`]).
@@ -606,79 +360,6 @@ impl Glm2Model {
     /// The switches this model runs with.
     pub fn tuning(&self) -> &Tuning {
         &self.tuning
-    }
-
-    /// Every weight under its checkpoint name, for writing a GGUF file.
-    pub fn export(&self) -> Vec<(String, Exported)> {
-        let mut out = vec![(
-            "transformer.embedding.word_embeddings.weight".to_string(),
-            Exported::Dense(self.word_embeddings.clone()),
-        )];
-        let linear = |out: &mut Vec<(String, Exported)>, name: String, l: &Linear| {
-            let (w, b) = l.export();
-            out.push((format!("{name}.weight"), w));
-            if let Some(b) = b {
-                out.push((format!("{name}.bias"), Exported::Dense(b)));
-            }
-        };
-        for (i, b) in self.layers.iter().enumerate() {
-            let p = format!("transformer.encoder.layers.{i}");
-            out.push((
-                format!("{p}.input_layernorm.weight"),
-                Exported::Dense(b.input_layernorm.weight.clone()),
-            ));
-            linear(
-                &mut out,
-                format!("{p}.self_attention.query_key_value"),
-                &b.self_attention.query_key_value,
-            );
-            linear(
-                &mut out,
-                format!("{p}.self_attention.dense"),
-                &b.self_attention.dense,
-            );
-            out.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                Exported::Dense(b.post_attention_layernorm.weight.clone()),
-            ));
-            linear(
-                &mut out,
-                format!("{p}.mlp.dense_h_to_4h"),
-                &b.mlp.dense_h_to_4h,
-            );
-            linear(
-                &mut out,
-                format!("{p}.mlp.dense_4h_to_h"),
-                &b.mlp.dense_4h_to_h,
-            );
-        }
-        if let Some(n) = &self.final_layernorm {
-            out.push((
-                "transformer.encoder.final_layernorm.weight".to_string(),
-                Exported::Dense(n.weight.clone()),
-            ));
-        }
-        linear(
-            &mut out,
-            "transformer.output_layer".to_string(),
-            &self.output_layer,
-        );
-        out
-    }
-
-    /// Bytes held by the weights.
-    pub fn weight_bytes(&self) -> usize {
-        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let mut n = t(&self.word_embeddings) + self.output_layer.weight_bytes();
-        for b in &self.layers {
-            n += b.self_attention.query_key_value.weight_bytes()
-                + b.self_attention.dense.weight_bytes()
-                + b.mlp.dense_h_to_4h.weight_bytes()
-                + b.mlp.dense_4h_to_h.weight_bytes()
-                + t(&b.input_layernorm.weight)
-                + t(&b.post_attention_layernorm.weight);
-        }
-        n
     }
 
     /// Put a P-Tuning v2 prefix in front of every new cache (each layer's part moved to that

@@ -46,7 +46,7 @@ impl PyTokenizer {
     fn stream_decode(&self, ids: Vec<i64>) -> PyResult<Vec<String>> {
         let ids = to_ids(ids, "stream_decode")?;
         Ok(catch_panic(|| {
-            let mut ts = crate::TextStream::new();
+            let mut ts = crate::tokenizer::TextStream::new();
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
                 out.push(ts.push(&self.inner, id)?);
@@ -61,7 +61,7 @@ impl PyTokenizer {
     /// The official ChatGLM2 prompt: `[Round N]\n\n问：...\n\n答：`.
     #[pyo3(signature = (query, history = None))]
     fn build_prompt(&self, query: &str, history: Option<Vec<(String, String)>>) -> String {
-        crate::build_prompt(query, &history.unwrap_or_default())
+        crate::chat_format::build_prompt(query, &history.unwrap_or_default())
     }
 
     /// Prompt ids of a chat turn: ChatGLM3's `build_chat_input` (`[gMASK] sop`, each message as

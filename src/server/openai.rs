@@ -323,11 +323,16 @@ pub(crate) async fn collect(mut rx: Events, kind: Kind) -> ApiResult<(String, Do
                     },
                 ));
             }
-            Event::Error(m) => return Err(ApiError::from_engine(crate::Error::Internal(m), None)),
+            Event::Error(m) => {
+                return Err(ApiError::from_engine(
+                    crate::error::Error::Internal(m),
+                    None,
+                ))
+            }
         }
     }
     Err(ApiError::from_engine(
-        crate::Error::Internal("the engine dropped the request".into()),
+        crate::error::Error::Internal("the engine dropped the request".into()),
         None,
     ))
 }
@@ -421,7 +426,7 @@ impl StreamState {
                 self.ended = true;
             }
             Some(Event::Error(m)) => {
-                let e = ApiError::from_engine(crate::Error::Internal(m), None);
+                let e = ApiError::from_engine(crate::error::Error::Internal(m), None);
                 self.pending.push_back(e.body().to_string());
                 self.pending.push_back("[DONE]".into());
                 self.ended = true;

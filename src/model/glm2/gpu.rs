@@ -11,8 +11,10 @@ use crate::model::kv_cache::Cache;
 use crate::tuning::Tuning;
 use candle_core::{DType, Module, Tensor};
 
-/// The same on a GPU, where memory is scarcer and smaller blocks cost little time: 64 MiB of
-/// float32 scores (256 queries of chatglm2-6b at 2048 tokens).
+/// Longest query block whose attention scores are materialised at once during a GPU prefill
+/// without flash attention (the CPU's `ATTENTION_SCORE_BUDGET` is larger: memory is scarcer
+/// here and smaller blocks cost little time): 64 MiB of float32 scores (256 queries of
+/// chatglm2-6b at 2048 tokens).
 const GPU_ATTENTION_SCORE_BUDGET: usize = 16 << 20;
 
 /// A cache's CUDA graph state (kept in [`Cache`]'s attached slot; see `Glm2Model::graph_step`).
