@@ -11,148 +11,105 @@ use crate::quantize::{Bits, QuantType};
 use crate::tuning::Tuning;
 use candle_core::{DType, Device, Tensor};
 
-/// The official weight-only quantization of the four big linear layers of each block.
-fn quant_bits(cfg: &Glm2Config) -> Option<Bits> {
-    match cfg.quantization_bit {
-        8 => Some(Bits::Eight),
-        4 => Some(Bits::Four),
-        _ => None,
-    }
+/// What the loading of every layer shares: the checkpoint, the config and how weights are kept.
+struct Loader<'a> {
+    ckpt: &'a Checkpoint,
+    cfg: &'a Glm2Config,
+    quantize: Option<QuantType>,
+    tuning: &'a Tuning,
+    dtype: DType,
 }
 
-impl RmsNorm {
-    pub(super) fn load(
-        ckpt: &Checkpoint,
+impl Loader<'_> {
+    /// One of the four big linear layers of a block (`query_key_value`, `self_attention.dense`,
+    /// `dense_h_to_4h`, `dense_4h_to_h`): the official int8/int4 layout when the checkpoint has it
+    /// (`quantization_bit`), quantized while loading when asked.
+    fn block_linear(
+        &self,
         name: &str,
-        cfg: &Glm2Config,
-        dtype: DType,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
         device: &Device,
-    ) -> Result<Self> {
-        let weight = ckpt.get(&format!("{name}.weight"), &[cfg.hidden_size], dtype, device)?;
-        Ok(Self {
+    ) -> Result<Linear> {
+        let layout = match self.cfg.quantization_bit {
+            8 => Some(Bits::Eight),
+            4 => Some(Bits::Four),
+            _ => None,
+        };
+        Linear::load(
+            self.ckpt,
+            name,
+            in_dim,
+            out_dim,
+            bias,
+            layout,
+            self.quantize,
+            self.tuning,
+            self.dtype,
+            device,
+        )
+    }
+
+    /// `{name}.weight` of an RMSNorm over the hidden size.
+    fn norm(&self, name: &str, device: &Device) -> Result<RmsNorm> {
+        let weight = self.ckpt.get(
+            &format!("{name}.weight"),
+            &[self.cfg.hidden_size],
+            self.dtype,
+            device,
+        )?;
+        Ok(RmsNorm {
             weight,
-            eps: cfg.layernorm_epsilon as f32,
+            eps: self.cfg.layernorm_epsilon as f32,
         })
     }
-}
 
-impl SelfAttention {
-    pub(super) fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        cfg: &Glm2Config,
-        q: Option<QuantType>,
-        tuning: &Tuning,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(Self {
-            query_key_value: Linear::load(
-                ckpt,
-                &format!("{p}.query_key_value"),
-                cfg.hidden_size,
-                cfg.qkv_size(),
-                cfg.add_bias_linear || cfg.add_qkv_bias,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            dense: Linear::load(
-                ckpt,
-                &format!("{p}.dense"),
-                cfg.projection_size(),
-                cfg.hidden_size,
-                cfg.add_bias_linear,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            num_heads: cfg.num_attention_heads,
-            num_groups: cfg.kv_groups(),
-            head_dim: cfg.kv_channels,
-        })
-    }
-}
-
-impl Mlp {
-    pub(super) fn load(
-        ckpt: &Checkpoint,
-        p: &str,
-        cfg: &Glm2Config,
-        q: Option<QuantType>,
-        tuning: &Tuning,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(Self {
-            dense_h_to_4h: Linear::load(
-                ckpt,
-                &format!("{p}.dense_h_to_4h"),
-                cfg.hidden_size,
-                2 * cfg.ffn_hidden_size,
-                cfg.add_bias_linear,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            dense_4h_to_h: Linear::load(
-                ckpt,
-                &format!("{p}.dense_4h_to_h"),
-                cfg.ffn_hidden_size,
-                cfg.hidden_size,
-                cfg.add_bias_linear,
-                quant_bits(cfg),
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-        })
-    }
-}
-
-impl Block {
-    pub(super) fn load(
-        ckpt: &Checkpoint,
-        i: usize,
-        cfg: &Glm2Config,
-        q: Option<QuantType>,
-        tuning: &Tuning,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
+    /// `transformer.encoder.layers.{i}`.
+    fn block(&self, i: usize, device: &Device) -> Result<Block> {
+        let cfg = self.cfg;
         let p = format!("transformer.encoder.layers.{i}");
-        Ok(Self {
-            input_layernorm: RmsNorm::load(
-                ckpt,
-                &format!("{p}.input_layernorm"),
-                cfg,
-                dtype,
-                device,
-            )?,
-            self_attention: SelfAttention::load(
-                ckpt,
-                &format!("{p}.self_attention"),
-                cfg,
-                q,
-                tuning,
-                dtype,
-                device,
-            )?,
-            post_attention_layernorm: RmsNorm::load(
-                ckpt,
-                &format!("{p}.post_attention_layernorm"),
-                cfg,
-                dtype,
-                device,
-            )?,
-            mlp: Mlp::load(ckpt, &format!("{p}.mlp"), cfg, q, tuning, dtype, device)?,
+        let a = format!("{p}.self_attention");
+        let m = format!("{p}.mlp");
+        Ok(Block {
+            input_layernorm: self.norm(&format!("{p}.input_layernorm"), device)?,
+            self_attention: SelfAttention {
+                query_key_value: self.block_linear(
+                    &format!("{a}.query_key_value"),
+                    cfg.hidden_size,
+                    cfg.qkv_size(),
+                    cfg.add_bias_linear || cfg.add_qkv_bias,
+                    device,
+                )?,
+                dense: self.block_linear(
+                    &format!("{a}.dense"),
+                    cfg.projection_size(),
+                    cfg.hidden_size,
+                    cfg.add_bias_linear,
+                    device,
+                )?,
+                num_heads: cfg.num_attention_heads,
+                num_groups: cfg.kv_groups(),
+                head_dim: cfg.kv_channels,
+            },
+            post_attention_layernorm: self
+                .norm(&format!("{p}.post_attention_layernorm"), device)?,
+            mlp: Mlp {
+                dense_h_to_4h: self.block_linear(
+                    &format!("{m}.dense_h_to_4h"),
+                    cfg.hidden_size,
+                    2 * cfg.ffn_hidden_size,
+                    cfg.add_bias_linear,
+                    device,
+                )?,
+                dense_4h_to_h: self.block_linear(
+                    &format!("{m}.dense_4h_to_h"),
+                    cfg.ffn_hidden_size,
+                    cfg.hidden_size,
+                    cfg.add_bias_linear,
+                    device,
+                )?,
+            },
             residual_post_layernorm: cfg.apply_residual_connection_post_layernorm,
         })
     }
@@ -194,6 +151,13 @@ impl Glm2Model {
                 p(done, total)
             }
         };
+        let loader = Loader {
+            ckpt,
+            cfg,
+            quantize,
+            tuning: &tuning,
+            dtype,
+        };
         let word_embeddings = ckpt.get(
             "transformer.embedding.word_embeddings.weight",
             &[cfg.padded_vocab_size, cfg.hidden_size],
@@ -203,25 +167,11 @@ impl Glm2Model {
         report(1);
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            layers.push(Block::load(
-                ckpt,
-                i,
-                cfg,
-                quantize,
-                &tuning,
-                dtype,
-                &layer_devices[i],
-            )?);
+            layers.push(loader.block(i, &layer_devices[i])?);
             report(2 + i);
         }
         let final_layernorm = if cfg.post_layer_norm {
-            Some(RmsNorm::load(
-                ckpt,
-                "transformer.encoder.final_layernorm",
-                cfg,
-                dtype,
-                last_device,
-            )?)
+            Some(loader.norm("transformer.encoder.final_layernorm", last_device)?)
         } else {
             None
         };
