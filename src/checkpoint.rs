@@ -269,7 +269,23 @@ impl Checkpoint {
             let i = match shard_of_file.get(file.as_str()) {
                 Some(&i) => i,
                 None => {
-                    let path = dir.join(file);
+                    // a shard is a file of the model directory: a name with `..`, a root or a
+                    // drive would reach outside it (symbolic links inside it, as the Hugging
+                    // Face cache makes, are followed as usual)
+                    let rel = Path::new(file);
+                    if file.is_empty()
+                        || !rel
+                            .components()
+                            .all(|c| matches!(c, std::path::Component::Normal(_)))
+                    {
+                        return Err(Error::checkpoint(
+                            index_path,
+                            format!(
+                                "the shard of {tensor} is {file:?}: shards must be files of the model directory"
+                            ),
+                        ));
+                    }
+                    let path = dir.join(rel);
                     if !path.is_file() {
                         return Err(Error::checkpoint(
                             &path,

@@ -61,6 +61,10 @@ fn d_eos() -> TokenIds {
     TokenIds::One(2)
 }
 
+/// The longest context a config may declare (8x chatglm3-6b-128k's): the rotary tables are
+/// sized by it.
+pub const MAX_SEQ_LENGTH: usize = 1 << 20;
+
 /// The model configuration. Field names are the `config.json` keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Glm2Config {
@@ -215,6 +219,23 @@ impl Glm2Config {
                 return Err(unsupported(key, v, "must be positive"));
             }
         }
+        // Sane upper bounds, far above every model of the family (6B: 28 layers, hidden 4096,
+        // FFN 13696, 32 heads of 128, vocabulary 65024, context up to 131072): a value beyond
+        // them is a broken or hostile file, refused before anything is sized by it.
+        for (key, v, max) in [
+            ("num_layers", self.num_layers, 1 << 10),
+            ("padded_vocab_size", self.padded_vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("ffn_hidden_size", self.ffn_hidden_size, 1 << 18),
+            ("kv_channels", self.kv_channels, 1 << 12),
+            ("num_attention_heads", self.num_attention_heads, 1 << 10),
+            ("seq_length", self.seq_length, MAX_SEQ_LENGTH),
+            ("pre_seq_len", self.pre_seq_len.unwrap_or(0), 1 << 16),
+        ] {
+            if v > max {
+                return Err(unsupported(key, v, &format!("must be at most {max}")));
+            }
+        }
         if !self.rmsnorm {
             return Err(unsupported(
                 "rmsnorm",
@@ -328,6 +349,9 @@ mod tests {
             ("model_type", serde_json::json!("llama")),
             ("kv_channels", serde_json::json!(6)),
             ("rope_ratio", serde_json::json!(-1.0)),
+            ("seq_length", serde_json::json!(1_000_000_000_000u64)),
+            ("seq_length", serde_json::json!(100_000_000u64)),
+            ("num_layers", serde_json::json!(1u64 << 40)),
             ("fp32_residual_connection", serde_json::json!(true)),
         ] {
             let mut map: serde_json::Map<String, serde_json::Value> =

@@ -142,6 +142,232 @@ fn tensor_record(value: Object) -> Option<(String, PthDType, usize, Vec<usize>, 
     Some((key, dtype, offset, shape, stride))
 }
 
+/// The only globals a `torch.save`d state dict refers to: the tensor rebuild functions, the
+/// storage classes and `OrderedDict`. Anything else (`os.system`, a model class) is refused.
+fn allowed_global(module: &str, name: &str) -> bool {
+    match module {
+        "torch._utils" => matches!(
+            name,
+            "_rebuild_tensor_v2" | "_rebuild_parameter" | "_rebuild_parameter_with_state"
+        ),
+        "collections" => name == "OrderedDict",
+        "torch" => PthDType::from_storage(name).is_some(),
+        _ => false,
+    }
+}
+
+/// Largest `data.pkl` read (a 6B state dict's is about 100 KB).
+const MAX_PICKLE_BYTES: u64 = 256 << 20;
+
+/// Deepest nesting of containers a state dict pickle may have (a real one has about 5).
+const MAX_DEPTH: u32 = 64;
+
+/// Check a pickle before it is decoded: every opcode known, every length within the bytes that
+/// are left, containers nested at most [`MAX_DEPTH`] deep, only [`allowed_global`]s. The check
+/// runs the pickle machine on the nesting depth of each value instead of the values, so a
+/// hostile file costs at most one pass over its bytes (no deep recursion, no huge allocation).
+fn check_pickle(data: &[u8]) -> std::result::Result<(), String> {
+    // each stack entry: (nesting depth, text of a pushed string, for STACK_GLOBAL)
+    let mut stack: Vec<(u32, Option<String>)> = vec![];
+    let mut marks: Vec<usize> = vec![];
+    let mut memo: HashMap<u64, u32> = HashMap::new();
+    let mut pos = 0usize;
+    let take = |pos: &mut usize, n: usize| -> std::result::Result<&[u8], String> {
+        if n > data.len() - *pos {
+            return Err(format!(
+                "a length of {n} bytes at offset {} runs past the pickle",
+                *pos
+            ));
+        }
+        let out = &data[*pos..*pos + n];
+        *pos += n;
+        Ok(out)
+    };
+    let uint = |b: &[u8]| b.iter().rev().fold(0u64, |a, &x| (a << 8) | x as u64);
+    let line = |pos: &mut usize| -> std::result::Result<String, String> {
+        let rest = &data[*pos..];
+        let n = rest
+            .iter()
+            .position(|&c| c == b'\n')
+            .ok_or("an unterminated text argument")?;
+        *pos += n + 1;
+        Ok(String::from_utf8_lossy(&rest[..n]).into_owned())
+    };
+    fn pop(
+        stack: &mut Vec<(u32, Option<String>)>,
+    ) -> std::result::Result<(u32, Option<String>), String> {
+        stack.pop().ok_or_else(|| "stack underflow".to_string())
+    }
+    fn to_mark(
+        stack: &mut Vec<(u32, Option<String>)>,
+        marks: &mut Vec<usize>,
+    ) -> std::result::Result<u32, String> {
+        let m = marks.pop().ok_or("no mark")?;
+        if m > stack.len() {
+            return Err("mark beyond the stack".into());
+        }
+        Ok(stack.drain(m..).map(|(d, _)| d).max().unwrap_or(0))
+    }
+    let nest = |d: u32| -> std::result::Result<u32, String> {
+        if d + 1 > MAX_DEPTH {
+            Err(format!("containers nested deeper than {MAX_DEPTH}"))
+        } else {
+            Ok(d + 1)
+        }
+    };
+    // a container on top of the stack takes in items of depth `d`
+    let grow =
+        |stack: &mut Vec<(u32, Option<String>)>, d: u32| -> std::result::Result<(), String> {
+            let top = stack.last_mut().ok_or("stack underflow")?;
+            top.0 = top.0.max(nest(d)?);
+            top.1 = None;
+            Ok(())
+        };
+    loop {
+        let op = *take(&mut pos, 1)?.first().expect("one byte");
+        match op {
+            b'.' => return Ok(()),            // STOP
+            0x80 => drop(take(&mut pos, 1)?), // PROTO
+            0x95 => drop(take(&mut pos, 8)?), // FRAME
+            b'K' | b'M' | b'J' | b'G' => {
+                let n = match op {
+                    b'K' => 1,
+                    b'M' => 2,
+                    b'J' => 4,
+                    _ => 8,
+                };
+                take(&mut pos, n)?;
+                stack.push((0, None));
+            }
+            b'I' | b'L' | b'F' | b'S' => {
+                line(&mut pos)?;
+                stack.push((0, None));
+            }
+            b'V' => {
+                let t = line(&mut pos)?;
+                stack.push((0, Some(t)));
+            }
+            0x8a | 0x8b | b'T' | b'U' | b'B' | b'C' | 0x8e | 0x96 | 0x8c | b'X' | 0x8d => {
+                // LONG1 LONG4 BINSTRING SHORT_BINSTRING BINBYTES SHORT_BINBYTES BINBYTES8
+                // BYTEARRAY8 SHORT_BINUNICODE BINUNICODE BINUNICODE8: a length, then the bytes
+                let width = match op {
+                    0x8a | b'U' | b'C' | 0x8c => 1,
+                    0x8b | b'T' | b'B' | b'X' => 4,
+                    _ => 8,
+                };
+                let n = uint(take(&mut pos, width)?);
+                let n = usize::try_from(n).map_err(|_| format!("a length of {n} bytes"))?;
+                let bytes = take(&mut pos, n)?;
+                let text = matches!(op, 0x8c | b'X' | 0x8d)
+                    .then(|| String::from_utf8_lossy(bytes).into_owned());
+                stack.push((0, text));
+            }
+            b'N' | 0x88 | 0x89 => stack.push((0, None)),
+            b']' | b')' | b'}' | 0x8f => stack.push((1, None)),
+            b'(' => marks.push(stack.len()),
+            b't' | b'l' | b'd' | 0x91 => {
+                let d = to_mark(&mut stack, &mut marks)?;
+                stack.push((nest(d)?, None));
+            }
+            0x85 | 0x86 | 0x87 => {
+                let n = (op - 0x84) as usize;
+                let mut d = 0;
+                for _ in 0..n {
+                    d = d.max(pop(&mut stack)?.0);
+                }
+                stack.push((nest(d)?, None));
+            }
+            b'a' => {
+                let (d, _) = pop(&mut stack)?;
+                grow(&mut stack, d)?;
+            }
+            b's' => {
+                let (v, _) = pop(&mut stack)?;
+                let (k, _) = pop(&mut stack)?;
+                grow(&mut stack, v.max(k))?;
+            }
+            b'e' | b'u' | 0x90 => {
+                let d = to_mark(&mut stack, &mut marks)?;
+                grow(&mut stack, d)?;
+            }
+            b'0' => drop(pop(&mut stack)?),
+            b'1' => drop(to_mark(&mut stack, &mut marks)?),
+            b'2' => {
+                let top = stack.last().cloned().ok_or("stack underflow")?;
+                stack.push(top);
+            }
+            b'g' | b'h' | b'j' => {
+                let key = match op {
+                    b'g' => line(&mut pos)?
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| "a bad memo key")?,
+                    b'h' => uint(take(&mut pos, 1)?),
+                    _ => uint(take(&mut pos, 4)?),
+                };
+                let d = *memo.get(&key).ok_or("a memo key used before it was set")?;
+                stack.push((d, None));
+            }
+            b'p' | b'q' | b'r' | 0x94 => {
+                let key = match op {
+                    b'p' => line(&mut pos)?
+                        .trim()
+                        .parse::<u64>()
+                        .map_err(|_| "a bad memo key")?,
+                    b'q' => uint(take(&mut pos, 1)?),
+                    b'r' => uint(take(&mut pos, 4)?),
+                    _ => memo.len() as u64,
+                };
+                let d = stack.last().ok_or("stack underflow")?.0;
+                memo.insert(key, d);
+            }
+            b'c' => {
+                let module = line(&mut pos)?;
+                let name = line(&mut pos)?;
+                if !allowed_global(&module, &name) {
+                    return Err(format!(
+                        "it refers to {module}.{name}, which a state dict never needs"
+                    ));
+                }
+                stack.push((0, None));
+            }
+            0x93 => {
+                let (_, name) = pop(&mut stack)?;
+                let (_, module) = pop(&mut stack)?;
+                match (module, name) {
+                    (Some(m), Some(n)) if allowed_global(&m, &n) => stack.push((0, None)),
+                    (m, n) => {
+                        return Err(format!(
+                            "it refers to {}.{}, which a state dict never needs",
+                            m.unwrap_or_default(),
+                            n.unwrap_or_default()
+                        ))
+                    }
+                }
+            }
+            b'R' | 0x81 => {
+                let (a, _) = pop(&mut stack)?;
+                let (c, _) = pop(&mut stack)?;
+                stack.push((nest(a.max(c))?, None));
+            }
+            b'b' => {
+                let (d, _) = pop(&mut stack)?;
+                grow(&mut stack, d)?;
+            }
+            b'Q' => {
+                let (d, _) = pop(&mut stack)?;
+                stack.push((nest(d)?, None));
+            }
+            _ => {
+                return Err(format!(
+                    "opcode 0x{op:02x} at offset {} is not one a state dict uses",
+                    pos - 1
+                ))
+            }
+        }
+    }
+}
+
 /// The tensors of a PyTorch checkpoint archive, by name.
 pub fn read_index(path: &Path) -> Result<HashMap<String, PthTensor>> {
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -157,11 +383,26 @@ pub fn read_index(path: &Path) -> Result<HashMap<String, PthTensor>> {
         .ok_or_else(|| bad(path, "no data.pkl in the archive"))?;
     let dir = pkl.trim_end_matches("data.pkl").to_string();
     let obj = {
+        let mut entry = zip.by_name(&pkl).map_err(|e| bad(path, e))?;
+        // a state dict's pickle is a few hundred bytes per tensor
+        if entry.size() > MAX_PICKLE_BYTES {
+            return Err(Error::checkpoint(
+                path,
+                format!(
+                    "{pkl} is {} bytes, more than a state dict's pickle",
+                    entry.size()
+                ),
+            ));
+        }
         let mut bytes = vec![];
-        zip.by_name(&pkl)
-            .map_err(|e| bad(path, e))?
+        entry
+            .by_ref()
+            .take(MAX_PICKLE_BYTES)
             .read_to_end(&mut bytes)
             .map_err(|e| bad(path, e))?;
+        check_pickle(&bytes).map_err(|e| {
+            Error::checkpoint(path, format!("{pkl} is not a PyTorch state dict: {e}"))
+        })?;
         let mut stack = Stack::empty();
         stack
             .read_loop(&mut std::io::Cursor::new(bytes))
@@ -169,18 +410,6 @@ pub fn read_index(path: &Path) -> Result<HashMap<String, PthTensor>> {
         stack
             .finalize()
             .map_err(|e| bad(path, format!("pickle: {e}")))?
-    };
-    let obj = match obj {
-        Object::Build { callable, args } => match *callable {
-            Object::Reduce { callable, .. } if matches!(&*callable, Object::Class { class_name, .. } if class_name == "Module") => {
-                *args
-            }
-            other => Object::Build {
-                callable: Box::new(other),
-                args,
-            },
-        },
-        o => o,
     };
     let Object::Dict(items) = obj else {
         return Err(bad(path, "the pickle is not a state dict"));

@@ -2,18 +2,72 @@
 //! every generating method (defaults from [`GenerationDefaults`]).
 
 use super::errors::InvalidArgumentError;
-use crate::error::Error;
 use crate::generate::{GenerationConfig, GenerationDefaults};
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 
-/// Python ints as token ids; a negative or too large one is an `InvalidArgumentError` naming `what`.
-pub(super) fn to_ids(ids: Vec<i64>, what: &str) -> Result<Vec<u32>, Error> {
-    ids.into_iter()
-        .map(|i| {
-            u32::try_from(i)
-                .map_err(|_| Error::invalid(format!("{what}: {i} is not a valid token id")))
+/// Token ids from a Python sequence of ints. A str, a non-int item or an int outside u32 (negative,
+/// or 2**64 and beyond, which the plain conversion would raise as `OverflowError`) is an
+/// `InvalidArgumentError` naming `what`.
+pub(super) fn ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u32>> {
+    let not_ids = || InvalidArgumentError::new_err(format!("{what} must be a list of token ids"));
+    if obj.is_instance_of::<PyString>() || obj.is_instance_of::<PyBytes>() {
+        return Err(not_ids());
+    }
+    obj.try_iter()
+        .map_err(|_| not_ids())?
+        .map(|item| {
+            let item = item?;
+            match item.extract::<u32>() {
+                Ok(id) if !item.is_instance_of::<PyBool>() => Ok(id),
+                _ => Err(InvalidArgumentError::new_err(format!(
+                    "{what}: {} is not a valid token id",
+                    item.repr().map(|r| r.to_string()).unwrap_or_default()
+                ))),
+            }
         })
+        .collect()
+}
+
+/// Several id lists (`ids` for each).
+pub(super) fn id_lists(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<Vec<u32>>> {
+    obj.try_iter()
+        .map_err(|_| InvalidArgumentError::new_err(format!("{what} must be a list of id lists")))?
+        .map(|item| ids(&item?, what))
+        .collect()
+}
+
+/// Text from a Python str. A str that is not valid Unicode text (a lone surrogate, which the
+/// plain conversion would raise as `UnicodeEncodeError`) is an `InvalidArgumentError` naming
+/// `what`; anything but a str is a `TypeError` naming it.
+pub(super) fn text(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    let s = obj.cast::<PyString>().map_err(|_| {
+        PyTypeError::new_err(format!(
+            "{what} must be a str, not {}",
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        ))
+    })?;
+    s.to_str().map(str::to_string).map_err(|_| {
+        InvalidArgumentError::new_err(format!(
+            "{what} is not valid Unicode text (it holds a lone surrogate)"
+        ))
+    })
+}
+
+/// Several texts (`text` for each).
+pub(super) fn texts(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<String>> {
+    if obj.is_instance_of::<PyString>() {
+        return Err(PyTypeError::new_err(format!(
+            "{what} must be a list of str"
+        )));
+    }
+    obj.try_iter()
+        .map_err(|_| PyTypeError::new_err(format!("{what} must be a list of str")))?
+        .map(|item| text(&item?, what))
         .collect()
 }
 
@@ -63,8 +117,7 @@ pub(super) fn gen_config(
                 cfg.sampling.seed = if v.is_none() { None } else { Some(v.extract::<u64>().map_err(|_| bad(&key, &v))?) }
             }
             "stop_token_ids" => {
-                let ids: Vec<i64> = if v.is_none() { vec![] } else { v.extract().map_err(|_| bad(&key, &v))? };
-                cfg.stop_token_ids = to_ids(ids, "stop_token_ids")?;
+                cfg.stop_token_ids = if v.is_none() { vec![] } else { ids(&v, "stop_token_ids")? };
             }
             "stop" => {
                 cfg.stop_strings = if v.is_none() {

@@ -1,7 +1,7 @@
 //! Chat from Python: `glm2rs.ChatStreamer` (one-shot `stream_chat`), `glm2rs.ChatSession` and
 //! `glm2rs.ChatTurn` (a conversation keeping its KV cache), and history conversions.
 
-use super::args::gen_config;
+use super::args::{gen_config, text};
 use super::errors::InvalidArgumentError;
 use crate::chat_format::{ChatFormat, Message};
 use crate::error::{catch_panic, Error};
@@ -189,9 +189,10 @@ impl PyChatSession {
     fn send(
         &self,
         py: Python<'_>,
-        query: &str,
+        query: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyChatTurn> {
+        let query = text(query, "query")?;
         let cfg = gen_config(
             kwargs,
             GenerationDefaults {
@@ -214,7 +215,7 @@ impl PyChatSession {
     fn chat(
         &self,
         py: Python<'_>,
-        query: &str,
+        query: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
         let mut turn = self.send(py, query, kwargs)?;

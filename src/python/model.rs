@@ -1,14 +1,14 @@
 //! `glm2rs.Model`: loading (a local directory or GGUF file: hub ids are resolved by the Python
 //! package before this is called), logits, generation and the chat entry points.
 
-use super::args::{gen_config, to_ids};
+use super::args::{gen_config, id_lists, ids, text, texts};
 use super::chat::{cap_max_length, history_to_py, messages_from_py, PyChatSession, PyChatStream};
 use super::errors::InvalidArgumentError;
 use super::stream::PyStream;
 use super::tokenizer::PyTokenizer;
 use crate::chat_format::Message;
 use crate::device::{dtype_name, parse_devices, parse_dtype};
-use crate::error::{catch_panic, Error};
+use crate::error::catch_panic;
 use crate::generate::GenerationDefaults;
 use crate::pipeline::{LoadOptions, Model};
 use crate::session::{ChatSession, ChatStream};
@@ -189,8 +189,12 @@ impl PyModel {
     }
 
     /// float32 logits `[len(input_ids), vocab]` of every position, in a fresh context.
-    fn logits<'py>(&self, py: Python<'py>, input_ids: Vec<i64>) -> PyResult<Bound<'py, PyAny>> {
-        let ids = to_ids(input_ids, "input_ids")?;
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        input_ids: &Bound<'_, PyAny>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let ids = ids(input_ids, "input_ids")?;
         let model = self.inner.clone();
         let (data, rows, cols) = py.detach(move || {
             catch_panic(|| {
@@ -209,10 +213,10 @@ impl PyModel {
     fn generate_ids(
         &self,
         py: Python<'_>,
-        input_ids: Vec<i64>,
+        input_ids: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<u32>> {
-        let ids = to_ids(input_ids, "input_ids")?;
+        let ids = ids(input_ids, "input_ids")?;
         let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
         let model = self.inner.clone();
         Ok(py.detach(move || catch_panic(|| model.generate_ids(&ids, &cfg)))?)
@@ -223,12 +227,12 @@ impl PyModel {
     fn stream(
         &self,
         py: Python<'_>,
-        prompt: &str,
+        prompt: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyStream> {
+        let prompt = text(prompt, "prompt")?;
         let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
         let model = self.inner.clone();
-        let prompt = prompt.to_string();
         let gen = py.detach(move || catch_panic(|| model.generator_for_prompt(&prompt, &cfg)))?;
         Ok(PyStream::new(gen))
     }
@@ -238,10 +242,10 @@ impl PyModel {
     fn stream_ids(
         &self,
         py: Python<'_>,
-        input_ids: Vec<i64>,
+        input_ids: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyStream> {
-        let ids = to_ids(input_ids, "input_ids")?;
+        let ids = ids(input_ids, "input_ids")?;
         let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
         let model = self.inner.clone();
         let gen = py.detach(move || catch_panic(|| model.generator(ids, &cfg)))?;
@@ -253,12 +257,12 @@ impl PyModel {
     fn generate(
         &self,
         py: Python<'_>,
-        prompt: &str,
+        prompt: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
+        let prompt = text(prompt, "prompt")?;
         let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
         let model = self.inner.clone();
-        let prompt = prompt.to_string();
         Ok(py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?)
     }
 
@@ -268,9 +272,10 @@ impl PyModel {
     fn generate_batch(
         &self,
         py: Python<'_>,
-        prompts: Vec<String>,
+        prompts: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<String>> {
+        let prompts = texts(prompts, "prompts")?;
         let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
         let model = self.inner.clone();
         Ok(py.detach(move || catch_panic(|| model.generate_batch(&prompts, &cfg)))?)
@@ -281,13 +286,10 @@ impl PyModel {
     fn generate_batch_ids(
         &self,
         py: Python<'_>,
-        input_ids: Vec<Vec<i64>>,
+        input_ids: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Vec<Vec<u32>>> {
-        let ids = input_ids
-            .into_iter()
-            .map(|v| to_ids(v, "input_ids"))
-            .collect::<Result<Vec<_>, Error>>()?;
+        let ids = id_lists(input_ids, "input_ids")?;
         let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
         let model = self.inner.clone();
         Ok(py.detach(move || catch_panic(|| model.generate_batch_ids(&ids, &cfg)))?)
@@ -299,13 +301,10 @@ impl PyModel {
     fn last_logits<'py>(
         &self,
         py: Python<'py>,
-        input_ids: Vec<Vec<i64>>,
+        input_ids: &Bound<'_, PyAny>,
         batch_size: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let ids = input_ids
-            .into_iter()
-            .map(|v| to_ids(v, "input_ids"))
-            .collect::<Result<Vec<_>, Error>>()?;
+        let ids = id_lists(input_ids, "input_ids")?;
         let model = self.inner.clone();
         let rows = py.detach(move || catch_panic(|| model.last_logits_batch(&ids, batch_size)))?;
         let n = rows.len();
@@ -346,10 +345,11 @@ impl PyModel {
     fn chat<'py>(
         &self,
         py: Python<'py>,
-        query: &str,
+        query: &Bound<'py, PyAny>,
         history: Option<Bound<'py, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<(String, Bound<'py, PyList>)> {
+        let query = &text(query, "query")?;
         let mut cfg = gen_config(kwargs, GenerationDefaults::CHAT)?;
         cap_max_length(&mut cfg, &self.inner);
         let mut msgs = messages_from_py(history.as_ref())?;
@@ -372,10 +372,11 @@ impl PyModel {
     fn stream_chat(
         &self,
         py: Python<'_>,
-        query: &str,
+        query: &Bound<'_, PyAny>,
         history: Option<Bound<'_, PyAny>>,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyChatStream> {
+        let query = &text(query, "query")?;
         let mut cfg = gen_config(kwargs, GenerationDefaults::CHAT)?;
         cap_max_length(&mut cfg, &self.inner);
         let msgs = messages_from_py(history.as_ref())?;

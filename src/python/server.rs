@@ -1,5 +1,6 @@
 //! `glm2rs.Server`: the HTTP server (feature `server`) on a background runtime.
 
+use super::errors::InvalidArgumentError;
 use super::model::PyModel;
 use crate::error::catch_panic;
 use pyo3::prelude::*;
@@ -21,12 +22,15 @@ impl PyServer {
         py: Python<'_>,
         model: &PyModel,
         host: &str,
-        port: u16,
+        port: i64,
         api_key: Option<String>,
         model_name: Option<String>,
         max_batch: usize,
         max_queue: usize,
     ) -> PyResult<Self> {
+        let port = u16::try_from(port).map_err(|_| {
+            InvalidArgumentError::new_err(format!("port must be in 0..=65535, got {port}"))
+        })?;
         let name = model_name.unwrap_or_else(|| {
             model
                 .inner

@@ -1,6 +1,6 @@
 //! `glm2rs.Tokenizer`.
 
-use super::args::to_ids;
+use super::args;
 use super::chat::messages_from_py;
 use crate::chat_format::Message;
 use crate::error::catch_panic;
@@ -29,22 +29,27 @@ impl PyTokenizer {
 
     /// Token ids of `text`; with `add_special_tokens`, `[gMASK] sop` come first.
     #[pyo3(signature = (text, add_special_tokens = true))]
-    fn encode(&self, py: Python<'_>, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+    fn encode(
+        &self,
+        py: Python<'_>,
+        text: &Bound<'_, PyAny>,
+        add_special_tokens: bool,
+    ) -> PyResult<Vec<u32>> {
         let tok = self.inner.clone();
-        let text = text.to_string();
+        let text = args::text(text, "text")?;
         Ok(py.detach(|| catch_panic(|| tok.encode(&text, add_special_tokens)))?)
     }
 
     /// Text of `ids`; special ids and ids unknown to the tokenizer decode to nothing.
-    fn decode(&self, ids: Vec<i64>) -> PyResult<String> {
-        let ids = to_ids(ids, "decode")?;
+    fn decode(&self, ids: &Bound<'_, PyAny>) -> PyResult<String> {
+        let ids = args::ids(ids, "ids")?;
         Ok(catch_panic(|| self.inner.decode(&ids))?)
     }
 
     /// The text pieces a stream emits for `ids`, one entry per id (empty while a character is
     /// incomplete); they join to exactly `decode(ids)`.
-    fn stream_decode(&self, ids: Vec<i64>) -> PyResult<Vec<String>> {
-        let ids = to_ids(ids, "stream_decode")?;
+    fn stream_decode(&self, ids: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+        let ids = args::ids(ids, "ids")?;
         Ok(catch_panic(|| {
             let mut ts = crate::tokenizer::TextStream::new();
             let mut out = Vec::with_capacity(ids.len());
@@ -60,8 +65,16 @@ impl PyTokenizer {
 
     /// The official ChatGLM2 prompt: `[Round N]\n\n问：...\n\n答：`.
     #[pyo3(signature = (query, history = None))]
-    fn build_prompt(&self, query: &str, history: Option<Vec<(String, String)>>) -> String {
-        crate::chat_format::build_prompt(query, &history.unwrap_or_default())
+    fn build_prompt(
+        &self,
+        query: &Bound<'_, PyAny>,
+        history: Option<Vec<(String, String)>>,
+    ) -> PyResult<String> {
+        let query = args::text(query, "query")?;
+        Ok(crate::chat_format::build_prompt(
+            &query,
+            &history.unwrap_or_default(),
+        ))
     }
 
     /// Prompt ids of a chat turn: ChatGLM3's `build_chat_input` (`[gMASK] sop`, each message as
@@ -70,12 +83,13 @@ impl PyTokenizer {
     #[pyo3(signature = (query, history = None, role = "user"))]
     fn build_chat_input(
         &self,
-        query: &str,
+        query: &Bound<'_, PyAny>,
         history: Option<Bound<'_, PyAny>>,
         role: &str,
     ) -> PyResult<Vec<u32>> {
+        let query = args::text(query, "query")?;
         let msgs = messages_from_py(history.as_ref())?;
-        let q = Message::new(role, query);
+        let q = Message::new(role, &query);
         Ok(catch_panic(|| {
             crate::chat_format::chat_prompt_ids(&self.inner, &q, &msgs)
         })?)

@@ -1,0 +1,156 @@
+"""Hostile files and arguments (issue #17, the loader and argument items): each gives a clear
+glm2rs error instead of a crash, an abort, a silent load or a bare Python conversion error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import glm2rs
+
+
+def model_dir_with_pickle(tmp_path, fx, pkl: bytes):
+    """A copy of the fixture's config and tokenizer with one `pytorch_model.bin` holding `pkl`."""
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(fx / "model" / f, d / f)
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", pkl)
+        z.writestr("archive/version", "3\n")
+    return d
+
+
+def load_in_child(path, memory_limit: int | None = None) -> subprocess.CompletedProcess:
+    """Load in a fresh interpreter, so that a crash (SIGSEGV, abort) fails the test instead of
+    killing the test run; prints the error class and message. `memory_limit`: the child's
+    address-space limit in bytes (an operator's container limit)."""
+
+    def limit():
+        if memory_limit:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    code = ("import glm2rs, sys\n"
+            "try:\n"
+            f"    glm2rs.Model.from_pretrained({str(path)!r}, dtype='float32', progress=False)\n"
+            "    print('LOADED')\n"
+            "except glm2rs.Glm2Error as e:\n"
+            "    print(type(e).__name__, e)\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit)
+
+
+def test_deeply_nested_pickle_is_refused_not_a_stack_overflow(tmp_path, fx):
+    n = 200_000  # ~400 KB: EMPTY_LIST n times, then APPEND n-1 times nests them n deep
+    pkl = b"\x80\x02" + b"]" * n + b"a" * (n - 1) + b"."
+    r = load_in_child(model_dir_with_pickle(tmp_path, fx, pkl))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("CheckpointError") and "nested deeper" in r.stdout, r.stdout
+
+
+def test_huge_string_length_is_refused_not_allocated(tmp_path, fx):
+    pkl = b"\x80\x02X" + struct.pack("<I", 0xFFFFFFF0) + b"abc."  # a 4 GiB string claimed
+    r = load_in_child(model_dir_with_pickle(tmp_path, fx, pkl), memory_limit=3 << 30)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("CheckpointError") and "runs past the pickle" in r.stdout, r.stdout
+
+
+def test_shard_with_a_foreign_global_is_refused(tmp_path, fx):
+    """A real shard with one more entry whose value is `os.system("true")`: never executed, and
+    now refused (only the tensor rebuild functions, storages and OrderedDict are legitimate)."""
+    src = fx / "ptuning-checkpoint" / "pytorch_model.bin"
+    with zipfile.ZipFile(src) as z:
+        names = z.namelist()
+        pkl_name = next(n for n in names if n.endswith("data.pkl"))
+        pkl = z.read(pkl_name)
+        files = {n: z.read(n) for n in names}
+    assert pkl.endswith(b".")
+
+    def uni(s: bytes) -> bytes:
+        return b"X" + struct.pack("<I", len(s)) + s
+
+    evil = uni(b"evil") + b"cposix\nsystem\n" + uni(b"true") + b"\x85R" + b"s"
+    files[pkl_name] = pkl[:-1] + evil + b"."
+    d = tmp_path / "p"
+    d.mkdir()
+    (d / "config.json").write_text((fx / "ptuning-checkpoint" / "config.json").read_text())
+    with zipfile.ZipFile(d / "pytorch_model.bin", "w", zipfile.ZIP_STORED) as z:
+        for n, b in files.items():
+            z.writestr(n, b)
+    with pytest.raises(glm2rs.CheckpointError, match=r"posix\.system"):
+        glm2rs.Model.from_pretrained(str(fx / "model"), dtype="float32", prefix_checkpoint=str(d))
+    # the untouched shard still loads
+    glm2rs.Model.from_pretrained(str(fx / "model"), dtype="float32", prefix_checkpoint=str(fx / "ptuning-checkpoint"))
+
+
+def test_index_cannot_point_outside_the_model_directory(tmp_path, fx):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(fx / "model-safetensors" / "model.safetensors", outside / "model.safetensors")
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in ("config.json", "tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(fx / "model" / f, d / f)
+    from safetensors.numpy import load_file
+
+    names = list(load_file(str(outside / "model.safetensors")))
+    for target in ("../outside/model.safetensors", str(outside / "model.safetensors")):
+        (d / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": {n: target for n in names}}))
+        with pytest.raises(glm2rs.CheckpointError, match="files of the model directory"):
+            glm2rs.Model.from_pretrained(str(d), dtype="float32")
+
+
+@pytest.mark.parametrize("value", [10**12, 10**8])
+def test_absurd_context_is_a_config_error_not_an_allocation(tmp_path, fx, value):
+    d = tmp_path / "m"
+    shutil.copytree(fx / "model-safetensors", d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(cfg, seq_length=value)))
+    r = load_in_child(d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("ConfigError") and "seq_length" in r.stdout, r.stdout
+
+
+def test_ids_beyond_any_integer_type_name_the_argument(model):
+    tok = model.tokenizer
+    for call, arg in [(lambda: model.logits([2**64]), "input_ids"),
+                      (lambda: model.generate_ids([64790, 2**70], max_new_tokens=1), "input_ids"),
+                      (lambda: model.generate_batch_ids([[1], [-1]], max_new_tokens=1), "input_ids"),
+                      (lambda: tok.decode([2**64]), "ids"),
+                      (lambda: model.generate_ids([1], max_new_tokens=1, stop_token_ids=[2**65]), "stop_token_ids")]:
+        with pytest.raises(glm2rs.InvalidArgumentError, match=arg):
+            call()
+    with pytest.raises(glm2rs.InvalidArgumentError, match="input_ids"):
+        model.logits("你好")  # a str is not a list of ids
+
+
+def test_lone_surrogates_name_the_argument(model):
+    bad = "hi \ud800 there"
+    tok = model.tokenizer
+    for call, arg in [(lambda: tok.encode(bad), "text"),
+                      (lambda: model.stream(bad), "prompt"),
+                      (lambda: model.generate(bad, max_new_tokens=1), "prompt"),
+                      (lambda: model.generate_batch(["ok", bad], max_new_tokens=1), "prompts"),
+                      (lambda: model.chat(bad, max_new_tokens=1), "query"),
+                      (lambda: model.start_chat().chat(bad, max_new_tokens=1), "query"),
+                      (lambda: tok.build_prompt(bad), "query")]:
+        with pytest.raises(glm2rs.InvalidArgumentError, match=arg):
+            call()
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        model.stream(42)
+
+
+@pytest.mark.parametrize("port", [70000, -1])
+def test_server_port_out_of_range_names_it(model, port):
+    with pytest.raises(glm2rs.InvalidArgumentError, match="port"):
+        glm2rs.Server(model, port=port)
