@@ -154,3 +154,89 @@ def test_lone_surrogates_name_the_argument(model):
 def test_server_port_out_of_range_names_it(model, port):
     with pytest.raises(glm2rs.InvalidArgumentError, match="port"):
         glm2rs.Server(model, port=port)
+
+
+# --- the HTTP server -------------------------------------------------------------------------
+
+def request(srv, method, path, body=None, headers=None):
+    import http.client
+
+    c = http.client.HTTPConnection(srv.host, srv.port, timeout=60)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body)
+    c.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = c.getresponse()
+    out = r.status, r.getheader("Content-Type") or "", r.read()
+    c.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def srv(model):
+    with glm2rs.Server(model, port=0, model_name="tiny") as s:
+        yield s
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "auto"),
+    ("functions", [{"name": "f", "parameters": {}}]),
+    ("response_format", {"type": "json_object"}),
+    ("logprobs", True),
+    ("top_logprobs", 2),
+])
+def test_unsupported_chat_fields_are_refused_by_name(srv, field, value):
+    status, _, body = request(srv, "POST", "/v1/chat/completions", dict(CHAT, **{field: value}))
+    assert status == 400, body
+    assert json.loads(body)["error"]["param"] == field
+
+
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", "end"), ("logprobs", 3)])
+def test_unsupported_completion_fields_are_refused_by_name(srv, field, value):
+    status, _, body = request(srv, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2, field: value})
+    assert status == 400, body
+    assert json.loads(body)["error"]["param"] == field
+
+
+def test_off_values_of_those_fields_still_pass(srv):
+    status, _, body = request(srv, "POST", "/v1/chat/completions",
+                              dict(CHAT, tools=[], logprobs=False, tool_choice="none", response_format={"type": "text"}))
+    assert status == 200, body
+
+
+def test_stop_lists_are_bounded(srv):
+    status, _, body = request(srv, "POST", "/v1/chat/completions", dict(CHAT, stop=[f"s{i}" for i in range(17)]))
+    assert status == 400 and json.loads(body)["error"]["param"] == "stop"
+    status, _, body = request(srv, "POST", "/v1/chat/completions", dict(CHAT, stop=["x" * 2000]))
+    assert status == 400 and json.loads(body)["error"]["param"] == "stop"
+
+
+def test_max_length_zero_has_a_short_message(srv):
+    status, _, body = request(srv, "POST", "/", {"prompt": "hi", "max_length": 0})
+    err = json.loads(body)["error"]
+    assert status == 400 and err["param"] == "max_length" and len(err["message"]) < 100, err
+
+
+@pytest.mark.parametrize("method, path, body, status", [
+    ("POST", "/v1/chat/completions", b"x" * (3 << 20), 413),
+    ("GET", "/v1/chat/completions", None, 405),
+    ("DELETE", "/v1/models", None, 405),
+])
+def test_framework_errors_come_in_openai_shape(srv, method, path, body, status):
+    got, ctype, raw = request(srv, method, path, body)
+    assert got == status
+    assert ctype.startswith("application/json"), (ctype, raw[:200])
+    assert set(json.loads(raw)["error"]) >= {"message", "type", "param", "code"}
+    assert request(srv, "GET", "/health")[0] == 200  # and the server goes on
+
+
+def test_api_key_rules(model):
+    with pytest.raises(glm2rs.InvalidArgumentError, match="api_key"):
+        glm2rs.Server(model, port=0, api_key="")
+    with glm2rs.Server(model, port=0, api_key="s3cret") as s:
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            assert request(s, "GET", "/v1/models", headers={"Authorization": f"{scheme} s3cret"})[0] == 200
+        for value in ("Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret"):
+            assert request(s, "GET", "/v1/models", headers={"Authorization": value})[0] == 401

@@ -87,7 +87,8 @@ def cmd_generate(args) -> int:
 
 def cmd_serve(args) -> int:
     model = _load(args, quantize=args.quantize, prefix_checkpoint=args.prefix_checkpoint)
-    api_key = args.api_key or os.environ.get("GLM2RS_API_KEY") or None
+    # an empty key is refused by Server (it would silently turn authentication off)
+    api_key = args.api_key if args.api_key is not None else os.environ.get("GLM2RS_API_KEY")
     server = Server(model, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
                     max_batch=args.max_batch, max_queue=args.max_queue)
     print(f"glm2rs serving {args.model} at {server.url} (web chat at {server.url}/, OpenAI API at "

@@ -3,7 +3,7 @@
 //! `history` is a list of `[query, response]` pairs (ChatGLM2) or of `{role, content}` messages
 //! (ChatGLM3's `api.py`); the answer's history has the same form with this turn added.
 
-use super::openai::{collect, number, positive_int, sampling, Kind};
+use super::openai::{collect, positive_int, sampling, Kind};
 use super::{parse_object, ApiError, Shared};
 use crate::chat_format::Message;
 use crate::generate::{GenerationConfig, GenerationDefaults};
@@ -59,7 +59,6 @@ pub async fn official(State(s): State<Shared>, body: Bytes) -> Result<Json<Value
         }
         Some(_) => return Err(ApiError::bad("history", "history must be a list")),
     }
-    let _ = number(&o, "max_length", 1.0, f64::MAX)?; // type check; must be an integer:
     let d = GenerationDefaults::API_PY;
     let max_length = positive_int(&o, "max_length")?
         .or(d.max_length)

@@ -178,17 +178,27 @@ async fn not_found() -> ApiError {
     }
 }
 
-/// With an API key set, every request except the web page needs `Authorization: Bearer KEY`.
+/// The key of an `Authorization` header value: scheme `Bearer` in any case (RFC 9110: schemes
+/// are case-insensitive), then the token.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// With an API key set, every request except the web page needs `Authorization: Bearer KEY`;
+/// the key is compared in constant time.
 async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
+        use subtle::ConstantTimeEq;
         let page =
             req.method() == Method::GET && matches!(req.uri().path(), "/" | "/chat" | "/health");
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !page && given != Some(key.as_str()) {
+            .and_then(bearer_token);
+        let ok = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(key.as_bytes())));
+        if !page && !ok {
             return ApiError {
                 status: StatusCode::UNAUTHORIZED,
                 message: "missing or wrong API key (Authorization: Bearer ...)".into(),
@@ -200,6 +210,43 @@ async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Errors made below the handlers (a body over the size limit: 413, a method a route does not
+/// take: 405, a body that cannot be read: 400) come as plain text or empty; answer them in
+/// OpenAI's error shape like every other error.
+async fn error_shape(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.starts_with("text/event-stream"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let text = match axum::body::to_bytes(res.into_body(), 4096).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).into_owned(),
+        _ => status
+            .canonical_reason()
+            .unwrap_or("request failed")
+            .to_string(),
+    };
+    let (kind, code) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", Some("request_too_large")),
+        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", Some("method_not_allowed")),
+        s if s.is_server_error() => ("server_error", None),
+        _ => ("invalid_request_error", None),
+    };
+    ApiError {
+        status,
+        message: text,
+        kind,
+        param: None,
+        code,
+    }
+    .into_response()
 }
 
 /// The router over an engine (for embedding in a Rust service).
@@ -222,6 +269,7 @@ pub fn router(engine: Engine, model_name: &str, api_key: Option<String>) -> Rout
         .route("/v1/completions", axum::routing::post(openai::completions))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth))
+        .layer(axum::middleware::from_fn(error_shape))
         .with_state(state)
 }
 
@@ -235,6 +283,11 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Bind `host:port` (errors come back here) and serve `model` until stopped.
     pub fn start(model: Model, cfg: ServerConfig) -> Result<Self> {
+        if cfg.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return Err(Error::invalid(
+                "api_key is empty: give a key, or no api_key at all for a server without one",
+            ));
+        }
         let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).map_err(|e| {
             Error::invalid(format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))
         })?;

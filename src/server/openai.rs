@@ -109,7 +109,54 @@ struct Common {
     cfg: GenerationConfig,
 }
 
+/// Most stop strings a request may give, and the longest one (OpenAI itself takes 4).
+const MAX_STOP_STRINGS: usize = 16;
+const MAX_STOP_CHARS: usize = 1024;
+
+/// Request fields of the OpenAI API that glm2rs does not implement yet: given a value that asks
+/// for the feature, the request is refused with a 400 naming the field rather than answered as
+/// if the field were absent. (`false`, `null`, empty lists and the "off" values pass.)
+fn refuse_unsupported(o: &Obj) -> ApiResult<()> {
+    let asks = |key: &str| -> bool {
+        match o.get(key) {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::String(v)) => match key {
+                "tool_choice" | "function_call" => v != "none",
+                "suffix" => !v.is_empty(),
+                _ => true,
+            },
+            Some(Value::Object(m)) if key == "response_format" => {
+                m.get("type").and_then(Value::as_str) != Some("text")
+            }
+            Some(Value::Number(n)) if key == "best_of" => n.as_u64() != Some(1),
+            Some(Value::Number(n)) if key == "logprobs" => n.as_u64() != Some(0),
+            Some(_) => true,
+        }
+    };
+    for key in [
+        "tools",
+        "tool_choice",
+        "functions",
+        "function_call",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "best_of",
+        "suffix",
+    ] {
+        if asks(key) {
+            return Err(ApiError::bad(
+                Some(key),
+                format!("{key} is not supported by this server yet"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Common> {
+    refuse_unsupported(o)?;
     if let Some(n) = positive_int(o, "n")? {
         if n != 1 {
             return Err(ApiError::bad("n", "only n = 1 is supported"));
@@ -149,6 +196,14 @@ fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Co
     };
     if stop.iter().any(|s| s.is_empty()) {
         return Err(ApiError::bad("stop", "stop strings must not be empty"));
+    }
+    if stop.len() > MAX_STOP_STRINGS || stop.iter().any(|s| s.chars().count() > MAX_STOP_CHARS) {
+        return Err(ApiError::bad(
+            "stop",
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings of at most {MAX_STOP_CHARS} characters"
+            ),
+        ));
     }
     let max_tokens = match positive_int(o, "max_completion_tokens")? {
         Some(m) => Some(m),
