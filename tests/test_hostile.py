@@ -240,3 +240,34 @@ def test_api_key_rules(model):
             assert request(s, "GET", "/v1/models", headers={"Authorization": f"{scheme} s3cret"})[0] == 200
         for value in ("Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret"):
             assert request(s, "GET", "/v1/models", headers={"Authorization": value})[0] == 401
+
+
+def test_a_foreign_web_page_cannot_drive_a_keyless_server(srv):
+    port = srv.port
+    # a simple cross-origin POST a page may send without asking: text/plain
+    status, _, body = request(srv, "POST", "/v1/chat/completions", CHAT,
+                              headers={"Content-Type": "text/plain", "Origin": "http://evil.example"})
+    assert status == 415, body
+    # JSON from another origin
+    status, _, body = request(srv, "POST", "/v1/chat/completions", CHAT, headers={"Origin": "http://evil.example"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
+    # DNS rebinding: the page's own name resolved to 127.0.0.1, so Host and Origin agree
+    status, _, body = request(srv, "GET", "/v1/models",
+                              headers={"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "host_not_allowed"
+    # the server's own page, and clients that are not browsers, still get through
+    for origin in (f"http://127.0.0.1:{port}", f"http://localhost:{port}", None):
+        h = {"Host": f"{origin.split('//')[1]}"} if origin else {}
+        if origin:
+            h["Origin"] = origin
+        assert request(srv, "POST", "/v1/chat/completions", CHAT, headers=h)[0] == 200
+
+
+def test_allowed_origins_and_keyed_servers(model):
+    with glm2rs.Server(model, port=0, allow_origins=["http://app.example:3000/"]) as s:
+        h = {"Origin": "http://app.example:3000"}
+        assert request(s, "POST", "/v1/chat/completions", CHAT, headers=h)[0] == 200
+        assert request(s, "POST", "/v1/chat/completions", CHAT, headers={"Origin": "http://app.example:3001"})[0] == 403
+    with glm2rs.Server(model, port=0, api_key="k") as s:  # a key: any origin that has it
+        h = {"Origin": "http://elsewhere.example", "Authorization": "Bearer k"}
+        assert request(s, "POST", "/v1/chat/completions", CHAT, headers=h)[0] == 200

@@ -207,7 +207,10 @@ class Server:
         model_name: str | None = None,
         max_batch: int = 32,
         max_queue: int = 256,
-    ) -> None: ...
+        allow_origins: list[str] | None = None,
+    ) -> None:
+        """Without `api_key`, only pages of the server's own origin or of `allow_origins` may
+        call it; on a loopback host only loopback names are served; POST bodies must be JSON."""
     @property
     def port(self) -> int: ...
     @property

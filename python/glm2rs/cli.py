@@ -90,7 +90,7 @@ def cmd_serve(args) -> int:
     # an empty key is refused by Server (it would silently turn authentication off)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GLM2RS_API_KEY")
     server = Server(model, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
-                    max_batch=args.max_batch, max_queue=args.max_queue)
+                    max_batch=args.max_batch, max_queue=args.max_queue, allow_origins=args.allow_origin or None)
     print(f"glm2rs serving {args.model} at {server.url} (web chat at {server.url}/, OpenAI API at "
           f"{server.url}/v1{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
     try:
@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GLM2RS_API_KEY)")
     s.add_argument("--model-name", help="model id shown by /v1/models (default: the directory name)")
+    s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
+                   help="a web origin (http://host:port) whose pages may call a server without an API key "
+                        "(repeatable; the server's own pages always may)")
     s.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 503")
     s.add_argument("--prefix-checkpoint")

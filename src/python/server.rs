@@ -16,7 +16,7 @@ pub struct PyServer {
 impl PyServer {
     /// Serve `model` on `host:port` (port 0: a free one) until `stop()`.
     #[new]
-    #[pyo3(signature = (model, host = "127.0.0.1", port = 8000, api_key = None, model_name = None, max_batch = 32, max_queue = 256))]
+    #[pyo3(signature = (model, host = "127.0.0.1", port = 8000, api_key = None, model_name = None, max_batch = 32, max_queue = 256, allow_origins = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -27,6 +27,7 @@ impl PyServer {
         model_name: Option<String>,
         max_batch: usize,
         max_queue: usize,
+        allow_origins: Option<Vec<String>>,
     ) -> PyResult<Self> {
         let port = u16::try_from(port).map_err(|_| {
             InvalidArgumentError::new_err(format!("port must be in 0..=65535, got {port}"))
@@ -48,6 +49,7 @@ impl PyServer {
                 max_batch,
                 max_queue,
             },
+            allow_origins: allow_origins.unwrap_or_default(),
         };
         let m = model.inner.clone();
         let handle =

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     /// The model id shown by `/v1/models` and in responses.
     pub model_name: String,
     pub engine: EngineConfig,
+    /// Web origins (`http://host:port`) besides the server's own whose pages may call a server
+    /// without an API key (see [`guard`]).
+    pub allow_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -51,6 +54,7 @@ impl Default for ServerConfig {
             api_key: None,
             model_name: "chatglm2-6b".into(),
             engine: EngineConfig::default(),
+            allow_origins: vec![],
         }
     }
 }
@@ -249,6 +253,105 @@ async fn error_shape(req: Request, next: Next) -> Response {
     .into_response()
 }
 
+/// Who may reach a server (what [`guard`] checks).
+#[derive(Debug, Clone)]
+pub struct Guard {
+    /// Bound to a loopback address: only loopback host names are served (DNS rebinding).
+    pub loopback: bool,
+    /// No API key: a page of another web origin must not drive the server.
+    pub keyless: bool,
+    /// Origins allowed besides the server's own, lower case, no trailing slash.
+    pub allow_origins: Vec<String>,
+}
+
+fn forbidden(message: String, code: &'static str) -> Response {
+    ApiError {
+        status: StatusCode::FORBIDDEN,
+        message,
+        kind: "invalid_request_error",
+        param: None,
+        code: Some(code),
+    }
+    .into_response()
+}
+
+/// The web-origin rules of a server, before anything else runs:
+/// - a POST must carry `Content-Type: application/json` (415 otherwise): a page can send
+///   `text/plain` to any address without asking, never JSON to another origin;
+/// - on a loopback address, the `Host` must be a loopback name (`localhost`, `127.0.0.1`,
+///   `[::1]`) or one of the allowed origins' hosts (403 otherwise): a page whose own name was made
+///   to resolve to 127.0.0.1 (DNS rebinding) is refused;
+/// - without an API key, a request from a web page (`Origin` header) must come from the server's
+///   own origin or an allowed one (403 otherwise). Clients that are not browsers send no Origin.
+pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    if req.method() == Method::POST {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if !json {
+            return ApiError {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                message: "the request body must be sent as Content-Type: application/json".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("unsupported_media_type"),
+            }
+            .into_response();
+        }
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if g.loopback {
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6
+                .split(']')
+                .next()
+                .map(|h| format!("[{h}]"))
+                .unwrap_or_default(),
+            None => host.split(':').next().unwrap_or("").to_string(),
+        };
+        let allowed_name = |o: &String| {
+            o.split("://")
+                .nth(1)
+                .is_some_and(|rest| rest.split(':').next() == Some(name.as_str()))
+        };
+        if !matches!(name.as_str(), "localhost" | "127.0.0.1" | "[::1]")
+            && !g.allow_origins.iter().any(allowed_name)
+        {
+            return forbidden(
+                format!(
+                    "host {host:?} is not served here (a loopback server answers loopback names)"
+                ),
+                "host_not_allowed",
+            );
+        }
+    }
+    if g.keyless {
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+            let origin = origin.trim_end_matches('/').to_ascii_lowercase();
+            let own = origin == format!("http://{host}") || origin == format!("https://{host}");
+            if !own && !g.allow_origins.contains(&origin) {
+                return forbidden(
+                    format!(
+                        "origin {origin:?} may not use this server: give it an API key, or allow the origin (--allow-origin)"
+                    ),
+                    "origin_not_allowed",
+                );
+            }
+        }
+    }
+    next.run(req).await
+}
+
 /// The router over an engine (for embedding in a Rust service).
 pub fn router(engine: Engine, model_name: &str, api_key: Option<String>) -> Router {
     let state: Shared = Arc::new(AppState {
@@ -298,7 +401,17 @@ impl ServerHandle {
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
         let engine = Engine::new(model, cfg.engine)?;
-        let app = router(engine, &cfg.model_name, cfg.api_key.clone());
+        let guard_state = Arc::new(Guard {
+            loopback: addr.ip().is_loopback(),
+            keyless: cfg.api_key.is_none(),
+            allow_origins: cfg
+                .allow_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+        });
+        let app = router(engine, &cfg.model_name, cfg.api_key.clone())
+            .layer(axum::middleware::from_fn_with_state(guard_state, guard));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
