@@ -99,3 +99,45 @@ def test_bench_command(fx):
                         "--gen-len", "8", "--batch", "4", "--repeat", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "decode_tokens_per_s" in r.stdout and "batch 4: 32 tokens" in r.stdout
+
+
+def test_serve_drains_and_exits_on_sigterm(fx):
+    """SIGTERM (Docker, systemd, Kubernetes) stops the server as Ctrl-C does: a request in flight
+    gets its whole answer, the process says it is stopping and exits 0 (before: killed at once)."""
+    import json
+    import signal
+    import socket
+    import threading
+    import urllib.request
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "serve", "--model", str(fx / "model"), "--port",
+                          str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stderr.readline()
+        while "serving" not in line:
+            assert p.poll() is None, "glm2rs serve exited"
+            line = p.stderr.readline()
+        got = {}
+
+        def ask():
+            body = json.dumps({"prompt": "hello", "max_tokens": 64, "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            got["r"] = json.load(urllib.request.urlopen(req, timeout=30))
+
+        t = threading.Thread(target=ask)
+        t.start()
+        t.join(timeout=0.05)
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=30)
+        t.join(timeout=30)
+        assert rc == 0
+        assert "stopping" in p.stderr.read()
+        assert got["r"]["usage"]["completion_tokens"] >= 1
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()

@@ -271,3 +271,30 @@ def test_allowed_origins_and_keyed_servers(model):
     with glm2rs.Server(model, port=0, api_key="k") as s:  # a key: any origin that has it
         h = {"Origin": "http://elsewhere.example", "Authorization": "Bearer k"}
         assert request(s, "POST", "/v1/chat/completions", CHAT, headers=h)[0] == 200
+
+
+def test_long_prompts_are_tokenized_off_the_async_workers(srv):
+    """Four ~1.9 MB prompts (each about a second of tokenizing, then refused as too long for the
+    context) in flight: /health still answers before any of them, since tokenizing runs on the
+    blocking pool, not on the two async workers."""
+    import threading
+    import time
+
+    prompt = "hello world 1234 " * 110000  # ~1.9 MB
+    ends, errs = [], []
+
+    def big():
+        status, _, _ = request(srv, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+        ends.append(time.perf_counter())
+        errs.append(status)
+
+    threads = [threading.Thread(target=big) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the bodies are sent and being tokenized
+    status = request(srv, "GET", "/health")[0]
+    health_end = time.perf_counter()
+    for t in threads:
+        t.join()
+    assert status == 200 and errs == [400] * 4
+    assert health_end < min(ends), (health_end, ends)

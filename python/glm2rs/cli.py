@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -89,17 +90,27 @@ def cmd_serve(args) -> int:
     model = _load(args, quantize=args.quantize, prefix_checkpoint=args.prefix_checkpoint)
     # an empty key is refused by Server (it would silently turn authentication off)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GLM2RS_API_KEY")
-    server = Server(model, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
-                    max_batch=args.max_batch, max_queue=args.max_queue, allow_origins=args.allow_origin or None)
-    print(f"glm2rs serving {args.model} at {server.url} (web chat at {server.url}/, OpenAI API at "
-          f"{server.url}/v1{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
+
+    # SIGTERM (what Docker, systemd and Kubernetes send) stops as Ctrl-C does: no new connections,
+    # requests in flight get the server's grace period, then the process exits 0
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    server = None
     try:
+        server = Server(model, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
+                        max_batch=args.max_batch, max_queue=args.max_queue, allow_origins=args.allow_origin or None)
+        print(f"glm2rs serving {args.model} at {server.url} (web chat at {server.url}/, OpenAI API at "
+              f"{server.url}/v1{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
         while server.running:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
+        print("stopping", file=sys.stderr, flush=True)
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -4,7 +4,7 @@
 //! (ChatGLM3's `api.py`); the answer's history has the same form with this turn added.
 
 use super::openai::{collect, positive_int, sampling, Kind};
-use super::{parse_object, ApiError, Shared};
+use super::{off_workers, parse_object, ApiError, Shared};
 use crate::chat_format::Message;
 use crate::generate::{GenerationConfig, GenerationDefaults};
 use axum::body::Bytes;
@@ -65,10 +65,16 @@ pub async fn official(State(s): State<Shared>, body: Bytes) -> Result<Json<Value
         .expect("api.py has a default max_length");
     let sampling = sampling(&o, d.temperature, d.top_p, None)?;
     let model = s.engine.model();
-    let query = Message::new("user", &prompt);
-    let ids = model
-        .chat_prompt_ids(&query, &history)
-        .map_err(|e| ApiError::from_engine(e, Some("history")))?;
+    let ids = {
+        let (model, query, history) = (
+            model.clone(),
+            Message::new("user", &prompt),
+            history.clone(),
+        );
+        off_workers(move || model.chat_prompt_ids(&query, &history))
+            .await
+            .map_err(|e| ApiError::from_engine(e, Some("history")))?
+    };
     let context = model.model().max_context();
     if ids.len() >= max_length.min(context) {
         return Err(ApiError::bad(

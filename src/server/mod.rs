@@ -140,6 +140,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Run CPU work of a request (tokenizing a long prompt) on tokio's blocking pool, so the async
+/// workers go on answering other requests (`/health`, streams) meanwhile.
+pub(crate) async fn off_workers<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(move || crate::error::catch_panic(f))
+        .await
+        .map_err(|e| Error::Internal(format!("request task: {e}")))?
+}
+
 /// Parse a request body as a JSON object.
 pub(crate) fn parse_object(
     body: &[u8],

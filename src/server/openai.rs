@@ -1,6 +1,6 @@
 //! The OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
 
-use super::{parse_object, ApiError, Shared};
+use super::{off_workers, parse_object, ApiError, Shared};
 use crate::chat_format::{Message, ResponseStream};
 use crate::engine::{Event, Events};
 use crate::generate::{FinishReason, GenerationConfig, GenerationDefaults};
@@ -530,10 +530,15 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
     let d = GenerationDefaults::CHAT;
     let mut c = common(&o, d.temperature, d.top_p)?;
     let model = s.engine.model();
-    let (query, history) = msgs.split_last().expect("checked non-empty");
-    let ids = model
-        .chat_prompt_ids(query, history)
-        .map_err(|e| ApiError::from_engine(e, Some("messages")))?;
+    let ids = {
+        let model = model.clone();
+        off_workers(move || {
+            let (query, history) = msgs.split_last().expect("checked non-empty");
+            model.chat_prompt_ids(query, history)
+        })
+        .await
+        .map_err(|e| ApiError::from_engine(e, Some("messages")))?
+    };
     fit(&s, "messages", ids.len(), &mut c)?;
     let cfg = model.chat_config(&c.cfg);
     let rx = s
@@ -582,11 +587,9 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
     let d = GenerationDefaults::COMPLETIONS;
     let mut c = common(&o, d.temperature, d.top_p)?;
     c.max_tokens = c.max_tokens.or(d.max_new_tokens);
-    let ids = s
-        .engine
-        .model()
-        .tokenizer()
-        .encode(&prompt, true)
+    let tok = s.engine.model().tokenizer().clone();
+    let ids = off_workers(move || tok.encode(&prompt, true))
+        .await
         .map_err(|e| ApiError::from_engine(e, Some("prompt")))?;
     fit(&s, "prompt", ids.len(), &mut c)?;
     let rx = s
