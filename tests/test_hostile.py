@@ -298,3 +298,45 @@ def test_long_prompts_are_tokenized_off_the_async_workers(srv):
         t.join()
     assert status == 200 and errs == [400] * 4
     assert health_end < min(ends), (health_end, ends)
+
+
+def test_slow_and_idle_connections_are_closed_and_capped(model):
+    """A client that never finishes its headers (slowloris) and an idle keep-alive connection are
+    closed after the header timeout; connections beyond the cap are closed at once; normal
+    requests go on being answered throughout."""
+    import socket
+    import time
+
+    with glm2rs.Server(model, port=0, header_timeout=1.0, max_connections=4) as s:
+        slow = socket.create_connection((s.host, s.port))
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        idle = socket.create_connection((s.host, s.port))
+        idle.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert b"200 OK" in idle.recv(4096)
+        t0 = time.perf_counter()
+        for sk in (slow, idle):
+            sk.settimeout(10)
+            while sk.recv(4096):  # read until the server closes it
+                pass
+        assert time.perf_counter() - t0 < 5
+        # the cap: 4 silent connections hold every place; a 5th is closed at once
+        held = [socket.create_connection((s.host, s.port)) for _ in range(4)]
+        time.sleep(0.2)
+        extra = socket.create_connection((s.host, s.port))
+        extra.settimeout(5)
+        extra.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        try:
+            assert extra.recv(4096) == b""
+        except ConnectionResetError:
+            pass
+        for sk in held + [extra, slow, idle]:
+            sk.close()
+        time.sleep(0.3)  # their places come back
+        assert request(s, "GET", "/health")[0] == 200
+
+
+def test_connection_settings_are_checked(model):
+    with pytest.raises(glm2rs.InvalidArgumentError, match="header_timeout"):
+        glm2rs.Server(model, port=0, header_timeout=0)
+    with pytest.raises(glm2rs.InvalidArgumentError, match="max_connections"):
+        glm2rs.Server(model, port=0, max_connections=0)

@@ -208,9 +208,13 @@ class Server:
         max_batch: int = 32,
         max_queue: int = 256,
         allow_origins: list[str] | None = None,
+        header_timeout: float = 10.0,
+        max_connections: int = 1024,
     ) -> None:
         """Without `api_key`, only pages of the server's own origin or of `allow_origins` may
-        call it; on a loopback host only loopback names are served; POST bodies must be JSON."""
+        call it; on a loopback host only loopback names are served; POST bodies must be JSON.
+        A connection must send each request's headers within `header_timeout` seconds (an idle
+        one is closed after it); at most `max_connections` are open at once."""
     @property
     def port(self) -> int: ...
     @property

@@ -100,7 +100,8 @@ def cmd_serve(args) -> int:
     server = None
     try:
         server = Server(model, host=args.host, port=args.port, api_key=api_key, model_name=args.model_name,
-                        max_batch=args.max_batch, max_queue=args.max_queue, allow_origins=args.allow_origin or None)
+                        max_batch=args.max_batch, max_queue=args.max_queue, allow_origins=args.allow_origin or None,
+                        header_timeout=args.header_timeout, max_connections=args.max_connections)
         print(f"glm2rs serving {args.model} at {server.url} (web chat at {server.url}/, OpenAI API at "
               f"{server.url}/v1{', API key required' if api_key else ''}); Ctrl-C stops", file=sys.stderr, flush=True)
         while server.running:
@@ -242,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(repeatable; the server's own pages always may)")
     s.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 503")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers; idle ones are closed after it (default 10)")
+    s.add_argument("--max-connections", type=int, default=1024, help="most open connections (default 1024)")
     s.add_argument("--prefix-checkpoint")
     s.set_defaults(func=cmd_serve)
 

@@ -16,7 +16,7 @@ pub struct PyServer {
 impl PyServer {
     /// Serve `model` on `host:port` (port 0: a free one) until `stop()`.
     #[new]
-    #[pyo3(signature = (model, host = "127.0.0.1", port = 8000, api_key = None, model_name = None, max_batch = 32, max_queue = 256, allow_origins = None))]
+    #[pyo3(signature = (model, host = "127.0.0.1", port = 8000, api_key = None, model_name = None, max_batch = 32, max_queue = 256, allow_origins = None, header_timeout = 10.0, max_connections = 1024))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -28,7 +28,19 @@ impl PyServer {
         max_batch: usize,
         max_queue: usize,
         allow_origins: Option<Vec<String>>,
+        header_timeout: f64,
+        max_connections: usize,
     ) -> PyResult<Self> {
+        if !(header_timeout.is_finite() && header_timeout > 0.0 && header_timeout <= 86400.0) {
+            return Err(InvalidArgumentError::new_err(format!(
+                "header_timeout must be between 0 and 86400 seconds, got {header_timeout}"
+            )));
+        }
+        if max_connections == 0 {
+            return Err(InvalidArgumentError::new_err(
+                "max_connections must be at least 1",
+            ));
+        }
         let port = u16::try_from(port).map_err(|_| {
             InvalidArgumentError::new_err(format!("port must be in 0..=65535, got {port}"))
         })?;
@@ -50,6 +62,8 @@ impl PyServer {
                 max_queue,
             },
             allow_origins: allow_origins.unwrap_or_default(),
+            header_timeout: std::time::Duration::from_secs_f64(header_timeout),
+            max_connections,
         };
         let m = model.inner.clone();
         let handle =

@@ -23,7 +23,6 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use std::future::IntoFuture;
 
 /// How long a stopping server lets requests in flight finish before cutting them.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -44,6 +43,11 @@ pub struct ServerConfig {
     /// Web origins (`http://host:port`) besides the server's own whose pages may call a server
     /// without an API key (see [`guard`]).
     pub allow_origins: Vec<String>,
+    /// A connection must send a request's headers within this time, and an idle keep-alive
+    /// connection is closed after it (slow or silent clients cannot hold sockets).
+    pub header_timeout: std::time::Duration,
+    /// Most connections open at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +59,8 @@ impl Default for ServerConfig {
             model_name: "chatglm2-6b".into(),
             engine: EngineConfig::default(),
             allow_origins: vec![],
+            header_timeout: std::time::Duration::from_secs(10),
+            max_connections: 1024,
         }
     }
 }
@@ -386,6 +392,61 @@ pub fn router(engine: Engine, model_name: &str, api_key: Option<String>) -> Rout
         .with_state(state)
 }
 
+/// Accept connections until `stop` turns true, each served by hyper's HTTP/1 with a header read
+/// timeout (slowloris, idle keep-alive) under a cap on open connections. On stop: no new
+/// connections; requests in flight get [`SHUTDOWN_GRACE`] to finish, then whatever is still open
+/// (a stream, a silent client) is cut.
+async fn serve(
+    listener: std::net::TcpListener,
+    app: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    header_timeout: std::time::Duration,
+    max_connections: usize,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("glm2rs serve: {e}");
+            return;
+        }
+    };
+    let open = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (socket, _) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // out of file descriptors and the like: wait a moment instead of spinning
+                eprintln!("glm2rs serve: accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            drop(socket); // over the cap: closed at once
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(socket), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+}
+
 /// A server running on its own threads; [`ServerHandle::stop`] ends it.
 pub struct ServerHandle {
     addr: SocketAddr,
@@ -432,34 +493,13 @@ impl ServerHandle {
         let thread = std::thread::Builder::new()
             .name("glm2rs-server".into())
             .spawn(move || {
-                rt.block_on(async move {
-                    let listener = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            eprintln!("glm2rs serve: {e}");
-                            return;
-                        }
-                    };
-                    // On stop: no new connections; requests in flight get SHUTDOWN_GRACE to
-                    // finish, then whatever is still open (a stream, a silent client) is cut.
-                    let mut stop = rx.clone();
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stop.wait_for(|s| *s).await;
-                        })
-                        .into_future();
-                    let mut stop = rx;
-                    let deadline = async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                        tokio::time::sleep(SHUTDOWN_GRACE).await;
-                    };
-                    let (served, deadline) = (std::pin::pin!(served), std::pin::pin!(deadline));
-                    if let futures_util::future::Either::Left((Err(e), _)) =
-                        futures_util::future::select(served, deadline).await
-                    {
-                        eprintln!("glm2rs serve: {e}");
-                    }
-                });
+                rt.block_on(serve(
+                    listener,
+                    app,
+                    rx,
+                    cfg.header_timeout,
+                    cfg.max_connections,
+                ));
                 // Streams still open are not waited for.
                 rt.shutdown_timeout(std::time::Duration::from_secs(1));
             })
