@@ -340,3 +340,30 @@ def test_connection_settings_are_checked(model):
         glm2rs.Server(model, port=0, header_timeout=0)
     with pytest.raises(glm2rs.InvalidArgumentError, match="max_connections"):
         glm2rs.Server(model, port=0, max_connections=0)
+
+
+def test_streams_cut_at_shutdown_end_with_an_error_event(model):
+    """A stream still running when a stopping server's grace period ends gets an error event
+    (`server_shutdown`) and `[DONE]`, not a bare end of stream."""
+    import http.client
+    import threading
+
+    s = glm2rs.Server(model, port=0)
+    try:
+        c = http.client.HTTPConnection(s.host, s.port, timeout=60)
+        body = {"prompt": "hello", "max_tokens": 4000, "temperature": 0, "stream": True}
+        c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        assert r.status == 200
+        first = r.readline()
+        assert first.startswith(b"data: ")
+        stopper = threading.Thread(target=s.stop)
+        stopper.start()
+        rest = r.read()
+        stopper.join(timeout=30)
+    finally:
+        s.stop()
+    events = [l for l in (first + rest).decode().splitlines() if l.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", events[-3:]
+    err = json.loads(events[-2][len("data: "):])["error"]
+    assert err["code"] == "server_shutdown" and err["type"] == "server_error"

@@ -26,6 +26,8 @@ use serde_json::{json, Value};
 
 /// How long a stopping server lets requests in flight finish before cutting them.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long before that deadline running streams are ended with an error event.
+const STREAM_CUT_MARGIN: std::time::Duration = std::time::Duration::from_millis(400);
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -71,6 +73,9 @@ pub(crate) struct AppState {
     pub model_name: String,
     pub api_key: Option<String>,
     pub created: i64,
+    /// Turns true just before a stopping server cuts what is still open: streams then end with
+    /// an error event and `[DONE]` instead of a bare end of stream.
+    pub cut: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -370,11 +375,21 @@ pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Res
 
 /// The router over an engine (for embedding in a Rust service).
 pub fn router(engine: Engine, model_name: &str, api_key: Option<String>) -> Router {
+    build_router(engine, model_name, api_key, None)
+}
+
+fn build_router(
+    engine: Engine,
+    model_name: &str,
+    api_key: Option<String>,
+    cut: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Router {
     let state: Shared = Arc::new(AppState {
         engine,
         model_name: model_name.to_string(),
         api_key,
         created: chrono::Utc::now().timestamp(),
+        cut,
     });
     Router::new()
         .route("/", get(index).post(api::official))
@@ -400,6 +415,7 @@ async fn serve(
     listener: std::net::TcpListener,
     app: Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    cut: tokio::sync::watch::Sender<bool>,
     header_timeout: std::time::Duration,
     max_connections: usize,
 ) {
@@ -444,6 +460,12 @@ async fn serve(
         });
     }
     drop(listener);
+    // streams still running shortly before the deadline are told to end (an error event and
+    // `[DONE]`), so that what is cut at the deadline is only what cannot end by itself
+    tokio::spawn(async move {
+        tokio::time::sleep(SHUTDOWN_GRACE.saturating_sub(STREAM_CUT_MARGIN)).await;
+        let _ = cut.send(true);
+    });
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
 }
 
@@ -481,7 +503,8 @@ impl ServerHandle {
                 .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
                 .collect(),
         });
-        let app = router(engine, &cfg.model_name, cfg.api_key.clone())
+        let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
+        let app = build_router(engine, &cfg.model_name, cfg.api_key.clone(), Some(cut_rx))
             .layer(axum::middleware::from_fn_with_state(guard_state, guard));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -497,6 +520,7 @@ impl ServerHandle {
                     listener,
                     app,
                     rx,
+                    cut_tx,
                     cfg.header_timeout,
                     cfg.max_connections,
                 ));

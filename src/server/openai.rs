@@ -403,9 +403,26 @@ struct StreamState {
     include_usage: bool,
     pending: VecDeque<String>,
     ended: bool,
+    /// The server's "cut now" signal (see `AppState::cut`).
+    cut: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl StreamState {
+    /// The server is stopping and this stream would be cut: end it with an error event and
+    /// `[DONE]` (dropping the engine's receiver frees the sequence).
+    fn on_shutdown(&mut self) {
+        let e = ApiError {
+            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            message: "the server is shutting down; the answer was cut here".into(),
+            kind: "server_error",
+            param: None,
+            code: Some("server_shutdown"),
+        };
+        self.pending.push_back(e.body().to_string());
+        self.pending.push_back("[DONE]".into());
+        self.ended = true;
+    }
+
     fn chunk(&self, piece: Option<&str>, first: bool, finish: Option<&str>) -> String {
         let mut v = match self.kind {
             Kind::Chat => {
@@ -491,7 +508,14 @@ impl StreamState {
     }
 }
 
-fn sse(rx: Events, kind: Kind, id: String, model: String, include_usage: bool) -> Response {
+fn sse(
+    rx: Events,
+    kind: Kind,
+    id: String,
+    model: String,
+    include_usage: bool,
+    cut: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Response {
     let mut st = StreamState {
         rx,
         kind,
@@ -502,6 +526,7 @@ fn sse(rx: Events, kind: Kind, id: String, model: String, include_usage: bool) -
         include_usage,
         pending: VecDeque::new(),
         ended: false,
+        cut,
     };
     if kind == Kind::Chat {
         let first = st.chunk(Some(""), true, None);
@@ -515,8 +540,19 @@ fn sse(rx: Events, kind: Kind, id: String, model: String, include_usage: bool) -
             if st.ended {
                 return None;
             }
-            let ev = st.rx.recv().await;
-            st.on_event(ev);
+            let shutting_down = async {
+                let cut_now = match st.cut.as_mut() {
+                    Some(c) => c.wait_for(|cut| *cut).await.is_ok(),
+                    None => false,
+                };
+                if !cut_now {
+                    std::future::pending::<()>().await
+                }
+            };
+            tokio::select! {
+                ev = st.rx.recv() => st.on_event(ev),
+                _ = shutting_down => st.on_shutdown(),
+            }
         }
     });
     axum::response::sse::Sse::new(stream)
@@ -553,6 +589,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
             id,
             s.model_name.clone(),
             c.include_usage,
+            s.cut.clone(),
         ));
     }
     let (text, done) = collect(rx, Kind::Chat).await?;
@@ -604,6 +641,7 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
             id,
             s.model_name.clone(),
             c.include_usage,
+            s.cut.clone(),
         ));
     }
     let (text, done) = collect(rx, Kind::Text).await?;
