@@ -193,6 +193,17 @@ fn check_pickle(data: &[u8]) -> std::result::Result<(), String> {
         *pos += n + 1;
         Ok(String::from_utf8_lossy(&rest[..n]).into_owned())
     };
+    // the key argument of GET/PUT (text), BINGET/BINPUT (1 byte), LONG_BINGET/LONG_BINPUT (4)
+    let memo_key = |pos: &mut usize, op: u8| -> std::result::Result<u64, String> {
+        match op {
+            b'g' | b'p' => line(pos)?
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| "a bad memo key".to_string()),
+            b'h' | b'q' => Ok(uint(take(pos, 1)?)),
+            _ => Ok(uint(take(pos, 4)?)),
+        }
+    };
     fn pop(
         stack: &mut Vec<(u32, Option<String>)>,
     ) -> std::result::Result<(u32, Option<String>), String> {
@@ -297,26 +308,14 @@ fn check_pickle(data: &[u8]) -> std::result::Result<(), String> {
                 stack.push(top);
             }
             b'g' | b'h' | b'j' => {
-                let key = match op {
-                    b'g' => line(&mut pos)?
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| "a bad memo key")?,
-                    b'h' => uint(take(&mut pos, 1)?),
-                    _ => uint(take(&mut pos, 4)?),
-                };
+                let key = memo_key(&mut pos, op)?;
                 let d = *memo.get(&key).ok_or("a memo key used before it was set")?;
                 stack.push((d, None));
             }
             b'p' | b'q' | b'r' | 0x94 => {
                 let key = match op {
-                    b'p' => line(&mut pos)?
-                        .trim()
-                        .parse::<u64>()
-                        .map_err(|_| "a bad memo key")?,
-                    b'q' => uint(take(&mut pos, 1)?),
-                    b'r' => uint(take(&mut pos, 4)?),
-                    _ => memo.len() as u64,
+                    0x94 => memo.len() as u64, // MEMOIZE: the next free key
+                    _ => memo_key(&mut pos, op)?,
                 };
                 let d = stack.last().ok_or("stack underflow")?.0;
                 memo.insert(key, d);

@@ -4,7 +4,6 @@ glm2rs error instead of a crash, an abort, a silent load or a bare Python conver
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess

@@ -101,6 +101,26 @@ impl ApiError {
         }
     }
 
+    /// A refusal that names no field: the type follows the status (`server_error` for 5xx,
+    /// `invalid_request_error` otherwise).
+    pub fn refused(
+        status: StatusCode,
+        code: Option<&'static str>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind: if status.is_server_error() {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            },
+            param: None,
+            code,
+        }
+    }
+
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
@@ -118,20 +138,10 @@ impl ApiError {
                 }
             }
             Error::Tokenizer(m) => Self::bad(param, m),
-            Error::Overloaded(m) => Self {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                message: m,
-                kind: "server_error",
-                param: None,
-                code: Some("overloaded"),
-            },
-            other => Self {
-                status: StatusCode::INTERNAL_SERVER_ERROR,
-                message: other.to_string(),
-                kind: "server_error",
-                param: None,
-                code: None,
-            },
+            Error::Overloaded(m) => {
+                Self::refused(StatusCode::SERVICE_UNAVAILABLE, Some("overloaded"), m)
+            }
+            other => Self::refused(StatusCode::INTERNAL_SERVER_ERROR, None, other.to_string()),
         }
     }
 
@@ -194,13 +204,7 @@ async fn health(State(s): State<Shared>) -> Json<Value> {
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: "no such route".into(),
-        kind: "invalid_request_error",
-        param: None,
-        code: Some("not_found"),
-    }
+    ApiError::refused(StatusCode::NOT_FOUND, Some("not_found"), "no such route")
 }
 
 /// The key of an `Authorization` header value: scheme `Bearer` in any case (RFC 9110: schemes
@@ -224,13 +228,11 @@ async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
             .and_then(bearer_token);
         let ok = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(key.as_bytes())));
         if !page && !ok {
-            return ApiError {
-                status: StatusCode::UNAUTHORIZED,
-                message: "missing or wrong API key (Authorization: Bearer ...)".into(),
-                kind: "invalid_request_error",
-                param: None,
-                code: Some("invalid_api_key"),
-            }
+            return ApiError::refused(
+                StatusCode::UNAUTHORIZED,
+                Some("invalid_api_key"),
+                "missing or wrong API key (Authorization: Bearer ...)",
+            )
             .into_response();
         }
     }
@@ -258,20 +260,12 @@ async fn error_shape(req: Request, next: Next) -> Response {
             .unwrap_or("request failed")
             .to_string(),
     };
-    let (kind, code) = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", Some("request_too_large")),
-        StatusCode::METHOD_NOT_ALLOWED => ("invalid_request_error", Some("method_not_allowed")),
-        s if s.is_server_error() => ("server_error", None),
-        _ => ("invalid_request_error", None),
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => Some("request_too_large"),
+        StatusCode::METHOD_NOT_ALLOWED => Some("method_not_allowed"),
+        _ => None,
     };
-    ApiError {
-        status,
-        message: text,
-        kind,
-        param: None,
-        code,
-    }
-    .into_response()
+    ApiError::refused(status, code, text).into_response()
 }
 
 /// Who may reach a server (what [`guard`] checks).
@@ -283,17 +277,6 @@ pub struct Guard {
     pub keyless: bool,
     /// Origins allowed besides the server's own, lower case, no trailing slash.
     pub allow_origins: Vec<String>,
-}
-
-fn forbidden(message: String, code: &'static str) -> Response {
-    ApiError {
-        status: StatusCode::FORBIDDEN,
-        message,
-        kind: "invalid_request_error",
-        param: None,
-        code: Some(code),
-    }
-    .into_response()
 }
 
 /// The web-origin rules of a server, before anything else runs:
@@ -316,13 +299,11 @@ pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Res
                     .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
             });
         if !json {
-            return ApiError {
-                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                message: "the request body must be sent as Content-Type: application/json".into(),
-                kind: "invalid_request_error",
-                param: None,
-                code: Some("unsupported_media_type"),
-            }
+            return ApiError::refused(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Some("unsupported_media_type"),
+                "the request body must be sent as Content-Type: application/json",
+            )
             .into_response();
         }
     }
@@ -348,12 +329,14 @@ pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Res
         if !matches!(name.as_str(), "localhost" | "127.0.0.1" | "[::1]")
             && !g.allow_origins.iter().any(allowed_name)
         {
-            return forbidden(
+            return ApiError::refused(
+                StatusCode::FORBIDDEN,
+                Some("host_not_allowed"),
                 format!(
                     "host {host:?} is not served here (a loopback server answers loopback names)"
                 ),
-                "host_not_allowed",
-            );
+            )
+            .into_response();
         }
     }
     if g.keyless {
@@ -361,12 +344,14 @@ pub async fn guard(State(g): State<Arc<Guard>>, req: Request, next: Next) -> Res
             let origin = origin.trim_end_matches('/').to_ascii_lowercase();
             let own = origin == format!("http://{host}") || origin == format!("https://{host}");
             if !own && !g.allow_origins.contains(&origin) {
-                return forbidden(
+                return ApiError::refused(
+                    StatusCode::FORBIDDEN,
+                    Some("origin_not_allowed"),
                     format!(
                         "origin {origin:?} may not use this server: give it an API key, or allow the origin (--allow-origin)"
                     ),
-                    "origin_not_allowed",
-                );
+                )
+                .into_response();
             }
         }
     }

@@ -411,13 +411,11 @@ impl StreamState {
     /// The server is stopping and this stream would be cut: end it with an error event and
     /// `[DONE]` (dropping the engine's receiver frees the sequence).
     fn on_shutdown(&mut self) {
-        let e = ApiError {
-            status: axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            message: "the server is shutting down; the answer was cut here".into(),
-            kind: "server_error",
-            param: None,
-            code: Some("server_shutdown"),
-        };
+        let e = ApiError::refused(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Some("server_shutdown"),
+            "the server is shutting down; the answer was cut here",
+        );
         self.pending.push_back(e.body().to_string());
         self.pending.push_back("[DONE]".into());
         self.ended = true;
