@@ -318,20 +318,111 @@ def test_slow_and_idle_connections_are_closed_and_capped(model):
             while sk.recv(4096):  # read until the server closes it
                 pass
         assert time.perf_counter() - t0 < 5
-        # the cap: 4 silent connections hold every place; a 5th is closed at once
+        # the cap: 4 silent connections hold every place; a 5th gets the place of the oldest
+        # (a connection with no request in flight is closed to make room, as nginx does)
         held = [socket.create_connection((s.host, s.port)) for _ in range(4)]
         time.sleep(0.2)
         extra = socket.create_connection((s.host, s.port))
         extra.settimeout(5)
         extra.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert b"200 OK" in extra.recv(4096)
+        held[0].settimeout(5)
         try:
-            assert extra.recv(4096) == b""
+            assert held[0].recv(4096) == b""  # closed by the server
         except ConnectionResetError:
             pass
         for sk in held + [extra, slow, idle]:
             sk.close()
         time.sleep(0.3)  # their places come back
         assert request(s, "GET", "/health")[0] == 200
+
+
+def test_idle_sockets_under_a_low_file_limit_do_not_lock_out_clients(fx):
+    """A server under a 256-descriptor limit with 300 idle connections opened to it neither
+    runs out of descriptors nor keeps a normal client waiting: the connection cap is fitted to
+    the file limit and idle connections give their place to new ones."""
+    import http.client
+    import socket
+    import time
+
+    code = (
+        "import glm2rs, sys\n"
+        f"m = glm2rs.Model.from_pretrained({str(fx / 'model')!r}, dtype='float32', progress=False)\n"
+        "with glm2rs.Server(m, port=0) as s:\n"
+        "    print(s.port, flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=limit)
+    idle = []
+    try:
+        port = int(child.stdout.readline())
+        for _ in range(300):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                pass
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            c.request("GET", "/health")
+            assert c.getresponse().status == 200
+            c.close()
+        assert time.perf_counter() - t0 < 3.0  # not a wait for the 10 s header timeout
+    finally:
+        for sk in idle:
+            sk.close()
+        _, err = child.communicate("", timeout=60)
+    assert child.returncode == 0, err[-2000:]
+    assert "at most" in err and "file limit is 256" in err, err[-2000:]  # the fitted cap is logged
+
+
+@pytest.mark.parametrize("raw, status, code", [
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 600_000 + b"\r\n\r\n", 431, "headers_too_large"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+     431, "headers_too_large"),
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 414, "uri_too_long"),
+    (b"NOT HTTP AT ALL\r\n\r\n", 400, "malformed_request"),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", 400, None),
+])
+def test_requests_hyper_refuses_still_get_the_openai_error_shape(srv, raw, status, code):
+    """Headers too large or too many (431), a URI too long (414), a malformed request line and
+    a malformed chunked body (400) answer with OpenAI's error object like every other refusal,
+    and the server answers normally after."""
+    import socket
+
+    sk = socket.create_connection((srv.host, srv.port))
+    sk.settimeout(10)
+    sk.sendall(raw)
+    out = b""
+    try:
+        while b := sk.recv(65536):
+            out += b
+            if b"\r\n\r\n" in out:
+                head, _, body = out.partition(b"\r\n\r\n")
+                n = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+                if n and len(body) >= n[0]:
+                    break
+    except ConnectionResetError:
+        pass
+    sk.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), head
+    assert b"content-type: application/json" in head.lower(), head
+    err = json.loads(body)["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if code:
+        assert err["code"] == code
+    assert request(srv, "GET", "/health")[0] == 200
 
 
 def test_connection_settings_are_checked(model):

@@ -11,6 +11,7 @@
 //! names it; nothing a client sends can stop the server.
 
 mod api;
+mod conn;
 mod openai;
 
 use crate::engine::{Engine, EngineConfig};
@@ -392,68 +393,6 @@ fn build_router(
         .with_state(state)
 }
 
-/// Accept connections until `stop` turns true, each served by hyper's HTTP/1 with a header read
-/// timeout (slowloris, idle keep-alive) under a cap on open connections. On stop: no new
-/// connections; requests in flight get [`SHUTDOWN_GRACE`] to finish, then whatever is still open
-/// (a stream, a silent client) is cut.
-async fn serve(
-    listener: std::net::TcpListener,
-    app: Router,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-    cut: tokio::sync::watch::Sender<bool>,
-    header_timeout: std::time::Duration,
-    max_connections: usize,
-) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("glm2rs serve: {e}");
-            return;
-        }
-    };
-    let open = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        let (socket, _) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                // out of file descriptors and the like: wait a moment instead of spinning
-                eprintln!("glm2rs serve: accept: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            drop(socket); // over the cap: closed at once
-            continue;
-        };
-        let _ = socket.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .serve_connection(TokioIo::new(socket), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
-    drop(listener);
-    // streams still running shortly before the deadline are told to end (an error event and
-    // `[DONE]`), so that what is cut at the deadline is only what cannot end by itself
-    tokio::spawn(async move {
-        tokio::time::sleep(SHUTDOWN_GRACE.saturating_sub(STREAM_CUT_MARGIN)).await;
-        let _ = cut.send(true);
-    });
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
-}
-
 /// A server running on its own threads; [`ServerHandle::stop`] ends it.
 pub struct ServerHandle {
     addr: SocketAddr,
@@ -501,13 +440,13 @@ impl ServerHandle {
         let thread = std::thread::Builder::new()
             .name("glm2rs-server".into())
             .spawn(move || {
-                rt.block_on(serve(
+                rt.block_on(conn::serve(
                     listener,
                     app,
                     rx,
                     cut_tx,
                     cfg.header_timeout,
-                    cfg.max_connections,
+                    conn::fit_to_file_limit(cfg.max_connections),
                 ));
                 // Streams still open are not waited for.
                 rt.shutdown_timeout(std::time::Duration::from_secs(1));
