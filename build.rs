@@ -7,7 +7,7 @@ fn main() {
         return;
     }
     let src = "src/kernels/cuda/glm2.cu";
-    println!("cargo:rerun-if-changed={src}");
+    println!("cargo:rerun-if-changed=src/kernels/cuda");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("glm2.ptx");

@@ -15,6 +15,7 @@
 //! | `fused` | `GLM2RS_FUSED` | on | CUDA: glm2rs's fused decode kernels; off: candle's own ops |
 //! | `flash` | `GLM2RS_FLASH` | on | CUDA: 16-bit prompts attend in one flash kernel per layer; off: cuBLAS score blocks |
 //! | `cuda_graph` | `GLM2RS_CUDA_GRAPH` | on | CUDA: one sequence's decode step replays a captured graph |
+//! | `split_decode` | `GLM2RS_SPLIT_DECODE` | on | CUDA: the fused decode attention splits long sequences over many blocks (flash-decoding), a block per KV group; off: one block per query head |
 //! | `cuda_events` | `GLM2RS_CUDA_EVENTS` | off | CUDA: keep candle's per-allocation events on single-GPU models |
 //! | `cuda_pool_release` | `GLM2RS_CUDA_POOL_RELEASE` | off | CUDA: return freed memory to the driver at each synchronization |
 //! | `gemvq` | `GLM2RS_GEMVQ` (`float`/`dp4a`) | auto | CUDA: kernel of the int8/int4 GEMV |
@@ -24,7 +25,7 @@
 //!
 //! Load-time switches (`cuda_events`, `cuda_pool_release`: at device creation; `gemvq`,
 //! `gemvq_rows`, `dequantize`, `vnni`: kept by each layer at load) need a reload to change; the
-//! step-time ones (`fused`, `flash`, `cuda_graph`) follow [`crate::pipeline::Model::with_tuning`].
+//! step-time ones (`fused`, `flash`, `cuda_graph`, `split_decode`) follow [`crate::pipeline::Model::with_tuning`].
 
 use std::sync::OnceLock;
 
@@ -46,6 +47,7 @@ pub struct Tuning {
     pub fused: bool,
     pub flash: bool,
     pub cuda_graph: bool,
+    pub split_decode: bool,
     pub cuda_events: bool,
     pub cuda_pool_release: bool,
     pub gemvq: GemvQ,
@@ -62,6 +64,7 @@ impl Default for Tuning {
             fused: true,
             flash: true,
             cuda_graph: true,
+            split_decode: true,
             cuda_events: false,
             cuda_pool_release: false,
             gemvq: GemvQ::Auto,
@@ -100,6 +103,7 @@ impl Tuning {
         switch("GLM2RS_FUSED", &mut t.fused, false);
         switch("GLM2RS_FLASH", &mut t.flash, false);
         switch("GLM2RS_CUDA_GRAPH", &mut t.cuda_graph, false);
+        switch("GLM2RS_SPLIT_DECODE", &mut t.split_decode, false);
         switch("GLM2RS_CUDA_EVENTS", &mut t.cuda_events, false);
         switch("GLM2RS_CUDA_POOL_RELEASE", &mut t.cuda_pool_release, false);
         switch("GLM2RS_DEQUANTIZE", &mut t.dequantize, false);
@@ -152,6 +156,7 @@ mod tests {
             ("GLM2RS_FUSED", "0"),
             ("GLM2RS_FLASH", "off"),
             ("GLM2RS_CUDA_GRAPH", "False"),
+            ("GLM2RS_SPLIT_DECODE", "no"),
             ("GLM2RS_CUDA_EVENTS", "1"),
             ("GLM2RS_CUDA_POOL_RELEASE", "yes"),
             ("GLM2RS_DEQUANTIZE", "on"),
@@ -159,7 +164,7 @@ mod tests {
             ("GLM2RS_GEMVQ", "dp4a"),
             ("GLM2RS_GEMVQ_ROWS", "16"),
         ]);
-        assert!(!t.fused && !t.flash && !t.cuda_graph);
+        assert!(!t.fused && !t.flash && !t.cuda_graph && !t.split_decode);
         assert!(t.cuda_events && t.cuda_pool_release && t.dequantize && !t.vnni);
         assert_eq!((t.gemvq, t.gemvq_rows), (GemvQ::Dp4a, 16));
         // "0" means off for every variable, so GLM2RS_NO_VNNI=0 keeps VNNI on and

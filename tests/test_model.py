@@ -147,6 +147,7 @@ def test_tuning_switches_and_with_tuning(model, fx):
     assert t["fused"] == "true" and t["flash"] == "true" and t["cuda_graph"] == "true"
     other = model.with_tuning(cuda_graph=False, flash=False)
     assert other.tuning["cuda_graph"] == "false" and other.tuning["flash"] == "false"
+    assert t["split_decode"] == "true" and model.with_tuning(split_decode=False).tuning["split_decode"] == "false"
     assert other.tuning["fused"] == "true" and model.tuning == t
     ids = model.tokenizer.encode("你好")
     assert np.array_equal(model.logits(ids), other.logits(ids))

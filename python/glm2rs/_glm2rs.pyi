@@ -125,6 +125,7 @@ class Model:
         fused: bool | None = None,
         flash: bool | None = None,
         cuda_graph: bool | None = None,
+        split_decode: bool | None = None,
     ) -> Model:
         """The same weights (shared) with other step-time switches (CUDA)."""
     @property

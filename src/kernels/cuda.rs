@@ -1,9 +1,11 @@
 //! CUDA custom ops (feature `cuda`): the fused decode attention and SwiGLU of
 //! `src/kernels/cuda/glm2.cu`, compiled to PTX by build.rs.
 
+use super::split_plan::{split_lanes, split_plan};
 use crate::quantize::Bits;
 use crate::tuning::{GemvQ, Tuning};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice, WrapErr};
 use candle_core::{
@@ -202,6 +204,26 @@ pub struct DecodeAttention<'a> {
     pub heads: usize,
     pub groups: usize,
     pub head_dim: usize,
+    /// [`Tuning::split_decode`]: the flash-decoding kernels where the shapes allow them.
+    pub split: bool,
+}
+
+/// Threads per block of `decode_split` (FD_WARPS * 32 in flash_decode.cuh).
+const SPLIT_THREADS: u32 = 4 * 32;
+/// The sequence table argument of the decode kernels: in the launch parameters, a table copied
+/// for this launch, or one the caller keeps on the device.
+fn push_table<'a>(
+    b: &mut cudarc::driver::LaunchArgs<'a>,
+    table: &'a Option<SeqTable>,
+    seqs_dev: &'a Option<cudarc::driver::CudaSlice<u32>>,
+    given: &'a Option<u64>,
+) {
+    match (table, seqs_dev, given) {
+        (Some(t), _, _) => b.arg(t),
+        (None, Some(d), _) => b.arg(d),
+        (None, None, Some(p)) => b.arg(p),
+        (None, None, None) => unreachable!("one of the tables is set"),
+    };
 }
 
 impl CustomOp1 for DecodeAttention<'_> {
@@ -260,6 +282,89 @@ impl CustomOp1 for DecodeAttention<'_> {
         let (cos, sin) = (device_ptr(self.cos)?, device_ptr(self.sin)?);
         let rot_half = self.cos.dim(1)? as i32;
         let scale = 1f32 / (hd as f32).sqrt();
+        if self.split {
+            if let Some(lanes) = split_lanes(nh, ng, hd) {
+                let word = (lanes * dtype.size_in_bytes()) as u64;
+                if infos.iter().all(|i| i.k % word == 0 && i.v % word == 0) {
+                    let max_cap = infos.iter().map(|i| i.cap as usize).max().unwrap_or(1);
+                    let sms = dev
+                        .cuda_stream()
+                        .context()
+                        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                        .w()? as usize;
+                    let (chunk, splits) = split_plan(rows, ng, max_cap, sms);
+                    let name = suffix(dtype)?;
+                    let t = if table.is_some() { "_t" } else { "" };
+                    let split_fn = dev.get_or_load_custom_func(
+                        &format!("decode_split{lanes}{t}_{name}"),
+                        MODULE,
+                        PTX,
+                    )?;
+                    let (slice, out) = alloc(dev, dtype, rows * nh * hd)?;
+                    let part = if splits > 1 {
+                        Some(alloc(dev, DType::F32, rows * nh * splits * (hd + 2))?)
+                    } else {
+                        None
+                    };
+                    let part_ptr = part.as_ref().map_or(0u64, |p| p.1);
+                    let (nh_i, ng_i, hd_i) = (nh as i32, ng as i32, hd as i32);
+                    let (chunk_i, splits_i) = (chunk as i32, splits as i32);
+                    let src = addr(s, o1)?;
+                    let mut b = split_fn.builder();
+                    b.arg(&src);
+                    b.arg(&bias);
+                    push_table(&mut b, &table, &seqs_dev, &given);
+                    b.arg(&cos);
+                    b.arg(&sin);
+                    b.arg(&out);
+                    b.arg(&part_ptr);
+                    b.arg(&nh_i);
+                    b.arg(&ng_i);
+                    b.arg(&hd_i);
+                    b.arg(&rot_half);
+                    b.arg(&scale);
+                    b.arg(&chunk_i);
+                    b.arg(&splits_i);
+                    let cfg = LaunchConfig {
+                        grid_dim: (rows as u32, ng as u32, splits as u32),
+                        block_dim: (SPLIT_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    unsafe { b.launch(cfg) }.w()?;
+                    if splits > 1 {
+                        let reduce_fn = dev.get_or_load_custom_func(
+                            &format!("decode_reduce{t}_{name}"),
+                            MODULE,
+                            PTX,
+                        )?;
+                        let mut b = reduce_fn.builder();
+                        push_table(&mut b, &table, &seqs_dev, &given);
+                        b.arg(&part_ptr);
+                        b.arg(&out);
+                        b.arg(&nh_i);
+                        b.arg(&hd_i);
+                        b.arg(&chunk_i);
+                        b.arg(&splits_i);
+                        let cfg = LaunchConfig {
+                            grid_dim: (rows as u32, nh as u32, 1),
+                            block_dim: (hd.clamp(32, 128) as u32, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        unsafe { b.launch(cfg) }.w()?;
+                    }
+                    // the partial results and the table are freed in stream order, after the launches
+                    drop(part);
+                    drop(seqs_dev);
+                    return Ok((
+                        CudaStorage {
+                            slice,
+                            device: dev.clone(),
+                        },
+                        Shape::from((rows, nh * hd)),
+                    ));
+                }
+            }
+        }
         let kind = if table.is_some() {
             "decode_attention_t"
         } else {
@@ -278,12 +383,7 @@ impl CustomOp1 for DecodeAttention<'_> {
         let mut b = func.builder();
         b.arg(&src);
         b.arg(&bias);
-        match (&table, &seqs_dev, &given) {
-            (Some(t), _, _) => b.arg(t),
-            (None, Some(d), _) => b.arg(d),
-            (None, None, Some(p)) => b.arg(p),
-            (None, None, None) => unreachable!("one of the tables is set"),
-        };
+        push_table(&mut b, &table, &seqs_dev, &given);
         b.arg(&cos);
         b.arg(&sin);
         b.arg(&out);

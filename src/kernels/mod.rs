@@ -4,3 +4,4 @@ pub mod cpu_gemv;
 pub mod cpu_quant;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod split_plan;

@@ -138,7 +138,9 @@ impl SelfAttention {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && tuning.fused && segments.iter().all(|&(_, t)| t == 1) {
-            if let Some(out) = self.forward_decode_cuda(x, rotary, caches, layer, table)? {
+            if let Some(out) =
+                self.forward_decode_cuda(x, rotary, caches, layer, table, tuning.split_decode)?
+            {
                 return Ok(out);
             }
         }

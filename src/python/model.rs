@@ -117,18 +117,20 @@ impl PyModel {
     }
 
     /// This model (weights shared, not copied) with other step-time switches of `glm2rs::tuning`
-    /// (CUDA): `fused`, `flash`, `cuda_graph`; `None` keeps the current value.
-    #[pyo3(signature = (*, fused = None, flash = None, cuda_graph = None))]
+    /// (CUDA): `fused`, `flash`, `cuda_graph`, `split_decode`; `None` keeps the current value.
+    #[pyo3(signature = (*, fused = None, flash = None, cuda_graph = None, split_decode = None))]
     fn with_tuning(
         &self,
         fused: Option<bool>,
         flash: Option<bool>,
         cuda_graph: Option<bool>,
+        split_decode: Option<bool>,
     ) -> Self {
         let mut t = *self.inner.model().tuning();
         t.fused = fused.unwrap_or(t.fused);
         t.flash = flash.unwrap_or(t.flash);
         t.cuda_graph = cuda_graph.unwrap_or(t.cuda_graph);
+        t.split_decode = split_decode.unwrap_or(t.split_decode);
         Self {
             inner: self.inner.with_tuning(t),
         }
@@ -142,6 +144,7 @@ impl PyModel {
             ("fused", t.fused.to_string()),
             ("flash", t.flash.to_string()),
             ("cuda_graph", t.cuda_graph.to_string()),
+            ("split_decode", t.split_decode.to_string()),
             ("cuda_events", t.cuda_events.to_string()),
             ("cuda_pool_release", t.cuda_pool_release.to_string()),
             ("gemvq", format!("{:?}", t.gemvq).to_lowercase()),

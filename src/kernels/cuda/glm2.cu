@@ -223,6 +223,8 @@ INSTANTIATE(float, f32)
 INSTANTIATE(__half, f16)
 INSTANTIATE(__nv_bfloat16, bf16)
 
+#include "flash_decode.cuh"
+
 // ---------------------------------------------------------------------------------------------
 // add_rmsnorm: h = a + b (rounded to T, as candle's add), y = rmsnorm(h) * w (statistics in
 // float32, result rounded to T). `b` may be null (plain RMSNorm of a). out: [2, rows, n]

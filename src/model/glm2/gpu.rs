@@ -106,6 +106,7 @@ impl SelfAttention {
         caches: &mut [&mut Cache],
         layer: usize,
         table: Option<&Tensor>,
+        split: bool,
     ) -> Result<Option<Tensor>> {
         use crate::kernels::cuda::{DecodeAttention, DecodeSeq};
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
@@ -134,6 +135,7 @@ impl SelfAttention {
             heads: nh,
             groups: ng,
             head_dim: hd,
+            split,
         };
         let ctx = qkv.apply_op1_no_bwd(&op)?; // [n, nh hd]
         Ok(Some(self.dense.forward(&ctx.reshape((

@@ -1,0 +1,232 @@
+"""Long context on one GPU: glm2rs against transformers' own GLM model (SDPA) in the same run.
+
+    python benches/long_context.py --fixtures DIR [--ckpt /tmp/glm6b] [--contexts 2048,8192,32000]
+                                   [--decode 64] [--batch 64x4096] [--parity] [--hf] [--out results.json]
+
+- glm2rs, random chatglm2-6b weights in bfloat16, batch 1: prefill of each context (best of 2, the
+  allocator's peak), then decoding after it (tokens/s after the first token), with the split
+  (flash-decoding) attention and, same process and weights, without it (`split_decode=False`);
+  greedy ids of both compared.
+- batch: `NxL`: N sequences of L prompt tokens decoded together, aggregate tokens/s.
+- hf: transformers' `GlmForCausalLM` with `attn_implementation="sdpa"`, the same shapes (random
+  weights of its own: speed does not depend on them), prefill (`logits_to_keep=1`, as glm2rs keeps
+  the last row only) and 32 eager decode steps after it, `torch.cuda.max_memory_allocated`.
+- parity: the split kernel against the one-block kernel and candle's unfused ops, in float32 where
+  sums in another order stay far below any logit gap: a 2-layer model of the real 6B attention
+  shapes (32 heads, 2 KV groups, head_dim 128) at 200 / 3,000 / 9,000 tokens and a batch mixing
+  those lengths; the tiny fixture with a 3,500-token prompt. Greedy ids must be equal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import glm2rs
+
+RESULTS: dict = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def prompt(rng, n: int) -> list[int]:
+    return [64790, 64792] + [int(x) for x in rng.integers(100, 60000, n - 2)]
+
+
+def random_checkpoint(fx: Path, d: Path, dtype: str, layers: int = 28) -> Path:
+    if not (d / "config.json").exists():
+        t0 = time.time()
+        subprocess.run([sys.executable, "benches/make_random_checkpoint.py", str(d), "--dtype", dtype,
+                        "--layers", str(layers), "--fixtures", str(fx)], check=True, stdout=subprocess.DEVNULL)
+        log(f"random checkpoint ({layers} layers, {dtype}) written in {time.time() - t0:.0f} s")
+    return d
+
+
+def decode_rate(m, ids: list[int], steps: int) -> tuple[float, list[int]]:
+    """Tokens/s of the decode after the prompt (the clock starts at the first new token)."""
+    s = m.stream_ids(ids, max_new_tokens=steps + 1, do_sample=False)
+    t_first, n_first = None, 0
+    for _ in s:
+        if t_first is None:
+            t_first, n_first = time.perf_counter(), len(s.token_ids)
+    rate = (len(s.token_ids) - n_first) / max(time.perf_counter() - t_first, 1e-9)
+    return rate, list(s.token_ids)
+
+
+def greedy(m, ids: list[int], steps: int) -> list[int]:
+    return list(m.generate_ids(ids, max_new_tokens=steps, do_sample=False))
+
+
+def parity(fx: Path, mid: Path) -> bool:
+    ok = True
+    rng = np.random.default_rng(1)
+    m = glm2rs.Model.from_pretrained(str(mid), device="cuda", dtype="float32")
+    modes = {"split": m, "one_block": m.with_tuning(split_decode=False), "unfused": m.with_tuning(fused=False)}
+    lengths = (200, 3000, 9000)
+    prompts = [prompt(rng, n) for n in lengths]
+    for ids in prompts:
+        got = {k: greedy(mm, ids, 24) for k, mm in modes.items()}
+        same = got["split"] == got["one_block"] == got["unfused"]
+        ok &= same
+        RESULTS.setdefault("parity", {})[f"6b-shapes/{len(ids)}"] = {k: v[-24:] for k, v in got.items()} | {"equal": same}
+        log(f"parity 6B attention shapes, f32, {len(ids)} tokens: split == one-block == unfused: {same}")
+    # a batch mixing short and long sequences: each row as when decoded alone
+    mixed = [prompts[1], prompt(rng, 50), prompts[2], prompt(rng, 700)]
+    alone = [greedy(m, ids, 12)[-12:] for ids in mixed]
+    batch = [list(o)[-12:] for o in m.generate_batch_ids(mixed, max_new_tokens=12, do_sample=False)]
+    same = batch == alone
+    ok &= same
+    RESULTS["parity"]["6b-shapes/batch"] = {"equal": same}
+    log(f"parity 6B attention shapes, f32, batch of {[len(p) for p in mixed]}: batch == alone: {same}")
+    del m, modes
+    t = glm2rs.Model.from_pretrained(str(fx / "model"), device="cuda", dtype="float32")
+    ids = prompt(rng, 3500)
+    got = {k: greedy(mm, ids, 24) for k, mm in
+           {"split": t, "one_block": t.with_tuning(split_decode=False), "unfused": t.with_tuning(fused=False)}.items()}
+    cpu = greedy(glm2rs.Model.from_pretrained(str(fx / "model"), device="cpu", dtype="float32"), ids, 24)
+    same = got["split"] == got["one_block"] == got["unfused"] == cpu
+    ok &= same
+    RESULTS["parity"]["tiny/3500"] = {"equal": same}
+    log(f"parity tiny fixture, f32, 3500 tokens: split == one-block == unfused == CPU: {same}")
+    return ok
+
+
+def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, int] | None) -> None:
+    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16")
+    rng = np.random.default_rng(0)
+    m.last_logits([prompt(rng, 64)])  # warm up
+    decode_rate(m, prompt(rng, 64), 8)
+    short, _ = decode_rate(m, prompt(rng, 32), steps)
+    RESULTS["glm2rs_short_decode_tok_s"] = short
+    log(f"glm2rs bf16 decode after 32 tokens: {short:.1f} tok/s")
+    one_block = m.with_tuning(split_decode=False)
+    for n in contexts:
+        ids = prompt(rng, n)
+        glm2rs.cuda_memory("cuda", reset_peak=True)
+        ts = []
+        for _ in range(2):
+            t = time.perf_counter()
+            m.last_logits([ids])
+            ts.append(time.perf_counter() - t)
+        split, ids_split = decode_rate(m, ids, steps)
+        peak = glm2rs.cuda_memory("cuda")["used_peak"] / 2**30
+        old, ids_old = decode_rate(one_block, ids, steps)
+        r = {"prefill_s": min(ts), "decode_tok_s": split, "decode_one_block_tok_s": old,
+             "allocated_peak_gib": peak, "ids_equal": ids_split == ids_old}
+        RESULTS.setdefault("glm2rs", {})[str(n)] = r
+        log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s, decode {split:.1f} tok/s "
+            f"(one-block kernel {old:.1f}), allocated peak {peak:.2f} GiB, ids equal {r['ids_equal']}")
+    if batch:
+        b, n = batch
+        prompts = [prompt(rng, n) for _ in range(b)]
+        res = {}
+        for label, mm in (("split", m), ("one_block", one_block)):
+            t = time.perf_counter()
+            mm.generate_batch_ids(prompts, max_new_tokens=1, do_sample=False)
+            t1 = time.perf_counter() - t
+            t = time.perf_counter()
+            out = mm.generate_batch_ids(prompts, max_new_tokens=33, do_sample=False)
+            t33 = time.perf_counter() - t
+            res[label] = (sum(len(o) for o in out) - b) / max(t33 - t1, 1e-9)
+        RESULTS["glm2rs_batch"] = {"batch": b, "context": n, "tok_s": res["split"], "one_block_tok_s": res["one_block"]}
+        log(f"glm2rs bf16 batch {b} x {n}: decode {res['split']:.0f} tok/s aggregate (one-block {res['one_block']:.0f})")
+    del m, one_block
+
+
+def hf_figures(contexts: list[int]) -> None:
+    import torch
+    import transformers
+    from transformers import GlmConfig, GlmForCausalLM
+
+    cfg = GlmConfig(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
+                    num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
+                    max_position_embeddings=32768, attention_bias=True, rms_norm_eps=1e-5, pad_token_id=0,
+                    eos_token_id=2, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = GlmForCausalLM(cfg).eval()
+    impl = getattr(model.config, "_attn_implementation", "?")
+    log(f"transformers {transformers.__version__} GlmForCausalLM, attention {impl}, torch {torch.__version__}")
+    RESULTS["hf_versions"] = {"transformers": transformers.__version__, "torch": torch.__version__, "attention": impl}
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([prompt(rng, 64)], device="cuda"), logits_to_keep=1)
+        for n in contexts:
+            ids = torch.tensor([prompt(rng, n)], device="cuda")
+            torch.cuda.reset_peak_memory_stats()
+            ts = []
+            for _ in range(2):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t)
+            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(32):
+                o = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past, nxt = o.past_key_values, o.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            dec = 32 / (time.perf_counter() - t)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            RESULTS.setdefault("hf", {})[str(n)] = {"prefill_s": min(ts), "decode_eager_tok_s": dec, "allocated_peak_gib": peak}
+            log(f"transformers sdpa bf16 {n}: prefill {min(ts):.3f} s, eager decode {dec:.1f} tok/s, allocated peak {peak:.2f} GiB")
+            del out, past, o
+    del model
+    torch.cuda.empty_cache()
+
+
+def table(contexts: list[int]) -> None:
+    g, h = RESULTS.get("glm2rs", {}), RESULTS.get("hf", {})
+    log("\n| context | prefill, transformers SDPA | prefill, glm2rs | ratio | decode after it, glm2rs (split) | one-block kernel | glm2rs peak GiB | transformers peak GiB |")
+    log("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n in contexts:
+        a, b = h.get(str(n), {}), g.get(str(n), {})
+        ratio = a["prefill_s"] / b["prefill_s"] if a and b else float("nan")
+        log(f"| {n:,} | {a.get('prefill_s', float('nan')):.3f} s | {b.get('prefill_s', float('nan')):.3f} s | {ratio:.2f}x "
+            f"| {b.get('decode_tok_s', float('nan')):.1f} tok/s | {b.get('decode_one_block_tok_s', float('nan')):.1f} tok/s "
+            f"| {b.get('allocated_peak_gib', float('nan')):.2f} | {a.get('allocated_peak_gib', float('nan')):.2f} |")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fixtures", required=True, type=Path)
+    ap.add_argument("--ckpt", default="/tmp/glm6b", type=Path)
+    ap.add_argument("--contexts", default="2048,8192,32000")
+    ap.add_argument("--decode", type=int, default=64)
+    ap.add_argument("--batch", default="", help="NxL: N sequences of L prompt tokens")
+    ap.add_argument("--parity", action="store_true")
+    ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--skip-glm2rs", action="store_true")
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    contexts = [int(x) for x in a.contexts.split(",") if x]
+    batch = tuple(int(x) for x in a.batch.split("x")) if a.batch else None
+    ok = True
+    try:
+        subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], check=False)
+        if a.parity:
+            mid = random_checkpoint(a.fixtures, a.ckpt.parent / (a.ckpt.name + "-2layers"), "bfloat16", layers=2)
+            ok &= parity(a.fixtures, mid)
+        if not a.skip_glm2rs:
+            glm2rs_figures(random_checkpoint(a.fixtures, a.ckpt, "bfloat16"), contexts, a.decode, batch)
+        if a.hf:
+            hf_figures(contexts)
+        table(contexts)
+    finally:
+        if a.out:
+            Path(a.out).write_text(json.dumps(RESULTS, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
