@@ -108,6 +108,7 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
     RESULTS["glm2rs_short_decode_tok_s"] = short
     log(f"glm2rs bf16 decode after 32 tokens: {short:.1f} tok/s")
     one_block = m.with_tuning(split_decode=False)
+    no_flash = m.with_tuning(flash=False)
     for n in contexts:
         ids = prompt(rng, n)
         glm2rs.cuda_memory("cuda", reset_peak=True)
@@ -116,13 +117,16 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
             t = time.perf_counter()
             m.last_logits([ids])
             ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        no_flash.last_logits([ids])
+        blocked = time.perf_counter() - t
         split, ids_split = decode_rate(m, ids, steps)
         peak = glm2rs.cuda_memory("cuda")["used_peak"] / 2**30
         old, ids_old = decode_rate(one_block, ids, steps)
-        r = {"prefill_s": min(ts), "decode_tok_s": split, "decode_one_block_tok_s": old,
+        r = {"prefill_s": min(ts), "prefill_blocked_s": blocked, "decode_tok_s": split, "decode_one_block_tok_s": old,
              "allocated_peak_gib": peak, "ids_equal": ids_split == ids_old}
         RESULTS.setdefault("glm2rs", {})[str(n)] = r
-        log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s, decode {split:.1f} tok/s "
+        log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s (flash=False: {blocked:.3f} s), decode {split:.1f} tok/s "
             f"(one-block kernel {old:.1f}), allocated peak {peak:.2f} GiB, ids equal {r['ids_equal']}")
     if batch:
         b, n = batch
@@ -138,7 +142,7 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
             res[label] = (sum(len(o) for o in out) - b) / max(t33 - t1, 1e-9)
         RESULTS["glm2rs_batch"] = {"batch": b, "context": n, "tok_s": res["split"], "one_block_tok_s": res["one_block"]}
         log(f"glm2rs bf16 batch {b} x {n}: decode {res['split']:.0f} tok/s aggregate (one-block {res['one_block']:.0f})")
-    del m, one_block
+    del m, one_block, no_flash
 
 
 def hf_figures(contexts: list[int]) -> None:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the CUDA (sm_90: H100/H200) abi3 wheel on this CPU-only machine with nvcc 13.0 from PyPI.
-# The wheel lands in dist-cuda/; with --bench also the criterion kernel benches
+# The wheel lands in dist-cuda/; with --tests also the GPU kernel tests (dist-cuda/cuda-decode-test);
+# with --bench the criterion kernel benches
 # (dist-cuda/kernels-bench, run there as `dist-cuda/kernels-bench --bench gpu_`). On the device: pip install it; libcudart.so.13 must be loadable
 # (the nvidia-cuda-runtime wheel provides it; glm2rs/__init__.py preloads it when present).
 set -euo pipefail
@@ -23,6 +24,12 @@ python3 scripts/cuda_link_stubs.py "$C/lib"
 export RUSTFLAGS="-L $C/lib"
 rm -rf dist-cuda
 maturin build --release --features cuda,python,server --auditwheel skip -o dist-cuda
+if [ "${1:-}" = "--tests" ]; then
+    # the GPU kernel tests (tests/cuda_decode.rs), run there as dist-cuda/cuda-decode-test
+    exe=$(cargo test --release --features cuda --test cuda_decode --no-run --message-format=json \
+        | python3 -c "import sys, json; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")
+    cp "$exe" dist-cuda/cuda-decode-test
+fi
 if [ "${1:-}" = "--bench" ]; then
     exe=$(cargo bench --features cuda --bench kernels --no-run --message-format=json \
         | python3 -c "import sys, json; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")

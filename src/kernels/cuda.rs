@@ -1,7 +1,7 @@
 //! CUDA custom ops (feature `cuda`): the fused decode attention and SwiGLU of
 //! `src/kernels/cuda/glm2.cu`, compiled to PTX by build.rs.
 
-use super::split_plan::{split_lanes, split_plan};
+use super::split_plan::{split_lanes, split_pays, split_plan, SPLIT_MIN_CHUNK};
 use crate::quantize::Bits;
 use crate::tuning::{GemvQ, Tuning};
 use candle_core::backend::BackendStorage;
@@ -208,6 +208,8 @@ pub struct DecodeAttention<'a> {
     pub split: bool,
 }
 
+/// Rows of threads of `decode_reduce`, each taking every 4th split (FD_RLANES in flash_decode.cuh).
+const REDUCE_LANES: u32 = 4;
 /// Threads per block of `decode_split` (FD_WARPS * 32 in flash_decode.cuh).
 const SPLIT_THREADS: u32 = 4 * 32;
 /// The sequence table argument of the decode kernels: in the launch parameters, a table copied
@@ -285,21 +287,27 @@ impl CustomOp1 for DecodeAttention<'_> {
         if self.split {
             if let Some(lanes) = split_lanes(nh, ng, hd) {
                 let word = (lanes * dtype.size_in_bytes()) as u64;
-                if infos.iter().all(|i| i.k % word == 0 && i.v % word == 0) {
-                    let max_cap = infos.iter().map(|i| i.cap as usize).max().unwrap_or(1);
+                let max_cap = infos.iter().map(|i| i.cap as usize).max().unwrap_or(1);
+                if split_pays(rows, max_cap)
+                    && infos.iter().all(|i| i.k % word == 0 && i.v % word == 0)
+                {
                     let sms = dev
                         .cuda_stream()
                         .context()
                         .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
                         .w()? as usize;
-                    let (chunk, splits) = split_plan(rows, ng, max_cap, sms);
+                    let splits = split_plan(rows, ng, max_cap, sms);
+                    let chunk = SPLIT_MIN_CHUNK;
                     let name = suffix(dtype)?;
                     let t = if table.is_some() { "_t" } else { "" };
-                    let split_fn = dev.get_or_load_custom_func(
-                        &format!("decode_split{lanes}{t}_{name}"),
-                        MODULE,
-                        PTX,
-                    )?;
+                    // 16-bit caches on tensor cores (mma.m16n8k16: the group's heads are its 16
+                    // rows), float32 on CUDA cores
+                    let kernel = if dtype != DType::F32 && hd % 16 == 0 {
+                        format!("decode_split_mma{t}_{name}")
+                    } else {
+                        format!("decode_split{lanes}{t}_{name}")
+                    };
+                    let split_fn = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
                     let (slice, out) = alloc(dev, dtype, rows * nh * hd)?;
                     let part = if splits > 1 {
                         Some(alloc(dev, DType::F32, rows * nh * splits * (hd + 2))?)
@@ -347,7 +355,7 @@ impl CustomOp1 for DecodeAttention<'_> {
                         b.arg(&splits_i);
                         let cfg = LaunchConfig {
                             grid_dim: (rows as u32, nh as u32, 1),
-                            block_dim: (hd.clamp(32, 128) as u32, 1, 1),
+                            block_dim: (hd.clamp(32, 128) as u32, REDUCE_LANES, 1),
                             shared_mem_bytes: 0,
                         };
                         unsafe { b.launch(cfg) }.w()?;

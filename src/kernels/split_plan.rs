@@ -7,14 +7,20 @@
 pub const SPLIT_MAX_HEADS_PER_GROUP: usize = 16;
 /// Fewest positions a block of `decode_split` takes, and the step of its chunks (FD_WARPS *
 /// FD_TILE positions per pass of the block's warps).
-pub const SPLIT_MIN_CHUNK: usize = 128;
+pub const SPLIT_MIN_CHUNK: usize = 64;
 pub const SPLIT_CHUNK_STEP: usize = 32;
+/// Most splits `decode_reduce` combines (FD_MAXSPLITS in flash_decode.cuh).
+pub const SPLIT_MAX_SPLITS: usize = 1024;
 
 /// Dimensions per lane (`E` in flash_decode.cuh) of the split decode kernel for these heads, or
 /// `None` where it does not apply (more than 16 query heads per group, head_dim over 128 or not
 /// a multiple of its lanes' share).
 pub fn split_lanes(heads: usize, groups: usize, head_dim: usize) -> Option<usize> {
-    if groups == 0 || heads % groups != 0 || heads / groups > SPLIT_MAX_HEADS_PER_GROUP {
+    if groups == 0
+        || heads % groups != 0
+        || heads / groups > SPLIT_MAX_HEADS_PER_GROUP
+        || head_dim % 2 != 0
+    {
         return None;
     }
     match head_dim {
@@ -25,18 +31,39 @@ pub fn split_lanes(heads: usize, groups: usize, head_dim: usize) -> Option<usize
     }
 }
 
-/// `(chunk, splits)` of a split decode step: `rows` sequences of `groups` KV groups, caches of at
-/// most `max_cap` positions, on a GPU of `sms` multiprocessors. Enough blocks to fill the GPU
-/// twice over (`rows * groups * splits` near `2 * sms`), none with fewer than
-/// [`SPLIT_MIN_CHUNK`] positions; `chunk * splits` covers `max_cap`. The plan depends on the
-/// capacity, not the length, so a captured graph stays valid while its cache does.
-pub fn split_plan(rows: usize, groups: usize, max_cap: usize, sms: usize) -> (usize, usize) {
-    let max_cap = max_cap.max(1);
+/// Caches from this capacity on take the split kernel whatever the batch.
+pub const SPLIT_MIN_CAP: usize = 1024;
+/// Batches from this many sequences on take the split kernel whatever their lengths.
+pub const SPLIT_MIN_ROWS: usize = 32;
+
+/// Whether the split kernel beats the one-block-per-head kernel for a step: measured on an H200
+/// (`benches/gpu_bench.py`, 2026-12-02), the one-block kernel is faster for a few short
+/// sequences (a 32-token prompt: 269 against 225 tokens/s at batch 1, 3,454 against 3,220 at
+/// batch 16: it has a block per head to spread the new token's work over), the split kernel
+/// for 64 sequences (11,040-13,164 against 9,684-9,845) and for long caches (it reads each key
+/// once per group, in tiles, over the whole GPU).
+pub fn split_pays(rows: usize, max_cap: usize) -> bool {
+    max_cap >= SPLIT_MIN_CAP || rows >= SPLIT_MIN_ROWS
+}
+
+/// Blocks per (sequence, KV group) of a split decode step: `rows` sequences of `groups` KV
+/// groups, caches of at most `max_cap` positions, on a GPU of `sms` multiprocessors: enough
+/// blocks to fill the GPU twice over (`rows * groups * splits` near `2 * sms`), no more than
+/// [`SPLIT_MIN_CHUNK`]-position chunks of the capacity. The count depends on the capacity, not
+/// the length, so a captured graph stays valid while its cache does; each launch then cuts the
+/// sequence's current length into `splits` chunks ([`split_chunk`]).
+pub fn split_plan(rows: usize, groups: usize, max_cap: usize, sms: usize) -> usize {
     let units = (rows * groups).max(1);
-    let most = max_cap.div_ceil(SPLIT_MIN_CHUNK).max(1);
-    let splits = (2 * sms.max(1)).div_ceil(units).clamp(1, most);
-    let chunk = max_cap.div_ceil(splits).div_ceil(SPLIT_CHUNK_STEP) * SPLIT_CHUNK_STEP;
-    (chunk, max_cap.div_ceil(chunk))
+    let most = max_cap.max(1).div_ceil(SPLIT_MIN_CHUNK).clamp(1, SPLIT_MAX_SPLITS);
+    (2 * sms.max(1)).div_ceil(units).clamp(1, most)
+}
+
+/// Positions per block for a sequence of `n` entries cut into `splits` (`fd_chunk` in
+/// flash_decode.cuh, which the kernels compute from the runtime length): at least
+/// [`SPLIT_MIN_CHUNK`], a multiple of [`SPLIT_CHUNK_STEP`], `splits` of them cover `n`.
+pub fn split_chunk(n: usize, splits: usize) -> usize {
+    let c = n.div_ceil(splits.max(1)).div_ceil(SPLIT_CHUNK_STEP) * SPLIT_CHUNK_STEP;
+    c.max(SPLIT_MIN_CHUNK)
 }
 
 #[cfg(test)]
@@ -54,6 +81,16 @@ mod tests {
         assert_eq!(split_lanes(32, 2, 126), None); // not a multiple of 4 lanes' share
         assert_eq!(split_lanes(6, 4, 128), None);
         assert_eq!(split_lanes(4, 0, 128), None);
+        assert_eq!(split_lanes(4, 2, 7), None); // rotary pairs need an even head_dim
+    }
+
+    #[test]
+    fn short_steps_of_few_sequences_keep_the_one_block_kernel() {
+        assert!(!split_pays(1, 256));
+        assert!(!split_pays(16, 512));
+        assert!(split_pays(64, 256));
+        assert!(split_pays(1, 2_304));
+        assert!(split_pays(1, 32_768));
     }
 
     #[test]
@@ -67,21 +104,22 @@ mod tests {
             (64, 2, 4_352, 132),
             (16, 2, 512, 132),
             (3, 2, 100_000, 1),
+            (1, 1, 1 << 20, 4096),
         ] {
-            let (chunk, splits) = split_plan(rows, groups, cap, sms);
-            assert!(chunk * splits >= cap, "{rows} {cap}: {chunk} x {splits}");
-            assert!(chunk * (splits - 1) < cap, "{rows} {cap}: an empty split");
-            assert_eq!(chunk % SPLIT_CHUNK_STEP, 0);
-            assert!(splits == 1 || chunk >= SPLIT_MIN_CHUNK);
-            assert!(
-                rows * groups * (splits - 1) < 2 * sms,
-                "no more splits than fill the GPU"
-            );
+            let splits = split_plan(rows, groups, cap, sms);
+            assert!((1..=SPLIT_MAX_SPLITS).contains(&splits));
+            assert!(rows * groups * (splits - 1) < 2 * sms, "no more splits than fill the GPU");
+            assert!(splits == 1 || cap > SPLIT_MIN_CHUNK * (splits - 1), "{cap}: {splits}");
+            // every length the cache can hold is covered, in chunks of whole steps
+            for n in (1..=cap).step_by((cap / 97).max(1)).chain([cap]) {
+                let chunk = split_chunk(n, splits);
+                assert!(chunk * splits >= n, "{n} in {splits} x {chunk}");
+                assert!(chunk % SPLIT_CHUNK_STEP == 0 && chunk >= SPLIT_MIN_CHUNK);
+            }
         }
         // a single 32K sequence spreads over the whole GPU; 64 sequences of 4K need few splits
-        let (_, splits) = split_plan(1, 2, 32_768, 132);
+        let splits = split_plan(1, 2, 32_768, 132);
         assert!(2 * splits >= 132, "{splits}");
-        let (_, splits) = split_plan(64, 2, 4_352, 132);
-        assert!(splits <= 3, "{splits}");
+        assert!(split_plan(64, 2, 4_352, 132) <= 3);
     }
 }

@@ -44,7 +44,7 @@ __device__ __forceinline__ float warp_sum16(float (&v)[FD_R], int lane) {
 
 // E consecutive elements as floats (one vector load where it is a whole 4- or 8-byte word).
 template <typename T, int E>
-__device__ __forceinline__ void load_e(const T* __restrict__ p, float (&o)[E]) {
+__device__ __forceinline__ void load_e(const T* p, float (&o)[E]) {
     if constexpr (sizeof(T) == 2 && E == 4) {
         const uint2 u = *reinterpret_cast<const uint2*>(p);
         const T* h = reinterpret_cast<const T*>(&u);
@@ -66,80 +66,153 @@ __device__ __forceinline__ float biased(const T* __restrict__ row, const T* __re
     return to_f(from_f<T>(to_f(row[i]) + (bias ? to_f(bias[i]) : 0.f)));
 }
 
-// part: [rows, heads, splits, 2 + head_dim] float32 (max, sum, accumulator); unused with one split.
-template <typename T, int E>
-__device__ void decode_split(const T* __restrict__ qkv, const T* __restrict__ bias,
-                             const SeqInfo* __restrict__ seqs, const T* __restrict__ cos_t,
-                             const T* __restrict__ sin_t, T* __restrict__ out, float* __restrict__ part,
-                             int heads, int groups, int head_dim, int rot_half, float scale, int chunk,
-                             int splits) {
-    const int s = blockIdx.x, g = blockIdx.y, c = blockIdx.z;
-    const SeqInfo info = seqs[s];
-    const int n = info.len + 1;
-    const int p0 = c * chunk;
-    if (p0 >= n) return;
-    const int p1 = min(n, p0 + chunk);
-    const int r = heads / groups;
-    const int width = (heads + 2 * groups) * head_dim;
-    const T* row = qkv + (size_t)info.row * width;
+// Positions per split of a sequence holding n entries: the same for the split and the reduce
+// kernels, from the runtime length (so every split of a captured graph has work as the cache
+// fills), at least min_chunk, a multiple of 32.
+__device__ __forceinline__ int fd_chunk(int n, int splits, int min_chunk) {
+    const int c = ((n + splits - 1) / splits + 31) / 32 * 32;
+    return max(c, min_chunk);
+}
 
-    __shared__ float q_s[FD_R][FD_MAXD];
-    __shared__ float k_s[FD_MAXD];
-    __shared__ float v_s[FD_MAXD];
-    __shared__ float w_s[FD_WARPS][FD_TILE][FD_R];
-    __shared__ float c_s[FD_WARPS][FD_R];
-    __shared__ float m_s[FD_WARPS][FD_R];
-    __shared__ float l_s[FD_WARPS][FD_R];
-    __shared__ float acc_s[FD_WARPS][FD_R][FD_MAXD];
+// Shared memory of a split block.
+struct FdShared {
+    float q[FD_R][FD_MAXD];
+    float k[FD_MAXD];
+    float v[FD_MAXD];
+    float w[FD_WARPS][FD_TILE][FD_R];
+    float c[FD_WARPS][FD_R];
+    float m[FD_WARPS][FD_R];
+    float l[FD_WARPS][FD_R];
+    float acc[FD_WARPS][FD_R][FD_MAXD];
+};
 
-    for (int i = threadIdx.x; i < FD_R * FD_MAXD; i += blockDim.x) q_s[i / FD_MAXD][i % FD_MAXD] = 0.f;
+// The group's queries, key and value of the new token into sh.q / sh.k / sh.v (zero padded to
+// FD_R x FD_MAXD): first the raw values (bias added, rounded to T) and the rotary row, staged in
+// sh.acc (unused until the end) with all loads of a thread issued together, then the rotation
+// from shared memory (a loop doing both waits for its global loads one element at a time). The
+// block whose chunk holds position `len` then stores the new key and value in the cache.
+template <typename T>
+__device__ void fd_prologue(FdShared& sh, const T* __restrict__ row, const T* __restrict__ bias,
+                            const T* __restrict__ cos_t, const T* __restrict__ sin_t, const SeqInfo& info,
+                            T* kc, T* vc, bool holds_new, int g, int r, int heads, int groups,
+                            int head_dim, int rot_half) {
+    float* x_s = &sh.acc[0][0][0];             // [(r + 2) * head_dim]
+    float* cs_s = x_s + (FD_R + 2) * FD_MAXD;  // cos [rot_half], then sin [rot_half]
+    const int nq = r * head_dim;
+    const int nx = nq + 2 * head_dim;
+#pragma unroll
+    for (int k = 0; k < (FD_R + 2) * FD_MAXD / (FD_WARPS * 32); k++) {  // every load in flight at once
+        const int i = threadIdx.x + k * FD_WARPS * 32;
+        if (i < nx) {
+            const int src = i < nq ? g * nq + i
+                            : i < nq + head_dim ? (heads + g) * head_dim + (i - nq)
+                                                : (heads + groups + g) * head_dim + (i - nq - head_dim);
+            x_s[i] = biased<T>(row, bias, src);
+        }
+    }
+    for (int i = threadIdx.x; i < 2 * rot_half; i += blockDim.x)
+        cs_s[i] = to_f(i < rot_half ? cos_t[(size_t)info.rot * rot_half + i]
+                                    : sin_t[(size_t)info.rot * rot_half + i - rot_half]);
+    for (int i = threadIdx.x; i < FD_R * FD_MAXD; i += blockDim.x) sh.q[i / FD_MAXD][i % FD_MAXD] = 0.f;
     for (int i = threadIdx.x; i < FD_MAXD; i += blockDim.x) {
-        k_s[i] = 0.f;
-        v_s[i] = 0.f;
+        sh.k[i] = 0.f;
+        sh.v[i] = 0.f;
     }
     __syncthreads();
-    // the group's queries, key and value of the new token: bias, rotary, rounded to T
-    for (int i = threadIdx.x; i < (r + 2) * head_dim; i += blockDim.x) {
-        const int which = i / head_dim, e = i % head_dim;
-        const int base = which < r ? (g * r + which) * head_dim
-                         : which == r ? (heads + g) * head_dim
-                                      : (heads + groups + g) * head_dim;
-        float x = biased<T>(row, bias, base + e);
+    for (int i = threadIdx.x; i < nx; i += blockDim.x) {
+        const int which = i / head_dim, e = i % head_dim;  // which < r: a query head; r: key; r + 1: value
+        float x = x_s[i];
         if (which <= r && e < 2 * rot_half) {
-            const float xp = biased<T>(row, bias, base + (e ^ 1));
-            const float cc = to_f(cos_t[(size_t)info.rot * rot_half + e / 2]);
-            const float sn = to_f(sin_t[(size_t)info.rot * rot_half + e / 2]);
+            const float xp = x_s[i ^ 1];  // the other element of the pair (head_dim is even)
+            const float cc = cs_s[e / 2];
+            const float sn = cs_s[rot_half + e / 2];
             x = (e & 1) == 0 ? x * cc - xp * sn : xp * sn + x * cc;
         }
         x = to_f(from_f<T>(x));
         if (which < r)
-            q_s[which][e] = x;
+            sh.q[which][e] = x;
         else if (which == r)
-            k_s[e] = x;
+            sh.k[e] = x;
         else
-            v_s[e] = x;
+            sh.v[e] = x;
     }
     __syncthreads();
-
-    T* kc = reinterpret_cast<T*>(info.k) + (size_t)g * info.cap * head_dim;
-    T* vc = reinterpret_cast<T*>(info.v) + (size_t)g * info.cap * head_dim;
-    if (p0 <= info.len && info.len < p1) {  // this block's chunk holds the new position
+    if (holds_new) {
         for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
-            kc[(size_t)info.len * head_dim + e] = from_f<T>(k_s[e]);
-            vc[(size_t)info.len * head_dim + e] = from_f<T>(v_s[e]);
+            kc[(size_t)info.len * head_dim + e] = from_f<T>(sh.k[e]);
+            vc[(size_t)info.len * head_dim + e] = from_f<T>(sh.v[e]);
         }
     }
+    __syncthreads();  // the new entry is visible to the whole block before anyone reads it
+}
+
+// The block's warps combined (sh.m / sh.l / sh.acc hold each warp's max, sum and unnormalised
+// accumulator per head, max -INFINITY for a warp that saw no position): with one split the
+// output, with several the split's (max, sum, accumulator) per head for decode_reduce.
+template <typename T>
+__device__ void fd_combine(FdShared& sh, const SeqInfo& info, T* __restrict__ out, float* __restrict__ part,
+                           int s, int g, int c, int r, int heads, int head_dim, int splits) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < r * head_dim; i += blockDim.x) {
+        const int h = i / head_dim, e = i % head_dim;
+        float mg = -INFINITY;
+#pragma unroll
+        for (int wi = 0; wi < FD_WARPS; wi++) mg = fmaxf(mg, sh.m[wi][h]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < FD_WARPS; wi++) {
+            if (sh.m[wi][h] == -INFINITY) continue;
+            const float f = __expf(sh.m[wi][h] - mg);
+            num += sh.acc[wi][h][e] * f;
+            den += sh.l[wi][h] * f;
+        }
+        const int head = g * r + h;
+        if (splits == 1) {
+            out[(size_t)info.row * heads * head_dim + (size_t)head * head_dim + e] = from_f<T>(num / den);
+        } else {
+            float* pp = part + (((size_t)s * heads + head) * splits + c) * (head_dim + 2);
+            pp[2 + e] = num;
+            if (e == 0) {
+                pp[0] = mg;
+                pp[1] = den;
+            }
+        }
+    }
+}
+
+// part: [rows, heads, splits, 2 + head_dim] float32 (max, sum, accumulator); unused with one split.
+// CUDA cores, any float type: lanes hold E dimensions of all the group's queries.
+template <typename T, int E>
+__device__ void decode_split(const T* __restrict__ qkv, const T* __restrict__ bias,
+                             const SeqInfo* __restrict__ seqs, const T* __restrict__ cos_t,
+                             const T* __restrict__ sin_t, T* __restrict__ out, float* __restrict__ part,
+                             int heads, int groups, int head_dim, int rot_half, float scale, int min_chunk,
+                             int splits) {
+    const int s = blockIdx.x, g = blockIdx.y, c = blockIdx.z;
+    const SeqInfo info = seqs[s];
+    const int n = info.len + 1;
+    const int chunk = fd_chunk(n, splits, min_chunk);
+    const int p0 = c * chunk;
+    if (p0 >= n) return;
+    const int p1 = min(n, p0 + chunk);
+    const int r = heads / groups;
+    const T* row = qkv + (size_t)info.row * (heads + 2 * groups) * head_dim;
+    __shared__ FdShared sh;
+    T* kc = reinterpret_cast<T*>(info.k) + (size_t)g * info.cap * head_dim;
+    T* vc = reinterpret_cast<T*>(info.v) + (size_t)g * info.cap * head_dim;
+    fd_prologue<T>(sh, row, bias, cos_t, sin_t, info, kc, vc, p0 <= info.len && info.len < p1, g, r, heads,
+                   groups, head_dim, rot_half);
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int d0 = lane * E;             // this lane's first dimension
-    const bool dims = d0 < head_dim;     // head_dim % E == 0: a lane has all E or none
+    const int d0 = lane * E;          // this lane's first dimension
+    const bool dims = d0 < head_dim;  // head_dim % E == 0: a lane has all E or none
     float q[FD_R][E], acc[FD_R][E];
 #pragma unroll
     for (int h = 0; h < FD_R; h++)
 #pragma unroll
         for (int j = 0; j < E; j++) {
-            q[h][j] = q_s[h][d0 + j];
+            q[h][j] = sh.q[h][d0 + j];
             acc[h][j] = 0.f;
         }
     float m = -INFINITY, l = 0.f;  // of head lane >> 1
@@ -156,8 +229,8 @@ __device__ void decode_split(const T* __restrict__ qkv, const T* __restrict__ bi
 #pragma unroll
                 for (int j = 0; j < E; j++) {
                     const bool now = p < p1 && dims;  // p == len: the new token, from shared memory
-                    kv[t][j] = now ? k_s[d0 + j] : 0.f;
-                    vv[t][j] = now ? v_s[d0 + j] : 0.f;
+                    kv[t][j] = now ? sh.k[d0 + j] : 0.f;
+                    vv[t][j] = now ? sh.v[d0 + j] : 0.f;
                 }
             }
         }
@@ -188,114 +261,328 @@ __device__ void decode_split(const T* __restrict__ qkv, const T* __restrict__ bi
         l = l * corr + ws;
         m = mt;
         if ((lane & 1) == 0) {
-            c_s[warp][lane >> 1] = corr;
+            sh.c[warp][lane >> 1] = corr;
 #pragma unroll
-            for (int t = 0; t < FD_TILE; t++) w_s[warp][t][lane >> 1] = w[t];
+            for (int t = 0; t < FD_TILE; t++) sh.w[warp][t][lane >> 1] = w[t];
         }
         __syncwarp();
 #pragma unroll
         for (int h = 0; h < FD_R; h++) {
-            const float ch = c_s[warp][h];
+            const float ch = sh.c[warp][h];
 #pragma unroll
             for (int j = 0; j < E; j++) acc[h][j] *= ch;
 #pragma unroll
             for (int t = 0; t < FD_TILE; t++) {
-                const float wt = w_s[warp][t][h];
+                const float wt = sh.w[warp][t][h];
 #pragma unroll
                 for (int j = 0; j < E; j++) acc[h][j] += wt * vv[t][j];
             }
         }
         __syncwarp();
     }
-
-    // combine the warps of the block
+    __syncthreads();  // sh.acc held the prologue's staging
     if ((lane & 1) == 0) {
-        m_s[warp][lane >> 1] = m;
-        l_s[warp][lane >> 1] = l;
+        sh.m[warp][lane >> 1] = m;
+        sh.l[warp][lane >> 1] = l;
     }
 #pragma unroll
     for (int h = 0; h < FD_R; h++)
 #pragma unroll
-        for (int j = 0; j < E; j++) acc_s[warp][h][d0 + j] = acc[h][j];
-    __syncthreads();
-    for (int i = threadIdx.x; i < r * head_dim; i += blockDim.x) {
-        const int h = i / head_dim, e = i % head_dim;
-        float mg = -INFINITY;
+        for (int j = 0; j < E; j++) sh.acc[warp][h][d0 + j] = acc[h][j];
+    fd_combine<T>(sh, info, out, part, s, g, c, r, heads, head_dim, splits);
+}
+
+// Tensor cores, 16-bit T: the group's (up to) 16 query heads are the 16 rows of
+// mma.m16n8k16. Each warp takes 16 positions at a time: S = Q K^T as 2 x (head_dim / 16) MMAs
+// (keys read straight from the cache as the B operand: two consecutive dimensions per 32-bit
+// word), the online softmax on the accumulator fragments (a row's 4 lanes combine with 2
+// shuffles), then O += P V with P re-used in registers as the A operand (rounded to T, as
+// FlashAttention does) and V as B, one MMA per 8 output dimensions. head_dim % 16 == 0, <= 128.
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16*) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t pack2(float lo, float hi, __half*) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ uint32_t join2(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                         __nv_bfloat16*) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                         __half*) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+constexpr int FD_KS = FD_MAXD / 16;  // k-steps of 16 dimensions
+constexpr int FD_NT = FD_MAXD / 8;   // output tiles of 8 dimensions
+
+template <typename T>
+__device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict__ bias,
+                                 const SeqInfo* __restrict__ seqs, const T* __restrict__ cos_t,
+                                 const T* __restrict__ sin_t, T* __restrict__ out, float* __restrict__ part,
+                                 int heads, int groups, int head_dim, int rot_half, float scale,
+                                 int min_chunk, int splits) {
+    const int s = blockIdx.x, g = blockIdx.y, c = blockIdx.z;
+    const SeqInfo info = seqs[s];
+    const int n = info.len + 1;
+    const int chunk = fd_chunk(n, splits, min_chunk);
+    const int p0 = c * chunk;
+    if (p0 >= n) return;
+    const int p1 = min(n, p0 + chunk);
+    const int r = heads / groups;
+    const T* row = qkv + (size_t)info.row * (heads + 2 * groups) * head_dim;
+    __shared__ FdShared sh;
+    // (plain loads, not the read-only path: this block has just written position len)
+    T* kc0 = reinterpret_cast<T*>(info.k) + (size_t)g * info.cap * head_dim;
+    T* vc0 = reinterpret_cast<T*>(info.v) + (size_t)g * info.cap * head_dim;
+    fd_prologue<T>(sh, row, bias, cos_t, sin_t, info, kc0, vc0, p0 <= info.len && info.len < p1, g, r, heads,
+                   groups, head_dim, rot_half);
+    const uint16_t* kc = reinterpret_cast<const uint16_t*>(kc0);
+    const uint16_t* vc = reinterpret_cast<const uint16_t*>(vc0);
+
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tig = lane & 3;
+    const int ks_n = head_dim / 16;
+    // Q as A fragments, one per k-step (rows gid and gid + 8; columns 2 tig, 2 tig + 1, + 8)
+    uint32_t qa[FD_KS][4];
 #pragma unroll
-        for (int wi = 0; wi < FD_WARPS; wi++) mg = fmaxf(mg, m_s[wi][h]);
-        float num = 0.f, den = 0.f;
+    for (int ks = 0; ks < FD_KS; ks++) {
+        const int c0 = ks * 16 + 2 * tig;
+        qa[ks][0] = pack2(sh.q[gid][c0], sh.q[gid][c0 + 1], (T*)nullptr);
+        qa[ks][1] = pack2(sh.q[gid + 8][c0], sh.q[gid + 8][c0 + 1], (T*)nullptr);
+        qa[ks][2] = pack2(sh.q[gid][c0 + 8], sh.q[gid][c0 + 9], (T*)nullptr);
+        qa[ks][3] = pack2(sh.q[gid + 8][c0 + 8], sh.q[gid + 8][c0 + 9], (T*)nullptr);
+    }
+    float o[FD_NT][4];
 #pragma unroll
-        for (int wi = 0; wi < FD_WARPS; wi++) {
-            if (m_s[wi][h] == -INFINITY) continue;  // a warp that saw no position
-            const float f = __expf(m_s[wi][h] - mg);
-            num += acc_s[wi][h][e] * f;
-            den += l_s[wi][h] * f;
+    for (int i = 0; i < FD_NT; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows gid, gid + 8 (l: this lane's part)
+
+    for (int t0 = p0 + warp * 16; t0 < p1; t0 += FD_WARPS * 16) {
+        // every key and value word of the tile requested before any is used (two round trips
+        // to memory per tile would be the loop's latency)
+        uint32_t kb[2][FD_KS][2], vb[FD_NT][2];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            const int p = t0 + nt * 8 + gid;  // the key this lane feeds (B column gid)
+            const bool ok = p < p1;
+            const uint16_t* kp = kc + (size_t)p * head_dim + 2 * tig;
+#pragma unroll
+            for (int ks = 0; ks < FD_KS; ks++) {
+                const bool in = ok && ks < ks_n;
+                kb[nt][ks][0] = in ? *reinterpret_cast<const uint32_t*>(kp + ks * 16) : 0u;
+                kb[nt][ks][1] = in ? *reinterpret_cast<const uint32_t*>(kp + ks * 16 + 8) : 0u;
+            }
         }
-        const int head = g * r + h;
-        if (splits == 1) {
-            out[(size_t)info.row * heads * head_dim + (size_t)head * head_dim + e] = from_f<T>(num / den);
-        } else {
-            float* pp = part + (((size_t)s * heads + head) * splits + c) * (head_dim + 2);
-            pp[2 + e] = num;
-            if (e == 0) {
-                pp[0] = mg;
-                pp[1] = den;
+        {
+            // V as B (16 positions x 8 dimensions): rows 2 tig, 2 tig + 1 (+ 8), column gid
+            const int pv = t0 + 2 * tig;
+            const bool v0 = pv < p1, v1 = pv + 1 < p1, v8 = pv + 8 < p1, v9 = pv + 9 < p1;
+            const uint16_t* vp = vc + (size_t)pv * head_dim + gid;
+#pragma unroll
+            for (int dt = 0; dt < FD_NT; dt++) {
+                const bool in = dt < ks_n * 2;
+                const uint16_t* q = vp + dt * 8;
+                vb[dt][0] = join2(in && v0 ? q[0] : 0, in && v1 ? q[head_dim] : 0);
+                vb[dt][1] = join2(in && v8 ? q[8 * head_dim] : 0, in && v9 ? q[9 * head_dim] : 0);
+            }
+        }
+        float sc[2][4];
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < FD_KS; ks++)
+                if (ks < ks_n) mma16816(sc[nt], qa[ks], kb[nt][ks][0], kb[nt][ks][1], (T*)nullptr);
+        }
+        // scores of rows gid (sc[.][0..1]) and gid + 8 (sc[.][2..3]), positions t0 + nt*8 + 2 tig + j
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const bool ok = t0 + nt * 8 + 2 * tig + j < p1;
+                sc[nt][j] = ok ? sc[nt][j] * scale : -INFINITY;
+                sc[nt][2 + j] = ok ? sc[nt][2 + j] * scale : -INFINITY;
+                mx0 = fmaxf(mx0, sc[nt][j]);
+                mx1 = fmaxf(mx1, sc[nt][2 + j]);
+            }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+        const float cr0 = __expf(m0 - mx0), cr1 = __expf(m1 - mx1);
+        m0 = mx0;
+        m1 = mx1;
+        float pr[2][4];
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < 2; nt++)
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                pr[nt][j] = __expf(sc[nt][j] - mx0);
+                pr[nt][2 + j] = __expf(sc[nt][2 + j] - mx1);
+                s0 += pr[nt][j];
+                s1 += pr[nt][2 + j];
+            }
+        l0 = l0 * cr0 + s0;
+        l1 = l1 * cr1 + s1;
+        uint32_t pa[4];
+        pa[0] = pack2(pr[0][0], pr[0][1], (T*)nullptr);
+        pa[1] = pack2(pr[0][2], pr[0][3], (T*)nullptr);
+        pa[2] = pack2(pr[1][0], pr[1][1], (T*)nullptr);
+        pa[3] = pack2(pr[1][2], pr[1][3], (T*)nullptr);
+#pragma unroll
+        for (int dt = 0; dt < FD_NT; dt++) {
+            if (dt < ks_n * 2) {
+                o[dt][0] *= cr0;
+                o[dt][1] *= cr0;
+                o[dt][2] *= cr1;
+                o[dt][3] *= cr1;
+                mma16816(o[dt], pa, vb[dt][0], vb[dt][1], (T*)nullptr);
             }
         }
     }
+    // a row's sum over its 4 lanes
+    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
+    __syncthreads();  // sh.acc held the prologue's staging
+    if (tig == 0) {
+        sh.m[warp][gid] = m0;
+        sh.m[warp][gid + 8] = m1;
+        sh.l[warp][gid] = l0;
+        sh.l[warp][gid + 8] = l1;
+    }
+#pragma unroll
+    for (int dt = 0; dt < FD_NT; dt++) {
+        if (dt < ks_n * 2) {
+            sh.acc[warp][gid][dt * 8 + 2 * tig] = o[dt][0];
+            sh.acc[warp][gid][dt * 8 + 2 * tig + 1] = o[dt][1];
+            sh.acc[warp][gid + 8][dt * 8 + 2 * tig] = o[dt][2];
+            sh.acc[warp][gid + 8][dt * 8 + 2 * tig + 1] = o[dt][3];
+        }
+    }
+    fd_combine<T>(sh, info, out, part, s, g, c, r, heads, head_dim, splits);
 }
+
+// block: (head_dim threads, FD_RLANES); threadIdx.y takes every FD_RLANES-th split, so a head's
+// partial accumulators are read with many loads in flight (a loop over 100+ splits one load at a
+// time is latency-bound).
+constexpr int FD_RLANES = 4;
+constexpr int FD_MAXSPLITS = 1024;  // SPLIT_MAX_SPLITS in src/kernels/split_plan.rs
 
 template <typename T>
 __device__ void decode_reduce(const SeqInfo* __restrict__ seqs, const float* __restrict__ part,
-                              T* __restrict__ out, int heads, int head_dim, int chunk, int splits) {
+                              T* __restrict__ out, int heads, int head_dim, int min_chunk, int splits) {
     const int s = blockIdx.x, h = blockIdx.y;
     const SeqInfo info = seqs[s];
-    const int active = min(splits, (info.len + 1 + chunk - 1) / chunk);
+    const int n = info.len + 1;
+    const int chunk = fd_chunk(n, splits, min_chunk);
+    const int active = min(min(splits, FD_MAXSPLITS), (n + chunk - 1) / chunk);
     const float* pp = part + ((size_t)s * heads + h) * splits * (head_dim + 2);
-    float mg = -INFINITY;
-    for (int c = 0; c < active; c++) mg = fmaxf(mg, pp[(size_t)c * (head_dim + 2)]);
-    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
-        float num = 0.f, den = 0.f;
-        for (int c = 0; c < active; c++) {
-            const float* q = pp + (size_t)c * (head_dim + 2);
-            const float f = __expf(q[0] - mg);
-            num += q[2 + e] * f;
-            den += q[1] * f;
+    __shared__ float f_s[FD_MAXSPLITS];  // each split's max, then its weight exp(max - global max)
+    __shared__ float l_s[FD_MAXSPLITS];
+    __shared__ float red_s[FD_RLANES][FD_MAXD];
+    __shared__ float den_s;
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    const int nthreads = blockDim.x * blockDim.y;
+    for (int c = tid; c < active; c += nthreads) {
+        f_s[c] = pp[(size_t)c * (head_dim + 2)];
+        l_s[c] = pp[(size_t)c * (head_dim + 2) + 1];
+    }
+    __syncthreads();
+    if (tid < 32) {  // one warp: the global max, the weights and the denominator
+        float mg = -INFINITY;
+        for (int c = tid; c < active; c += 32) mg = fmaxf(mg, f_s[c]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mg = fmaxf(mg, __shfl_xor_sync(0xffffffff, mg, o));
+        float den = 0.f;
+        for (int c = tid; c < active; c += 32) {
+            const float f = __expf(f_s[c] - mg);
+            f_s[c] = f;
+            den += l_s[c] * f;
         }
-        out[(size_t)info.row * heads * head_dim + (size_t)h * head_dim + e] = from_f<T>(num / den);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffff, den, o);
+        if (tid == 0) den_s = den;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
+        float num = 0.f;
+#pragma unroll 8
+        for (int c = threadIdx.y; c < active; c += FD_RLANES) num += pp[(size_t)c * (head_dim + 2) + 2 + e] * f_s[c];
+        red_s[threadIdx.y][e] = num;
+    }
+    __syncthreads();
+    if (threadIdx.y == 0) {
+        for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
+            float num = 0.f;
+#pragma unroll
+            for (int k = 0; k < FD_RLANES; k++) num += red_s[k][e];
+            out[(size_t)info.row * heads * head_dim + (size_t)h * head_dim + e] = from_f<T>(num / den_s);
+        }
     }
 }
 
+#define FD_ARGS_DEV(T)                                                                                   \
+    const T *qkv, const T *bias, const SeqInfo *seqs, const T *cos_t, const T *sin_t, T *out, float *part, \
+        int heads, int groups, int head_dim, int rot_half, float scale, int min_chunk, int splits
+#define FD_ARGS_TAB(T)                                                                                   \
+    const T *qkv, const T *bias, const __grid_constant__ SeqTable table, const T *cos_t, const T *sin_t,  \
+        T *out, float *part, int heads, int groups, int head_dim, int rot_half, float scale, int min_chunk, \
+        int splits
+#define FD_PASS(SEQS) qkv, bias, SEQS, cos_t, sin_t, out, part, heads, groups, head_dim, rot_half, scale, min_chunk, splits
+
 #define FD_SPLIT(T, NAME, E)                                                                          \
-    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32)                                      \
-        decode_split##E##_##NAME(const T* qkv, const T* bias, const SeqInfo* seqs, const T* cos_t,   \
-                                 const T* sin_t, T* out, float* part, int heads, int groups,          \
-                                 int head_dim, int rot_half, float scale, int chunk, int splits) {    \
-        decode_split<T, E>(qkv, bias, seqs, cos_t, sin_t, out, part, heads, groups, head_dim,        \
-                           rot_half, scale, chunk, splits);                                           \
+    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32) decode_split##E##_##NAME(FD_ARGS_DEV(T)) { \
+        decode_split<T, E>(FD_PASS(seqs));                                                            \
     }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32) decode_split##E##_t_##NAME(           \
-        const T* qkv, const T* bias, const __grid_constant__ SeqTable table, const T* cos_t,          \
-        const T* sin_t, T* out, float* part, int heads, int groups, int head_dim, int rot_half,       \
-        float scale, int chunk, int splits) {                                                         \
-        decode_split<T, E>(qkv, bias, table.s, cos_t, sin_t, out, part, heads, groups, head_dim,     \
-                           rot_half, scale, chunk, splits);                                           \
+    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32) decode_split##E##_t_##NAME(FD_ARGS_TAB(T)) { \
+        decode_split<T, E>(FD_PASS(table.s));                                                         \
+    }
+
+#define FD_REDUCE(T, NAME)                                                                            \
+    extern "C" __global__ void decode_reduce_##NAME(const SeqInfo* seqs, const float* part, T* out,  \
+                                                    int heads, int head_dim, int min_chunk, int splits) { \
+        decode_reduce<T>(seqs, part, out, heads, head_dim, min_chunk, splits);                       \
+    }                                                                                                 \
+    extern "C" __global__ void decode_reduce_t_##NAME(const __grid_constant__ SeqTable table,         \
+                                                      const float* part, T* out, int heads,           \
+                                                      int head_dim, int min_chunk, int splits) {      \
+        decode_reduce<T>(table.s, part, out, heads, head_dim, min_chunk, splits);                    \
+    }
+
+#define FD_MMA(T, NAME)                                                                               \
+    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32) decode_split_mma_##NAME(FD_ARGS_DEV(T)) { \
+        decode_split_mma<T>(FD_PASS(seqs));                                                           \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(FD_WARPS * 32) decode_split_mma_t_##NAME(FD_ARGS_TAB(T)) { \
+        decode_split_mma<T>(FD_PASS(table.s));                                                        \
     }
 
 #define FD_INSTANTIATE(T, NAME)                                                                       \
     FD_SPLIT(T, NAME, 1)                                                                              \
     FD_SPLIT(T, NAME, 2)                                                                              \
     FD_SPLIT(T, NAME, 4)                                                                              \
-    extern "C" __global__ void decode_reduce_##NAME(const SeqInfo* seqs, const float* part, T* out,  \
-                                                    int heads, int head_dim, int chunk, int splits) { \
-        decode_reduce<T>(seqs, part, out, heads, head_dim, chunk, splits);                           \
-    }                                                                                                 \
-    extern "C" __global__ void decode_reduce_t_##NAME(const __grid_constant__ SeqTable table,         \
-                                                      const float* part, T* out, int heads,           \
-                                                      int head_dim, int chunk, int splits) {          \
-        decode_reduce<T>(table.s, part, out, heads, head_dim, chunk, splits);                        \
-    }
+    FD_REDUCE(T, NAME)
 
 FD_INSTANTIATE(float, f32)
 FD_INSTANTIATE(__half, f16)
 FD_INSTANTIATE(__nv_bfloat16, bf16)
+FD_MMA(__half, f16)
+FD_MMA(__nv_bfloat16, bf16)

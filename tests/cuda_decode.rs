@@ -1,0 +1,214 @@
+//! The split (flash-decoding) decode attention against the one-block kernel, on a GPU (feature
+//! `cuda`; `scripts/build_cuda_wheel.sh --tests` builds this binary for the device machine).
+//! Random queries, keys and values of ChatGLM2-6B's attention shapes (32 heads, 2 KV groups,
+//! head_dim 128) and of the tiny fixture's (4 heads, 2 groups, head_dim 8), caches of 1 to 20,000
+//! entries, one sequence and a batch mixing short and long ones. float32 takes the CUDA-core split
+//! kernel and must agree to float32 rounding; bfloat16 / float16 take the tensor-core one, whose
+//! probabilities are rounded to 16 bits before the value product (as FlashAttention's): its error
+//! against a float64 reference must stay within that of the one-block kernel plus the 16-bit
+//! rounding of the output. Both kernels must write the same new key and value into the cache.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use glm2rs::kernels::cuda::{DecodeAttention, DecodeSeq};
+
+struct Case {
+    heads: usize,
+    groups: usize,
+    head_dim: usize,
+    lens: Vec<usize>,
+}
+
+/// float64 attention of one new token per sequence over `len` cached entries plus itself, from
+/// the values the kernels read (q, k, v after bias and rotary, as the kernels round them).
+fn reference(
+    q: &[Vec<f64>],
+    keys: &[Vec<f64>],
+    vals: &[Vec<f64>],
+    scale: f64,
+) -> Vec<Vec<f64>> {
+    q.iter()
+        .map(|qh| {
+            let s: Vec<f64> = keys
+                .iter()
+                .map(|k| qh.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale)
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+            let z: f64 = w.iter().sum();
+            (0..qh.len())
+                .map(|e| w.iter().zip(vals).map(|(wi, v)| wi * v[e]).sum::<f64>() / z)
+                .collect()
+        })
+        .collect()
+}
+
+fn run(dev: &Device, case: &Case, dtype: DType, split: bool, seed: u64) -> (Vec<f32>, Vec<Tensor>) {
+    let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
+    let rows = case.lens.len();
+    let width = (nh + 2 * ng) * hd;
+    let qkv = Tensor::randn(0f32, 1f32, (rows, width), &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    // rotary tables of ones and zeros: no rotation (the rotation is the one-block kernel's,
+    // checked by the model parity tests); the attention is what differs
+    let rot_half = hd / 4;
+    let cos = Tensor::ones((65536, rot_half), dtype, dev).unwrap();
+    let sin = Tensor::zeros((65536, rot_half), dtype, dev).unwrap();
+    let mut seqs = Vec::new();
+    let mut caches = Vec::new();
+    for (i, &len) in case.lens.iter().enumerate() {
+        let cap = len + 1 + (i * 37) % 300;
+        let k = Tensor::randn(0f32, 1f32, (1, ng, cap, hd), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        let v = Tensor::randn(0f32, 1f32, (1, ng, cap, hd), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
+        caches.push((k.clone(), v.clone()));
+        seqs.push(DecodeSeq {
+            k,
+            v,
+            len,
+            rot: len + seed as usize % 7,
+        });
+    }
+    let op = DecodeAttention {
+        seqs: &seqs,
+        table: None,
+        bias: None,
+        cos: &cos,
+        sin: &sin,
+        heads: nh,
+        groups: ng,
+        head_dim: hd,
+        split,
+    };
+    let out = qkv.apply_op1_no_bwd(&op).unwrap();
+    let out: Vec<f32> = out
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut all = vec![qkv];
+    for (k, v) in caches {
+        all.push(k);
+        all.push(v);
+    }
+    (out, all)
+}
+
+fn to64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn split_decode_matches_the_one_block_kernel_and_float64() {
+    let dev = glm2rs::parse_device("cuda").expect("a CUDA device");
+    let cases = [
+        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![0] },
+        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![77] },
+        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![3000] },
+        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![20_000] },
+        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![2500, 5, 9000, 700, 0, 64] },
+        Case { heads: 4, groups: 2, head_dim: 8, lens: vec![3500, 1, 130] },
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for (ci, case) in cases.iter().enumerate() {
+            let seed = ci as u64;
+            candle_core::Device::Cpu.set_seed(seed).ok();
+            let (split, inputs) = run(&dev, case, dtype, true, seed);
+            // the same inputs through the one-block kernel: rebuild its caches from copies
+            let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
+            let qkv = &inputs[0];
+            let mut seqs = Vec::new();
+            for (i, &len) in case.lens.iter().enumerate() {
+                let k = inputs[1 + 2 * i].copy().unwrap();
+                let v = inputs[2 + 2 * i].copy().unwrap();
+                seqs.push(DecodeSeq { k, v, len, rot: len + seed as usize % 7 });
+            }
+            let rot_half = hd / 4;
+            let cos = Tensor::ones((65536, rot_half), dtype, &dev).unwrap();
+            let sin = Tensor::zeros((65536, rot_half), dtype, &dev).unwrap();
+            let one = qkv
+                .apply_op1_no_bwd(&DecodeAttention {
+                    seqs: &seqs,
+                    table: None,
+                    bias: None,
+                    cos: &cos,
+                    sin: &sin,
+                    heads: nh,
+                    groups: ng,
+                    head_dim: hd,
+                    split: false,
+                })
+                .unwrap();
+            let one: Vec<f32> = one.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // both wrote the new key and value at `len`: the caches agree everywhere
+            for (i, s) in seqs.iter().enumerate() {
+                let a = to64(&inputs[1 + 2 * i]);
+                let b = to64(&s.k);
+                assert_eq!(a, b, "{dtype:?} case {ci} seq {i}: keys written differently");
+                assert_eq!(to64(&inputs[2 + 2 * i]), to64(&s.v), "{dtype:?} case {ci} seq {i}: values");
+            }
+            // float64 reference from the cache contents (new entry included)
+            let q = to64(qkv);
+            let width = (nh + 2 * ng) * hd;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let (mut err_split, mut err_one, mut biggest) = (0f64, 0f64, 0f64);
+            for (i, s) in seqs.iter().enumerate() {
+                let kk = to64(&s.k);
+                let vv = to64(&s.v);
+                let cap = s.k.dim(2).unwrap();
+                for g in 0..ng {
+                    let rows_of = |t: &[f64]| -> Vec<Vec<f64>> {
+                        (0..=s.len)
+                            .map(|p| t[(g * cap + p) * hd..(g * cap + p + 1) * hd].to_vec())
+                            .collect()
+                    };
+                    let r = nh / ng;
+                    let qs: Vec<Vec<f64>> = (0..r)
+                        .map(|h| q[i * width + (g * r + h) * hd..i * width + (g * r + h + 1) * hd].to_vec())
+                        .collect();
+                    let want = reference(&qs, &rows_of(&kk), &rows_of(&vv), scale);
+                    for (h, w) in want.iter().enumerate() {
+                        for (e, &x) in w.iter().enumerate() {
+                            let at = i * nh * hd + (g * r + h) * hd + e;
+                            err_split = err_split.max((split[at] as f64 - x).abs());
+                            err_one = err_one.max((one[at] as f64 - x).abs());
+                            biggest = biggest.max(x.abs());
+                        }
+                    }
+                }
+            }
+            let eps = match dtype {
+                DType::F32 => 1e-5,
+                DType::BF16 => 2f64.powi(-8),
+                _ => 2f64.powi(-11),
+            };
+            // one output rounding of |x| <= biggest, plus 16-bit probabilities (relative eps)
+            let allowed = err_one + 2.0 * eps * biggest.max(1.0);
+            println!(
+                "{dtype:?} case {ci} (heads {nh}, groups {ng}, head_dim {hd}, lens {:?}): max err split {err_split:.2e}, one-block {err_one:.2e}, allowed {allowed:.2e}",
+                case.lens
+            );
+            assert!(err_split.is_finite() && err_split <= allowed, "{dtype:?} case {ci}: split error {err_split} over {allowed}");
+        }
+    }
+}
