@@ -21,12 +21,7 @@ struct Case {
 
 /// float64 attention of one new token per sequence over `len` cached entries plus itself, from
 /// the values the kernels read (q, k, v after bias and rotary, as the kernels round them).
-fn reference(
-    q: &[Vec<f64>],
-    keys: &[Vec<f64>],
-    vals: &[Vec<f64>],
-    scale: f64,
-) -> Vec<Vec<f64>> {
+fn reference(q: &[Vec<f64>], keys: &[Vec<f64>], vals: &[Vec<f64>], scale: f64) -> Vec<Vec<f64>> {
     q.iter()
         .map(|qh| {
             let s: Vec<f64> = keys
@@ -122,12 +117,42 @@ fn to64(t: &Tensor) -> Vec<f64> {
 fn split_decode_matches_the_one_block_kernel_and_float64() {
     let dev = glm2rs::parse_device("cuda").expect("a CUDA device");
     let cases = [
-        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![0] },
-        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![77] },
-        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![3000] },
-        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![20_000] },
-        Case { heads: 32, groups: 2, head_dim: 128, lens: vec![2500, 5, 9000, 700, 0, 64] },
-        Case { heads: 4, groups: 2, head_dim: 8, lens: vec![3500, 1, 130] },
+        Case {
+            heads: 32,
+            groups: 2,
+            head_dim: 128,
+            lens: vec![0],
+        },
+        Case {
+            heads: 32,
+            groups: 2,
+            head_dim: 128,
+            lens: vec![77],
+        },
+        Case {
+            heads: 32,
+            groups: 2,
+            head_dim: 128,
+            lens: vec![3000],
+        },
+        Case {
+            heads: 32,
+            groups: 2,
+            head_dim: 128,
+            lens: vec![20_000],
+        },
+        Case {
+            heads: 32,
+            groups: 2,
+            head_dim: 128,
+            lens: vec![2500, 5, 9000, 700, 0, 64],
+        },
+        Case {
+            heads: 4,
+            groups: 2,
+            head_dim: 8,
+            lens: vec![3500, 1, 130],
+        },
     ];
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for (ci, case) in cases.iter().enumerate() {
@@ -141,7 +166,12 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
             for (i, &len) in case.lens.iter().enumerate() {
                 let k = inputs[1 + 2 * i].copy().unwrap();
                 let v = inputs[2 + 2 * i].copy().unwrap();
-                seqs.push(DecodeSeq { k, v, len, rot: len + seed as usize % 7 });
+                seqs.push(DecodeSeq {
+                    k,
+                    v,
+                    len,
+                    rot: len + seed as usize % 7,
+                });
             }
             let rot_half = hd / 4;
             let cos = Tensor::ones((65536, rot_half), dtype, &dev).unwrap();
@@ -159,13 +189,26 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
                     split: false,
                 })
                 .unwrap();
-            let one: Vec<f32> = one.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let one: Vec<f32> = one
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             // both wrote the new key and value at `len`: the caches agree everywhere
             for (i, s) in seqs.iter().enumerate() {
                 let a = to64(&inputs[1 + 2 * i]);
                 let b = to64(&s.k);
-                assert_eq!(a, b, "{dtype:?} case {ci} seq {i}: keys written differently");
-                assert_eq!(to64(&inputs[2 + 2 * i]), to64(&s.v), "{dtype:?} case {ci} seq {i}: values");
+                assert_eq!(
+                    a, b,
+                    "{dtype:?} case {ci} seq {i}: keys written differently"
+                );
+                assert_eq!(
+                    to64(&inputs[2 + 2 * i]),
+                    to64(&s.v),
+                    "{dtype:?} case {ci} seq {i}: values"
+                );
             }
             // float64 reference from the cache contents (new entry included)
             let q = to64(qkv);
@@ -184,7 +227,10 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
                     };
                     let r = nh / ng;
                     let qs: Vec<Vec<f64>> = (0..r)
-                        .map(|h| q[i * width + (g * r + h) * hd..i * width + (g * r + h + 1) * hd].to_vec())
+                        .map(|h| {
+                            q[i * width + (g * r + h) * hd..i * width + (g * r + h + 1) * hd]
+                                .to_vec()
+                        })
                         .collect();
                     let want = reference(&qs, &rows_of(&kk), &rows_of(&vv), scale);
                     for (h, w) in want.iter().enumerate() {
@@ -208,7 +254,10 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
                 "{dtype:?} case {ci} (heads {nh}, groups {ng}, head_dim {hd}, lens {:?}): max err split {err_split:.2e}, one-block {err_one:.2e}, allowed {allowed:.2e}",
                 case.lens
             );
-            assert!(err_split.is_finite() && err_split <= allowed, "{dtype:?} case {ci}: split error {err_split} over {allowed}");
+            assert!(
+                err_split.is_finite() && err_split <= allowed,
+                "{dtype:?} case {ci}: split error {err_split} over {allowed}"
+            );
         }
     }
 }

@@ -54,7 +54,10 @@ pub fn split_pays(rows: usize, max_cap: usize) -> bool {
 /// sequence's current length into `splits` chunks ([`split_chunk`]).
 pub fn split_plan(rows: usize, groups: usize, max_cap: usize, sms: usize) -> usize {
     let units = (rows * groups).max(1);
-    let most = max_cap.max(1).div_ceil(SPLIT_MIN_CHUNK).clamp(1, SPLIT_MAX_SPLITS);
+    let most = max_cap
+        .max(1)
+        .div_ceil(SPLIT_MIN_CHUNK)
+        .clamp(1, SPLIT_MAX_SPLITS);
     (2 * sms.max(1)).div_ceil(units).clamp(1, most)
 }
 
@@ -108,8 +111,14 @@ mod tests {
         ] {
             let splits = split_plan(rows, groups, cap, sms);
             assert!((1..=SPLIT_MAX_SPLITS).contains(&splits));
-            assert!(rows * groups * (splits - 1) < 2 * sms, "no more splits than fill the GPU");
-            assert!(splits == 1 || cap > SPLIT_MIN_CHUNK * (splits - 1), "{cap}: {splits}");
+            assert!(
+                rows * groups * (splits - 1) < 2 * sms,
+                "no more splits than fill the GPU"
+            );
+            assert!(
+                splits == 1 || cap > SPLIT_MIN_CHUNK * (splits - 1),
+                "{cap}: {splits}"
+            );
             // every length the cache can hold is covered, in chunks of whole steps
             for n in (1..=cap).step_by((cap / 97).max(1)).chain([cap]) {
                 let chunk = split_chunk(n, splits);

@@ -6,17 +6,21 @@
 //   attention: ChatGLM2's 32 heads share 2 groups), so each key and value is read once per group,
 //   not once per head. It first does what the one-block kernel does with the new token (bias,
 //   rotary, rounding to T; the block whose chunk holds position `len` stores the new key and
-//   value), then each warp walks tiles of FD_TILE positions: lanes hold head_dim / 32 dimensions
-//   of all the group's queries in registers; the per-head dot products of a position are summed
+//   value), then, in the CUDA-core kernel (float32), each warp walks tiles of FD_TILE positions:
+//   lanes hold head_dim / 32 dimensions of all the group's queries in registers; the per-head dot products of a position are summed
 //   across the warp by a transposing reduction (16 shuffles for 16 heads instead of 80), after
 //   which lane 2h holds head h's score; the online-softmax weights go through shared memory to
 //   every lane, which accumulates its dimensions of the values for all heads. The warps of a block
 //   are combined in shared memory; with one split the block writes the output, with several it
 //   writes (max, sum, unnormalised accumulator) per head for decode_reduce.
+// decode_split_mma: the same blocks for 16-bit caches on tensor cores (see above the kernel).
 // decode_reduce: grid (sequences, heads): combines a head's splits into the output.
+// Chunks are cut from each sequence's runtime length (fd_chunk), so the grid fixed by a captured
+// CUDA graph keeps every split busy as the cache fills.
 //
 // Numerics are those of decode_attention: q, k, v rounded to T as stored, scores, softmax and
-// accumulation in float32, the output rounded to T.
+// accumulation in float32, the output rounded to T; the tensor-core kernel also rounds the
+// softmax weights to T before the value product (tests/cuda_decode.rs bounds the difference).
 
 constexpr int FD_WARPS = 4;   // warps per block
 constexpr int FD_R = 16;      // query heads per KV group handled (heads / groups <= FD_R)
