@@ -81,7 +81,7 @@ impl Sampler {
     /// Pick the next token from `logits` (one row, f32) given every id of the sequence so far.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         // official InvalidScoreLogitsProcessor: NaN/inf scores would poison sampling
-        if logits.iter().any(|x| !x.is_finite()) {
+        if any_non_finite(logits) {
             for x in logits.iter_mut() {
                 *x = 0.0;
             }
@@ -201,13 +201,44 @@ fn draw(rng: &mut rand::rngs::StdRng, items: impl Iterator<Item = (u32, f64)> + 
 
 /// The index of the largest value (the first one on ties, as torch.argmax).
 pub fn argmax(xs: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in xs.iter().enumerate() {
-        if x > xs[best] {
-            best = i;
+    // The largest value first, over 8 independent lanes (the compiler keeps them in one vector
+    // register: a vocabulary row of 65,024 scores per token and sequence), then its first
+    // position. NaN is never larger: a row with no value above -inf gives 0 like the scalar scan.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = xs.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            if x > *l {
+                *l = x;
+            }
         }
     }
-    best as u32
+    let mut m = f32::NEG_INFINITY;
+    for &x in lanes.iter().chain(rest) {
+        if x > m {
+            m = x;
+        }
+    }
+    if m == f32::NEG_INFINITY || xs.first().is_some_and(|x| x.is_nan()) {
+        // the scalar scan's answer for the corner cases (every value -inf, or a leading NaN
+        // that nothing compares above)
+        let mut best = 0;
+        for (i, &x) in xs.iter().enumerate() {
+            if x > xs[best] {
+                best = i;
+            }
+        }
+        return best as u32;
+    }
+    xs.iter().position(|&x| x == m).unwrap_or(0) as u32
+}
+
+/// Whether any value is NaN or infinite (a branch-free pass: no early exit, vectorised).
+fn any_non_finite(xs: &[f32]) -> bool {
+    xs.iter().fold(0u32, |acc, x| {
+        acc | u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+    }) != 0
 }
 
 /// transformers' RepetitionPenaltyLogitsProcessor: each id seen gets its score divided by the
@@ -228,6 +259,47 @@ pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f3
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn argmax_matches_the_scalar_scan_first_index_on_ties() {
+        fn scalar(xs: &[f32]) -> u32 {
+            let mut best = 0;
+            for (i, &x) in xs.iter().enumerate() {
+                if x > xs[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        }
+        let mut rows: Vec<Vec<f32>> = vec![
+            vec![],
+            vec![1.0],
+            vec![f32::NEG_INFINITY; 13],
+            vec![f32::NAN, 1.0, 2.0],
+            vec![1.0, f32::NAN, 3.0, 3.0, 2.0],
+            vec![0.5; 20],
+        ];
+        let mut seed = 7u32;
+        for n in [7usize, 8, 9, 64, 65_024] {
+            let row: Vec<f32> = (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    ((seed >> 12) % 1000) as f32 / 7.0 // ties are common
+                })
+                .collect();
+            rows.push(row);
+        }
+        for row in &rows {
+            if row.is_empty() {
+                assert_eq!(argmax(row), 0);
+                continue;
+            }
+            assert_eq!(argmax(row), scalar(row), "{:?}", &row[..row.len().min(10)]);
+        }
+        assert!(any_non_finite(&[1.0, f32::INFINITY]) && any_non_finite(&[f32::NAN]));
+        assert!(!any_non_finite(&[1.0, -3.0, f32::MAX, f32::MIN_POSITIVE]));
+    }
+
     use super::*;
 
     fn cfg(do_sample: bool) -> SamplingConfig {
