@@ -17,16 +17,16 @@ pub const SPLIT_MAX_SPLITS: usize = 1024;
 /// a multiple of its lanes' share).
 pub fn split_lanes(heads: usize, groups: usize, head_dim: usize) -> Option<usize> {
     if groups == 0
-        || heads % groups != 0
+        || !heads.is_multiple_of(groups)
         || heads / groups > SPLIT_MAX_HEADS_PER_GROUP
-        || head_dim % 2 != 0
+        || !head_dim.is_multiple_of(2)
     {
         return None;
     }
     match head_dim {
         1..=32 => Some(1),
-        33..=64 if head_dim % 2 == 0 => Some(2),
-        65..=128 if head_dim % 4 == 0 => Some(4),
+        33..=64 => Some(2),
+        65..=128 if head_dim.is_multiple_of(4) => Some(4),
         _ => None,
     }
 }
@@ -123,7 +123,7 @@ mod tests {
             for n in (1..=cap).step_by((cap / 97).max(1)).chain([cap]) {
                 let chunk = split_chunk(n, splits);
                 assert!(chunk * splits >= n, "{n} in {splits} x {chunk}");
-                assert!(chunk % SPLIT_CHUNK_STEP == 0 && chunk >= SPLIT_MIN_CHUNK);
+                assert!(chunk.is_multiple_of(SPLIT_CHUNK_STEP) && chunk >= SPLIT_MIN_CHUNK);
             }
         }
         // a single 32K sequence spreads over the whole GPU; 64 sequences of 4K need few splits
