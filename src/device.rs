@@ -29,6 +29,13 @@ pub fn parse_device(s: &str) -> Result<Device> {
     match kind.as_str() {
         "cpu" => Ok(Device::Cpu),
         "cuda" | "gpu" => {
+            if !cfg!(feature = "cuda") {
+                return Err(Error::invalid(format!(
+                    "device \"{s}\" is not available: this build of glm2rs has no CUDA support \
+                     (the CPU wheel); install the CUDA wheel (scripts/build_cuda_wheel.sh builds \
+                     it) or build with --features cuda, or use device=\"cpu\""
+                )));
+            }
             let dev = Device::new_cuda(index)
                 .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}")))?;
             #[cfg(feature = "cuda")]
@@ -43,8 +50,16 @@ pub fn parse_device(s: &str) -> Result<Device> {
             keep_pool_memory(index)?;
             Ok(dev)
         }
-        "metal" | "mps" => Device::new_metal(index)
-            .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}"))),
+        "metal" | "mps" => {
+            if !cfg!(feature = "metal") {
+                return Err(Error::invalid(format!(
+                    "device \"{s}\" is not available: this build of glm2rs has no Metal support; \
+                     build it on macOS with --features metal, or use device=\"cpu\""
+                )));
+            }
+            Device::new_metal(index)
+                .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}")))
+        }
         _ => Err(Error::invalid(format!(
             "unknown device \"{s}\": use \"cpu\", \"cuda\", \"cuda:N\" or \"metal\""
         ))),

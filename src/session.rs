@@ -118,6 +118,11 @@ impl ChatTurn {
     pub fn response(&self) -> &str {
         self.stream.response()
     }
+
+    /// Tokens generated so far in this turn (the answer's, not the turn's prompt).
+    pub fn generated_tokens(&self) -> usize {
+        self.stream.generator().generated_ids().len()
+    }
 }
 
 impl ChatSession {

@@ -17,7 +17,9 @@ def test_terminal_chat_ask_clear_stop(fx):
     try:
         child.expect("用户：")
         child.sendline("你好")
-        child.expect(r"tokens/s\]")
+        child.expect(r"\[(\d+) tokens, first after [\d.]+ s, [\d.]+ tokens/s\]")
+        # the answer's tokens only (the turn's prompt is about 17 more)
+        assert 1 <= int(child.match.group(1)) <= 12, child.match.group(0)
         assert "ChatGLM：" in child.before
         child.expect("用户：")
         child.sendline("clear")
@@ -30,6 +32,24 @@ def test_terminal_chat_ask_clear_stop(fx):
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_version_and_help_with_defaults():
+    r = subprocess.run([sys.executable, "-m", "glm2rs.cli", "--version"], capture_output=True, text=True)
+    import glm2rs
+
+    assert r.returncode == 0 and r.stdout.strip() == f"glm2rs {glm2rs.__version__}"
+    r = subprocess.run([sys.executable, "-m", "glm2rs.cli", "generate", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    assert "(default: 128)" in r.stdout and "(default: cpu)" in r.stdout and '"cuda:N"' in r.stdout
+
+
+def test_turn_stats_count_the_answer_and_time_the_decode():
+    from glm2rs.cli import turn_stats
+
+    assert turn_stats(10.0, 11.0, 13.0, 5) == "[5 tokens, first after 1.00 s, 2.00 tokens/s]"
+    assert turn_stats(10.0, 10.5, 10.5, 1) == "[1 tokens, first after 0.50 s, 0.00 tokens/s]"
+    assert turn_stats(10.0, None, 12.0, 0) == "[0 tokens in 2.00 s]"
 
 
 def test_terminal_chat_ends_on_ctrl_d(fx):
@@ -141,3 +161,19 @@ def test_serve_drains_and_exits_on_sigterm(fx):
         if p.poll() is None:
             p.kill()
         p.stderr.close()
+
+
+def test_progress_in_a_log_is_plain_lines(fx):
+    """Loading progress and the bench's per-run counter redraw with `\\r` on a terminal only: into
+    a pipe or log file they write whole lines (issue #18's newcomer items)."""
+    code = ("import glm2rs\n"
+            f"glm2rs.Model.from_pretrained({str(fx / 'model')!r}, dtype='float32', progress=True)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert lines and lines[-1].split()[-1].split("/")[0] == lines[-1].split()[-1].split("/")[1], lines
+    r = subprocess.run([sys.executable, "-m", "glm2rs.cli", "bench", "--model", str(fx / "model"), "--prompt-len", "8",
+                        "--gen-len", "4", "--repeat", "1", "--batch", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "decode_tokens_per_s" in r.stdout

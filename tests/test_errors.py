@@ -160,8 +160,11 @@ def test_bad_load_arguments(fx, kw):
 
 
 def test_cuda_device_without_cuda_build_is_a_clear_error(fx):
-    with pytest.raises(glm2rs.InvalidArgumentError, match="cuda"):
+    """The CPU wheel asked for a GPU says what to install instead (issue #18's newcomer items)."""
+    with pytest.raises(glm2rs.InvalidArgumentError, match="no CUDA support.*CUDA wheel"):
         glm2rs.Model.from_pretrained(str(fx / "model-safetensors"), device="cuda")
+    with pytest.raises(glm2rs.InvalidArgumentError, match="no Metal support"):
+        glm2rs.Model.from_pretrained(str(fx / "model-safetensors"), device="metal")
 
 
 def test_cuda_memory_needs_a_cuda_device_and_build():

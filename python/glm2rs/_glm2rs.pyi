@@ -64,6 +64,9 @@ class ChatTurn(Iterator[str]):
     def __next__(self) -> str: ...
     def close(self) -> None: ...
     @property
+    def generated_tokens(self) -> int:
+        """Tokens generated so far in this turn (not the turn's prompt)."""
+    @property
     def response(self) -> str: ...
 
 class ChatSession:

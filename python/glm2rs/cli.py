@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from . import Glm2Error, Model, Server
+from . import Glm2Error, Model, Server, __version__
 
 
 def _load(args, **kw) -> Model:
@@ -42,17 +42,27 @@ def cmd_chat(args) -> int:
             continue
         print("\nChatGLM：", end="", flush=True)
         t0 = time.perf_counter()
-        before = len(session.token_ids)
         turn = session.send(query, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                             temperature=args.temperature or 1.0, top_p=args.top_p)
+        first = None
         try:
             for piece in turn:
+                if first is None:
+                    first = time.perf_counter()
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             turn.close()
-        took = time.perf_counter() - t0
-        n = max(len(session.token_ids) - before, 0)
-        print(f"\n[{n} tokens in {took:.2f} s, {n / took if took > 0 else 0:.2f} tokens/s]", flush=True)
+        print(flush=True)
+        print(turn_stats(t0, first, time.perf_counter(), turn.generated_tokens), flush=True)
+
+
+def turn_stats(t0: float, first: float | None, end: float, generated: int) -> str:
+    """`[N tokens, first after S s, R tokens/s]` for an answer: only the tokens generated (not the
+    prompt's), the rate over those after the first (the first one waits for the prompt)."""
+    if first is None or generated == 0:
+        return f"[0 tokens in {end - t0:.2f} s]"
+    rate = (generated - 1) / (end - first) if generated > 1 and end > first else 0.0
+    return f"[{generated} tokens, first after {first - t0:.2f} s, {rate:.2f} tokens/s]"
 
 
 def cmd_quantize(args) -> int:
@@ -80,9 +90,8 @@ def cmd_generate(args) -> int:
             first = time.perf_counter()
         print(piece, end="", flush=True)
     end = time.perf_counter()
-    n = len(stream.token_ids)
-    rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
-    print(f"\n[{n} tokens, first after {((first or end) - t0):.2f} s, {rate:.2f} tokens/s]", file=sys.stderr)
+    print(file=sys.stderr)
+    print(turn_stats(t0, first, end, len(stream.token_ids)), file=sys.stderr)
     return 0
 
 
@@ -134,12 +143,14 @@ def cmd_bench(args) -> int:
         for _ in st:
             if first is None:
                 first, n_first = time.perf_counter(), len(st.token_ids)
-            print(f"\r[run {rep + 1}/{args.repeat}] {len(st.token_ids)}/{args.gen_len} tokens", end="",
-                  file=sys.stderr, flush=True)
+            if sys.stderr.isatty():  # redrawn in place on a terminal only; logs get the summary
+                print(f"\r[run {rep + 1}/{args.repeat}] {len(st.token_ids)}/{args.gen_len} tokens", end="",
+                      file=sys.stderr, flush=True)
         end = time.perf_counter()
         n = len(st.token_ids)
         decode = (n - n_first) / (end - first) if first is not None and n > n_first else 0.0
-        print(file=sys.stderr)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
         results.setdefault("prefill_tokens_per_s", []).append(args.prompt_len / prefill)
         results.setdefault("decode_tokens_per_s", []).append(decode)
     for k, v in results.items():
@@ -181,61 +192,69 @@ def cmd_eval(args) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     """The options that say which model to load and how (shared by the subcommands)."""
     p.add_argument("--model", required=True, help="model directory, .gguf file or hub id")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--quantize")
-    p.add_argument("--revision")
+    p.add_argument("--device", default="cpu", help='"cpu", "cuda", "cuda:N" or "metal"')
+    p.add_argument("--dtype", default="auto",
+                   help="float32, float16 or bfloat16; auto: bfloat16 on CUDA, the checkpoint's on CPU")
+    p.add_argument("--quantize", help="quantize at load: 8 or 4 (official schemes), q8_0, q4_0, ...")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub id")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="glm2rs", description="ChatGLM2/3 inference in Rust")
+    ap = argparse.ArgumentParser(prog="glm2rs", description="ChatGLM2/3 inference in Rust",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"glm2rs {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    q = sub.add_parser("quantize", help="quantize a checkpoint into one GGUF file")
+    def add(name: str, **kw) -> argparse.ArgumentParser:
+        """A subcommand whose help shows each option's default."""
+        return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+
+    q = add("quantize", help="quantize a checkpoint into one GGUF file")
     q.add_argument("src", help="model directory or hub id")
     q.add_argument("dst", help="output .gguf file")
     q.add_argument("--type", default="q4_0", help="8, 4 (official schemes), q8_0, q4_0, q4_1, q5_0, q5_1, q4k, ...")
     q.add_argument("--dtype", default="float16", help="dtype of the layers that stay dense")
-    q.add_argument("--revision")
+    q.add_argument("--revision", help="hub revision of a hub id")
     q.set_defaults(func=cmd_quantize)
 
-    c = sub.add_parser("chat", help="interactive chat in the terminal (keeps the KV cache between turns)")
+    c = add("chat", help="interactive chat in the terminal (keeps the KV cache between turns)")
     _model_args(c)
-    c.add_argument("--max-new-tokens", type=int, default=512)
-    c.add_argument("--temperature", type=float, default=0.8)
-    c.add_argument("--top-p", type=float, default=0.8)
+    c.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per answer")
+    c.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy")
+    c.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling mass")
     c.set_defaults(func=cmd_chat)
 
-    g = sub.add_parser("generate", help="stream a completion and show tokens/s")
+    g = add("generate", help="stream a completion and show tokens/s")
     _model_args(g)
-    g.add_argument("-p", "--prompt", required=True)
+    g.add_argument("-p", "--prompt", required=True, help="the question (or the raw prompt with --raw)")
     g.add_argument("--raw", action="store_true", help="use the prompt as is (no [Round 1] chat format)")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--seed", type=int, help="sampling seed (reproducible answers)")
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="C-Eval accuracy or perplexity")
+    e = add("eval", help="C-Eval accuracy or perplexity")
     _model_args(e)
-    e.add_argument("task", choices=["ceval", "ppl"])
+    e.add_argument("task", choices=["ceval", "ppl"], help="C-Eval accuracy or perplexity of a text")
     e.add_argument("--data", help="C-Eval directory of .jsonl files (inputs_pretokenized, label)")
     e.add_argument("--answer-only", action="store_true", help="few-shot, score the answer letter directly")
-    e.add_argument("--shots", type=int, default=5)
+    e.add_argument("--shots", type=int, default=5, help="examples from the dev split before each question")
     e.add_argument("--limit", type=int, help="at most this many questions per file")
     e.add_argument("--batch-size", type=int, default=8, help="questions run together (C-Eval)")
-    e.add_argument("--max-new-tokens", type=int, default=512)
+    e.add_argument("--max-new-tokens", type=int, default=512, help="most tokens per answer (chain of thought)")
     e.add_argument("--file", help="text file for perplexity")
-    e.add_argument("--window", type=int, default=512)
-    e.add_argument("--stride", type=int, default=256)
+    e.add_argument("--window", type=int, default=512, help="perplexity: tokens per window")
+    e.add_argument("--stride", type=int, default=256, help="perplexity: tokens between window starts")
     e.add_argument("--output", help="also write the JSON here")
-    e.add_argument("--prefix-checkpoint")
+    e.add_argument("--prefix-checkpoint", help="P-Tuning v2 checkpoint directory")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("serve", help="HTTP server: api.py contract, OpenAI API, web chat page")
+    s = add("serve", help="HTTP server: api.py contract, OpenAI API, web chat page")
     _model_args(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GLM2RS_API_KEY)")
     s.add_argument("--model-name", help="model id shown by /v1/models (default: the directory name)")
     s.add_argument("--allow-origin", action="append", metavar="ORIGIN",
@@ -244,17 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together")
     s.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 503")
     s.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a connection has to send a request's headers; idle ones are closed after it (default 10)")
-    s.add_argument("--max-connections", type=int, default=1024, help="most open connections (default 1024)")
-    s.add_argument("--prefix-checkpoint")
+                   help="seconds a connection has to send a request's headers; idle ones are closed after it")
+    s.add_argument("--max-connections", type=int, default=1024, help="most open connections")
+    s.add_argument("--prefix-checkpoint", help="P-Tuning v2 checkpoint directory")
     s.set_defaults(func=cmd_serve)
 
-    b = sub.add_parser("bench", help="prefill and decode tokens/s (random prompt ids)")
+    b = add("bench", help="prefill and decode tokens/s (random prompt ids)")
     _model_args(b)
-    b.add_argument("--prompt-len", type=int, default=128)
-    b.add_argument("--gen-len", type=int, default=32)
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
+    b.add_argument("--gen-len", type=int, default=32, help="tokens to generate")
     b.add_argument("--batch", type=int, default=1, help="also time a batch of this many sequences")
-    b.add_argument("--repeat", type=int, default=2)
+    b.add_argument("--repeat", type=int, default=2, help="runs (the best is shown)")
     b.set_defaults(func=cmd_bench)
 
     args = ap.parse_args(argv)

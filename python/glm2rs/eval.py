@@ -15,7 +15,11 @@ EXTRACTION_PROMPT = "综上所述，ABCD中正确的选项是："
 
 
 def _bar(done: int, total: int, label: str) -> None:
-    if not sys.stderr.isatty() and done not in (0, total):
+    """A bar redrawn in place on a terminal; plain lines (start, every tenth, end) in a log."""
+    if not sys.stderr.isatty():
+        tenth = 10 * done // max(total, 1)
+        if done in (0, total) or tenth != 10 * (done - 1) // max(total, 1):
+            print(f"{label} {done}/{total}", file=sys.stderr, flush=True)
         return
     width = 30
     filled = width * done // max(total, 1)

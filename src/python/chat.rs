@@ -207,6 +207,7 @@ impl PyChatSession {
             session: self.inner.clone(),
             turn: Some(turn),
             response: None,
+            generated: 0,
         })
     }
 
@@ -247,11 +248,14 @@ pub struct PyChatTurn {
     session: Arc<Mutex<ChatSession>>,
     turn: Option<ChatTurn>,
     response: Option<String>,
+    /// Tokens generated, kept once the turn is committed.
+    generated: usize,
 }
 
 impl PyChatTurn {
     fn commit(&mut self) -> Result<(), Error> {
         if let Some(turn) = self.turn.take() {
+            self.generated = turn.generated_tokens();
             self.response = Some(lock(&self.session).end_turn(turn)?);
         }
         Ok(())
@@ -284,6 +288,14 @@ impl PyChatTurn {
     /// Stop generating; what was generated so far is committed to the session.
     fn close(&mut self, py: Python<'_>) -> PyResult<()> {
         Ok(py.detach(|| catch_panic(|| self.commit()))?)
+    }
+
+    /// Tokens generated so far in this turn (the answer's; the turn's prompt is not counted).
+    #[getter]
+    fn generated_tokens(&self) -> usize {
+        self.turn
+            .as_ref()
+            .map_or(self.generated, ChatTurn::generated_tokens)
     }
 
     /// The post-processed response so far (all of it once finished).

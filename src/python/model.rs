@@ -19,16 +19,27 @@ use pyo3::types::{PyDict, PyList};
 use std::io::Write;
 use std::path::PathBuf;
 
-/// A progress bar on stderr for loading.
+/// Loading progress on stderr: a bar redrawn in place on a terminal, plain lines (every tenth
+/// and the end) in a log or pipe, where `\r` redraws would pile up.
 fn progress_bar(label: &'static str) -> impl Fn(usize, usize) {
+    use std::io::IsTerminal;
+    let terminal = std::io::stderr().is_terminal();
+    let shown = std::sync::atomic::AtomicUsize::new(usize::MAX);
     move |done, total| {
+        let mut err = std::io::stderr().lock();
+        if !terminal {
+            let tenth = if total == 0 { 10 } else { done * 10 / total };
+            if shown.swap(tenth, std::sync::atomic::Ordering::Relaxed) != tenth {
+                let _ = writeln!(err, "{label} {done}/{total}");
+            }
+            return;
+        }
         let width = 30;
         let filled = if total == 0 {
             width
         } else {
             done * width / total
         };
-        let mut err = std::io::stderr().lock();
         let _ = write!(
             err,
             "\r{label} [{}{}] {done}/{total}",
