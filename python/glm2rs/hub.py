@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import warnings
 from pathlib import Path
 
 from ._glm2rs import LoadError
@@ -35,11 +35,30 @@ def resolve(name_or_path: str, revision: str | None = None) -> str:
     if not is_hub_id(name_or_path):
         raise LoadError(f"{name_or_path}: no such model directory (and not a hub id like 'THUDM/chatglm2-6b')")
     try:
-        from huggingface_hub import HfApi, snapshot_download
+        import huggingface_hub
+        from huggingface_hub import constants
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency
         raise LoadError(f"{name_or_path}: loading from the hub needs huggingface_hub ({e})") from e
+    if constants.HF_HUB_OFFLINE:
+        # as huggingface_hub does offline: the cache only, no network call at all
+        cached = _cached(name_or_path, revision)
+        if cached:
+            return cached
+        raise LoadError(f"{name_or_path} (revision {revision or 'main'}): not in the Hugging Face cache and "
+                        "HF_HUB_OFFLINE is set: download it once with network access, or pass a local directory")
+    unreachable = _unreachable(constants.ENDPOINT)
+    if unreachable:
+        # huggingface_hub would retry for about 25 s before giving up: decide now
+        cached = _cached(name_or_path, revision)
+        if cached:
+            warnings.warn(f"{name_or_path}: the hub at {constants.ENDPOINT} cannot be reached ({unreachable}); "
+                          f"using the cached snapshot {cached}", stacklevel=3)
+            return cached
+        raise LoadError(f"{name_or_path} (revision {revision or 'main'}): the hub at {constants.ENDPOINT} cannot be "
+                        f"reached ({unreachable}) and the model is not in the Hugging Face cache: check the network "
+                        "(or HF_ENDPOINT), or pass a local directory")
     try:
-        files = set(HfApi().list_repo_files(name_or_path, revision=revision))
+        files = set(huggingface_hub.HfApi().list_repo_files(name_or_path, revision=revision))
         weights = next((w for w in WEIGHT_FILES if w in files), None)
         if weights is None:
             raise LoadError(f"{name_or_path}: the repository has none of {', '.join(WEIGHT_FILES)}")
@@ -50,8 +69,46 @@ def resolve(name_or_path: str, revision: str | None = None) -> str:
         else:
             patterns = [weights]
         patterns += ["config.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"]
-        return snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
+        return huggingface_hub.snapshot_download(name_or_path, revision=revision, allow_patterns=patterns)
     except LoadError:
         raise
     except Exception as e:  # network, auth, unknown revision...
-        raise LoadError(f"{name_or_path} (revision {revision or 'main'}): {e}") from e
+        # no network (or the hub down): a snapshot already in the cache still loads, as with
+        # transformers; otherwise say both things that went wrong
+        cached = _cached(name_or_path, revision)
+        if cached:
+            warnings.warn(f"{name_or_path}: the hub could not be reached ({e}); using the cached snapshot {cached}",
+                          stacklevel=3)
+            return cached
+        raise LoadError(f"{name_or_path} (revision {revision or 'main'}): {e}; it is not in the Hugging Face "
+                        "cache either: check the network (or HF_ENDPOINT), or pass a local directory") from e
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why the hub's host cannot be reached (no such host, connection refused, no answer within
+    `timeout` s), or None when a TCP connection opens (or the endpoint is not a URL we can probe)."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(endpoint)
+    if not u.hostname:
+        return None
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return str(e) or type(e).__name__
+    return None
+
+
+def _cached(name: str, revision: str | None) -> str | None:
+    """The cached snapshot of `name` at `revision` if it holds a config and one weight layout."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        d = Path(snapshot_download(name, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no cache): None
+        return None
+    if (d / "config.json").is_file() and any((d / w).is_file() for w in WEIGHT_FILES):
+        return str(d)
+    return None
