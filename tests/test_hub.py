@@ -79,7 +79,8 @@ def _load_in_child(home, env_extra):
     import subprocess
     import sys
 
-    env = dict(os.environ, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", **env_extra)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1", **env_extra)
     code = ("import glm2rs, time, warnings\n"
             "warnings.simplefilter('always')\n"
             "t = time.perf_counter()\n"
@@ -111,3 +112,12 @@ def test_cached_hub_model_loads_offline_and_without_network(fx, tmp_path):
     r = _load_in_child(empty, {"HF_ENDPOINT": "http://127.0.0.1:9"})
     assert r.stdout.startswith("LoadError") and "cannot be reached" in r.stdout and "local directory" in r.stdout
     assert float(r.stdout.split()[-1]) < 5
+
+
+def test_a_proxy_leaves_the_reachability_to_huggingface_hub(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub._unreachable("http://127.0.0.1:9") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    for k in ("https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    assert hub._unreachable("http://127.0.0.1:9")  # refused

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -93,6 +94,9 @@ def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
     u = urlparse(endpoint)
     if not u.hostname:
         return None
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None  # through a proxy the host is not reached directly: let huggingface_hub try
     port = u.port or (443 if u.scheme == "https" else 80)
     try:
         socket.create_connection((u.hostname, port), timeout=timeout).close()
