@@ -2,11 +2,12 @@
 # Run every test: Rust unit and golden parity tests, then the pytest suite on the built wheel.
 set -euo pipefail
 cd "$(dirname "$0")"
-python3 -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" pytest "numpy>=1.22" \
+. scripts/python_env.sh
+"$PY" -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" pytest "numpy>=1.22" \
     "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15" pexpect "openai>=1.40" websocket-client pillow
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo test --release --features server
 rm -rf dist
-maturin build --release -o dist
-python3 -m pip install -q --disable-pip-version-check --force-reinstall --no-deps dist/glm2rs-*.whl
-python3 -m pytest -q tests
+"$PY" -m maturin build --release -o dist
+"$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps dist/glm2rs-*.whl
+"$PY" -m pytest -q tests
