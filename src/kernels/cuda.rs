@@ -284,110 +284,39 @@ impl CustomOp1 for DecodeAttention<'_> {
         let (cos, sin) = (device_ptr(self.cos)?, device_ptr(self.sin)?);
         let rot_half = self.cos.dim(1)? as i32;
         let scale = 1f32 / (hd as f32).sqrt();
-        if self.split {
-            if let Some(lanes) = split_lanes(nh, ng, hd) {
-                let word = (lanes * dtype.size_in_bytes()) as u64;
-                let max_cap = infos.iter().map(|i| i.cap as usize).max().unwrap_or(1);
-                if split_pays(rows, max_cap)
-                    && infos.iter().all(|i| i.k % word == 0 && i.v % word == 0)
-                {
-                    let sms = dev
-                        .cuda_stream()
-                        .context()
-                        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-                        .w()? as usize;
-                    let splits = split_plan(rows, ng, max_cap, sms);
-                    let chunk = SPLIT_MIN_CHUNK;
-                    let name = suffix(dtype)?;
-                    let t = if table.is_some() { "_t" } else { "" };
-                    // 16-bit caches on tensor cores (mma.m16n8k16: the group's heads are its 16
-                    // rows), float32 on CUDA cores
-                    let kernel = if dtype != DType::F32 && hd % 16 == 0 {
-                        format!("decode_split_mma{t}_{name}")
-                    } else {
-                        format!("decode_split{lanes}{t}_{name}")
-                    };
-                    let split_fn = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
-                    let (slice, out) = alloc(dev, dtype, rows * nh * hd)?;
-                    let part = if splits > 1 {
-                        Some(alloc(dev, DType::F32, rows * nh * splits * (hd + 2))?)
-                    } else {
-                        None
-                    };
-                    let part_ptr = part.as_ref().map_or(0u64, |p| p.1);
-                    let (nh_i, ng_i, hd_i) = (nh as i32, ng as i32, hd as i32);
-                    let (chunk_i, splits_i) = (chunk as i32, splits as i32);
-                    let src = addr(s, o1)?;
-                    let mut b = split_fn.builder();
-                    b.arg(&src);
-                    b.arg(&bias);
-                    push_table(&mut b, &table, &seqs_dev, &given);
-                    b.arg(&cos);
-                    b.arg(&sin);
-                    b.arg(&out);
-                    b.arg(&part_ptr);
-                    b.arg(&nh_i);
-                    b.arg(&ng_i);
-                    b.arg(&hd_i);
-                    b.arg(&rot_half);
-                    b.arg(&scale);
-                    b.arg(&chunk_i);
-                    b.arg(&splits_i);
-                    let cfg = LaunchConfig {
-                        grid_dim: (rows as u32, ng as u32, splits as u32),
-                        block_dim: (SPLIT_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    unsafe { b.launch(cfg) }.w()?;
-                    if splits > 1 {
-                        let reduce_fn = dev.get_or_load_custom_func(
-                            &format!("decode_reduce{t}_{name}"),
-                            MODULE,
-                            PTX,
-                        )?;
-                        let mut b = reduce_fn.builder();
-                        push_table(&mut b, &table, &seqs_dev, &given);
-                        b.arg(&part_ptr);
-                        b.arg(&out);
-                        b.arg(&nh_i);
-                        b.arg(&hd_i);
-                        b.arg(&chunk_i);
-                        b.arg(&splits_i);
-                        let cfg = LaunchConfig {
-                            grid_dim: (rows as u32, nh as u32, 1),
-                            block_dim: (hd.clamp(32, 128) as u32, REDUCE_LANES, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        unsafe { b.launch(cfg) }.w()?;
-                    }
-                    // the partial results and the table are freed in stream order, after the launches
-                    drop(part);
-                    drop(seqs_dev);
-                    return Ok((
-                        CudaStorage {
-                            slice,
-                            device: dev.clone(),
-                        },
-                        Shape::from((rows, nh * hd)),
-                    ));
-                }
+        let name = suffix(dtype)?;
+        let t = if table.is_some() { "_t" } else { "" };
+        // the split (flash-decoding) kernels where they apply and pay, else one block per head
+        let plan = self.split_shape(dev, dtype, rows, &infos)?;
+        let splits = plan.map(|(_, n)| n);
+        let (kernel, grid, threads) = match plan {
+            Some((lanes, n)) => {
+                // 16-bit caches on tensor cores (mma.m16n8k16: the group's heads are its 16
+                // rows), float32 on CUDA cores
+                let kernel = if dtype != DType::F32 && hd % 16 == 0 {
+                    format!("decode_split_mma{t}_{name}")
+                } else {
+                    format!("decode_split{lanes}{t}_{name}")
+                };
+                (kernel, (rows as u32, ng as u32, n as u32), SPLIT_THREADS)
             }
-        }
-        let kind = if table.is_some() {
-            "decode_attention_t"
-        } else {
-            "decode_attention"
+            None => (
+                format!("decode_attention{t}_{name}"),
+                (rows as u32, nh as u32, 1),
+                ATTENTION_THREADS,
+            ),
         };
-        let func =
-            dev.get_or_load_custom_func(&format!("{kind}_{}", suffix(dtype)?), MODULE, PTX)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, nh as u32, 1),
-            block_dim: (ATTENTION_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
         let (nh_i, ng_i, hd_i) = (nh as i32, ng as i32, hd as i32);
         let src = addr(s, o1)?;
         let (slice, out) = alloc(dev, dtype, rows * nh * hd)?;
+        // the splits' partial results: (max, sum, accumulator) per head
+        let part = match splits {
+            Some(n) if n > 1 => Some(alloc(dev, DType::F32, rows * nh * n * (hd + 2))?),
+            _ => None,
+        };
+        let part_ptr = part.as_ref().map_or(0u64, |p| p.1);
+        let (chunk_i, splits_i) = (SPLIT_MIN_CHUNK as i32, splits.unwrap_or(1) as i32);
         let mut b = func.builder();
         b.arg(&src);
         b.arg(&bias);
@@ -395,13 +324,45 @@ impl CustomOp1 for DecodeAttention<'_> {
         b.arg(&cos);
         b.arg(&sin);
         b.arg(&out);
+        if splits.is_some() {
+            b.arg(&part_ptr);
+        }
         b.arg(&nh_i);
         b.arg(&ng_i);
         b.arg(&hd_i);
         b.arg(&rot_half);
         b.arg(&scale);
+        if splits.is_some() {
+            b.arg(&chunk_i);
+            b.arg(&splits_i);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
         unsafe { b.launch(cfg) }.w()?;
-        // the per-sequence table must outlive the launch: free it in stream order
+        if part.is_some() {
+            let reduce =
+                dev.get_or_load_custom_func(&format!("decode_reduce{t}_{name}"), MODULE, PTX)?;
+            let mut b = reduce.builder();
+            push_table(&mut b, &table, &seqs_dev, &given);
+            b.arg(&part_ptr);
+            b.arg(&out);
+            b.arg(&nh_i);
+            b.arg(&hd_i);
+            b.arg(&chunk_i);
+            b.arg(&splits_i);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, nh as u32, 1),
+                block_dim: (hd.clamp(32, 128) as u32, REDUCE_LANES, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        // the partial results and the per-sequence table must outlive the launches: freed in
+        // stream order
+        drop(part);
         drop(seqs_dev);
         Ok((
             CudaStorage {
@@ -410,6 +371,39 @@ impl CustomOp1 for DecodeAttention<'_> {
             },
             Shape::from((rows, nh * hd)),
         ))
+    }
+}
+
+impl DecodeAttention<'_> {
+    /// Dimensions per lane and blocks per (sequence, KV group) of the split kernels for this
+    /// step, or `None` for the one-block kernel: switched off, shapes it does not take ([`split_lanes`]), a step where
+    /// it does not pay ([`split_pays`]), or caches not aligned for its vector loads.
+    fn split_shape(
+        &self,
+        dev: &CudaDevice,
+        dtype: DType,
+        rows: usize,
+        infos: &[SeqInfo],
+    ) -> Result<Option<(usize, usize)>> {
+        if !self.split {
+            return Ok(None);
+        }
+        let Some(lanes) = split_lanes(self.heads, self.groups, self.head_dim) else {
+            return Ok(None);
+        };
+        let word = (lanes * dtype.size_in_bytes()) as u64;
+        let max_cap = infos.iter().map(|i| i.cap as usize).max().unwrap_or(1);
+        if !split_pays(rows, max_cap) || infos.iter().any(|i| i.k % word != 0 || i.v % word != 0) {
+            return Ok(None);
+        }
+        let sms = dev
+            .cuda_stream()
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .w()? as usize;
+        Ok(Some((lanes, split_plan(rows, self.groups, max_cap, sms))))
     }
 }
 
