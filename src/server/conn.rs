@@ -133,7 +133,7 @@ pub(crate) async fn serve(
     };
     let cap = max_connections.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
     let permits = Arc::new(tokio::sync::Semaphore::new(cap));
-    // open connections, oldest first (entries of closed ones are pruned as we go)
+    // open connections, oldest first (entries of closed ones are pruned as we go, below)
     let mut opened: VecDeque<std::sync::Weak<Open>> = VecDeque::new();
     loop {
         let accepted = tokio::select! {
@@ -181,6 +181,11 @@ pub(crate) async fn serve(
             evict: tokio::sync::Notify::new(),
             evicted: std::sync::atomic::AtomicBool::new(false),
         });
+        // at most `cap` are open at once: pruning the closed ones whenever the list has grown to
+        // twice that keeps it bounded (a Weak holds its connection's allocation) at O(1) per accept
+        if opened.len() >= 2 * cap {
+            opened.retain(|w| w.strong_count() > 0);
+        }
         opened.push_back(Arc::downgrade(&open));
         let svc_open = open.clone();
         let app = app.clone();
