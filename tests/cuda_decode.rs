@@ -38,70 +38,64 @@ fn reference(q: &[Vec<f64>], keys: &[Vec<f64>], vals: &[Vec<f64>], scale: f64) -
         .collect()
 }
 
-fn run(dev: &Device, case: &Case, dtype: DType, split: bool, seed: u64) -> (Vec<f32>, Vec<Tensor>) {
-    let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
-    let rows = case.lens.len();
-    let width = (nh + 2 * ng) * hd;
-    let qkv = Tensor::randn(0f32, 1f32, (rows, width), &Device::Cpu)
+/// Standard-normal values of `shape` as `dtype` on `dev`.
+fn random(dev: &Device, shape: &[usize], dtype: DType) -> Tensor {
+    Tensor::randn(0f32, 1f32, shape, &Device::Cpu)
         .unwrap()
         .to_dtype(dtype)
         .unwrap()
         .to_device(dev)
-        .unwrap();
+        .unwrap()
+}
+
+/// One new token's `qkv` row per sequence of `case` and each sequence's cache (random, with room
+/// for the new entry).
+fn inputs(dev: &Device, case: &Case, dtype: DType, seed: u64) -> (Tensor, Vec<DecodeSeq>) {
+    let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
+    let qkv = random(dev, &[case.lens.len(), (nh + 2 * ng) * hd], dtype);
+    let seqs = case
+        .lens
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let cap = len + 1 + (i * 37) % 300;
+            DecodeSeq {
+                k: random(dev, &[1, ng, cap, hd], dtype),
+                v: random(dev, &[1, ng, cap, hd], dtype),
+                len,
+                rot: len + seed as usize % 7,
+            }
+        })
+        .collect();
+    (qkv, seqs)
+}
+
+/// The decode attention of `qkv` over `seqs` (which it writes the new entries into), as f32.
+fn attend(dev: &Device, case: &Case, qkv: &Tensor, seqs: &[DecodeSeq], split: bool) -> Vec<f32> {
     // rotary tables of ones and zeros: no rotation (the rotation is the one-block kernel's,
     // checked by the model parity tests); the attention is what differs
-    let rot_half = hd / 4;
-    let cos = Tensor::ones((65536, rot_half), dtype, dev).unwrap();
-    let sin = Tensor::zeros((65536, rot_half), dtype, dev).unwrap();
-    let mut seqs = Vec::new();
-    let mut caches = Vec::new();
-    for (i, &len) in case.lens.iter().enumerate() {
-        let cap = len + 1 + (i * 37) % 300;
-        let k = Tensor::randn(0f32, 1f32, (1, ng, cap, hd), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-            .to_device(dev)
-            .unwrap();
-        let v = Tensor::randn(0f32, 1f32, (1, ng, cap, hd), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-            .to_device(dev)
-            .unwrap();
-        caches.push((k.clone(), v.clone()));
-        seqs.push(DecodeSeq {
-            k,
-            v,
-            len,
-            rot: len + seed as usize % 7,
-        });
-    }
+    let rot_half = case.head_dim / 4;
+    let cos = Tensor::ones((65536, rot_half), qkv.dtype(), dev).unwrap();
+    let sin = Tensor::zeros((65536, rot_half), qkv.dtype(), dev).unwrap();
     let op = DecodeAttention {
-        seqs: &seqs,
+        seqs,
         table: None,
         bias: None,
         cos: &cos,
         sin: &sin,
-        heads: nh,
-        groups: ng,
-        head_dim: hd,
+        heads: case.heads,
+        groups: case.groups,
+        head_dim: case.head_dim,
         split,
     };
-    let out = qkv.apply_op1_no_bwd(&op).unwrap();
-    let out: Vec<f32> = out
+    qkv.apply_op1_no_bwd(&op)
+        .unwrap()
         .to_dtype(DType::F32)
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1()
-        .unwrap();
-    let mut all = vec![qkv];
-    for (k, v) in caches {
-        all.push(k);
-        all.push(v);
-    }
-    (out, all)
+        .unwrap()
 }
 
 fn to64(t: &Tensor) -> Vec<f64> {
@@ -158,60 +152,28 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
         for (ci, case) in cases.iter().enumerate() {
             let seed = ci as u64;
             candle_core::Device::Cpu.set_seed(seed).ok();
-            let (split, inputs) = run(&dev, case, dtype, true, seed);
-            // the same inputs through the one-block kernel: rebuild its caches from copies
             let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
-            let qkv = &inputs[0];
-            let mut seqs = Vec::new();
-            for (i, &len) in case.lens.iter().enumerate() {
-                let k = inputs[1 + 2 * i].copy().unwrap();
-                let v = inputs[2 + 2 * i].copy().unwrap();
-                seqs.push(DecodeSeq {
-                    k,
-                    v,
-                    len,
-                    rot: len + seed as usize % 7,
-                });
-            }
-            let rot_half = hd / 4;
-            let cos = Tensor::ones((65536, rot_half), dtype, &dev).unwrap();
-            let sin = Tensor::zeros((65536, rot_half), dtype, &dev).unwrap();
-            let one = qkv
-                .apply_op1_no_bwd(&DecodeAttention {
-                    seqs: &seqs,
-                    table: None,
-                    bias: None,
-                    cos: &cos,
-                    sin: &sin,
-                    heads: nh,
-                    groups: ng,
-                    head_dim: hd,
-                    split: false,
+            let (qkv, split_seqs) = inputs(&dev, case, dtype, seed);
+            // the same inputs through the one-block kernel, on copies of the caches
+            let seqs: Vec<DecodeSeq> = split_seqs
+                .iter()
+                .map(|q| DecodeSeq {
+                    k: q.k.copy().unwrap(),
+                    v: q.v.copy().unwrap(),
+                    len: q.len,
+                    rot: q.rot,
                 })
-                .unwrap();
-            let one: Vec<f32> = one
-                .to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+                .collect();
+            let split = attend(&dev, case, &qkv, &split_seqs, true);
+            let one = attend(&dev, case, &qkv, &seqs, false);
             // both wrote the new key and value at `len`: the caches agree everywhere
-            for (i, s) in seqs.iter().enumerate() {
-                let a = to64(&inputs[1 + 2 * i]);
-                let b = to64(&s.k);
-                assert_eq!(
-                    a, b,
-                    "{dtype:?} case {ci} seq {i}: keys written differently"
-                );
-                assert_eq!(
-                    to64(&inputs[2 + 2 * i]),
-                    to64(&s.v),
-                    "{dtype:?} case {ci} seq {i}: values"
-                );
+            for (i, (a, b)) in split_seqs.iter().zip(&seqs).enumerate() {
+                let what = format!("{dtype:?} case {ci} seq {i}");
+                assert_eq!(to64(&a.k), to64(&b.k), "{what}: keys written differently");
+                assert_eq!(to64(&a.v), to64(&b.v), "{what}: values written differently");
             }
             // float64 reference from the cache contents (new entry included)
-            let q = to64(qkv);
+            let q = to64(&qkv);
             let width = (nh + 2 * ng) * hd;
             let scale = 1.0 / (hd as f64).sqrt();
             let (mut err_split, mut err_one, mut biggest) = (0f64, 0f64, 0f64);
