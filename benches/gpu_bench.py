@@ -222,12 +222,14 @@ def long_prefill(d: Path, lengths: tuple[int, ...] = (8192, 32768)) -> None:
     del m
 
 
-def make_big(fx: Path, d: Path) -> Path:
+def make_big(fx: Path, d: Path, layers: int = 28) -> Path:
+    """A random-weight bfloat16 checkpoint of chatglm2-6b's shapes (`layers` of them) in `d`,
+    written once (benches/make_random_checkpoint.py); later calls reuse it."""
     if not (d / "config.json").exists():
         t0 = time.time()
         subprocess.run([sys.executable, "benches/make_random_checkpoint.py", str(d), "--dtype", "bfloat16",
-                        "--fixtures", str(fx)], check=True, stdout=subprocess.DEVNULL)
-        log(f"random chatglm2-6b bf16 written in {time.time() - t0:.0f} s")
+                        "--layers", str(layers), "--fixtures", str(fx)], check=True, stdout=subprocess.DEVNULL)
+        log(f"random chatglm2-6b bf16 ({layers} layers) written in {time.time() - t0:.0f} s")
     return d
 
 

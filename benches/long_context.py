@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import glm2rs
+from gpu_bench import make_big  # benches/ is on the path of a script run from it
 
 RESULTS: dict = {}
 
@@ -39,15 +40,6 @@ def log(msg: str) -> None:
 
 def prompt(rng, n: int) -> list[int]:
     return [64790, 64792] + [int(x) for x in rng.integers(100, 60000, n - 2)]
-
-
-def random_checkpoint(fx: Path, d: Path, dtype: str, layers: int = 28) -> Path:
-    if not (d / "config.json").exists():
-        t0 = time.time()
-        subprocess.run([sys.executable, "benches/make_random_checkpoint.py", str(d), "--dtype", dtype,
-                        "--layers", str(layers), "--fixtures", str(fx)], check=True, stdout=subprocess.DEVNULL)
-        log(f"random checkpoint ({layers} layers, {dtype}) written in {time.time() - t0:.0f} s")
-    return d
 
 
 def decode_rate(m, ids: list[int], steps: int) -> tuple[float, list[int]]:
@@ -219,10 +211,10 @@ def main() -> int:
     try:
         subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], check=False)
         if a.parity:
-            mid = random_checkpoint(a.fixtures, a.ckpt.parent / (a.ckpt.name + "-2layers"), "bfloat16", layers=2)
+            mid = make_big(a.fixtures, a.ckpt.parent / (a.ckpt.name + "-2layers"), layers=2)
             ok &= parity(a.fixtures, mid)
         if not a.skip_glm2rs:
-            glm2rs_figures(random_checkpoint(a.fixtures, a.ckpt, "bfloat16"), contexts, a.decode, batch)
+            glm2rs_figures(make_big(a.fixtures, a.ckpt), contexts, a.decode, batch)
         if a.hf:
             hf_figures(contexts)
         table(contexts)
