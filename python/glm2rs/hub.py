@@ -42,22 +42,12 @@ def resolve(name_or_path: str, revision: str | None = None) -> str:
         raise LoadError(f"{name_or_path}: loading from the hub needs huggingface_hub ({e})") from e
     if constants.HF_HUB_OFFLINE:
         # as huggingface_hub does offline: the cache only, no network call at all
-        cached = _cached(name_or_path, revision)
-        if cached:
-            return cached
-        raise LoadError(f"{name_or_path} (revision {revision or 'main'}): not in the Hugging Face cache and "
-                        "HF_HUB_OFFLINE is set: download it once with network access, or pass a local directory")
+        return _from_cache(name_or_path, revision, "HF_HUB_OFFLINE is set", warn=False)
     unreachable = _unreachable(constants.ENDPOINT)
     if unreachable:
         # huggingface_hub would retry for about 25 s before giving up: decide now
-        cached = _cached(name_or_path, revision)
-        if cached:
-            warnings.warn(f"{name_or_path}: the hub at {constants.ENDPOINT} cannot be reached ({unreachable}); "
-                          f"using the cached snapshot {cached}", stacklevel=3)
-            return cached
-        raise LoadError(f"{name_or_path} (revision {revision or 'main'}): the hub at {constants.ENDPOINT} cannot be "
-                        f"reached ({unreachable}) and the model is not in the Hugging Face cache: check the network "
-                        "(or HF_ENDPOINT), or pass a local directory")
+        return _from_cache(name_or_path, revision,
+                           f"the hub at {constants.ENDPOINT} cannot be reached ({unreachable})")
     try:
         files = set(huggingface_hub.HfApi().list_repo_files(name_or_path, revision=revision))
         weights = next((w for w in WEIGHT_FILES if w in files), None)
@@ -76,13 +66,21 @@ def resolve(name_or_path: str, revision: str | None = None) -> str:
     except Exception as e:  # network, auth, unknown revision...
         # no network (or the hub down): a snapshot already in the cache still loads, as with
         # transformers; otherwise say both things that went wrong
-        cached = _cached(name_or_path, revision)
-        if cached:
-            warnings.warn(f"{name_or_path}: the hub could not be reached ({e}); using the cached snapshot {cached}",
-                          stacklevel=3)
-            return cached
-        raise LoadError(f"{name_or_path} (revision {revision or 'main'}): {e}; it is not in the Hugging Face "
-                        "cache either: check the network (or HF_ENDPOINT), or pass a local directory") from e
+        return _from_cache(name_or_path, revision, f"the hub could not serve it ({e})", cause=e)
+
+
+def _from_cache(name: str, revision: str | None, problem: str, warn: bool = True,
+                cause: BaseException | None = None) -> str:
+    """The cached snapshot of `name` when the hub cannot serve it (`problem` says why; a warning
+    says so when `warn`), or a LoadError saying both what went wrong and what to do."""
+    cached = _cached(name, revision)
+    if cached:
+        if warn:
+            warnings.warn(f"{name}: {problem}; using the cached snapshot {cached}", stacklevel=4)
+        return cached
+    raise LoadError(f"{name} (revision {revision or 'main'}): {problem}, and it is not in the Hugging Face cache: "
+                    "download it once with network access (check the network or HF_ENDPOINT), or pass a local "
+                    "directory") from cause
 
 
 def _unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
