@@ -14,7 +14,10 @@
 - parity: the split kernel against the one-block kernel and candle's unfused ops, in float32 where
   sums in another order stay far below any logit gap: a 2-layer model of the real 6B attention
   shapes (32 heads, 2 KV groups, head_dim 128) at 200 / 3,000 / 9,000 tokens and a batch mixing
-  those lengths; the tiny fixture with a 3,500-token prompt. Greedy ids must be equal.
+  those lengths; the tiny fixture with a 3,500-token prompt; each also with the prompt prefilled
+  in chunks of 1,000 tokens (`prefill_chunk`). Greedy ids must be equal.
+- chunked: the 6B bf16 prompt of 8,192 tokens prefilled in one piece and in chunks of N tokens
+  (`--chunked N`, read back through the paged cache): greedy ids compared, chunked prefill timed.
 """
 
 from __future__ import annotations
@@ -61,15 +64,16 @@ def parity(fx: Path, mid: Path) -> bool:
     ok = True
     rng = np.random.default_rng(1)
     m = glm2rs.Model.from_pretrained(str(mid), device="cuda", dtype="float32")
-    modes = {"split": m, "one_block": m.with_tuning(split_decode=False), "unfused": m.with_tuning(fused=False)}
+    modes = {"split": m, "one_block": m.with_tuning(split_decode=False), "unfused": m.with_tuning(fused=False),
+             "chunked": m.with_tuning(prefill_chunk=1000)}
     lengths = (200, 3000, 9000)
     prompts = [prompt(rng, n) for n in lengths]
     for ids in prompts:
         got = {k: greedy(mm, ids, 24) for k, mm in modes.items()}
-        same = got["split"] == got["one_block"] == got["unfused"]
+        same = got["split"] == got["one_block"] == got["unfused"] == got["chunked"]
         ok &= same
         RESULTS.setdefault("parity", {})[f"6b-shapes/{len(ids)}"] = {k: v[-24:] for k, v in got.items()} | {"equal": same}
-        log(f"parity 6B attention shapes, f32, {len(ids)} tokens: split == one-block == unfused: {same}")
+        log(f"parity 6B attention shapes, f32, {len(ids)} tokens: split == one-block == unfused == chunked: {same}")
     # a batch mixing short and long sequences: each row as when decoded alone
     mixed = [prompts[1], prompt(rng, 50), prompts[2], prompt(rng, 700)]
     alone = [greedy(m, ids, 12)[-12:] for ids in mixed]
@@ -82,17 +86,21 @@ def parity(fx: Path, mid: Path) -> bool:
     t = glm2rs.Model.from_pretrained(str(fx / "model"), device="cuda", dtype="float32")
     ids = prompt(rng, 3500)
     got = {k: greedy(mm, ids, 24) for k, mm in
-           {"split": t, "one_block": t.with_tuning(split_decode=False), "unfused": t.with_tuning(fused=False)}.items()}
-    cpu = greedy(glm2rs.Model.from_pretrained(str(fx / "model"), device="cpu", dtype="float32"), ids, 24)
-    same = got["split"] == got["one_block"] == got["unfused"] == cpu
+           {"split": t, "one_block": t.with_tuning(split_decode=False), "unfused": t.with_tuning(fused=False),
+            "chunked": t.with_tuning(prefill_chunk=1000)}.items()}
+    c = glm2rs.Model.from_pretrained(str(fx / "model"), device="cpu", dtype="float32")
+    cpu, cpu_chunked = greedy(c, ids, 24), greedy(c.with_tuning(prefill_chunk=1000), ids, 24)
+    same = got["split"] == got["one_block"] == got["unfused"] == got["chunked"] == cpu == cpu_chunked
     ok &= same
     RESULTS["parity"]["tiny/3500"] = {"equal": same}
-    log(f"parity tiny fixture, f32, 3500 tokens: split == one-block == unfused == CPU: {same}")
+    log(f"parity tiny fixture, f32, 3500 tokens: split == one-block == unfused == chunked == CPU == CPU chunked: {same}")
     return ok
 
 
-def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, int] | None) -> None:
-    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16")
+def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, int] | None, chunked: int = 0,
+                   block_size: int = 64) -> None:
+    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", kv_block_size=block_size)
+    log(f"glm2rs KV pool: {m.kv_cache_info()}")
     rng = np.random.default_rng(0)
     m.last_logits([prompt(rng, 64)])  # warm up
     decode_rate(m, prompt(rng, 64), 8)
@@ -120,6 +128,18 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
         RESULTS.setdefault("glm2rs", {})[str(n)] = r
         log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s (flash=False: {blocked:.3f} s), decode {split:.1f} tok/s "
             f"(one-block kernel {old:.1f}), allocated peak {peak:.2f} GiB, ids equal {r['ids_equal']}")
+    if chunked:
+        ids = prompt(rng, 8192)
+        mc = m.with_tuning(prefill_chunk=chunked)
+        whole = greedy(m, ids, 32)
+        t = time.perf_counter()
+        parts = greedy(mc, ids, 1)
+        t_chunked = time.perf_counter() - t
+        parts = greedy(mc, ids, 32)
+        same = whole == parts
+        RESULTS["glm2rs_chunked"] = {"context": 8192, "chunk": chunked, "ids_equal": same, "prefill_and_first_token_s": t_chunked}
+        log(f"glm2rs bf16 8192 prefilled in chunks of {chunked}: greedy ids (32) equal to one piece: {same}; "
+            f"chunked prefill + first token {t_chunked:.3f} s")
     if batch:
         b, n = batch
         prompts = [prompt(rng, n) for _ in range(b)]
@@ -203,6 +223,8 @@ def main() -> int:
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--skip-glm2rs", action="store_true")
+    ap.add_argument("--chunked", type=int, default=0, help="also prefill 8,192 tokens in chunks of N and compare ids")
+    ap.add_argument("--block-size", type=int, default=64, help="KV cache block size")
     ap.add_argument("--out")
     a = ap.parse_args()
     contexts = [int(x) for x in a.contexts.split(",") if x]
@@ -214,7 +236,7 @@ def main() -> int:
             mid = make_big(a.fixtures, a.ckpt.parent / (a.ckpt.name + "-2layers"), layers=2)
             ok &= parity(a.fixtures, mid)
         if not a.skip_glm2rs:
-            glm2rs_figures(make_big(a.fixtures, a.ckpt), contexts, a.decode, batch)
+            glm2rs_figures(make_big(a.fixtures, a.ckpt), contexts, a.decode, batch, a.chunked, a.block_size)
         if a.hf:
             hf_figures(contexts)
         table(contexts)

@@ -165,6 +165,22 @@ pub fn dtype_name(d: DType) -> &'static str {
 }
 
 /// Physical memory of this machine in bytes, if known.
+/// Bytes free for new allocations on `device`: GPU memory (driver and pool) on CUDA, the RAM
+/// the kernel reports available on the CPU; `None` where unknown (Metal, no `/proc`).
+pub fn free_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => crate::kernels::cuda::free_memory(device).ok(),
+        _ => None,
+    }
+}
+
 fn total_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;

@@ -251,12 +251,18 @@ impl Generator {
         &self.to_feed
     }
 
-    /// One decoding step: feed pending ids, pick the next token. `None` once finished.
+    /// Feed pending ids (in several steps when the prompt is longer than
+    /// [`Tuning::prefill_chunk`](crate::tuning::Tuning)) and pick the next token. `None` once
+    /// finished.
     pub fn next_token(&mut self) -> Result<Option<u32>> {
-        if self.finished.is_some() {
-            return Ok(None);
+        loop {
+            if self.finished.is_some() {
+                return Ok(None);
+            }
+            if let Some(t) = Self::step_many(&mut [&mut *self])?[0] {
+                return Ok(Some(t));
+            }
         }
-        Ok(Self::step_many(&mut [self])?[0])
     }
 
     /// Greedy without a repetition penalty: the token is the argmax, wherever it is computed.
@@ -283,8 +289,9 @@ impl Generator {
 
     /// One decoding step of several generations of the same model in one batched forward
     /// (continuous batching: they may be at different lengths, some still prefilling).
-    /// Returns each one's new token (`None` for those already finished). A failed step ends
-    /// every generation that took part in it.
+    /// Returns each one's new token (`None` for those already finished, and for those whose
+    /// prompt is still being fed in chunks: see [`Tuning::prefill_chunk`](crate::tuning::Tuning)).
+    /// A failed step ends every generation that took part in it.
     pub fn step_many(gens: &mut [&mut Generator]) -> Result<Vec<Option<u32>>> {
         let active: Vec<usize> = (0..gens.len())
             .filter(|&i| gens[i].finished.is_none())
@@ -299,11 +306,20 @@ impl Generator {
                 "generations stepped together must share one model",
             ));
         }
+        let chunk = model.tuning().prefill_chunk;
         let mut inputs: Vec<Vec<u32>> = Vec::with_capacity(active.len());
         let mut caches: Vec<&mut Cache> = Vec::with_capacity(active.len());
+        // per active generation: whether this step feeds only part of its pending ids (no token)
+        let mut partial = Vec::with_capacity(active.len());
         for g in gens.iter_mut().filter(|g| g.finished.is_none()) {
             let g: &mut Generator = g;
-            inputs.push(std::mem::take(&mut g.to_feed));
+            if chunk > 0 && g.to_feed.len() > chunk {
+                inputs.push(g.to_feed.drain(..chunk).collect());
+                partial.push(true);
+            } else {
+                inputs.push(std::mem::take(&mut g.to_feed));
+                partial.push(false);
+            }
             caches.push(&mut g.cache);
         }
         let input_refs: Vec<&[u32]> = inputs.iter().map(|v| v.as_slice()).collect();
@@ -332,16 +348,20 @@ impl Generator {
             #[cfg(not(feature = "cuda"))]
             let best = logits.argmax(candle_core::D::Minus1)?;
             let ids: Vec<u32> = best.to_vec1()?;
-            for (&i, t) in active.iter().zip(ids) {
-                gens[i].accept_token(t);
-                out[i] = Some(t);
+            for ((&i, t), &part) in active.iter().zip(ids).zip(&partial) {
+                if !part {
+                    gens[i].accept_token(t);
+                    out[i] = Some(t);
+                }
             }
             return Ok(out);
         }
         let vocab = logits.dim(1)?;
         let mut all: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        for (&i, row) in active.iter().zip(all.chunks_mut(vocab)) {
-            out[i] = Some(gens[i].accept_row(row));
+        for ((&i, row), &part) in active.iter().zip(all.chunks_mut(vocab)).zip(&partial) {
+            if !part {
+                out[i] = Some(gens[i].accept_row(row));
+            }
         }
         Ok(out)
     }

@@ -10,7 +10,7 @@ use crate::device::auto_dtype;
 use crate::error::{Error, Result};
 use crate::generate::{GenerationConfig, Generator};
 use crate::model::prefix::Prefix;
-use crate::model::{Cache, Glm2Model, Logits};
+use crate::model::{Cache, Glm2Model, KvMemory, Logits, PoolOptions};
 use crate::quantize;
 use crate::tokenizer::Tokenizer;
 use crate::tuning::Tuning;
@@ -36,6 +36,11 @@ pub struct LoadOptions<'a> {
     pub layer_devices: Vec<Device>,
     /// Kernel and path choices (default: [`Tuning::env`]).
     pub tuning: Tuning,
+    /// How much memory the KV cache's block pool may take (default: 0.9 of what is free once
+    /// the weights are loaded); it grows as sequences need blocks, up to that.
+    pub kv_cache_memory: KvMemory,
+    /// Positions per KV block (a power of two from 16 to 1024).
+    pub kv_block_size: usize,
 }
 
 impl Default for LoadOptions<'_> {
@@ -49,6 +54,8 @@ impl Default for LoadOptions<'_> {
             quantize: None,
             layer_devices: vec![],
             tuning: Tuning::env(),
+            kv_cache_memory: KvMemory::default(),
+            kv_block_size: crate::model::kv_pool::DEFAULT_BLOCK_SIZE,
         }
     }
 }
@@ -175,6 +182,17 @@ impl Model {
             }
             (None, None) => None,
         };
+        // the KV pool's limit from the memory left once the weights are in (every device of a
+        // split holds its layers' share)
+        let free = devices
+            .iter()
+            .map(crate::device::free_memory)
+            .collect::<Option<Vec<u64>>>()
+            .map(|f| f.iter().min().copied().unwrap_or(0) * f.len() as u64);
+        model.set_kv_pool(PoolOptions {
+            block_size: opts.kv_block_size,
+            max_bytes: opts.kv_cache_memory.bytes(free),
+        })?;
         model.set_prefix(prefix)?;
         let quantization =
             opts.quantize

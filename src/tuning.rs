@@ -16,6 +16,7 @@
 //! | `flash` | `GLM2RS_FLASH` | on | CUDA: 16-bit prompts attend in one flash kernel per layer; off: cuBLAS score blocks |
 //! | `cuda_graph` | `GLM2RS_CUDA_GRAPH` | on | CUDA: one sequence's decode step replays a captured graph |
 //! | `split_decode` | `GLM2RS_SPLIT_DECODE` | on | CUDA: the fused decode attention splits long sequences over many blocks (flash-decoding), a block per KV group; off: one block per query head |
+//! | `prefill_chunk` | `GLM2RS_PREFILL_CHUNK` | 0 (whole) | every device: a prompt longer than this many tokens is prefilled this many per step (chunked prefill: a batch's other sequences keep decoding meanwhile); 0: in one step |
 //! | `cuda_events` | `GLM2RS_CUDA_EVENTS` | off | CUDA: keep candle's per-allocation events on single-GPU models |
 //! | `cuda_pool_release` | `GLM2RS_CUDA_POOL_RELEASE` | off | CUDA: return freed memory to the driver at each synchronization |
 //! | `gemvq` | `GLM2RS_GEMVQ` (`float`/`dp4a`) | auto | CUDA: kernel of the int8/int4 GEMV |
@@ -25,7 +26,7 @@
 //!
 //! Load-time switches (`cuda_events`, `cuda_pool_release`: at device creation; `gemvq`,
 //! `gemvq_rows`, `dequantize`, `vnni`: kept by each layer at load) need a reload to change; the
-//! step-time ones (`fused`, `flash`, `cuda_graph`, `split_decode`) follow [`crate::pipeline::Model::with_tuning`].
+//! step-time ones (`fused`, `flash`, `cuda_graph`, `split_decode`, `prefill_chunk`) follow [`crate::pipeline::Model::with_tuning`].
 
 use std::sync::OnceLock;
 
@@ -48,6 +49,8 @@ pub struct Tuning {
     pub flash: bool,
     pub cuda_graph: bool,
     pub split_decode: bool,
+    /// 0: a prompt in one step.
+    pub prefill_chunk: usize,
     pub cuda_events: bool,
     pub cuda_pool_release: bool,
     pub gemvq: GemvQ,
@@ -65,6 +68,7 @@ impl Default for Tuning {
             flash: true,
             cuda_graph: true,
             split_decode: true,
+            prefill_chunk: 0,
             cuda_events: false,
             cuda_pool_release: false,
             gemvq: GemvQ::Auto,
@@ -116,6 +120,16 @@ impl Tuning {
                 _ => warn("GLM2RS_GEMVQ", &v, "float, dp4a or auto"),
             }
         }
+        if let Some(v) = get("GLM2RS_PREFILL_CHUNK") {
+            match v.trim().parse::<usize>() {
+                Ok(n) => t.prefill_chunk = n,
+                Err(_) => warn(
+                    "GLM2RS_PREFILL_CHUNK",
+                    &v,
+                    "a number of tokens (0: whole prompts)",
+                ),
+            }
+        }
         if let Some(v) = get("GLM2RS_GEMVQ_ROWS") {
             match v.trim().parse::<u32>() {
                 Ok(n) => t.gemvq_rows = n,
@@ -163,7 +177,9 @@ mod tests {
             ("GLM2RS_NO_VNNI", "true"),
             ("GLM2RS_GEMVQ", "dp4a"),
             ("GLM2RS_GEMVQ_ROWS", "16"),
+            ("GLM2RS_PREFILL_CHUNK", "512"),
         ]);
+        assert_eq!(t.prefill_chunk, 512);
         assert!(!t.fused && !t.flash && !t.cuda_graph && !t.split_decode);
         assert!(t.cuda_events && t.cuda_pool_release && t.dequantize && !t.vnni);
         assert_eq!((t.gemvq, t.gemvq_rows), (GemvQ::Dp4a, 16));
@@ -179,6 +195,7 @@ mod tests {
             ("GLM2RS_FUSED", "maybe"),
             ("GLM2RS_GEMVQ", "fast"),
             ("GLM2RS_GEMVQ_ROWS", "-3"),
+            ("GLM2RS_PREFILL_CHUNK", "lots"),
         ]);
         assert_eq!(t, Tuning::default());
     }

@@ -7,10 +7,14 @@
 //! probabilities are rounded to 16 bits before the value product (as FlashAttention's): its error
 //! against a float64 reference must stay within that of the one-block kernel plus the 16-bit
 //! rounding of the output. Both kernels must write the same new key and value into the cache.
+//! The caches are paged (`KvPool` blocks, tables interleaved between the sequences of a batch):
+//! the split kernel reads blocks of 16 positions, the one-block kernel blocks of 64.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
 use glm2rs::kernels::cuda::{DecodeAttention, DecodeSeq};
+use glm2rs::model::{Cache, KvPool, PoolOptions};
+use std::sync::Arc;
 
 struct Case {
     heads: usize,
@@ -48,26 +52,80 @@ fn random(dev: &Device, shape: &[usize], dtype: DType) -> Tensor {
         .unwrap()
 }
 
-/// One new token's `qkv` row per sequence of `case` and each sequence's cache (random, with room
-/// for the new entry).
-fn inputs(dev: &Device, case: &Case, dtype: DType, seed: u64) -> (Tensor, Vec<DecodeSeq>) {
+/// One new token's `qkv` row per sequence of `case`, and each sequence's cached keys and values
+/// (random, `[groups, len, head_dim]`).
+fn inputs(dev: &Device, case: &Case, dtype: DType) -> (Tensor, Vec<(Tensor, Tensor)>) {
     let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
     let qkv = random(dev, &[case.lens.len(), (nh + 2 * ng) * hd], dtype);
-    let seqs = case
+    let kv = case
         .lens
         .iter()
-        .enumerate()
-        .map(|(i, &len)| {
-            let cap = len + 1 + (i * 37) % 300;
-            DecodeSeq {
-                k: random(dev, &[1, ng, cap, hd], dtype),
-                v: random(dev, &[1, ng, cap, hd], dtype),
-                len,
-                rot: len + seed as usize % 7,
-            }
+        .map(|&len| {
+            (
+                random(dev, &[1, ng, len, hd], dtype),
+                random(dev, &[1, ng, len, hd], dtype),
+            )
         })
         .collect();
-    (qkv, seqs)
+    (qkv, kv)
+}
+
+/// Paged caches in a pool of `block_size`-position blocks holding `kv`, filled a block at a
+/// time round-robin (so the tables interleave), each with a block reserved for the new token.
+fn paged(
+    dev: &Device,
+    case: &Case,
+    dtype: DType,
+    kv: &[(Tensor, Tensor)],
+    block_size: usize,
+) -> Vec<Cache> {
+    let opts = PoolOptions {
+        block_size,
+        max_bytes: None,
+    };
+    let pool =
+        Arc::new(KvPool::new(opts, vec![dev.clone()], case.groups, case.head_dim, dtype).unwrap());
+    let mut caches: Vec<Cache> = kv
+        .iter()
+        .map(|_| Cache::new(pool.clone(), 1 << 20))
+        .collect();
+    loop {
+        let mut more = false;
+        for (c, (k, v)) in caches.iter_mut().zip(kv) {
+            let (len, done) = (k.dim(2).unwrap(), c.len());
+            if done < len {
+                let n = block_size.min(len - done);
+                c.reserve(n).unwrap();
+                c.write(
+                    0,
+                    &k.narrow(2, done, n).unwrap(),
+                    &v.narrow(2, done, n).unwrap(),
+                )
+                .unwrap();
+                c.advance(n, true);
+                more = true;
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    for c in &mut caches {
+        c.reserve(1).unwrap();
+    }
+    caches
+}
+
+/// The kernels' view of `caches` (rotary positions offset by `seed`).
+fn decode_seqs(dev: &Device, caches: &mut [Cache], seed: u64) -> Vec<DecodeSeq> {
+    caches
+        .iter_mut()
+        .map(|c| {
+            let mut q = c.decode_seq(0, dev).unwrap();
+            q.rot = q.len + seed as usize % 7;
+            q
+        })
+        .collect()
 }
 
 /// The decode attention of `qkv` over `seqs` (which it writes the new entries into), as f32.
@@ -153,37 +211,54 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
             let seed = ci as u64;
             candle_core::Device::Cpu.set_seed(seed).ok();
             let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
-            let (qkv, split_seqs) = inputs(&dev, case, dtype, seed);
-            // the same inputs through the one-block kernel, on copies of the caches
-            let seqs: Vec<DecodeSeq> = split_seqs
-                .iter()
-                .map(|q| DecodeSeq {
-                    k: q.k.copy().unwrap(),
-                    v: q.v.copy().unwrap(),
-                    len: q.len,
-                    rot: q.rot,
-                })
-                .collect();
-            let split = attend(&dev, case, &qkv, &split_seqs, true);
-            let one = attend(&dev, case, &qkv, &seqs, false);
+            let (qkv, kv) = inputs(&dev, case, dtype);
+            // the same inputs through both kernels, each in its own pool
+            let mut split_caches = paged(&dev, case, dtype, &kv, 16);
+            let mut one_caches = paged(&dev, case, dtype, &kv, 64);
+            let split = attend(
+                &dev,
+                case,
+                &qkv,
+                &decode_seqs(&dev, &mut split_caches, seed),
+                true,
+            );
+            let one = attend(
+                &dev,
+                case,
+                &qkv,
+                &decode_seqs(&dev, &mut one_caches, seed),
+                false,
+            );
             // both wrote the new key and value at `len`: the caches agree everywhere
-            for (i, (a, b)) in split_seqs.iter().zip(&seqs).enumerate() {
+            let mut contents = vec![];
+            for (i, (a, b)) in split_caches.iter().zip(&one_caches).enumerate() {
                 let what = format!("{dtype:?} case {ci} seq {i}");
-                assert_eq!(to64(&a.k), to64(&b.k), "{what}: keys written differently");
-                assert_eq!(to64(&a.v), to64(&b.v), "{what}: values written differently");
+                let (ka, va) = a.gather(0, a.len() + 1).unwrap();
+                let (kb, vb) = b.gather(0, b.len() + 1).unwrap();
+                assert_eq!(to64(&ka), to64(&kb), "{what}: keys written differently");
+                assert_eq!(to64(&va), to64(&vb), "{what}: values written differently");
+                let (k0, _) = &kv[i];
+                let n = k0.dim(2).unwrap();
+                if n > 0 {
+                    let back = to64(&ka.narrow(2, 0, n).unwrap());
+                    assert_eq!(
+                        back,
+                        to64(k0),
+                        "{what}: the cached keys read back as written"
+                    );
+                }
+                contents.push((to64(&kb), to64(&vb), b.len()));
             }
             // float64 reference from the cache contents (new entry included)
             let q = to64(&qkv);
             let width = (nh + 2 * ng) * hd;
             let scale = 1.0 / (hd as f64).sqrt();
             let (mut err_split, mut err_one, mut biggest) = (0f64, 0f64, 0f64);
-            for (i, s) in seqs.iter().enumerate() {
-                let kk = to64(&s.k);
-                let vv = to64(&s.v);
-                let cap = s.k.dim(2).unwrap();
+            for (i, (kk, vv, len)) in contents.iter().enumerate() {
+                let cap = len + 1;
                 for g in 0..ng {
                     let rows_of = |t: &[f64]| -> Vec<Vec<f64>> {
-                        (0..=s.len)
+                        (0..=*len)
                             .map(|p| t[(g * cap + p) * hd..(g * cap + p + 1) * hd].to_vec())
                             .collect()
                     };
@@ -194,7 +269,7 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
                                 .to_vec()
                         })
                         .collect();
-                    let want = reference(&qs, &rows_of(&kk), &rows_of(&vv), scale);
+                    let want = reference(&qs, &rows_of(kk), &rows_of(vv), scale);
                     for (h, w) in want.iter().enumerate() {
                         for (e, &x) in w.iter().enumerate() {
                             let at = i * nh * hd + (g * r + h) * hd + e;

@@ -105,9 +105,14 @@ class Model:
         chat_format: str | None = None,
         progress: bool | None = None,
         num_gpus: int = 1,
+        kv_cache_memory: float | int | str | None = None,
+        kv_block_size: int = 64,
     ) -> Model:
         """A local directory, GGUF file or hub id (resolved by `glm2rs.hub` in Python first).
-        `num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`."""
+        `num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`.
+        `kv_cache_memory`: the most the paged KV cache may take: a share of the memory free once
+        the weights are loaded (default 0.9) or bytes (an int, or "8GiB"); it grows as needed.
+        `kv_block_size`: positions per KV block (a power of two from 16 to 1024)."""
     @classmethod
     def _from_local(
         cls,
@@ -120,6 +125,8 @@ class Model:
         chat_format: str | None = None,
         progress: bool | None = None,
         num_gpus: int = 1,
+        kv_cache_memory: float | int | str | None = None,
+        kv_block_size: int = 64,
     ) -> Model:
         """A local directory or GGUF file only (what `from_pretrained` calls)."""
     def with_tuning(
@@ -129,11 +136,16 @@ class Model:
         flash: bool | None = None,
         cuda_graph: bool | None = None,
         split_decode: bool | None = None,
+        prefill_chunk: int | None = None,
     ) -> Model:
-        """The same weights (shared) with other step-time switches (CUDA)."""
+        """The same weights (shared) with other step-time switches (CUDA ones, and
+        `prefill_chunk`: prompt tokens fed per step, 0 for all at once)."""
     @property
     def tuning(self) -> dict[str, str]:
         """Every tuning switch this model runs with (see the README's tuning table)."""
+    def kv_cache_info(self) -> dict[str, int]:
+        """The KV cache's block pool: block_size, block_bytes, blocks_in_use, blocks_allocated,
+        max_blocks."""
     @property
     def num_gpus(self) -> int: ...
     @property

@@ -15,7 +15,8 @@ from . import Glm2Error, Model, Server, __version__
 
 def _load(args, **kw) -> Model:
     return Model.from_pretrained(args.model, revision=getattr(args, "revision", None), device=args.device,
-                                 dtype=args.dtype, progress=True, **kw)
+                                 dtype=args.dtype, progress=True, kv_cache_memory=args.kv_cache_memory,
+                                 kv_block_size=args.block_size, **kw)
 
 
 WELCOME = "glm2rs chat: type a question; 'clear' empties the history, 'stop' (or Ctrl-D) exits."
@@ -197,6 +198,11 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="float32, float16 or bfloat16; auto: bfloat16 on CUDA, the checkpoint's on CPU")
     p.add_argument("--quantize", help="quantize at load: 8 or 4 (official schemes), q8_0, q4_0, ...")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) of a hub id")
+    p.add_argument("--kv-cache-memory", default="0.9",
+                   help="most memory the paged KV cache may take: a share of what is free after the weights "
+                        "(0.9) or bytes (8GiB, 512MiB); it grows as sequences need it")
+    p.add_argument("--block-size", type=int, default=64,
+                   help="positions per KV cache block (a power of two from 16 to 1024)")
 
 
 def main(argv: list[str] | None = None) -> int:

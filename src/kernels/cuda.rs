@@ -129,43 +129,72 @@ fn device_ptr(t: &Tensor) -> Result<u64> {
     addr(cs, layout.start_offset())
 }
 
+/// Device address of the first element of a CUDA tensor (what a kernel argument or a device
+/// table entry pointing at it holds).
+pub fn tensor_addr(t: &Tensor) -> Result<u64> {
+    device_ptr(t)
+}
+
 /// One sequence of a batched decode step (mirrors `SeqInfo` in glm2.cu).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct SeqInfo {
     k: u64,
     v: u64,
-    cap: i32,
+    blocks: u64,
     len: i32,
     rot: i32,
     row: i32,
+    shift: i32,
+    slab_shift: i32,
+    pad: i32,
 }
+
+// SAFETY: plain old data with the C layout of the kernels' `SeqInfo` parameter.
+unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for SeqInfo {}
 
 /// `u32` words of one [`SeqInfo`] in a device table.
 pub const SEQ_INFO_WORDS: usize = std::mem::size_of::<SeqInfo>() / 4;
 
 impl SeqInfo {
     fn of(q: &DecodeSeq, row: usize) -> Result<Self> {
+        let log2 = |x: usize, what: &str| -> Result<i32> {
+            if x.is_power_of_two() {
+                Ok(x.trailing_zeros() as i32)
+            } else {
+                bail!("decode attention: {what} {x} is not a power of two")
+            }
+        };
+        if q.block_size < 16 {
+            bail!(
+                "decode attention: blocks of {} positions (16 or more)",
+                q.block_size
+            );
+        }
         Ok(Self {
-            k: device_ptr(&q.k)?,
-            v: device_ptr(&q.v)?,
-            cap: q.k.dim(2)? as i32,
+            k: q.k_slabs,
+            v: q.v_slabs,
+            blocks: q.blocks,
             len: q.len as i32,
             rot: q.rot as i32,
             row: row as i32,
+            shift: log2(q.block_size, "block size")?,
+            slab_shift: log2(q.slab_blocks, "blocks per slab")?,
+            pad: 0,
         })
     }
 
     fn words(&self) -> [u32; SEQ_INFO_WORDS] {
         let mut w = [0u32; SEQ_INFO_WORDS];
-        w[0] = self.k as u32;
-        w[1] = (self.k >> 32) as u32;
-        w[2] = self.v as u32;
-        w[3] = (self.v >> 32) as u32;
-        w[4] = self.cap as u32;
-        w[5] = self.len as u32;
-        w[6] = self.rot as u32;
-        w[7] = self.row as u32;
+        for (i, x) in [self.k, self.v, self.blocks].into_iter().enumerate() {
+            w[2 * i] = x as u32;
+            w[2 * i + 1] = (x >> 32) as u32;
+        }
+        w[6] = self.len as u32;
+        w[7] = self.rot as u32;
+        w[8] = self.row as u32;
+        w[9] = self.shift as u32;
+        w[10] = self.slab_shift as u32;
         w
     }
 }
@@ -181,13 +210,22 @@ struct SeqTable([SeqInfo; TABLE_SEQS]);
 // SAFETY: plain old data with the C layout of the kernel's parameter.
 unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for SeqTable {}
 
-/// A sequence's part of a decode step: its layer cache (`[1, groups, cap, head_dim]`,
-/// contiguous, capacity for one more entry), entries held and rotary position.
+/// A sequence's part of a decode step, in the paged KV cache (`crate::model::kv_pool`): the
+/// device addresses of this layer's key and value slab tables and of the sequence's block table
+/// (with a block for position `len`), entries held, rotary position.
+#[derive(Clone, Debug)]
 pub struct DecodeSeq {
-    pub k: Tensor,
-    pub v: Tensor,
+    pub k_slabs: u64,
+    pub v_slabs: u64,
+    pub blocks: u64,
+    pub block_size: usize,
+    pub slab_blocks: usize,
+    pub dtype: DType,
     pub len: usize,
     pub rot: usize,
+    /// The longest this sequence is planned for (the split kernels' shape is chosen from it;
+    /// a captured graph keeps its shape until the sequence outgrows it): at least `len + 1`.
+    pub reach: usize,
 }
 
 /// Attention of one new token per sequence (rows of `qkv` `[n, (heads + 2 groups) head_dim]`,
@@ -249,12 +287,8 @@ impl CustomOp1 for DecodeAttention<'_> {
         let dtype = s.dtype();
         let mut infos = Vec::with_capacity(rows);
         for (row, q) in self.seqs.iter().enumerate() {
-            let cap = q.k.dim(2)?;
-            if q.k.dtype() != dtype || q.v.dtype() != dtype || q.len >= cap || !q.k.is_contiguous()
-            {
-                bail!(
-                    "decode attention: cache of sequence {row} is not ready (dtype, room, layout)"
-                );
+            if q.dtype != dtype {
+                bail!("decode attention: the KV cache of sequence {row} is not {dtype:?}");
             }
             infos.push(SeqInfo::of(q, row)?);
         }
@@ -287,7 +321,7 @@ impl CustomOp1 for DecodeAttention<'_> {
         let name = suffix(dtype)?;
         let t = if table.is_some() { "_t" } else { "" };
         // the split (flash-decoding) kernels where they apply and pay, else one block per head
-        let plan = self.split_shape(dev, dtype, rows, &infos)?;
+        let plan = self.split_shape(dev, rows)?;
         let splits = plan.map(|(_, n)| n);
         let (kernel, grid, threads) = match plan {
             Some((lanes, n)) => {
@@ -378,22 +412,20 @@ impl DecodeAttention<'_> {
     /// Dimensions per lane and blocks per (sequence, KV group) of the split kernels for this
     /// step, or `None` for the one-block kernel: switched off, shapes it does not take ([`split_lanes`]), a step where
     /// it does not pay ([`split_pays`]), or caches not aligned for its vector loads.
-    fn split_shape(
-        &self,
-        dev: &CudaDevice,
-        dtype: DType,
-        rows: usize,
-        infos: &[SeqInfo],
-    ) -> Result<Option<(usize, usize)>> {
+    fn split_shape(&self, dev: &CudaDevice, rows: usize) -> Result<Option<(usize, usize)>> {
         if !self.split {
             return Ok(None);
         }
         let Some(lanes) = split_lanes(self.heads, self.groups, self.head_dim) else {
             return Ok(None);
         };
-        let word = (lanes * dtype.size_in_bytes()) as u64;
-        let max_cap = infos.iter().map(|i| i.cap as usize).max().unwrap_or(1);
-        if !split_pays(rows, max_cap) || infos.iter().any(|i| i.k % word != 0 || i.v % word != 0) {
+        let reach = self
+            .seqs
+            .iter()
+            .map(|q| q.reach.max(q.len + 1))
+            .max()
+            .unwrap_or(1);
+        if !split_pays(rows, reach) {
             return Ok(None);
         }
         let sms = dev
@@ -403,7 +435,7 @@ impl DecodeAttention<'_> {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .w()? as usize;
-        Ok(Some((lanes, split_plan(rows, self.groups, max_cap, sms))))
+        Ok(Some((lanes, split_plan(rows, self.groups, reach, sms))))
     }
 }
 
@@ -691,6 +723,123 @@ pub fn flash_prefill(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<O
 struct FlashPrefill {
     groups: usize,
     scale: f32,
+}
+
+/// Write `k`, `v` (`[1, groups, t, head_dim]`, dimensions contiguous, the cache's dtype) into the
+/// paged cache of `seq` at positions `seq.len ..` (its blocks reserved).
+pub fn paged_write(k: &Tensor, v: &Tensor, seq: &DecodeSeq) -> Result<()> {
+    let (b, g, t, d) = k.dims4()?;
+    if b != 1 || v.dims4()? != (b, g, t, d) || k.dtype() != seq.dtype || v.dtype() != seq.dtype {
+        bail!("paged write: keys and values must be [1, groups, t, head_dim] of the cache's dtype");
+    }
+    if k.stride()[3] != 1 || v.stride()[3] != 1 {
+        bail!("paged write: dimensions must be contiguous");
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let candle_core::Device::Cuda(dev) = k.device() else {
+        bail!("paged write: not a CUDA tensor")
+    };
+    let info = SeqInfo::of(seq, 0)?;
+    let func =
+        dev.get_or_load_custom_func(&format!("paged_write_{}", suffix(k.dtype())?), MODULE, PTX)?;
+    let (kp, vp) = (device_ptr(k)?, device_ptr(v)?);
+    let (ks, vs) = (k.stride(), v.stride());
+    let (k_gs, k_ts, v_gs, v_ts) = (ks[1] as i64, ks[2] as i64, vs[1] as i64, vs[2] as i64);
+    let (g_i, d_i) = (g as i32, d as i32);
+    let mut bl = func.builder();
+    bl.arg(&kp);
+    bl.arg(&vp);
+    bl.arg(&k_gs);
+    bl.arg(&k_ts);
+    bl.arg(&v_gs);
+    bl.arg(&v_ts);
+    bl.arg(&info);
+    bl.arg(&g_i);
+    bl.arg(&d_i);
+    let cfg = LaunchConfig {
+        grid_dim: (t as u32, g as u32, 1),
+        block_dim: (d.clamp(32, 128) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { bl.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// Causal attention of one sequence's `t` new queries (`q` `[1, heads, t, head_dim]`, bf16 /
+/// f16, head_dim 64 or 128) over its paged cache of `seq.len + t` positions (the new keys and
+/// values already written, [`paged_write`]): the flash kernel reading keys and values through
+/// the block table. `None` when the shapes do not suit it.
+pub fn flash_prefill_paged(
+    q: &Tensor,
+    seq: &DecodeSeq,
+    groups: usize,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let (b, nh, t, d) = q.dims4()?;
+    let dtype = q.dtype();
+    if b != 1
+        || t == 0
+        || !matches!(dtype, DType::BF16 | DType::F16)
+        || dtype != seq.dtype
+        || !matches!(d, 64 | 128)
+        || groups == 0
+        || nh % groups != 0
+    {
+        return Ok(None);
+    }
+    let q = q.contiguous()?;
+    Ok(Some(q.apply_op1_no_bwd(&FlashPrefillPaged {
+        info: SeqInfo::of(seq, 0)?,
+        groups,
+        scale,
+    })?))
+}
+
+struct FlashPrefillPaged {
+    info: SeqInfo,
+    groups: usize,
+    scale: f32,
+}
+
+impl CustomOp1 for FlashPrefillPaged {
+    cuda_only!("glm2rs-flash-prefill-paged", 1);
+
+    fn cuda_fwd(&self, sq: &CudaStorage, lq: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (_, nh, t, d) = lq.shape().dims4()?;
+        let (q0, _) = contiguous(lq, "flash prefill")?;
+        let dev = &sq.device;
+        let func = dev.get_or_load_custom_func(
+            &format!("flash_prefill_paged_{}_d{d}", suffix(sq.dtype())?),
+            MODULE,
+            PTX,
+        )?;
+        let qp = addr(sq, q0)?;
+        let (slice, out) = alloc(dev, sq.dtype(), nh * t * d)?;
+        let (t_i, nh_i, ng_i) = (t as i32, nh as i32, self.groups as i32);
+        let mut bl = func.builder();
+        bl.arg(&qp);
+        bl.arg(&out);
+        bl.arg(&self.info);
+        bl.arg(&t_i);
+        bl.arg(&nh_i);
+        bl.arg(&ng_i);
+        bl.arg(&self.scale);
+        let cfg = LaunchConfig {
+            grid_dim: ((t as u32).div_ceil(64), nh as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { bl.launch(cfg) }.w()?;
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((1, nh, t, d)),
+        ))
+    }
 }
 
 impl candle_core::CustomOp3 for FlashPrefill {
@@ -1235,6 +1384,18 @@ fn mem_pool(
     result::init().w()?;
     let dev = result::device::get(ordinal as i32).w()?;
     unsafe { result::device::get_mem_pool(dev) }.w()
+}
+
+/// Bytes a new allocation on `dev` can still get: what the driver has free plus what the
+/// memory pool holds unused.
+pub fn free_memory(dev: &candle_core::Device) -> Result<u64> {
+    let candle_core::Device::Cuda(d) = dev else {
+        bail!("free_memory: not a CUDA device")
+    };
+    let (free, _total) = d.cuda_stream().context().mem_get_info().w()?;
+    let ordinal = d.cuda_stream().context().ordinal();
+    let [used, _, reserved, _] = pool_memory(ordinal, false)?;
+    Ok(free as u64 + reserved.saturating_sub(used))
 }
 
 /// `[used, used_peak, reserved, reserved_peak]` bytes of GPU `ordinal`'s pool; `reset_peak`

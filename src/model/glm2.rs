@@ -3,11 +3,13 @@
 //! Names mirror the checkpoint keys (`transformer.encoder.layers.N.self_attention...`).
 
 use super::kv_cache::Cache;
+use super::kv_pool::{KvPool, PoolOptions};
 use super::linear::Linear;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
 use crate::tuning::Tuning;
 use candle_core::{DType, Device, Module, Tensor};
+use std::sync::Arc;
 
 /// The CUDA decode beside this reference forward: fused decode attention, flash prefill glue,
 /// residual adds fused into RMSNorm, and the CUDA graph of a decoding step.
@@ -163,7 +165,25 @@ impl SelfAttention {
             let start = cache.position();
             let q = rotary.apply(&q, start)?;
             let k = rotary.apply(&k, start)?;
-            let (k_all, v_all) = cache.append(layer, &k, &v.contiguous()?)?; // [1, ng, L, hd]
+            #[cfg(feature = "cuda")]
+            if x.device().is_cuda() && tuning.fused && tuning.flash {
+                if let Some(ctx) = self.prefill_paged_cuda(&q, &k, &v, cache, layer)? {
+                    ctxs.push(ctx.transpose(1, 2)?.reshape((1, t, nh * hd))?);
+                    continue;
+                }
+            }
+            cache.write(layer, &k, &v)?;
+            if t == 1 && x.device().is_cpu() {
+                // one token on the CPU: attention read in place from the paged cache
+                let qf: Vec<f32> = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                let scale = 1.0 / (hd as f32).sqrt();
+                if let Some(out) = cache.cpu_decode(layer, cache.len() + 1, &qf, nh, scale)? {
+                    let out = Tensor::from_vec(out, (1, 1, nh * hd), x.device())?;
+                    ctxs.push(out.to_dtype(q.dtype())?);
+                    continue;
+                }
+            }
+            let (k_all, v_all) = cache.gather(layer, cache.len() + t)?; // [1, ng, L, hd]
             let ctx = self.attend(&q, &k_all, &v_all, tuning)?; // [1, nh, t, hd]
             ctxs.push(ctx.transpose(1, 2)?.reshape((1, t, nh * hd))?);
         }
@@ -327,6 +347,8 @@ pub enum Logits {
 /// counted).
 #[derive(Debug, Clone)]
 pub struct Glm2Model {
+    /// The paged KV cache's blocks, shared by every sequence of this model (and its clones).
+    kv: Arc<KvPool>,
     config: Glm2Config,
     dtype: DType,
     device: Device,
@@ -340,9 +362,18 @@ pub struct Glm2Model {
     final_layernorm: Option<RmsNorm>,
     output_layer: Linear,
     prefix: Option<super::prefix::Prefix>,
+    /// The prefix's keys and values held in the pool (every new cache starts with these blocks).
+    prefix_blocks: Option<Arc<PrefixBlocks>>,
     /// The switches this model was loaded with; the step-time ones (`fused`, `flash`,
     /// `cuda_graph`) are read from here at each step.
     tuning: Tuning,
+}
+
+/// A P-Tuning prefix held in the pool: a cache nobody writes to, whose blocks every new cache
+/// starts with.
+#[derive(Debug)]
+struct PrefixBlocks {
+    cache: Cache,
 }
 
 /// Loading progress: `(tensors done, tensors in all)`.
@@ -365,7 +396,7 @@ impl Glm2Model {
     }
 
     /// Put a P-Tuning v2 prefix in front of every new cache (each layer's part moved to that
-    /// layer's device).
+    /// layer's device and written once into blocks of the pool that every cache shares).
     pub fn set_prefix(&mut self, prefix: Option<super::prefix::Prefix>) -> Result<()> {
         self.prefix = match prefix {
             Some(mut p) => {
@@ -377,6 +408,40 @@ impl Glm2Model {
             }
             None => None,
         };
+        self.pin_prefix()
+    }
+
+    /// Lay out the KV cache anew: block size and byte limit of the pool every later cache takes
+    /// its blocks from (caches made before keep the old pool until dropped).
+    pub fn set_kv_pool(&mut self, opts: PoolOptions) -> Result<()> {
+        self.kv = Arc::new(KvPool::new(
+            opts,
+            self.layer_devices.clone(),
+            self.config.kv_groups(),
+            self.config.kv_channels,
+            self.dtype,
+        )?);
+        self.pin_prefix()
+    }
+
+    /// The pool of this model's KV caches.
+    pub fn kv_pool(&self) -> &Arc<KvPool> {
+        &self.kv
+    }
+
+    /// Write the prefix (if any) into blocks of the current pool.
+    fn pin_prefix(&mut self) -> Result<()> {
+        self.prefix_blocks = None;
+        let Some(p) = &self.prefix else {
+            return Ok(());
+        };
+        let mut c = Cache::new(self.kv.clone(), p.len);
+        c.reserve(p.len)?;
+        for (i, (k, v)) in p.keys.iter().zip(&p.values).enumerate() {
+            c.write(i, k, v)?;
+        }
+        c.advance(p.len, false);
+        self.prefix_blocks = Some(Arc::new(PrefixBlocks { cache: c }));
         Ok(())
     }
 
@@ -415,21 +480,13 @@ impl Glm2Model {
         self.config.seq_length
     }
 
-    /// A fresh cache for one sequence: empty, or holding the P-Tuning prefix.
+    /// A fresh cache for one sequence: empty, or holding the P-Tuning prefix (its blocks shared).
     pub fn new_cache(&self) -> Cache {
-        let mut cache = Cache::new(
-            self.config.num_layers,
-            self.config.seq_length + self.prefix_len(),
-        );
-        if let Some(p) = &self.prefix {
-            for (i, (k, v)) in p.keys.iter().zip(&p.values).enumerate() {
-                cache
-                    .append(i, k, v)
-                    .expect("prefix tensors are contiguous [1, groups, len, channels]");
-            }
-            cache.advance(p.len, false);
+        let max = self.config.seq_length + self.prefix_len();
+        match &self.prefix_blocks {
+            Some(p) => Cache::with_prefix(self.kv.clone(), max, p.cache.blocks(), p.cache.len()),
+            None => Cache::new(self.kv.clone(), max),
         }
-        cache
     }
 
     /// Run `input_ids` (`[1, t]`, u32) after what `cache` holds, append their keys and values to
@@ -512,6 +569,9 @@ impl Glm2Model {
             flat.extend_from_slice(ids);
         }
         let n = flat.len();
+        for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
+            cache.reserve(t)?;
+        }
         #[cfg(feature = "cuda")]
         if which == Logits::Last && n == 1 {
             if let Some(logits) = self.graph_step(flat[0], &mut *caches[0])? {

@@ -10,6 +10,7 @@ use crate::chat_format::Message;
 use crate::device::{dtype_name, parse_devices, parse_dtype};
 use crate::error::catch_panic;
 use crate::generate::GenerationDefaults;
+use crate::model::KvMemory;
 use crate::pipeline::{LoadOptions, Model};
 use crate::session::{ChatSession, ChatStream};
 use crate::tuning::Tuning;
@@ -66,7 +67,7 @@ impl PyModel {
     #[classmethod]
     #[pyo3(signature = (path, *, device = "cpu", dtype = "auto",
                         quantize = None, prefix_checkpoint = None, chat_format = None, progress = None,
-                        num_gpus = 1))]
+                        num_gpus = 1, kv_cache_memory = None, kv_block_size = 64))]
     #[allow(clippy::too_many_arguments)]
     fn _from_local(
         _cls: &Bound<'_, pyo3::types::PyType>,
@@ -79,7 +80,20 @@ impl PyModel {
         chat_format: Option<&str>,
         progress: Option<bool>,
         num_gpus: usize,
+        kv_cache_memory: Option<Bound<'_, PyAny>>,
+        kv_block_size: usize,
     ) -> PyResult<Self> {
+        let kv_cache_memory = match kv_cache_memory {
+            Some(m) if !m.is_none() => {
+                if m.is_instance_of::<pyo3::types::PyBool>() {
+                    return Err(InvalidArgumentError::new_err(
+                        "kv_cache_memory: give a share of the free memory (0.9) or bytes, not a bool",
+                    ));
+                }
+                KvMemory::parse(&m.str()?.to_string())?
+            }
+            _ => KvMemory::default(),
+        };
         let quantize = match quantize {
             Some(q) if !q.is_none() => {
                 Some(crate::quantize::QuantType::parse(&q.str()?.to_string())?)
@@ -120,6 +134,8 @@ impl PyModel {
                     quantize,
                     layer_devices: devices,
                     tuning: Tuning::env(),
+                    kv_cache_memory,
+                    kv_block_size,
                 };
                 Model::load(&path, &opts)
             })
@@ -128,20 +144,23 @@ impl PyModel {
     }
 
     /// This model (weights shared, not copied) with other step-time switches of `glm2rs::tuning`
-    /// (CUDA): `fused`, `flash`, `cuda_graph`, `split_decode`; `None` keeps the current value.
-    #[pyo3(signature = (*, fused = None, flash = None, cuda_graph = None, split_decode = None))]
+    /// (CUDA): `fused`, `flash`, `cuda_graph`, `split_decode`; and `prefill_chunk` (tokens of a
+    /// prompt fed per step, 0: all). `None` keeps the current value.
+    #[pyo3(signature = (*, fused = None, flash = None, cuda_graph = None, split_decode = None, prefill_chunk = None))]
     fn with_tuning(
         &self,
         fused: Option<bool>,
         flash: Option<bool>,
         cuda_graph: Option<bool>,
         split_decode: Option<bool>,
+        prefill_chunk: Option<usize>,
     ) -> Self {
         let mut t = *self.inner.model().tuning();
         t.fused = fused.unwrap_or(t.fused);
         t.flash = flash.unwrap_or(t.flash);
         t.cuda_graph = cuda_graph.unwrap_or(t.cuda_graph);
         t.split_decode = split_decode.unwrap_or(t.split_decode);
+        t.prefill_chunk = prefill_chunk.unwrap_or(t.prefill_chunk);
         Self {
             inner: self.inner.with_tuning(t),
         }
@@ -156,6 +175,7 @@ impl PyModel {
             ("flash", t.flash.to_string()),
             ("cuda_graph", t.cuda_graph.to_string()),
             ("split_decode", t.split_decode.to_string()),
+            ("prefill_chunk", t.prefill_chunk.to_string()),
             ("cuda_events", t.cuda_events.to_string()),
             ("cuda_pool_release", t.cuda_pool_release.to_string()),
             ("gemvq", format!("{:?}", t.gemvq).to_lowercase()),
@@ -194,6 +214,20 @@ impl PyModel {
             candle_core::Device::Cuda(_) => "cuda".to_string(),
             candle_core::Device::Metal(_) => "metal".to_string(),
         }
+    }
+
+    /// The KV cache's block pool: `block_size` (positions per block), `block_bytes` (keys and
+    /// values of every layer), `blocks_in_use`, `blocks_allocated` (in use or free, on the
+    /// device), `max_blocks` (what `kv_cache_memory` allows).
+    fn kv_cache_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let p = self.inner.model().kv_pool();
+        let d = PyDict::new(py);
+        d.set_item("block_size", p.block_size())?;
+        d.set_item("block_bytes", p.block_bytes())?;
+        d.set_item("blocks_in_use", p.blocks_in_use())?;
+        d.set_item("blocks_allocated", p.blocks_allocated())?;
+        d.set_item("max_blocks", p.max_blocks())?;
+        Ok(d)
     }
 
     /// How many devices hold the layers (more than 1 when split with num_gpus).

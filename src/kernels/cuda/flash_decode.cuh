@@ -98,7 +98,7 @@ struct FdShared {
 template <typename T>
 __device__ void fd_prologue(FdShared& sh, const T* __restrict__ row, const T* __restrict__ bias,
                             const T* __restrict__ cos_t, const T* __restrict__ sin_t, const SeqInfo& info,
-                            T* kc, T* vc, bool holds_new, int g, int r, int heads, int groups,
+                            bool holds_new, int g, int r, int heads, int groups,
                             int head_dim, int rot_half) {
     float* x_s = &sh.acc[0][0][0];             // [(r + 2) * head_dim]
     float* cs_s = x_s + (FD_R + 2) * FD_MAXD;  // cos [rot_half], then sin [rot_half]
@@ -142,9 +142,11 @@ __device__ void fd_prologue(FdShared& sh, const T* __restrict__ row, const T* __
     }
     __syncthreads();
     if (holds_new) {
+        T* kn = kv_at<T>(info.k, info, info.len, g, groups, head_dim);
+        T* vn = kv_at<T>(info.v, info, info.len, g, groups, head_dim);
         for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
-            kc[(size_t)info.len * head_dim + e] = from_f<T>(sh.k[e]);
-            vc[(size_t)info.len * head_dim + e] = from_f<T>(sh.v[e]);
+            kn[e] = from_f<T>(sh.k[e]);
+            vn[e] = from_f<T>(sh.v[e]);
         }
     }
     __syncthreads();  // the new entry is visible to the whole block before anyone reads it
@@ -202,10 +204,9 @@ __device__ void decode_split(const T* __restrict__ qkv, const T* __restrict__ bi
     const int r = heads / groups;
     const T* row = qkv + (size_t)info.row * (heads + 2 * groups) * head_dim;
     __shared__ FdShared sh;
-    T* kc = reinterpret_cast<T*>(info.k) + (size_t)g * info.cap * head_dim;
-    T* vc = reinterpret_cast<T*>(info.v) + (size_t)g * info.cap * head_dim;
-    fd_prologue<T>(sh, row, bias, cos_t, sin_t, info, kc, vc, p0 <= info.len && info.len < p1, g, r, heads,
-                   groups, head_dim, rot_half);
+    fd_prologue<T>(sh, row, bias, cos_t, sin_t, info, p0 <= info.len && info.len < p1, g, r, heads, groups,
+                   head_dim, rot_half);
+    const size_t stride = (size_t)groups * head_dim;  // between positions of one block
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -223,12 +224,15 @@ __device__ void decode_split(const T* __restrict__ qkv, const T* __restrict__ bi
 
     for (int t0 = p0 + warp * FD_TILE; t0 < p1; t0 += FD_WARPS * FD_TILE) {
         float kv[FD_TILE][E], vv[FD_TILE][E];
+        // a tile lies in one block (tiles start at multiples of FD_TILE, blocks hold 16 or more)
+        const T* kt = kv_at<T>(info.k, info, t0, g, groups, head_dim);
+        const T* vt = kv_at<T>(info.v, info, t0, g, groups, head_dim);
 #pragma unroll
         for (int t = 0; t < FD_TILE; t++) {
             const int p = t0 + t;
             if (p < p1 && dims && p != info.len) {
-                load_e<T, E>(kc + (size_t)p * head_dim + d0, kv[t]);
-                load_e<T, E>(vc + (size_t)p * head_dim + d0, vv[t]);
+                load_e<T, E>(kt + t * stride + d0, kv[t]);
+                load_e<T, E>(vt + t * stride + d0, vv[t]);
             } else {
 #pragma unroll
                 for (int j = 0; j < E; j++) {
@@ -349,12 +353,9 @@ __device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict_
     const T* row = qkv + (size_t)info.row * (heads + 2 * groups) * head_dim;
     __shared__ FdShared sh;
     // (plain loads, not the read-only path: this block has just written position len)
-    T* kc0 = reinterpret_cast<T*>(info.k) + (size_t)g * info.cap * head_dim;
-    T* vc0 = reinterpret_cast<T*>(info.v) + (size_t)g * info.cap * head_dim;
-    fd_prologue<T>(sh, row, bias, cos_t, sin_t, info, kc0, vc0, p0 <= info.len && info.len < p1, g, r, heads,
-                   groups, head_dim, rot_half);
-    const uint16_t* kc = reinterpret_cast<const uint16_t*>(kc0);
-    const uint16_t* vc = reinterpret_cast<const uint16_t*>(vc0);
+    fd_prologue<T>(sh, row, bias, cos_t, sin_t, info, p0 <= info.len && info.len < p1, g, r, heads, groups,
+                   head_dim, rot_half);
+    const size_t stride = (size_t)groups * head_dim;  // between positions of one block
 
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
@@ -379,11 +380,14 @@ __device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict_
         // every key and value word of the tile requested before any is used (two round trips
         // to memory per tile would be the loop's latency)
         uint32_t kb[2][FD_KS][2], vb[FD_NT][2];
+        // a tile of 16 positions lies in one block (tiles start at multiples of 16)
+        const uint16_t* kt = reinterpret_cast<const uint16_t*>(kv_at<T>(info.k, info, t0, g, groups, head_dim));
+        const uint16_t* vt = reinterpret_cast<const uint16_t*>(kv_at<T>(info.v, info, t0, g, groups, head_dim));
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
             const int p = t0 + nt * 8 + gid;  // the key this lane feeds (B column gid)
             const bool ok = p < p1;
-            const uint16_t* kp = kc + (size_t)p * head_dim + 2 * tig;
+            const uint16_t* kp = kt + (size_t)(nt * 8 + gid) * stride + 2 * tig;
 #pragma unroll
             for (int ks = 0; ks < FD_KS; ks++) {
                 const bool in = ok && ks < ks_n;
@@ -395,13 +399,13 @@ __device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict_
             // V as B (16 positions x 8 dimensions): rows 2 tig, 2 tig + 1 (+ 8), column gid
             const int pv = t0 + 2 * tig;
             const bool v0 = pv < p1, v1 = pv + 1 < p1, v8 = pv + 8 < p1, v9 = pv + 9 < p1;
-            const uint16_t* vp = vc + (size_t)pv * head_dim + gid;
+            const uint16_t* vp = vt + (size_t)(2 * tig) * stride + gid;
 #pragma unroll
             for (int dt = 0; dt < FD_NT; dt++) {
                 const bool in = dt < ks_n * 2;
                 const uint16_t* q = vp + dt * 8;
-                vb[dt][0] = join2(in && v0 ? q[0] : 0, in && v1 ? q[head_dim] : 0);
-                vb[dt][1] = join2(in && v8 ? q[8 * head_dim] : 0, in && v9 ? q[9 * head_dim] : 0);
+                vb[dt][0] = join2(in && v0 ? q[0] : 0, in && v1 ? q[stride] : 0);
+                vb[dt][1] = join2(in && v8 ? q[8 * stride] : 0, in && v9 ? q[9 * stride] : 0);
             }
         }
         float sc[2][4];

@@ -22,15 +22,31 @@ template <> __device__ __forceinline__ float from_f<float>(float x) { return x; 
 template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
-// Mirrors `SeqInfo` in src/kernels/cuda.rs (#[repr(C)], 32 bytes).
+// Mirrors `SeqInfo` in src/kernels/cuda.rs (#[repr(C)], 48 bytes). The KV cache is paged
+// (src/model/kv_pool.rs): position p of a sequence is row p % block_size of block blocks[p / block_size];
+// block b is rows (b % slab_blocks) * block_size .. of slab b / slab_blocks, whose address is slabs[b /
+// slab_blocks]; a row holds `groups` keys (or values) of head_dim each.
 struct SeqInfo {
-    uint64_t k;   // this layer's key cache of the sequence: [groups, cap, head_dim]
-    uint64_t v;   // value cache, same shape
-    int32_t cap;  // positions allocated per group
-    int32_t len;  // entries held (a P-Tuning prefix included): the new token goes at `len`
-    int32_t rot;  // rotary position of the new token
-    int32_t row;  // its row in qkv / out
+    uint64_t k;       // this layer's key slab addresses: u64 [max_slabs]
+    uint64_t v;       // value slab addresses
+    uint64_t blocks;  // the sequence's block ids: u32 [>= (len + 1) / block_size]
+    int32_t len;      // entries held (a P-Tuning prefix included): the new token goes at `len`
+    int32_t rot;      // rotary position of the new token
+    int32_t row;      // its row in qkv / out
+    int32_t shift;    // log2(block_size)
+    int32_t slab_shift;  // log2(blocks per slab)
+    int32_t pad;
 };
+
+// Key (slabs = info.k) or value (info.v) of group g at position p. Positions p and p + i of one
+// block are i * groups * head_dim elements apart.
+template <typename T>
+__device__ __forceinline__ T* kv_at(uint64_t slabs, const SeqInfo& s, int p, int g, int groups, int head_dim) {
+    const uint32_t blk = reinterpret_cast<const uint32_t*>(s.blocks)[p >> s.shift];
+    const uint64_t base = reinterpret_cast<const uint64_t*>(slabs)[blk >> s.slab_shift];
+    const size_t row = ((size_t)(blk & ((1u << s.slab_shift) - 1u)) << s.shift) + (size_t)(p & ((1 << s.shift) - 1));
+    return reinterpret_cast<T*>(base) + (row * groups + g) * head_dim;
+}
 
 constexpr int MAX_E = 8;       // head_dim <= 32 * MAX_E
 constexpr int WARPS = 16;      // warps per block
@@ -90,13 +106,13 @@ __device__ void decode_attention(const T* __restrict__ qkv, const T* __restrict_
     }
     __syncthreads();
 
-    T* kc = reinterpret_cast<T*>(info.k) + (size_t)g * info.cap * head_dim;
-    T* vc = reinterpret_cast<T*>(info.v) + (size_t)g * info.cap * head_dim;
     // The first head of the group stores the new key and value; the others use k_s / v_s.
     if (h % r == 0) {
+        T* kn = kv_at<T>(info.k, info, info.len, g, groups, head_dim);
+        T* vn = kv_at<T>(info.v, info, info.len, g, groups, head_dim);
         for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
-            kc[(size_t)info.len * head_dim + e] = from_f<T>(k_s[e]);
-            vc[(size_t)info.len * head_dim + e] = from_f<T>(v_s[e]);
+            kn[e] = from_f<T>(k_s[e]);
+            vn[e] = from_f<T>(v_s[e]);
         }
     }
 
@@ -125,8 +141,8 @@ __device__ void decode_attention(const T* __restrict__ qkv, const T* __restrict_
                 vv[j] = (j < E && e < head_dim) ? v_s[e] : 0.f;
             }
         } else {
-            const T* kp = kc + (size_t)p * head_dim;
-            const T* vp = vc + (size_t)p * head_dim;
+            const T* kp = kv_at<T>(info.k, info, p, g, groups, head_dim);
+            const T* vp = kv_at<T>(info.v, info, p, g, groups, head_dim);
 #pragma unroll
             for (int j = 0; j < MAX_E; j++) {
                 const int e = lane * E + j;
@@ -486,10 +502,13 @@ template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uin
 constexpr int FA_BQ = 64;  // query rows per block (16 per warp)
 constexpr int FA_BK = 64;  // keys per tile
 
-template <typename T, int D>
+// PAGED: keys and values read through a sequence's block table (`paged`, b = 1) instead of the
+// strided k / v.
+template <typename T, int D, bool PAGED>
 __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                               T* __restrict__ out, int t, int L, int past, int heads, int groups,
-                              long long k_bs, long long k_gs, long long v_bs, long long v_gs, float scale) {
+                              long long k_bs, long long k_gs, long long v_bs, long long v_gs, float scale,
+                              const SeqInfo& paged) {
     static_assert(D % 16 == 0, "head dim in whole mma chunks");
     __shared__ __align__(16) T ks[FA_BK][D + 8];
     __shared__ __align__(16) T vt[D][FA_BK + 8];
@@ -521,8 +540,13 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
             const int row = i / (D / 8), c8 = (i % (D / 8)) * 8;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
             if (k0 + row < L) {
-                kv = *reinterpret_cast<const uint4*>(kb + (size_t)(k0 + row) * D + c8);
-                vv = *reinterpret_cast<const uint4*>(vb + (size_t)(k0 + row) * D + c8);
+                if constexpr (PAGED) {
+                    kv = *reinterpret_cast<const uint4*>(kv_at<T>(paged.k, paged, k0 + row, g, groups, D) + c8);
+                    vv = *reinterpret_cast<const uint4*>(kv_at<T>(paged.v, paged, k0 + row, g, groups, D) + c8);
+                } else {
+                    kv = *reinterpret_cast<const uint4*>(kb + (size_t)(k0 + row) * D + c8);
+                    vv = *reinterpret_cast<const uint4*>(vb + (size_t)(k0 + row) * D + c8);
+                }
             }
             *reinterpret_cast<uint4*>(&ks[row][c8]) = kv;
             const T* ve = reinterpret_cast<const T*>(&vv);
@@ -613,9 +637,39 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
     extern "C" __global__ void __launch_bounds__(128) flash_prefill_##NAME##_d##D(                     \
         const T* q, const T* k, const T* v, T* out, int t, int L, int past, int heads, int groups,     \
         long long k_bs, long long k_gs, long long v_bs, long long v_gs, float scale) {                 \
-        flash_prefill<T, D>(q, k, v, out, t, L, past, heads, groups, k_bs, k_gs, v_bs, v_gs, scale);   \
+        const SeqInfo none = {};                                                                       \
+        flash_prefill<T, D, false>(q, k, v, out, t, L, past, heads, groups, k_bs, k_gs, v_bs, v_gs,    \
+                                   scale, none);                                                       \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128) flash_prefill_paged_##NAME##_d##D(               \
+        const T* q, T* out, const __grid_constant__ SeqInfo seq, int t, int heads, int groups,         \
+        float scale) {                                                                                 \
+        flash_prefill<T, D, true>(q, nullptr, nullptr, out, t, seq.len + t, seq.len, heads, groups, 0, \
+                                  0, 0, 0, scale, seq);                                                \
     }
 FLASH(__nv_bfloat16, bf16, 64) FLASH(__nv_bfloat16, bf16, 128) FLASH(__half, f16, 64) FLASH(__half, f16, 128)
+
+// paged_write: t new keys and values ([groups, t, head_dim] at strides gs / ts, dimensions
+// contiguous) into a sequence's blocks at positions seq.len .. seq.len + t. Grid (t, groups).
+template <typename T>
+__device__ void paged_write(const T* __restrict__ k, const T* __restrict__ v, long long k_gs, long long k_ts,
+                            long long v_gs, long long v_ts, const SeqInfo& seq, int groups, int head_dim) {
+    const int i = blockIdx.x, g = blockIdx.y;
+    T* kd = kv_at<T>(seq.k, seq, seq.len + i, g, groups, head_dim);
+    T* vd = kv_at<T>(seq.v, seq, seq.len + i, g, groups, head_dim);
+    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
+        kd[e] = k[g * k_gs + i * k_ts + e];
+        vd[e] = v[g * v_gs + i * v_ts + e];
+    }
+}
+#define PAGED_WRITE(T, NAME)                                                                            \
+    extern "C" __global__ void paged_write_##NAME(const T* k, const T* v, long long k_gs, long long k_ts, \
+                                                  long long v_gs, long long v_ts,                       \
+                                                  const __grid_constant__ SeqInfo seq, int groups,      \
+                                                  int head_dim) {                                       \
+        paged_write<T>(k, v, k_gs, k_ts, v_gs, v_ts, seq, groups, head_dim);                            \
+    }
+PAGED_WRITE(float, f32) PAGED_WRITE(__half, f16) PAGED_WRITE(__nv_bfloat16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // Official weight-only int8/int4 (ChatGLM2's quantization_bit): q [n, k] int8 or [n, k/2] with

@@ -23,8 +23,9 @@ enum GraphState {
     Off,
     On {
         bufs: GraphBuffers,
-        /// The captured step and the cache tensors (keys, values per layer) it points into.
-        graph: Option<(Vec<candle_core::TensorId>, crate::kernels::cuda::Graph)>,
+        /// The captured step, with the block table address and the planned length it was
+        /// captured for.
+        graph: Option<((u64, usize), crate::kernels::cuda::Graph)>,
         /// The eager warm-up step has run.
         warm: bool,
     },
@@ -96,6 +97,40 @@ impl SelfAttention {
         })
     }
 
+    /// A prompt (or a chunk of one) of one sequence on CUDA, straight into its paged cache: the
+    /// new keys and values (`[1, groups, t, head_dim]`, after rotary) written into its blocks,
+    /// then the flash kernel reading every key and value through the block table (no gathered
+    /// copy). `None` where the kernel does not apply (the caller gathers and attends).
+    pub(super) fn prefill_paged_cuda(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cache: &mut Cache,
+        layer: usize,
+    ) -> Result<Option<Tensor>> {
+        let hd = self.head_dim;
+        if !matches!(q.dtype(), DType::BF16 | DType::F16)
+            || !matches!(hd, 64 | 128)
+            || q.dtype() != cache.pool().dtype()
+        {
+            return Ok(None);
+        }
+        let seq = cache.decode_seq(layer, q.device())?;
+        // (the rotary output is a transposed view: its dimensions made contiguous here)
+        let inner = |x: &Tensor| -> Result<Tensor> {
+            Ok(if x.stride()[3] == 1 {
+                x.clone()
+            } else {
+                x.contiguous()?
+            })
+        };
+        crate::kernels::cuda::paged_write(&inner(k)?, &inner(v)?, &seq)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        crate::kernels::cuda::flash_prefill_paged(q, &seq, self.num_groups, scale)
+            .map_err(Into::into)
+    }
+
     /// One decoding step of every sequence (one new token each) in one fused kernel: bias,
     /// rotary, cache write and attention over each sequence's own cache. `None` for heads the
     /// kernel does not take (the caller runs the reference path).
@@ -108,7 +143,7 @@ impl SelfAttention {
         table: Option<&Tensor>,
         split: bool,
     ) -> Result<Option<Tensor>> {
-        use crate::kernels::cuda::{DecodeAttention, DecodeSeq};
+        use crate::kernels::cuda::DecodeAttention;
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         if hd > crate::kernels::cuda::MAX_HEAD_DIM {
             return Ok(None);
@@ -118,13 +153,7 @@ impl SelfAttention {
         let qkv = qkv.reshape((n, (nh + 2 * ng) * hd))?;
         let mut seqs = Vec::with_capacity(n);
         for cache in caches.iter_mut() {
-            let (k, v) = cache.reserve(layer, 1, (1, ng, hd), qkv.dtype(), qkv.device())?;
-            seqs.push(DecodeSeq {
-                k,
-                v,
-                len: cache.len(),
-                rot: cache.position(),
-            });
+            seqs.push(cache.decode_seq(layer, qkv.device())?);
         }
         let op = DecodeAttention {
             seqs: &seqs,
@@ -268,8 +297,8 @@ impl Glm2Model {
     /// `Tuning::cuda_graph` off turns graphs off. The numbers are those of the eager step: the
     /// same kernels on the same data.
     pub(super) fn graph_step(&self, id: u32, cache: &mut Cache) -> Result<Option<Tensor>> {
-        use crate::kernels::cuda::{self as kc, DecodeSeq, Graph, SEQ_INFO_WORDS};
-        let (ng, hd) = (self.config.kv_groups(), self.config.kv_channels);
+        use crate::kernels::cuda::{self as kc, Graph, SEQ_INFO_WORDS};
+        let hd = self.config.kv_channels;
         if !self.tuning.cuda_graph
             || cache.is_empty()
             || !self.device.is_cuda()
@@ -309,20 +338,18 @@ impl Glm2Model {
                 (bufs, None, false)
             }
         };
-        // room for this token in every layer, made outside any capture (growing allocates)
+        // this token's block is reserved (`run`) and the block table written to the device
+        // outside any capture; the graph reads the table, the pool's slab tables and the step
+        // buffer, all at fixed addresses: it is captured again only when the split kernels'
+        // shape changes (the sequence passes a power of two)
         let mut words = Vec::with_capacity(self.layers.len() * SEQ_INFO_WORDS + 1);
-        let mut key = Vec::with_capacity(2 * self.layers.len());
+        let mut key = None;
         for i in 0..self.layers.len() {
-            let (k, v) = cache.reserve(i, 1, (1, ng, hd), self.dtype, &self.device)?;
-            key.extend([k.id(), v.id()]);
-            let seq = DecodeSeq {
-                k,
-                v,
-                len: cache.len(),
-                rot: cache.position(),
-            };
+            let seq = cache.decode_seq(i, &self.device)?;
+            key.get_or_insert((seq.blocks, seq.reach));
             words.extend(kc::seq_info_words(&seq, 0)?);
         }
+        let key = key.unwrap_or_default();
         words.push(id);
         kc::write_u32(&bufs.step, &words)?;
         let body = |cache: &mut Cache| -> Result<()> {

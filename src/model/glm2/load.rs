@@ -6,10 +6,12 @@ use super::{Block, Glm2Model, Mlp, ProgressFn, RmsNorm, RotaryEmbedding, SelfAtt
 use crate::checkpoint::Checkpoint;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
+use crate::model::kv_pool::{KvPool, PoolOptions};
 use crate::model::linear::{Exported, Linear};
 use crate::quantize::{Bits, QuantType};
 use crate::tuning::Tuning;
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// What the loading of every layer shares: the checkpoint, the config and how weights are kept.
 struct Loader<'a> {
@@ -201,7 +203,15 @@ impl Glm2Model {
             }
         }
         report(total);
+        let kv = Arc::new(KvPool::new(
+            PoolOptions::default(),
+            layer_devices.clone(),
+            cfg.kv_groups(),
+            cfg.kv_channels,
+            dtype,
+        )?);
         Ok(Self {
+            kv,
             config: cfg.clone(),
             dtype,
             device: device.clone(),
@@ -212,6 +222,7 @@ impl Glm2Model {
             final_layernorm,
             output_layer,
             prefix: None,
+            prefix_blocks: None,
             tuning,
         })
     }

@@ -1,0 +1,644 @@
+//! The paged KV cache's memory: one pool of fixed-size blocks per model, shared by every
+//! sequence (`../shared/design.md`, phase 2). A block holds `block_size` consecutive positions of
+//! keys and values for every layer; a sequence ([`super::kv_cache::Cache`]) owns a table of block
+//! ids, so appending never moves what is stored and a full block can be shared by many tables
+//! (reference counted: P-Tuning prefixes, cloned caches, and the prefix cache built on it).
+//!
+//! Layout: the pool grows in *slabs* (never reallocated, so no block ever moves): per layer one
+//! key and one value tensor `[slab_blocks * block_size, groups, kv_channels]` on that layer's
+//! device. Block `b` is rows `(b % slab_blocks) * block_size ..` of slab `b / slab_blocks`; a
+//! position's key of one group is `kv_channels` contiguous values, and consecutive positions of a
+//! block are `groups * kv_channels` apart (vLLM's `[blocks, block_size, kv_heads, head_size]`).
+//! Slabs are allocated when the blocks run out, up to the pool's byte limit; a CUDA kernel finds a
+//! slab through a device table of slab addresses per layer ([`KvPool::slab_table`]).
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::{Mutex, OnceLock};
+
+/// Positions per block unless set ([`PoolOptions::block_size`]).
+pub const DEFAULT_BLOCK_SIZE: usize = 64;
+/// A slab holds about this many bytes over all layers (the pool's growth step).
+const SLAB_BYTES: usize = 64 << 20;
+/// Slabs a pool without a byte limit may hold (its slab tables' length).
+const UNLIMITED_SLABS: usize = 4096;
+/// The largest slab, in blocks.
+const MAX_SLAB_BLOCKS: usize = 1024;
+
+/// How much memory a model's KV pool may take, as set by a user (`kv_cache_memory`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvMemory {
+    /// This share (0 < f <= 1) of the memory free once the weights are loaded (on the GPU, or
+    /// the RAM available on the CPU).
+    Fraction(f64),
+    /// This many bytes.
+    Bytes(u64),
+}
+
+impl Default for KvMemory {
+    fn default() -> Self {
+        Self::Fraction(0.9)
+    }
+}
+
+impl KvMemory {
+    /// `"0.9"` (a share of the free memory: a number up to 1), `"8GiB"` / `"512MiB"` / `"2GB"`
+    /// or a byte count (`"8000000000"`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let t = s.trim();
+        let bad = || {
+            Error::invalid(format!(
+                "kv_cache_memory={s:?}: give a share of the free memory (0.9), or bytes (8GiB, 512MiB, 8000000000)"
+            ))
+        };
+        let units: [(&str, f64); 8] = [
+            ("KiB", 1024.0),
+            ("MiB", 1024.0 * 1024.0),
+            ("GiB", 1024.0 * 1024.0 * 1024.0),
+            ("TiB", 1024.0f64.powi(4)),
+            ("KB", 1e3),
+            ("MB", 1e6),
+            ("GB", 1e9),
+            ("TB", 1e12),
+        ];
+        for (u, m) in units {
+            if let Some(n) = t.strip_suffix(u) {
+                let x: f64 = n.trim().parse().map_err(|_| bad())?;
+                if !(x > 0.0 && x.is_finite()) {
+                    return Err(bad());
+                }
+                return Ok(Self::Bytes((x * m) as u64));
+            }
+        }
+        let x: f64 = t.parse().map_err(|_| bad())?;
+        if !(x > 0.0 && x.is_finite()) {
+            Err(bad())
+        } else if x <= 1.0 {
+            Ok(Self::Fraction(x))
+        } else {
+            Ok(Self::Bytes(x as u64))
+        }
+    }
+
+    /// The byte limit given `free` bytes of memory after the weights (`None`: unknown).
+    pub fn bytes(&self, free: Option<u64>) -> Option<u64> {
+        match *self {
+            Self::Bytes(b) => Some(b),
+            Self::Fraction(f) => free.map(|m| (m as f64 * f) as u64),
+        }
+    }
+}
+
+/// How a model's KV pool is laid out and how large it may grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolOptions {
+    /// Positions per block: a power of two from 16 to 1024.
+    pub block_size: usize,
+    /// The most bytes the pool's keys and values may take (`None`: no limit but the device's).
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            max_bytes: None,
+        }
+    }
+}
+
+impl PoolOptions {
+    pub fn validate(&self) -> Result<()> {
+        let bs = self.block_size;
+        if !(16..=1024).contains(&bs) || !bs.is_power_of_two() {
+            return Err(Error::invalid(format!(
+                "kv block size must be a power of two from 16 to 1024, not {bs}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// One growth step of the pool: every layer's keys and values for `slab_blocks` blocks.
+struct Slab {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+/// Reference counts and the free list (under one lock).
+#[derive(Default)]
+struct Alloc {
+    /// Per block created so far: how many tables hold it (0: free).
+    refs: Vec<u32>,
+    /// Free blocks, the lowest id first: a sequence's blocks tend to follow each other in a
+    /// slab (fewer pieces to gather) and the slabs in use stay few.
+    free: BinaryHeap<Reverse<u32>>,
+}
+
+/// The block pool of one model (see the module documentation).
+pub struct KvPool {
+    block_size: usize,
+    slab_blocks: usize,
+    groups: usize,
+    head_dim: usize,
+    dtype: DType,
+    /// Per layer: the device holding its part of every block.
+    layer_devices: Vec<Device>,
+    /// Blocks the byte limit allows (whole slabs).
+    max_blocks: usize,
+    slabs: Box<[OnceLock<Slab>]>,
+    alloc: Mutex<Alloc>,
+    /// Per distinct CUDA device: `[layers, 2, max_slabs]` slab addresses (u64 as two u32 words).
+    #[cfg(feature = "cuda")]
+    slab_tables: Vec<Tensor>,
+}
+
+impl std::fmt::Debug for KvPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvPool")
+            .field("block_size", &self.block_size)
+            .field("slab_blocks", &self.slab_blocks)
+            .field("max_blocks", &self.max_blocks)
+            .field("blocks_in_use", &self.blocks_in_use())
+            .finish()
+    }
+}
+
+impl KvPool {
+    /// A pool for `layer_devices.len()` layers of `groups` key/value heads of `head_dim`
+    /// channels in `dtype`. Nothing is allocated until the first block is taken.
+    pub fn new(
+        opts: PoolOptions,
+        layer_devices: Vec<Device>,
+        groups: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        opts.validate()?;
+        let bs = opts.block_size;
+        let layers = layer_devices.len().max(1);
+        let block_bytes = 2 * layers * bs * groups * head_dim * dtype.size_in_bytes();
+        let slab_blocks = (SLAB_BYTES / block_bytes.max(1))
+            .clamp(1, MAX_SLAB_BLOCKS)
+            .next_power_of_two()
+            .min(MAX_SLAB_BLOCKS);
+        let slab_bytes = (slab_blocks * block_bytes) as u64;
+        let max_slabs = match opts.max_bytes {
+            Some(b) => {
+                let n = (b / slab_bytes.max(1)) as usize;
+                if n == 0 {
+                    return Err(Error::invalid(format!(
+                        "the KV cache limit of {b} bytes holds no slab of {slab_blocks} blocks ({slab_bytes} bytes): raise kv_cache_memory or lower the block size"
+                    )));
+                }
+                n
+            }
+            // no limit given: the device's memory stops it first
+            None => UNLIMITED_SLABS,
+        };
+        #[cfg(feature = "cuda")]
+        let slab_tables = {
+            let mut t = vec![];
+            for d in &layer_devices {
+                if d.is_cuda() && !t.iter().any(|x: &Tensor| x.device().same_device(d)) {
+                    t.push(Tensor::zeros(layers * 2 * max_slabs * 2, DType::U32, d)?);
+                }
+            }
+            t
+        };
+        Ok(Self {
+            block_size: bs,
+            slab_blocks,
+            groups,
+            head_dim,
+            dtype,
+            layer_devices,
+            max_blocks: max_slabs * slab_blocks,
+            slabs: (0..max_slabs).map(|_| OnceLock::new()).collect(),
+            alloc: Mutex::new(Alloc::default()),
+            #[cfg(feature = "cuda")]
+            slab_tables,
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Blocks per slab (a power of two).
+    pub fn slab_blocks(&self) -> usize {
+        self.slab_blocks
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layer_devices.len()
+    }
+
+    /// The most blocks the pool may hold.
+    pub fn max_blocks(&self) -> usize {
+        self.max_blocks
+    }
+
+    /// Bytes of one block over all layers (keys and values).
+    pub fn block_bytes(&self) -> usize {
+        2 * self.layer_devices.len()
+            * self.block_size
+            * self.groups
+            * self.head_dim
+            * self.dtype.size_in_bytes()
+    }
+
+    /// Blocks held by at least one table.
+    pub fn blocks_in_use(&self) -> usize {
+        let a = self.lock();
+        a.refs.len() - a.free.len()
+    }
+
+    /// Blocks allocated on the devices (in use or free).
+    pub fn blocks_allocated(&self) -> usize {
+        self.lock().refs.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Alloc> {
+        // a panic elsewhere while holding the lock leaves consistent counts (every update is one
+        // statement): keep going
+        self.alloc.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free block, its count set to 1 (a new slab is allocated when none is free).
+    pub fn take(&self) -> Result<u32> {
+        let mut a = self.lock();
+        if let Some(Reverse(b)) = a.free.pop() {
+            a.refs[b as usize] = 1;
+            return Ok(b);
+        }
+        let slab = a.refs.len() / self.slab_blocks;
+        if slab >= self.slabs.len() {
+            return Err(Error::invalid(format!(
+                "the KV cache is full: {} blocks of {} positions ({} bytes each) are in use; raise kv_cache_memory or run fewer or shorter sequences",
+                self.max_blocks,
+                self.block_size,
+                self.block_bytes()
+            )));
+        }
+        self.grow(slab)?;
+        let first = a.refs.len() as u32;
+        a.refs.extend(std::iter::repeat_n(0, self.slab_blocks));
+        a.free
+            .extend((first + 1..first + self.slab_blocks as u32).map(Reverse));
+        a.refs[first as usize] = 1;
+        Ok(first)
+    }
+
+    /// Allocate slab `i` (under the allocation lock) and publish its addresses.
+    fn grow(&self, i: usize) -> Result<()> {
+        let rows = self.slab_blocks * self.block_size;
+        let mut k = Vec::with_capacity(self.layer_devices.len());
+        let mut v = Vec::with_capacity(self.layer_devices.len());
+        for d in &self.layer_devices {
+            k.push(Tensor::zeros(
+                (rows, self.groups, self.head_dim),
+                self.dtype,
+                d,
+            )?);
+            v.push(Tensor::zeros(
+                (rows, self.groups, self.head_dim),
+                self.dtype,
+                d,
+            )?);
+        }
+        #[cfg(feature = "cuda")]
+        for table in &self.slab_tables {
+            let max_slabs = self.slabs.len();
+            for (l, d) in self.layer_devices.iter().enumerate() {
+                if !d.same_device(table.device()) {
+                    continue;
+                }
+                for (kv, t) in [&k[l], &v[l]].into_iter().enumerate() {
+                    let a = crate::kernels::cuda::tensor_addr(t)?;
+                    let at = ((l * 2 + kv) * max_slabs + i) * 2;
+                    let words = Tensor::from_vec(vec![a as u32, (a >> 32) as u32], 2, d)?;
+                    table.slice_set(&words, 0, at)?;
+                }
+            }
+        }
+        if self.slabs[i].set(Slab { k, v }).is_err() {
+            return Err(Error::invalid("KV pool: a slab was allocated twice"));
+        }
+        Ok(())
+    }
+
+    /// One more table holds `block`.
+    pub fn retain(&self, block: u32) {
+        let mut a = self.lock();
+        if let Some(r) = a.refs.get_mut(block as usize) {
+            *r += 1;
+        }
+    }
+
+    /// A table lets go of `block`; at zero it is free again.
+    pub fn release(&self, block: u32) {
+        let mut a = self.lock();
+        let Some(r) = a.refs.get_mut(block as usize) else {
+            return;
+        };
+        if *r == 0 {
+            return;
+        }
+        *r -= 1;
+        if *r == 0 {
+            a.free.push(Reverse(block));
+        }
+    }
+
+    /// How many tables hold `block`.
+    pub fn refs(&self, block: u32) -> u32 {
+        self.lock().refs.get(block as usize).copied().unwrap_or(0)
+    }
+
+    fn slab(&self, block: u32) -> Result<&Slab> {
+        self.slabs
+            .get(block as usize / self.slab_blocks)
+            .and_then(|s| s.get())
+            .ok_or_else(|| Error::invalid(format!("KV pool: block {block} was never allocated")))
+    }
+
+    /// First row of `block` in its slab.
+    fn row(&self, block: u32) -> usize {
+        (block as usize % self.slab_blocks) * self.block_size
+    }
+
+    /// Write `k`, `v` (`[t, groups, kv_channels]`, contiguous, the pool's dtype) of `layer` at
+    /// offset `at` of `block` (`at + t <= block_size`).
+    pub fn write(&self, layer: usize, block: u32, at: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+        let slab = self.slab(block)?;
+        let row = self.row(block) + at;
+        slab.k[layer].slice_set(k, 0, row)?;
+        slab.v[layer].slice_set(v, 0, row)?;
+        Ok(())
+    }
+
+    /// Copy the first `rows` positions of `src` to `dst`, every layer (copy-on-write).
+    pub fn copy_block(&self, src: u32, dst: u32, rows: usize) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let (s, d) = (self.slab(src)?, self.slab(dst)?);
+        let (sr, dr) = (self.row(src), self.row(dst));
+        for l in 0..self.layer_devices.len() {
+            d.k[l].slice_set(&s.k[l].narrow(0, sr, rows)?.copy()?, 0, dr)?;
+            d.v[l].slice_set(&s.v[l].narrow(0, sr, rows)?.copy()?, 0, dr)?;
+        }
+        Ok(())
+    }
+
+    /// The first `n` positions of a table's keys and values of `layer`, gathered:
+    /// `[1, groups, n, kv_channels]` each, contiguous (for the attention that reads whole
+    /// tensors). Runs of blocks that follow each other in a slab are read as one piece.
+    pub fn gather(&self, layer: usize, blocks: &[u32], n: usize) -> Result<(Tensor, Tensor)> {
+        let bs = self.block_size;
+        let mut kp = Vec::new();
+        let mut vp = Vec::new();
+        let mut i = 0;
+        let need = n.div_ceil(bs);
+        if blocks.len() < need {
+            return Err(Error::invalid(format!(
+                "KV cache: {n} positions need {need} blocks, the table has {}",
+                blocks.len()
+            )));
+        }
+        while i < need {
+            // the run of blocks i..j adjacent in one slab
+            let mut j = i + 1;
+            while j < need
+                && blocks[j] == blocks[j - 1] + 1
+                && blocks[j] as usize % self.slab_blocks != 0
+            {
+                j += 1;
+            }
+            let rows = (j * bs).min(n) - i * bs;
+            let slab = self.slab(blocks[i])?;
+            let row = self.row(blocks[i]);
+            kp.push(slab.k[layer].narrow(0, row, rows)?);
+            vp.push(slab.v[layer].narrow(0, row, rows)?);
+            i = j;
+        }
+        let join = |p: Vec<Tensor>| -> Result<Tensor> {
+            let t = if p.len() == 1 {
+                p.into_iter().next().expect("one piece")
+            } else {
+                Tensor::cat(&p, 0)?
+            };
+            Ok(t.transpose(0, 1)?.contiguous()?.unsqueeze(0)?) // [1, groups, n, d]
+        };
+        Ok((join(kp)?, join(vp)?))
+    }
+
+    /// Decode attention on the CPU of `q` (`[heads, head_dim]` f32) over the first `n` positions
+    /// of the sequence with table `blocks`, read in place from the slabs
+    /// ([`crate::kernels::cpu_attention::decode`]): `[heads, head_dim]` f32. `None` when the
+    /// layer is not on the CPU.
+    pub fn cpu_decode(
+        &self,
+        layer: usize,
+        blocks: &[u32],
+        n: usize,
+        q: &[f32],
+        heads: usize,
+        scale: f32,
+    ) -> Result<Option<Vec<f32>>> {
+        use crate::kernels::cpu_attention::{decode, PagedLayer, Rows};
+        use candle_core::{CpuStorage, Storage};
+        if !self.layer_devices[layer].is_cpu() {
+            return Ok(None);
+        }
+        let used = blocks
+            .iter()
+            .take(n.div_ceil(self.block_size))
+            .map(|&b| b as usize / self.slab_blocks + 1)
+            .max()
+            .unwrap_or(0);
+        let mut guards = Vec::with_capacity(2 * used);
+        for i in 0..used {
+            let s = self.slabs[i]
+                .get()
+                .ok_or_else(|| Error::invalid(format!("KV pool: slab {i} was never allocated")))?;
+            guards.push(s.k[layer].storage_and_layout().0);
+            guards.push(s.v[layer].storage_and_layout().0);
+        }
+        fn rows(s: &Storage) -> Result<Rows<'_>> {
+            Ok(match s {
+                Storage::Cpu(CpuStorage::F32(v)) => Rows::F32(v),
+                Storage::Cpu(CpuStorage::F16(v)) => Rows::F16(v),
+                Storage::Cpu(CpuStorage::BF16(v)) => Rows::BF16(v),
+                _ => return Err(Error::invalid("KV pool: unsupported CPU storage")),
+            })
+        }
+        let mut k = Vec::with_capacity(used);
+        let mut v = Vec::with_capacity(used);
+        for pair in guards.chunks(2) {
+            k.push(rows(&pair[0])?);
+            v.push(rows(&pair[1])?);
+        }
+        let view = PagedLayer {
+            k,
+            v,
+            block_size: self.block_size,
+            slab_blocks: self.slab_blocks,
+            groups: self.groups,
+            head_dim: self.head_dim,
+        };
+        Ok(Some(decode(&view, blocks, n, q, heads, scale)))
+    }
+
+    /// The device address of the table of `layer`'s key slab addresses (the value slabs' table
+    /// follows at `+ max_slabs * 8` bytes), on the layer's CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn slab_table(&self, layer: usize) -> Result<u64> {
+        let d = &self.layer_devices[layer];
+        let t = self
+            .slab_tables
+            .iter()
+            .find(|t| t.device().same_device(d))
+            .ok_or_else(|| Error::invalid("KV pool: no slab table on this device"))?;
+        let base = crate::kernels::cuda::tensor_addr(t)?;
+        Ok(base + (layer * 2 * self.slabs.len() * 8) as u64)
+    }
+
+    /// Slabs the pool may hold (the length of each slab table).
+    pub fn max_slabs(&self) -> usize {
+        self.slabs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(max_bytes: Option<u64>) -> KvPool {
+        let opts = PoolOptions {
+            block_size: 16,
+            max_bytes,
+        };
+        KvPool::new(opts, vec![Device::Cpu; 2], 2, 4, DType::F32).unwrap()
+    }
+
+    #[test]
+    fn memory_settings_parse() {
+        assert_eq!(KvMemory::parse("0.9").unwrap(), KvMemory::Fraction(0.9));
+        assert_eq!(KvMemory::parse("1").unwrap(), KvMemory::Fraction(1.0));
+        assert_eq!(KvMemory::parse("8GiB").unwrap(), KvMemory::Bytes(8 << 30));
+        assert_eq!(
+            KvMemory::parse(" 512 MiB").unwrap(),
+            KvMemory::Bytes(512 << 20)
+        );
+        assert_eq!(
+            KvMemory::parse("2GB").unwrap(),
+            KvMemory::Bytes(2_000_000_000)
+        );
+        assert_eq!(
+            KvMemory::parse("123456789").unwrap(),
+            KvMemory::Bytes(123456789)
+        );
+        for bad in ["", "0", "-1", "nan", "lots", "GiB", "-2GiB", "inf"] {
+            let e = KvMemory::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("kv_cache_memory"), "{bad:?}: {e}");
+        }
+        assert_eq!(KvMemory::Fraction(0.5).bytes(Some(1000)), Some(500));
+        assert_eq!(KvMemory::Fraction(0.5).bytes(None), None);
+        assert_eq!(KvMemory::Bytes(7).bytes(None), Some(7));
+    }
+
+    #[test]
+    fn blocks_are_counted_reused_and_limited() {
+        let p = pool(None);
+        let a = p.take().unwrap();
+        let b = p.take().unwrap();
+        assert_eq!((a, b), (0, 1), "a fresh slab hands out its blocks in order");
+        p.retain(a);
+        p.release(a);
+        assert_eq!(p.refs(a), 1);
+        p.release(a);
+        assert_eq!((p.refs(a), p.blocks_in_use()), (0, 1));
+        assert_eq!(p.take().unwrap(), a, "the lowest free block is taken first");
+        let c = p.take().unwrap();
+        p.release(b);
+        p.release(c);
+        assert_eq!(p.take().unwrap(), b, "the lowest free block is taken first");
+        // a limit of exactly one slab: its blocks, then a clear error
+        let bytes = (p.slab_blocks() * p.block_bytes()) as u64;
+        let small = pool(Some(bytes));
+        for _ in 0..small.slab_blocks() {
+            small.take().unwrap();
+        }
+        let e = small.take().unwrap_err().to_string();
+        assert!(e.contains("KV cache is full"), "{e}");
+        let opts = PoolOptions {
+            block_size: 16,
+            max_bytes: Some(1),
+        };
+        let e = KvPool::new(opts, vec![Device::Cpu], 2, 4, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("holds no slab"), "{e}");
+        assert!(KvPool::new(
+            PoolOptions {
+                block_size: 1,
+                max_bytes: Some(1)
+            },
+            vec![Device::Cpu],
+            2,
+            4,
+            DType::F32
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn write_gather_and_copy_round_trip() -> Result<()> {
+        let p = pool(None);
+        // a table out of slab order: 2 then 0 then 1
+        let ids: Vec<u32> = (0..3).map(|_| p.take().unwrap()).collect();
+        let table = [ids[2], ids[0], ids[1]];
+        let n = 40; // 16 + 16 + 8
+        let all_k = Tensor::arange(0f32, (n * 8) as f32, &Device::Cpu)?.reshape((n, 2, 4))?;
+        let all_v = (&all_k * -1.0)?;
+        for (i, &b) in table.iter().enumerate() {
+            let rows = 16.min(n - i * 16);
+            for l in 0..2 {
+                let k = (all_k.narrow(0, i * 16, rows)? + l as f64)?.contiguous()?;
+                let v = (all_v.narrow(0, i * 16, rows)? + l as f64)?.contiguous()?;
+                p.write(l, b, 0, &k, &v)?;
+            }
+        }
+        for l in 0..2 {
+            let (k, v) = p.gather(l, &table, n)?;
+            assert_eq!(k.dims(), &[1, 2, n, 4]);
+            let want = (all_k.transpose(0, 1)?.unsqueeze(0)? + l as f64)?;
+            let d = (k - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(d, 0.0);
+            let want = (all_v.transpose(0, 1)?.unsqueeze(0)? + l as f64)?;
+            let d = (v - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(d, 0.0);
+        }
+        // copy-on-write of a partial block keeps the copied rows
+        let fresh = p.take().unwrap();
+        p.copy_block(table[2], fresh, 8)?;
+        let (a, _) = p.gather(1, &[table[0], table[1], fresh], n)?;
+        let (b, _) = p.gather(1, &table, n)?;
+        assert_eq!((a - b)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
+}
