@@ -109,6 +109,8 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
     log(f"glm2rs bf16 decode after 32 tokens: {short:.1f} tok/s")
     one_block = m.with_tuning(split_decode=False)
     no_flash = m.with_tuning(flash=False)
+    whole = m.with_tuning(prefill_chunk=0)
+    chunk = m.tuning["prefill_chunk"]
     for n in contexts:
         ids = prompt(rng, n)
         glm2rs.cuda_memory("cuda", reset_peak=True)
@@ -117,16 +119,22 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
             t = time.perf_counter()
             m.last_logits([ids])
             ts.append(time.perf_counter() - t)
+        split, ids_split = decode_rate(m, ids, steps)
+        peak = glm2rs.cuda_memory("cuda", reset_peak=True)["used_peak"] / 2**30
+        t = time.perf_counter()
+        whole.last_logits([ids])
+        t_whole = time.perf_counter() - t
+        peak_whole = glm2rs.cuda_memory("cuda")["used_peak"] / 2**30
         t = time.perf_counter()
         no_flash.last_logits([ids])
         blocked = time.perf_counter() - t
-        split, ids_split = decode_rate(m, ids, steps)
-        peak = glm2rs.cuda_memory("cuda")["used_peak"] / 2**30
         old, ids_old = decode_rate(one_block, ids, steps)
-        r = {"prefill_s": min(ts), "prefill_blocked_s": blocked, "decode_tok_s": split, "decode_one_block_tok_s": old,
-             "allocated_peak_gib": peak, "ids_equal": ids_split == ids_old}
+        r = {"prefill_s": min(ts), "prefill_chunk": chunk, "prefill_whole_s": t_whole, "prefill_blocked_s": blocked,
+             "decode_tok_s": split, "decode_one_block_tok_s": old, "allocated_peak_gib": peak,
+             "allocated_peak_whole_gib": peak_whole, "ids_equal": ids_split == ids_old}
         RESULTS.setdefault("glm2rs", {})[str(n)] = r
-        log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s (flash=False: {blocked:.3f} s), decode {split:.1f} tok/s "
+        log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s (chunks of {chunk}; in one pass {t_whole:.3f} s, "
+            f"peak {peak_whole:.2f} GiB; flash=False: {blocked:.3f} s), decode {split:.1f} tok/s "
             f"(one-block kernel {old:.1f}), allocated peak {peak:.2f} GiB, ids equal {r['ids_equal']}")
     if chunked:
         ids = prompt(rng, 8192)
@@ -154,7 +162,7 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
             res[label] = (sum(len(o) for o in out) - b) / max(t33 - t1, 1e-9)
         RESULTS["glm2rs_batch"] = {"batch": b, "context": n, "tok_s": res["split"], "one_block_tok_s": res["one_block"]}
         log(f"glm2rs bf16 batch {b} x {n}: decode {res['split']:.0f} tok/s aggregate (one-block {res['one_block']:.0f})")
-    del m, one_block, no_flash
+    del m, one_block, no_flash, whole
 
 
 def hf_figures(contexts: list[int]) -> None:

@@ -16,7 +16,7 @@
 //! | `flash` | `GLM2RS_FLASH` | on | CUDA: 16-bit prompts attend in one flash kernel per layer; off: cuBLAS score blocks |
 //! | `cuda_graph` | `GLM2RS_CUDA_GRAPH` | on | CUDA: one sequence's decode step replays a captured graph |
 //! | `split_decode` | `GLM2RS_SPLIT_DECODE` | on | CUDA: the fused decode attention splits long sequences over many blocks (flash-decoding), a block per KV group; off: one block per query head |
-//! | `prefill_chunk` | `GLM2RS_PREFILL_CHUNK` | 0 (whole) | every device: a prompt longer than this many tokens is prefilled this many per step (chunked prefill: a batch's other sequences keep decoding meanwhile); 0: in one step |
+//! | `prefill_chunk` | `GLM2RS_PREFILL_CHUNK` | 8192 | every device: a prompt longer than this many tokens is prefilled this many per forward pass (chunked prefill: bounded activation memory, and in a batch the other sequences keep decoding meanwhile); 0: in one pass |
 //! | `cuda_events` | `GLM2RS_CUDA_EVENTS` | off | CUDA: keep candle's per-allocation events on single-GPU models |
 //! | `cuda_pool_release` | `GLM2RS_CUDA_POOL_RELEASE` | off | CUDA: return freed memory to the driver at each synchronization |
 //! | `gemvq` | `GLM2RS_GEMVQ` (`float`/`dp4a`) | auto | CUDA: kernel of the int8/int4 GEMV |
@@ -49,7 +49,7 @@ pub struct Tuning {
     pub flash: bool,
     pub cuda_graph: bool,
     pub split_decode: bool,
-    /// 0: a prompt in one step.
+    /// Tokens of one sequence per forward pass (0: no limit).
     pub prefill_chunk: usize,
     pub cuda_events: bool,
     pub cuda_pool_release: bool,
@@ -68,7 +68,7 @@ impl Default for Tuning {
             flash: true,
             cuda_graph: true,
             split_decode: true,
-            prefill_chunk: 0,
+            prefill_chunk: 8192,
             cuda_events: false,
             cuda_pool_release: false,
             gemvq: GemvQ::Auto,

@@ -47,35 +47,52 @@ pub struct PagedLayer<'a> {
 }
 
 impl PagedLayer<'_> {
-    /// (slab, element offset) of group `g` at position `p` of a sequence with table `blocks`.
-    fn at(&self, blocks: &[u32], p: usize, g: usize) -> (usize, usize) {
-        let b = blocks[p / self.block_size] as usize;
-        let row = (b % self.slab_blocks) * self.block_size + p % self.block_size;
-        (
-            b / self.slab_blocks,
-            (row * self.groups + g) * self.head_dim,
-        )
+    /// Runs of the first `n` positions of a sequence with table `blocks` that lie one after
+    /// another in a slab: (first position, positions, slab, first row).
+    fn runs(&self, blocks: &[u32], n: usize) -> Vec<(usize, usize, usize, usize)> {
+        let bs = self.block_size;
+        let mut out: Vec<(usize, usize, usize, usize)> = Vec::new();
+        for (i, &b) in blocks.iter().take(n.div_ceil(bs)).enumerate() {
+            let b = b as usize;
+            let (p0, len) = (i * bs, bs.min(n - i * bs));
+            let (slab, row) = (b / self.slab_blocks, (b % self.slab_blocks) * bs);
+            match out.last_mut() {
+                Some(r) if r.2 == slab && r.3 + r.1 == row && r.0 + r.1 == p0 => r.1 += len,
+                _ => out.push((p0, len, slab, row)),
+            }
+        }
+        out
     }
-}
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
+    /// `rows` positions of group `g` from row `row` of `src` as an f32 matrix: its address and
+    /// row stride (the slab itself for f32, else widened into `buf`).
+    fn matrix(
+        &self,
+        src: Rows<'_>,
+        row: usize,
+        rows: usize,
+        g: usize,
+        buf: &mut Vec<f32>,
+    ) -> (*const f32, usize) {
+        let (d, stride) = (self.head_dim, self.groups * self.head_dim);
+        let at = row * stride + g * d;
+        match src {
+            Rows::F32(v) => (v[at..at + (rows - 1) * stride + d].as_ptr(), stride),
+            other => {
+                buf.resize(rows * d, 0.0);
+                for r in 0..rows {
+                    other.widen(at + r * stride, &mut buf[r * d..(r + 1) * d]);
+                }
+                (buf.as_ptr(), d)
+            }
         }
     }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
 }
 
 /// Attention of `q` (`[heads, head_dim]` f32) over the first `n` positions of the sequence with
 /// block table `blocks`: `[heads, head_dim]` f32. Heads `h` use KV group `h / (heads / groups)`.
+/// Per task, the scores of its heads against each run of positions and the weighted sum of the
+/// values are small matrix products (the `gemm` crate) on the slab rows in place.
 pub fn decode(
     layer: &PagedLayer<'_>,
     blocks: &[u32],
@@ -98,19 +115,41 @@ pub fn decode(
                 .map(move |h0| (g, h0, (h0 + per).min(r)))
         })
         .collect();
+    let runs = layer.runs(blocks, n);
     let outs: Vec<(usize, Vec<f32>)> = tasks
         .par_iter()
         .map(|&(g, h0, h1)| {
             let nh = h1 - h0;
             let first = g * r + h0; // first head of the run
             let qs = &q[first * d..(first + nh) * d];
-            let mut row = vec![0f32; d];
-            let mut scores = vec![0f32; nh * n];
-            for p in 0..n {
-                let (slab, at) = layer.at(blocks, p, g);
-                layer.k[slab].widen(at, &mut row);
-                for h in 0..nh {
-                    scores[h * n + p] = dot(&qs[h * d..(h + 1) * d], &row) * scale;
+            let mut scores = vec![0f32; nh * n]; // [nh, n]
+            let mut buf = Vec::new();
+            for &(p0, len, slab, row) in &runs {
+                let (k, ks) = layer.matrix(layer.k[slab], row, len, g, &mut buf);
+                // scores[:, p0..p0 + len] = scale * qs [nh, d] . K^T [d, len]
+                // SAFETY: every pointer covers the extent given to gemm.
+                unsafe {
+                    gemm::gemm(
+                        nh,
+                        len,
+                        d,
+                        scores.as_mut_ptr().add(p0),
+                        1,
+                        n as isize,
+                        false,
+                        qs.as_ptr(),
+                        1,
+                        d as isize,
+                        k,
+                        ks as isize,
+                        1,
+                        0.0,
+                        scale,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
                 }
             }
             let mut sums = vec![0f32; nh];
@@ -124,14 +163,32 @@ pub fn decode(
                 sums[h] = z;
             }
             let mut out = vec![0f32; nh * d];
-            for p in 0..n {
-                let (slab, at) = layer.at(blocks, p, g);
-                layer.v[slab].widen(at, &mut row);
-                for h in 0..nh {
-                    let w = scores[h * n + p];
-                    for (o, x) in out[h * d..(h + 1) * d].iter_mut().zip(&row) {
-                        *o += w * x;
-                    }
+            for &(p0, len, slab, row) in &runs {
+                let (v, vs) = layer.matrix(layer.v[slab], row, len, g, &mut buf);
+                // out [nh, d] += scores[:, p0..p0 + len] . V [len, d]
+                // SAFETY: every pointer covers the extent given to gemm.
+                unsafe {
+                    gemm::gemm(
+                        nh,
+                        d,
+                        len,
+                        out.as_mut_ptr(),
+                        1,
+                        d as isize,
+                        true,
+                        scores.as_ptr().add(p0),
+                        1,
+                        n as isize,
+                        v,
+                        1,
+                        vs as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
                 }
             }
             for h in 0..nh {
@@ -158,10 +215,18 @@ mod tests {
     /// slabs.
     #[test]
     fn matches_float64_through_a_shuffled_table() {
+        for bf in [false, true] {
+            check(bf);
+        }
+    }
+
+    /// float32 rows, or bfloat16 (the reference computed from the rounded values).
+    fn check(bf: bool) {
         let (groups, d, bs, sb, heads) = (2, 8, 4, 2, 6);
         let slabs = 3;
         let rows = slabs * sb * bs;
-        let val = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        let round = |x: f32| if bf { bf16::from_f32(x).to_f32() } else { x };
+        let val = |i: usize| round(((i * 7919 % 1000) as f32 / 500.0) - 1.0);
         let kdata: Vec<Vec<f32>> = (0..slabs)
             .map(|s| {
                 (0..rows / slabs * groups * d)
@@ -176,15 +241,30 @@ mod tests {
                     .collect()
             })
             .collect();
+        let to16 = |v: &Vec<Vec<f32>>| -> Vec<Vec<bf16>> {
+            v.iter()
+                .map(|s| s.iter().map(|&x| bf16::from_f32(x)).collect())
+                .collect()
+        };
+        let (k16, v16) = (to16(&kdata), to16(&vdata));
         let layer = PagedLayer {
-            k: kdata.iter().map(|v| Rows::F32(v)).collect(),
-            v: vdata.iter().map(|v| Rows::F32(v)).collect(),
+            k: if bf {
+                k16.iter().map(|v| Rows::BF16(v)).collect()
+            } else {
+                kdata.iter().map(|v| Rows::F32(v)).collect()
+            },
+            v: if bf {
+                v16.iter().map(|v| Rows::BF16(v)).collect()
+            } else {
+                vdata.iter().map(|v| Rows::F32(v)).collect()
+            },
             block_size: bs,
             slab_blocks: sb,
             groups,
             head_dim: d,
         };
-        let blocks = [5u32, 0, 3, 2];
+        // out of order, in two slabs, with an adjacent pair (2, 3) read as one run
+        let blocks = [5u32, 0, 2, 3];
         let n = 14;
         let q: Vec<f32> = (0..heads * d).map(|i| val(i * 13 + 5)).collect();
         let scale = 0.3;
@@ -220,7 +300,7 @@ mod tests {
                 let diff = (got[h * d + e] as f64 - want).abs();
                 assert!(
                     diff < 1e-5,
-                    "head {h} dim {e}: {} vs {want}",
+                    "bf16 {bf} head {h} dim {e}: {} vs {want}",
                     got[h * d + e]
                 );
             }

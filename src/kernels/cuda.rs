@@ -725,6 +725,19 @@ struct FlashPrefill {
     scale: f32,
 }
 
+/// Dynamic shared memory of a flash prefill block for head_dim `d` (`flash_smem_bytes` in
+/// glm2.cu: two stages of a 64-row key and value tile, rows padded by 8), allowed past the
+/// default 48 KiB for `func`.
+fn flash_smem(func: &cudarc::driver::CudaFunction, d: usize) -> Result<u32> {
+    let bytes = (2 * 2 * 64 * (d + 8) * 2) as u32;
+    func.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()?;
+    Ok(bytes)
+}
+
 /// Write `k`, `v` (`[1, groups, t, head_dim]`, dimensions contiguous, the cache's dtype) into the
 /// paged cache of `seq` at positions `seq.len ..` (its blocks reserved).
 pub fn paged_write(k: &Tensor, v: &Tensor, seq: &DecodeSeq) -> Result<()> {
@@ -829,7 +842,7 @@ impl CustomOp1 for FlashPrefillPaged {
         let cfg = LaunchConfig {
             grid_dim: ((t as u32).div_ceil(64), nh as u32, 1),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: flash_smem(&func, d)?,
         };
         unsafe { bl.launch(cfg) }.w()?;
         Ok((
@@ -868,7 +881,7 @@ impl candle_core::CustomOp3 for FlashPrefill {
         let cfg = LaunchConfig {
             grid_dim: ((t as u32).div_ceil(64), nh as u32, b as u32),
             block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: flash_smem(&func, d)?,
         };
         let (t_i, l_i, past_i, nh_i, ng_i) = (
             t as i32,

@@ -568,6 +568,11 @@ impl Glm2Model {
             segments.push((flat.len(), ids.len()));
             flat.extend_from_slice(ids);
         }
+        let chunk = self.tuning.prefill_chunk;
+        if chunk > 0 && inputs.iter().any(|i| i.len() > chunk) {
+            let logits = self.run_in_chunks(inputs, caches, which, chunk)?;
+            return Ok((logits, segments));
+        }
         let n = flat.len();
         for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
             cache.reserve(t)?;
@@ -584,6 +589,52 @@ impl Glm2Model {
             cache.advance(t, true);
         }
         Ok((logits, segments))
+    }
+
+    /// [`Glm2Model::run`] for inputs of which some are longer than `chunk`: passes that each take
+    /// the next `chunk` ids (at most) of every sequence with ids left, so no pass holds the
+    /// activations of more than `chunk` positions of one sequence (a 32K prompt in 8K pieces
+    /// reading the earlier pieces from its cache). The logits rows are those of one pass.
+    fn run_in_chunks(
+        &self,
+        inputs: &[&[u32]],
+        caches: &mut [&mut Cache],
+        which: Logits,
+        chunk: usize,
+    ) -> Result<Tensor> {
+        let mut done = vec![0usize; inputs.len()];
+        let mut rows: Vec<Vec<Tensor>> = vec![vec![]; inputs.len()];
+        loop {
+            let idx: Vec<usize> = (0..inputs.len())
+                .filter(|&i| done[i] < inputs[i].len())
+                .collect();
+            if idx.is_empty() {
+                break;
+            }
+            let pieces: Vec<&[u32]> = idx
+                .iter()
+                .map(|&i| &inputs[i][done[i]..(done[i] + chunk).min(inputs[i].len())])
+                .collect();
+            let mut sub: Vec<&mut Cache> = caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| idx.contains(i))
+                .map(|(_, c)| &mut **c)
+                .collect();
+            let (logits, segs) = self.run(&pieces, &mut sub, which)?;
+            let mut row = 0;
+            for (&i, &(_, t)) in idx.iter().zip(&segs) {
+                let n = if which == Logits::Last { 1 } else { t };
+                let last = done[i] + t == inputs[i].len();
+                if which == Logits::All || last {
+                    rows[i].push(logits.narrow(0, row, n)?);
+                }
+                row += n;
+                done[i] += t;
+            }
+        }
+        let rows: Vec<Tensor> = rows.into_iter().flatten().collect();
+        Ok(Tensor::cat(&rows, 0)?)
     }
 
     /// The forward pass of `input` (`[1, n]` ids on the model's device, `segments` as in

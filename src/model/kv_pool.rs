@@ -180,20 +180,23 @@ impl KvPool {
         let bs = opts.block_size;
         let layers = layer_devices.len().max(1);
         let block_bytes = 2 * layers * bs * groups * head_dim * dtype.size_in_bytes();
-        let slab_blocks = (SLAB_BYTES / block_bytes.max(1))
+        let mut slab_blocks = (SLAB_BYTES / block_bytes.max(1))
             .clamp(1, MAX_SLAB_BLOCKS)
             .next_power_of_two()
             .min(MAX_SLAB_BLOCKS);
-        let slab_bytes = (slab_blocks * block_bytes) as u64;
         let max_slabs = match opts.max_bytes {
             Some(b) => {
-                let n = (b / slab_bytes.max(1)) as usize;
-                if n == 0 {
+                let blocks = (b / block_bytes.max(1) as u64) as usize;
+                if blocks == 0 {
                     return Err(Error::invalid(format!(
-                        "the KV cache limit of {b} bytes holds no slab of {slab_blocks} blocks ({slab_bytes} bytes): raise kv_cache_memory or lower the block size"
+                        "the KV cache limit of {b} bytes holds no block of {bs} positions ({block_bytes} bytes): raise kv_cache_memory or lower the block size"
                     )));
                 }
-                n
+                // at least 8 slabs under the limit (or slabs of one block), so that whole slabs
+                // waste at most an eighth of it
+                let eighth = (blocks / 8).max(1);
+                slab_blocks = slab_blocks.min(1 << eighth.ilog2());
+                blocks / slab_blocks
             }
             // no limit given: the device's memory stops it first
             None => UNLIMITED_SLABS,
@@ -579,10 +582,10 @@ mod tests {
         p.release(b);
         p.release(c);
         assert_eq!(p.take().unwrap(), b, "the lowest free block is taken first");
-        // a limit of exactly one slab: its blocks, then a clear error
-        let bytes = (p.slab_blocks() * p.block_bytes()) as u64;
-        let small = pool(Some(bytes));
-        for _ in 0..small.slab_blocks() {
+        // a limit of 20 blocks: slabs of 2 (at least 8 slabs), all 20 blocks, then a clear error
+        let small = pool(Some(20 * p.block_bytes() as u64 + 5));
+        assert_eq!((small.slab_blocks(), small.max_blocks()), (2, 20));
+        for _ in 0..20 {
             small.take().unwrap();
         }
         let e = small.take().unwrap_err().to_string();
@@ -592,7 +595,7 @@ mod tests {
             max_bytes: Some(1),
         };
         let e = KvPool::new(opts, vec![Device::Cpu], 2, 4, DType::F32).unwrap_err();
-        assert!(e.to_string().contains("holds no slab"), "{e}");
+        assert!(e.to_string().contains("holds no block"), "{e}");
         assert!(KvPool::new(
             PoolOptions {
                 block_size: 1,

@@ -472,7 +472,8 @@ extern "C" __global__ void argmax_f32(const float* x, uint32_t* out, int n) { ar
 // (contiguous), keys and values [b, groups, L, D] rows of D contiguous (batch / group strides
 // given: the KV cache's views), multi-query groups read in place. Query i sits at position
 // past + i and sees keys 0..past + i. Grid (ceil(t / 64), heads, b), 128 threads: each warp 16
-// query rows; key tiles of 64 rows through shared memory (values stored transposed).
+// query rows; key and value tiles of 64 rows through shared memory in two stages (dynamic shared
+// memory: flash_smem_bytes), the next copied (cp.async) while the current is used.
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
@@ -501,24 +502,86 @@ template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uin
 
 constexpr int FA_BQ = 64;  // query rows per block (16 per warp)
 constexpr int FA_BK = 64;  // keys per tile
+constexpr int FA_PAD = 8;  // shared-memory row padding (conflict-free ldmatrix rows)
 
-// PAGED: keys and values read through a sequence's block table (`paged`, b = 1) instead of the
-// strided k / v.
+// Shared memory of a flash_prefill block: two stages of a key and a value tile.
+template <int D>
+constexpr int flash_smem_bytes() { return 2 * 2 * FA_BK * (D + FA_PAD) * 2; }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    const int n = pred ? 16 : 0;  // 0: the 16 bytes are zero-filled, nothing is read
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Four 8x8 16-bit matrices from shared memory (lanes 8m..8m+7 address matrix m's rows): in
+// register m, lane l holds row l / 4, columns 2 (l % 4) and 2 (l % 4) + 1; `.trans`: row and
+// column swapped.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+// Each block takes FA_BQ query rows of one head, its 4 warps 16 rows each, and walks the key
+// tiles they see (causal) with the next tile's keys and values copied in (cp.async) while the
+// current one is used; B fragments of K (scores) and V (output, transposed on the fly) come
+// from ldmatrix. Blocks start with the last query rows (the most tiles) so the short ones fill
+// the tail. PAGED: keys and values read through a sequence's block table (`paged`, b = 1)
+// instead of the strided k / v.
 template <typename T, int D, bool PAGED>
 __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                               T* __restrict__ out, int t, int L, int past, int heads, int groups,
                               long long k_bs, long long k_gs, long long v_bs, long long v_gs, float scale,
                               const SeqInfo& paged) {
-    static_assert(D % 16 == 0, "head dim in whole mma chunks");
-    __shared__ __align__(16) T ks[FA_BK][D + 8];
-    __shared__ __align__(16) T vt[D][FA_BK + 8];
-    const int qt = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+    static_assert(D % 32 == 0, "head dim in whole pairs of mma chunks");
+    constexpr int LD = D + FA_PAD;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    T* sk = reinterpret_cast<T*>(fa_smem);  // [2][FA_BK][LD]
+    T* sv = sk + 2 * FA_BK * LD;            // [2][FA_BK][LD]
+    const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
     const int g = h / (heads / groups);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int gr = lane >> 2, tq = lane & 3;
     const T* qb = q + (size_t)(b * heads + h) * t * D;
-    const T* kb = k + b * k_bs + g * k_gs;
-    const T* vb = v + b * v_bs + g * v_gs;
+    const T* kb = PAGED ? nullptr : k + b * k_bs + g * k_gs;
+    const T* vb = PAGED ? nullptr : v + b * v_bs + g * v_gs;
+    const int nkeys = min(past + min(qt * FA_BQ + FA_BQ, t), L);  // keys the block's last row sees
+    const int ntiles = (nkeys + FA_BK - 1) / FA_BK;
+    auto load = [&](int tile, int stage) {
+        const int k0 = tile * FA_BK;
+        T* ks = sk + stage * FA_BK * LD;
+        T* vs = sv + stage * FA_BK * LD;
+        for (int i = threadIdx.x; i < FA_BK * D / 8; i += blockDim.x) {
+            const int row = i / (D / 8), c8 = (i % (D / 8)) * 8;
+            const int p = k0 + row;
+            const bool ok = p < L;
+            const int pc = ok ? p : L - 1;  // an address that exists (nothing is read from it)
+            const T* kr;
+            const T* vr;
+            if constexpr (PAGED) {
+                kr = kv_at<T>(paged.k, paged, pc, g, groups, D);
+                vr = kv_at<T>(paged.v, paged, pc, g, groups, D);
+            } else {
+                kr = kb + (size_t)pc * D;
+                vr = vb + (size_t)pc * D;
+            }
+            cp_async16(ks + row * LD + c8, kr + c8, ok);
+            cp_async16(vs + row * LD + c8, vr + c8, ok);
+        }
+        cp_async_commit();
+    };
+    if (ntiles > 0) load(0, 0);
     const int q0 = qt * FA_BQ + warp * 16;  // the warp's first query row
     const int r0 = min(q0 + gr, t - 1), r1 = min(q0 + gr + 8, t - 1);
     uint32_t qa[D / 16][4];
@@ -533,27 +596,19 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
 #pragma unroll
     for (int d = 0; d < D / 8; d++) o[d][0] = o[d][1] = o[d][2] = o[d][3] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    const int nkeys = min(past + min(qt * FA_BQ + FA_BQ, t), L);  // keys the block's last row sees
-    for (int k0 = 0; k0 < nkeys; k0 += FA_BK) {
-        __syncthreads();  // the previous tile is consumed
-        for (int i = threadIdx.x; i < FA_BK * D / 8; i += blockDim.x) {
-            const int row = i / (D / 8), c8 = (i % (D / 8)) * 8;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (k0 + row < L) {
-                if constexpr (PAGED) {
-                    kv = *reinterpret_cast<const uint4*>(kv_at<T>(paged.k, paged, k0 + row, g, groups, D) + c8);
-                    vv = *reinterpret_cast<const uint4*>(kv_at<T>(paged.v, paged, k0 + row, g, groups, D) + c8);
-                } else {
-                    kv = *reinterpret_cast<const uint4*>(kb + (size_t)(k0 + row) * D + c8);
-                    vv = *reinterpret_cast<const uint4*>(vb + (size_t)(k0 + row) * D + c8);
-                }
-            }
-            *reinterpret_cast<uint4*>(&ks[row][c8]) = kv;
-            const T* ve = reinterpret_cast<const T*>(&vv);
-#pragma unroll
-            for (int j = 0; j < 8; j++) vt[c8 + j][row] = ve[j];
+    const int mat = lane >> 3, mr = lane & 7;  // the ldmatrix row this lane addresses
+    for (int tile = 0; tile < ntiles; tile++) {
+        const int stage = tile & 1;
+        if (tile + 1 < ntiles) {
+            load(tile + 1, stage ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
         }
-        __syncthreads();
+        __syncthreads();  // this tile's keys and values are in
+        const T* ks = sk + stage * FA_BK * LD;
+        const T* vs = sv + stage * FA_BK * LD;
+        const int k0 = tile * FA_BK;
         // scores of the warp's 16 rows x 64 keys: s[j] holds keys k0 + 8j + 2tq + {0, 1} of rows
         // gr (elements 0, 1) and gr + 8 (elements 2, 3)
         float s[FA_BK / 8][4];
@@ -561,11 +616,11 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
         for (int j = 0; j < FA_BK / 8; j++) {
             s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll
-            for (int c = 0; c < D / 16; c++) {
-                uint32_t bk[2];
-                bk[0] = *reinterpret_cast<const uint32_t*>(&ks[j * 8 + gr][c * 16 + 2 * tq]);
-                bk[1] = *reinterpret_cast<const uint32_t*>(&ks[j * 8 + gr][c * 16 + 2 * tq + 8]);
+            for (int c = 0; c < D / 16; c += 2) {
+                uint32_t bk[4];  // k-steps c (bk[0..1]) and c + 1 (bk[2..3]) of keys 8j..8j+7
+                ldsm_x4(bk, ks + (j * 8 + mr) * LD + c * 16 + mat * 8);
                 mma16816<T>(s[j], qa[c], bk);
+                mma16816<T>(s[j], qa[c + 1], bk + 2);
             }
         }
 #pragma unroll
@@ -604,7 +659,8 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
                 o[d][2 * rr + 1] *= alpha;
             }
         }
-        // o += p v: the score fragments of two key blocks are the A fragment of 16 keys
+        // o += p v: the score fragments of two key blocks are the A fragment of 16 keys; V's B
+        // fragments (16 keys x 8 dimensions, two dimension tiles per ldmatrix) transposed on load
 #pragma unroll
         for (int kc = 0; kc < FA_BK / 16; kc++) {
             uint32_t pa[4];
@@ -613,13 +669,14 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
             pa[2] = pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
             pa[3] = pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
 #pragma unroll
-            for (int d = 0; d < D / 8; d++) {
-                uint32_t bv[2];
-                bv[0] = *reinterpret_cast<const uint32_t*>(&vt[d * 8 + gr][kc * 16 + 2 * tq]);
-                bv[1] = *reinterpret_cast<const uint32_t*>(&vt[d * 8 + gr][kc * 16 + 2 * tq + 8]);
+            for (int d = 0; d < D / 8; d += 2) {
+                uint32_t bv[4];
+                ldsm_x4_t(bv, vs + (kc * 16 + (mat & 1) * 8 + mr) * LD + (d + (mat >> 1)) * 8);
                 mma16816<T>(o[d], pa, bv);
+                mma16816<T>(o[d + 1], pa, bv + 2);
             }
         }
+        __syncthreads();  // every warp is done with this stage before it is loaded again
     }
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
@@ -634,14 +691,14 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
 }
 
 #define FLASH(T, NAME, D)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_prefill_##NAME##_d##D(                     \
+    extern "C" __global__ void __launch_bounds__(128, 3) flash_prefill_##NAME##_d##D(                     \
         const T* q, const T* k, const T* v, T* out, int t, int L, int past, int heads, int groups,     \
         long long k_bs, long long k_gs, long long v_bs, long long v_gs, float scale) {                 \
         const SeqInfo none = {};                                                                       \
         flash_prefill<T, D, false>(q, k, v, out, t, L, past, heads, groups, k_bs, k_gs, v_bs, v_gs,    \
                                    scale, none);                                                       \
     }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(128) flash_prefill_paged_##NAME##_d##D(               \
+    extern "C" __global__ void __launch_bounds__(128, 3) flash_prefill_paged_##NAME##_d##D(               \
         const T* q, T* out, const __grid_constant__ SeqInfo seq, int t, int heads, int groups,         \
         float scale) {                                                                                 \
         flash_prefill<T, D, true>(q, nullptr, nullptr, out, t, seq.len + t, seq.len, heads, groups, 0, \
