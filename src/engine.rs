@@ -45,6 +45,8 @@ pub enum Event {
         prompt_tokens: usize,
         /// Generated ids, an eos that ended generation included.
         completion_tokens: usize,
+        /// Prompt tokens found in the prefix cache (not computed again).
+        cached_tokens: usize,
     },
     /// The step failed (the message says why); nothing more follows.
     Error(String),
@@ -234,6 +236,7 @@ fn deliver(job: &mut Job, token: Option<u32>) -> Result<bool> {
             reason: job.gen.finish_reason().unwrap_or(FinishReason::Stop),
             prompt_tokens: job.gen.prompt_len(),
             completion_tokens: job.gen.generated_ids().len(),
+            cached_tokens: job.gen.cached_tokens(),
         });
         return Ok(false);
     }

@@ -122,6 +122,8 @@ pub struct Generator {
     limit: usize,
     /// Ids not yet run through the model.
     to_feed: Vec<u32>,
+    /// Prompt tokens whose keys and values came from the prefix cache (not run again).
+    cached_tokens: usize,
     text: TextStream,
     /// Decoded text held back because it may begin a stop string.
     held: String,
@@ -138,8 +140,14 @@ impl Generator {
         prompt: Vec<u32>,
         cfg: &GenerationConfig,
     ) -> Result<Self> {
-        let cache = model.new_cache();
-        Self::with_cache(model, tokenizer, cache, prompt, cfg)
+        let empty = model.new_cache();
+        let (cache, held) = model.cache_for_prompt(&prompt);
+        let mut g = Self::with_cache(model, tokenizer, empty, prompt, cfg)?;
+        // the prompt's start found in the prefix cache is not run again
+        g.cache = cache;
+        g.to_feed.drain(..held);
+        g.cached_tokens = held;
+        Ok(g)
     }
 
     /// Continue after what `cache` already holds: `prompt` are the ids to add before generating.
@@ -201,6 +209,7 @@ impl Generator {
             prompt_len: prompt.len(),
             limit: limit - (prompt_len - prompt.len()),
             to_feed: prompt,
+            cached_tokens: 0,
             text: TextStream::new(),
             held: String::new(),
             text_done: false,
@@ -220,6 +229,11 @@ impl Generator {
 
     pub fn prompt_len(&self) -> usize {
         self.prompt_len
+    }
+
+    /// Prompt tokens found in the prefix cache (their keys and values reused, not computed).
+    pub fn cached_tokens(&self) -> usize {
+        self.cached_tokens
     }
 
     pub fn finish_reason(&self) -> Option<FinishReason> {

@@ -41,6 +41,8 @@ pub struct LoadOptions<'a> {
     pub kv_cache_memory: KvMemory,
     /// Positions per KV block (a power of two from 16 to 1024).
     pub kv_block_size: usize,
+    /// Reuse the keys and values of prompt prefixes already computed (the prefix cache).
+    pub prefix_cache: bool,
 }
 
 impl Default for LoadOptions<'_> {
@@ -56,6 +58,7 @@ impl Default for LoadOptions<'_> {
             tuning: Tuning::env(),
             kv_cache_memory: KvMemory::default(),
             kv_block_size: crate::model::kv_pool::DEFAULT_BLOCK_SIZE,
+            prefix_cache: true,
         }
     }
 }
@@ -192,6 +195,7 @@ impl Model {
         model.set_kv_pool(PoolOptions {
             block_size: opts.kv_block_size,
             max_bytes: opts.kv_cache_memory.bytes(free),
+            prefix_cache: opts.prefix_cache,
         })?;
         model.set_prefix(prefix)?;
         let quantization =

@@ -141,6 +141,7 @@ fn engine_serves_concurrent_requests_in_shared_steps() {
                     reason,
                     prompt_tokens,
                     completion_tokens,
+                    ..
                 } => done = Some((reason, prompt_tokens, completion_tokens)),
                 Event::Error(e) => panic!("{e}"),
             }

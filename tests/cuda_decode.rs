@@ -82,6 +82,7 @@ fn paged(
     let opts = PoolOptions {
         block_size,
         max_bytes: None,
+        ..Default::default()
     };
     let pool =
         Arc::new(KvPool::new(opts, vec![dev.clone()], case.groups, case.head_dim, dtype).unwrap());

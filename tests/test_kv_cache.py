@@ -87,3 +87,52 @@ def test_chat_sessions_share_nothing_they_should_not(fx):
     assert m.kv_cache_info()["blocks_in_use"] > 0  # a, b and fresh keep their caches
     del a, b, fresh
     assert m.kv_cache_info()["blocks_in_use"] == 0
+
+
+def test_prefix_cache_reuses_prompt_starts_with_the_same_tokens(fx):
+    """A prompt whose start was computed before (full blocks) reuses those keys and values: the
+    same greedy tokens and logits as without the cache, and `cached_tokens` says how many."""
+    m = load(fx, kv_block_size=16)
+    off = load(fx, kv_block_size=16, prefix_cache=False)
+    tok = m.tokenizer
+    base = tok.encode("长一点的输入，跨过好几个块。" * 6)
+    first = m.stream_ids(base, max_new_tokens=6, do_sample=False)
+    a = list(first)
+    assert first.cached_tokens == 0
+    again = m.stream_ids(base, max_new_tokens=6, do_sample=False)
+    b = list(again)
+    assert again.cached_tokens == (len(base) - 1) // 16 * 16 > 0
+    assert a == b and again.token_ids == first.token_ids
+    longer = base + tok.encode("再加一句话", add_special_tokens=False)
+    s = m.stream_ids(longer, max_new_tokens=6, do_sample=False)
+    list(s)
+    assert s.cached_tokens >= len(base) // 16 * 16
+    assert s.token_ids == off.generate_ids(longer, max_new_tokens=6, do_sample=False)
+    info = m.kv_cache_info()
+    assert info["prefix_cache_hits"] > 0 and info["prefix_cache_queries"] >= info["prefix_cache_hits"]
+    assert info["blocks_in_use"] == 0 and info["blocks_cached"] > 0  # kept for later prompts
+    o = off.stream_ids(base, max_new_tokens=2, do_sample=False)
+    list(o)
+    o2 = off.stream_ids(base, max_new_tokens=2, do_sample=False)
+    list(o2)
+    assert o2.cached_tokens == 0 and off.kv_cache_info()["blocks_cached"] == 0
+    # a different start finds nothing
+    other = tok.encode("完全不同的开头" * 10)
+    s = m.stream_ids(other, max_new_tokens=2, do_sample=False)
+    list(s)
+    assert s.cached_tokens == 0
+
+
+def test_cached_blocks_are_evicted_when_the_pool_needs_them(fx):
+    block = load(fx, kv_block_size=16).kv_cache_info()["block_bytes"]
+    m = load(fx, kv_block_size=16, kv_cache_memory=str(block * 24))
+    off = load(fx, kv_block_size=16, prefix_cache=False)
+    tok = m.tokenizer
+    prompts = [tok.encode(f"第{i}个不同的问题，" * 12) for i in range(12)]
+    for p in prompts:  # 12 prompts of ~7 blocks each through a pool of 24: old ones evicted
+        assert m.generate_ids(p, max_new_tokens=3, do_sample=False) == off.generate_ids(p, max_new_tokens=3, do_sample=False)
+    info = m.kv_cache_info()
+    assert info["blocks_in_use"] == 0 and 0 < info["blocks_cached"] <= 24
+    s = m.stream_ids(prompts[-1], max_new_tokens=3, do_sample=False)
+    list(s)
+    assert s.cached_tokens > 0  # the newest is still there

@@ -175,3 +175,21 @@ def test_prefix_on_a_quantized_model(fx, name, bits):
     assert np.abs(forward(cfg, w, q["prompt_ids"])[-1] - want_bare).max() < 1e-4
     want = forward(cfg, w, ids, prefix=prefix_kv(cfg, load_torch_bin(pdir / "pytorch_model.bin"), proj))
     assert np.abs(a - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["plain", "projection"])
+def test_prefix_cache_with_a_ptuning_prefix(fx, name):
+    """With a P-Tuning prefix in front (not a multiple of the block size), a repeated prompt is
+    served from the prefix cache (its blocks hold prefix and prompt entries) and still gives the
+    official answer."""
+    pdir, golden, _, _ = case(fx, name)
+    m = glm2rs.Model.from_pretrained(str(fx / "model"), dtype="float32", prefix_checkpoint=str(pdir),
+                                     kv_block_size=16)
+    ids = golden["prompt_ids"]
+    n = len(golden["greedy_output_ids"])
+    for round in range(2):
+        s = m.stream_ids(ids, max_new_tokens=n, do_sample=False)
+        list(s)
+        assert s.token_ids == golden["greedy_output_ids"]
+        if round == 1:
+            assert s.cached_tokens > 0

@@ -312,3 +312,39 @@ def test_stop_does_not_wait_for_silent_or_streaming_clients(model):
     assert took < 10, f"stop took {took:.1f} s"
     silent.close()
     streaming.close()
+
+
+def test_multi_turn_chat_reuses_the_cached_history(fx):
+    """Turn 2 of a conversation over /v1/chat/completions finds turn 1's prompt and answer in the
+    prefix cache: `usage.prompt_tokens_details.cached_tokens` (OpenAI's field) counts them, and
+    the answers are those of a server without the cache (greedy), streamed or not."""
+    openai = pytest.importorskip("openai")
+    kw = dict(dtype="float32", progress=False, kv_block_size=16)
+    on = glm2rs.Model.from_pretrained(str(fx / "model"), **kw)
+    off = glm2rs.Model.from_pretrained(str(fx / "model"), prefix_cache=False, **kw)
+
+    def conversation(m, stream):
+        with glm2rs.Server(m, port=0, model_name="tiny") as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+            msgs, out = [], []
+            for q in ["你好，请介绍一下你自己，说得详细一点。", "再说一遍", "谢谢"]:
+                msgs.append({"role": "user", "content": q})
+                if stream:
+                    chunks = list(c.chat.completions.create(model="tiny", messages=msgs, temperature=0,
+                                                            max_tokens=24, stream=True,
+                                                            stream_options={"include_usage": True}))
+                    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+                    usage = chunks[-1].usage
+                else:
+                    r = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=24)
+                    text, usage = r.choices[0].message.content, r.usage
+                out.append((text, usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens))
+                msgs.append({"role": "assistant", "content": text})
+            return out
+
+    for stream in (False, True):
+        with_cache, without = conversation(on, stream), conversation(off, stream)
+        assert [(t, p) for t, p, _ in with_cache] == [(t, p) for t, p, _ in without]
+        assert all(c == 0 for _, _, c in without)
+        assert with_cache[1][2] >= 16 and with_cache[2][2] >= with_cache[1][2]
+        assert all(c < p for _, p, c in with_cache)

@@ -90,6 +90,9 @@ class TextStreamer(Iterator[str]):
     def token_ids(self) -> list[int]: ...
     @property
     def finish_reason(self) -> str | None: ...
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens found in the prefix cache (their keys and values not computed again)."""
 
 class Model:
     @classmethod
@@ -107,12 +110,14 @@ class Model:
         num_gpus: int = 1,
         kv_cache_memory: float | int | str | None = None,
         kv_block_size: int = 64,
+        prefix_cache: bool = True,
     ) -> Model:
         """A local directory, GGUF file or hub id (resolved by `glm2rs.hub` in Python first).
         `num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`.
         `kv_cache_memory`: the most the paged KV cache may take: a share of the memory free once
         the weights are loaded (default 0.9) or bytes (an int, or "8GiB"); it grows as needed.
-        `kv_block_size`: positions per KV block (a power of two from 16 to 1024)."""
+        `kv_block_size`: positions per KV block (a power of two from 16 to 1024).
+        `prefix_cache`: reuse the keys and values of prompt starts already computed."""
     @classmethod
     def _from_local(
         cls,
@@ -127,6 +132,7 @@ class Model:
         num_gpus: int = 1,
         kv_cache_memory: float | int | str | None = None,
         kv_block_size: int = 64,
+        prefix_cache: bool = True,
     ) -> Model:
         """A local directory or GGUF file only (what `from_pretrained` calls)."""
     def with_tuning(
@@ -145,7 +151,7 @@ class Model:
         """Every tuning switch this model runs with (see the README's tuning table)."""
     def kv_cache_info(self) -> dict[str, int]:
         """The KV cache's block pool: block_size, block_bytes, blocks_in_use, blocks_allocated,
-        max_blocks."""
+        max_blocks, blocks_cached, prefix_cache, prefix_cache_queries, prefix_cache_hits."""
     @property
     def num_gpus(self) -> int: ...
     @property

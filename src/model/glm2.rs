@@ -3,7 +3,7 @@
 //! Names mirror the checkpoint keys (`transformer.encoder.layers.N.self_attention...`).
 
 use super::kv_cache::Cache;
-use super::kv_pool::{KvPool, PoolOptions};
+use super::kv_pool::KvPool;
 use super::linear::Linear;
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
@@ -15,6 +15,9 @@ use std::sync::Arc;
 /// residual adds fused into RMSNorm, and the CUDA graph of a decoding step.
 #[cfg(feature = "cuda")]
 mod gpu;
+/// The model's KV cache pool, its P-Tuning prefix held in the pool, and new caches (with the
+/// prefix cache's lookup).
+mod kv;
 /// Reading each layer from a checkpoint (weight names as the checkpoint keys), and writing them
 /// back out for a GGUF file.
 mod load;
@@ -363,17 +366,13 @@ pub struct Glm2Model {
     output_layer: Linear,
     prefix: Option<super::prefix::Prefix>,
     /// The prefix's keys and values held in the pool (every new cache starts with these blocks).
-    prefix_blocks: Option<Arc<PrefixBlocks>>,
+    prefix_blocks: Option<Arc<kv::PrefixBlocks>>,
+    /// Where the prefix cache's keys start for this model's caches: new for every pool and
+    /// prefix, so blocks of another prefix are never found.
+    kv_salt: u64,
     /// The switches this model was loaded with; the step-time ones (`fused`, `flash`,
     /// `cuda_graph`) are read from here at each step.
     tuning: Tuning,
-}
-
-/// A P-Tuning prefix held in the pool: a cache nobody writes to, whose blocks every new cache
-/// starts with.
-#[derive(Debug)]
-struct PrefixBlocks {
-    cache: Cache,
 }
 
 /// Loading progress: `(tensors done, tensors in all)`.
@@ -393,56 +392,6 @@ impl Glm2Model {
     /// The switches this model runs with.
     pub fn tuning(&self) -> &Tuning {
         &self.tuning
-    }
-
-    /// Put a P-Tuning v2 prefix in front of every new cache (each layer's part moved to that
-    /// layer's device and written once into blocks of the pool that every cache shares).
-    pub fn set_prefix(&mut self, prefix: Option<super::prefix::Prefix>) -> Result<()> {
-        self.prefix = match prefix {
-            Some(mut p) => {
-                for (i, d) in self.layer_devices.iter().enumerate() {
-                    p.keys[i] = to_other_device(&p.keys[i], d)?;
-                    p.values[i] = to_other_device(&p.values[i], d)?;
-                }
-                Some(p)
-            }
-            None => None,
-        };
-        self.pin_prefix()
-    }
-
-    /// Lay out the KV cache anew: block size and byte limit of the pool every later cache takes
-    /// its blocks from (caches made before keep the old pool until dropped).
-    pub fn set_kv_pool(&mut self, opts: PoolOptions) -> Result<()> {
-        self.kv = Arc::new(KvPool::new(
-            opts,
-            self.layer_devices.clone(),
-            self.config.kv_groups(),
-            self.config.kv_channels,
-            self.dtype,
-        )?);
-        self.pin_prefix()
-    }
-
-    /// The pool of this model's KV caches.
-    pub fn kv_pool(&self) -> &Arc<KvPool> {
-        &self.kv
-    }
-
-    /// Write the prefix (if any) into blocks of the current pool.
-    fn pin_prefix(&mut self) -> Result<()> {
-        self.prefix_blocks = None;
-        let Some(p) = &self.prefix else {
-            return Ok(());
-        };
-        let mut c = Cache::new(self.kv.clone(), p.len);
-        c.reserve(p.len)?;
-        for (i, (k, v)) in p.keys.iter().zip(&p.values).enumerate() {
-            c.write(i, k, v)?;
-        }
-        c.advance(p.len, false);
-        self.prefix_blocks = Some(Arc::new(PrefixBlocks { cache: c }));
-        Ok(())
     }
 
     /// How many distinct devices hold the layers.
@@ -478,15 +427,6 @@ impl Glm2Model {
     /// The most positions a sequence can have (`seq_length`; a P-Tuning prefix comes on top).
     pub fn max_context(&self) -> usize {
         self.config.seq_length
-    }
-
-    /// A fresh cache for one sequence: empty, or holding the P-Tuning prefix (its blocks shared).
-    pub fn new_cache(&self) -> Cache {
-        let max = self.config.seq_length + self.prefix_len();
-        match &self.prefix_blocks {
-            Some(p) => Cache::with_prefix(self.kv.clone(), max, p.cache.blocks(), p.cache.len()),
-            None => Cache::new(self.kv.clone(), max),
-        }
     }
 
     /// Run `input_ids` (`[1, t]`, u32) after what `cache` holds, append their keys and values to
@@ -585,8 +525,8 @@ impl Glm2Model {
         }
         let input = Tensor::from_vec(flat, (1, n), &self.device)?;
         let logits = self.forward_ids(&input, &segments, caches, which, None)?;
-        for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
-            cache.advance(t, true);
+        for (cache, ids) in caches.iter_mut().zip(inputs) {
+            cache.advance_tokens(ids);
         }
         Ok((logits, segments))
     }

@@ -3,7 +3,7 @@
 //! one pool; appending never copies what is stored, and a clone shares every block (a block
 //! written while shared is copied first).
 
-use super::kv_pool::KvPool;
+use super::kv_pool::{block_key, KvPool};
 use crate::error::Result;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -42,6 +42,14 @@ pub struct Cache {
     position: usize,
     /// Largest number of entries ever allowed (the model's context, a prefix included).
     max_len: usize,
+    /// Entries that are not tokens (a P-Tuning prefix) at the start.
+    prefix_len: usize,
+    /// The tokens at positions `prefix_len .. len`.
+    tokens: Vec<u32>,
+    /// Prefix-cache keys of the full blocks from block `prefix_len / block_size` on, in order.
+    chain: Vec<u64>,
+    /// The key the first block's chains from (the model and its prefix).
+    salt: u64,
     /// The block table on each CUDA device that reads it (`[max_len / block_size]` u32), with the
     /// first entry changed since it was written ([`Cache::device_blocks`]).
     #[cfg(feature = "cuda")]
@@ -62,6 +70,10 @@ impl Clone for Cache {
             len: self.len,
             position: self.position,
             max_len: self.max_len,
+            prefix_len: self.prefix_len,
+            tokens: self.tokens.clone(),
+            chain: self.chain.clone(),
+            salt: self.salt,
             #[cfg(feature = "cuda")]
             device_tables: vec![],
             attached: Attached::default(),
@@ -86,6 +98,10 @@ impl Cache {
             len: 0,
             position: 0,
             max_len,
+            prefix_len: 0,
+            tokens: vec![],
+            chain: vec![],
+            salt: 0,
             #[cfg(feature = "cuda")]
             device_tables: vec![],
             attached: Attached::default(),
@@ -106,7 +122,58 @@ impl Cache {
         let mut c = Self::new(pool, max_len);
         c.blocks = blocks.to_vec();
         c.len = len;
+        c.prefix_len = len;
         c
+    }
+
+    /// Chain this cache's prefix-cache keys from `salt` (the model and its P-Tuning prefix).
+    pub(crate) fn with_salt(mut self, salt: u64) -> Self {
+        self.salt = salt;
+        self
+    }
+
+    /// Take the longest run of cached blocks holding the start of `ids` (the prompt after what
+    /// this fresh cache holds), leaving at least its last token to feed: the blocks are shared
+    /// (found by their tokens' keys), the entries count as held. Returns how many of `ids` are
+    /// now held.
+    pub(crate) fn adopt_cached_prefix(&mut self, ids: &[u32]) -> usize {
+        let bs = self.pool.block_size();
+        if !self.pool.prefix_cache() || ids.len() < 2 || self.len != self.prefix_len {
+            return 0;
+        }
+        let pre = self.prefix_len;
+        let k0 = pre / bs;
+        let usable = ids.len() - 1;
+        let (mut keys, mut per) = (vec![], vec![]);
+        let mut parent = self.salt;
+        let mut k = k0;
+        while (k + 1) * bs - pre <= usable {
+            let lo = (k * bs).max(pre) - pre;
+            let hi = (k + 1) * bs - pre;
+            let key = block_key(parent, &ids[lo..hi]);
+            keys.push(key);
+            per.push(hi - lo);
+            parent = key;
+            k += 1;
+        }
+        let found = self.pool.lookup(&keys, ids.len(), &per);
+        if found.is_empty() {
+            return 0;
+        }
+        // the found blocks replace the table from block k0 on (a partial prefix block included:
+        // the found one holds the same prefix entries)
+        for b in self.blocks.drain(k0..) {
+            self.pool.release(b);
+        }
+        let n = found.len();
+        self.blocks.extend(found);
+        self.mark_changed(k0);
+        self.len = (k0 + n) * bs;
+        let held = self.len - pre;
+        self.position = held;
+        self.tokens = ids[..held].to_vec();
+        self.chain = keys[..n].to_vec();
+        held
     }
 
     /// Entries held (prefix entries included).
@@ -150,6 +217,9 @@ impl Cache {
         self.blocks.clear();
         self.len = 0;
         self.position = 0;
+        self.prefix_len = 0;
+        self.tokens.clear();
+        self.chain.clear();
         self.mark_changed(0);
         self.attached = Attached::default();
     }
@@ -160,16 +230,21 @@ impl Cache {
             let removed = self.len - len;
             self.len = len;
             self.position = self.position.saturating_sub(removed);
-            let keep = len.div_ceil(self.pool.block_size());
+            let bs = self.pool.block_size();
+            let keep = len.div_ceil(bs);
             for b in self.blocks.drain(keep..) {
                 self.pool.release(b);
             }
+            self.prefix_len = self.prefix_len.min(len);
+            self.tokens.truncate(len - self.prefix_len);
+            self.chain
+                .truncate((len / bs).saturating_sub(self.prefix_len / bs));
             self.mark_changed(keep);
         }
     }
 
     /// Make positions `len .. len + t` writable by this cache alone: blocks taken from the pool
-    /// as needed, and a shared last block (a prefix, a clone) copied first. Call once per step,
+    /// as needed, and a shared last block (a prefix, a clone, a cached prefix) copied first. Call once per step,
     /// before any layer writes.
     pub fn reserve(&mut self, t: usize) -> Result<()> {
         let bs = self.pool.block_size();
@@ -178,7 +253,7 @@ impl Cache {
         if t > 0 && partial != 0 {
             let i = self.len / bs;
             let b = self.blocks[i];
-            if self.pool.refs(b) > 1 {
+            if self.pool.refs(b) > 1 || self.pool.is_cached(b) {
                 let fresh = self.pool.take()?;
                 if let Err(e) = self.pool.copy_block(b, fresh, partial) {
                     self.pool.release(fresh);
@@ -247,11 +322,39 @@ impl Cache {
     }
 
     /// Mark `t` new entries as valid; `rotary` says whether they advance the rotary position
-    /// (prompt tokens do, P-Tuning prefix entries do not).
+    /// (prompt tokens do, P-Tuning prefix entries do not). Tokens go through
+    /// [`Cache::advance_tokens`], which also feeds the prefix cache.
     pub fn advance(&mut self, t: usize, rotary: bool) {
         self.len += t;
         if rotary {
             self.position += t;
+        } else if self.len - t == self.prefix_len {
+            self.prefix_len += t;
+        }
+    }
+
+    /// The entries of `ids` are written: mark them valid, and make each block they filled
+    /// findable by its tokens (the prefix cache).
+    pub fn advance_tokens(&mut self, ids: &[u32]) {
+        self.len += ids.len();
+        self.position += ids.len();
+        self.tokens.extend_from_slice(ids);
+        if !self.pool.prefix_cache() {
+            return;
+        }
+        let (bs, pre) = (self.pool.block_size(), self.prefix_len);
+        let k0 = pre / bs;
+        loop {
+            let k = k0 + self.chain.len();
+            let end = (k + 1) * bs;
+            if end > self.len || k >= self.blocks.len() {
+                break;
+            }
+            let lo = (k * bs).max(pre) - pre;
+            let parent = self.chain.last().copied().unwrap_or(self.salt);
+            let key = block_key(parent, &self.tokens[lo..end - pre]);
+            self.pool.register(self.blocks[k], key);
+            self.chain.push(key);
         }
     }
 
@@ -340,6 +443,7 @@ mod tests {
         let opts = PoolOptions {
             block_size: 16,
             max_bytes: None,
+            ..Default::default()
         };
         Arc::new(KvPool::new(opts, vec![Device::Cpu], 2, 4, DType::F32).unwrap())
     }

@@ -12,10 +12,13 @@
 //! Slabs are allocated when the blocks run out, up to the pool's byte limit; a CUDA kernel finds a
 //! slab through a device table of slab addresses per layer ([`KvPool::slab_table`]).
 
+mod io;
+
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Positions per block unless set ([`PoolOptions::block_size`]).
@@ -98,6 +101,8 @@ pub struct PoolOptions {
     pub block_size: usize,
     /// The most bytes the pool's keys and values may take (`None`: no limit but the device's).
     pub max_bytes: Option<u64>,
+    /// Keep full blocks findable by their tokens (the automatic prefix cache).
+    pub prefix_cache: bool,
 }
 
 impl Default for PoolOptions {
@@ -105,6 +110,7 @@ impl Default for PoolOptions {
         Self {
             block_size: DEFAULT_BLOCK_SIZE,
             max_bytes: None,
+            prefix_cache: true,
         }
     }
 }
@@ -127,14 +133,55 @@ struct Slab {
     v: Vec<Tensor>,
 }
 
-/// Reference counts and the free list (under one lock).
+/// Reference counts, the free list and the prefix cache's index (under one lock).
 #[derive(Default)]
 struct Alloc {
-    /// Per block created so far: how many tables hold it (0: free).
+    /// Per block created so far: how many tables hold it (0: free or cached).
     refs: Vec<u32>,
-    /// Free blocks, the lowest id first: a sequence's blocks tend to follow each other in a
-    /// slab (fewer pieces to gather) and the slabs in use stay few.
+    /// Free blocks holding nothing findable, the lowest id first: a sequence's blocks tend to
+    /// follow each other in a slab (fewer pieces to gather) and the slabs in use stay few.
     free: BinaryHeap<Reverse<u32>>,
+    /// Per block: its key in `index` (a full block registered by the prefix cache).
+    key: Vec<Option<u64>>,
+    /// Prefix cache: key (hash of the block's tokens and of every token before it) -> block.
+    index: HashMap<u64, u32>,
+    /// Cached blocks no table holds, by the time they were let go (the oldest evicted first
+    /// when a block is needed and none is free).
+    idle: BTreeMap<u64, u32>,
+    /// Per block: its entry in `idle`.
+    idle_at: Vec<u64>,
+    clock: u64,
+}
+
+impl Alloc {
+    /// A block held by no table stops being findable and becomes free.
+    fn forget(&mut self, b: u32) {
+        if let Some(k) = self.key[b as usize].take() {
+            self.index.remove(&k);
+        }
+        let t = self.idle_at[b as usize];
+        self.idle.remove(&t);
+    }
+}
+
+/// What the prefix cache did (tokens), for monitoring.
+#[derive(Debug, Default)]
+pub struct PrefixStats {
+    /// Prompt tokens looked up.
+    pub queries: AtomicU64,
+    /// Of those, tokens found in cached blocks.
+    pub hits: AtomicU64,
+}
+
+/// The key of a full block: its tokens (`ids`, those of the block's positions after any
+/// P-Tuning prefix) chained to the key of the block before it (`parent`; the first block's is
+/// the model's salt), so equal keys mean equal keys and values.
+pub fn block_key(parent: u64, ids: &[u32]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parent.hash(&mut h);
+    ids.hash(&mut h);
+    h.finish()
 }
 
 /// The block pool of one model (see the module documentation).
@@ -150,6 +197,8 @@ pub struct KvPool {
     max_blocks: usize,
     slabs: Box<[OnceLock<Slab>]>,
     alloc: Mutex<Alloc>,
+    prefix_cache: bool,
+    stats: PrefixStats,
     /// Per distinct CUDA device: `[layers, 2, max_slabs]` slab addresses (u64 as two u32 words).
     #[cfg(feature = "cuda")]
     slab_tables: Vec<Tensor>,
@@ -221,6 +270,8 @@ impl KvPool {
             max_blocks: max_slabs * slab_blocks,
             slabs: (0..max_slabs).map(|_| OnceLock::new()).collect(),
             alloc: Mutex::new(Alloc::default()),
+            prefix_cache: opts.prefix_cache,
+            stats: PrefixStats::default(),
             #[cfg(feature = "cuda")]
             slab_tables,
         })
@@ -268,12 +319,36 @@ impl KvPool {
     /// Blocks held by at least one table.
     pub fn blocks_in_use(&self) -> usize {
         let a = self.lock();
-        a.refs.len() - a.free.len()
+        a.refs.len() - a.free.len() - a.idle.len()
     }
 
-    /// Blocks allocated on the devices (in use or free).
+    /// Blocks allocated on the devices (in use, cached or free).
     pub fn blocks_allocated(&self) -> usize {
         self.lock().refs.len()
+    }
+
+    /// Blocks no table holds that still hold a findable prefix (evicted when needed).
+    pub fn blocks_cached(&self) -> usize {
+        self.lock().idle.len()
+    }
+
+    /// Blocks a sequence could still take: free, cached (evictable) and not yet allocated.
+    pub fn blocks_available(&self) -> usize {
+        let a = self.lock();
+        a.free.len() + a.idle.len() + (self.max_blocks - a.refs.len())
+    }
+
+    /// Whether full blocks are kept findable by their tokens.
+    pub fn prefix_cache(&self) -> bool {
+        self.prefix_cache
+    }
+
+    /// Prompt tokens looked up in the prefix cache, and found.
+    pub fn prefix_stats(&self) -> (u64, u64) {
+        (
+            self.stats.queries.load(Ordering::Relaxed),
+            self.stats.hits.load(Ordering::Relaxed),
+        )
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Alloc> {
@@ -282,10 +357,19 @@ impl KvPool {
         self.alloc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A free block, its count set to 1 (a new slab is allocated when none is free).
+    /// A free block, its count set to 1: a free one, else the cached block let go longest ago
+    /// (no longer findable), else one of a new slab. (Memory grows with what running sequences
+    /// need; the prefix cache lives in the blocks they left.)
     pub fn take(&self) -> Result<u32> {
         let mut a = self.lock();
         if let Some(Reverse(b)) = a.free.pop() {
+            a.refs[b as usize] = 1;
+            return Ok(b);
+        }
+        if let Some((_, b)) = a.idle.pop_first() {
+            if let Some(k) = a.key[b as usize].take() {
+                a.index.remove(&k);
+            }
             a.refs[b as usize] = 1;
             return Ok(b);
         }
@@ -300,7 +384,10 @@ impl KvPool {
         }
         self.grow(slab)?;
         let first = a.refs.len() as u32;
-        a.refs.extend(std::iter::repeat_n(0, self.slab_blocks));
+        let n = self.slab_blocks;
+        a.refs.extend(std::iter::repeat_n(0, n));
+        a.key.extend(std::iter::repeat_n(None, n));
+        a.idle_at.extend(std::iter::repeat_n(0, n));
         a.free
             .extend((first + 1..first + self.slab_blocks as u32).map(Reverse));
         a.refs[first as usize] = 1;
@@ -345,26 +432,38 @@ impl KvPool {
         Ok(())
     }
 
-    /// One more table holds `block`.
+    /// One more table holds `block` (a cached block no table held is in use again).
     pub fn retain(&self, block: u32) {
         let mut a = self.lock();
-        if let Some(r) = a.refs.get_mut(block as usize) {
-            *r += 1;
+        let b = block as usize;
+        if b >= a.refs.len() {
+            return;
         }
+        if a.refs[b] == 0 && a.key[b].is_some() {
+            let t = a.idle_at[b];
+            a.idle.remove(&t);
+        }
+        a.refs[b] += 1;
     }
 
-    /// A table lets go of `block`; at zero it is free again.
+    /// A table lets go of `block`; at zero it is free again, or cached (findable until
+    /// evicted) when it holds a registered prefix.
     pub fn release(&self, block: u32) {
         let mut a = self.lock();
-        let Some(r) = a.refs.get_mut(block as usize) else {
-            return;
-        };
-        if *r == 0 {
+        let b = block as usize;
+        if b >= a.refs.len() || a.refs[b] == 0 {
             return;
         }
-        *r -= 1;
-        if *r == 0 {
-            a.free.push(Reverse(block));
+        a.refs[b] -= 1;
+        if a.refs[b] == 0 {
+            if a.key[b].is_some() {
+                a.clock += 1;
+                let t = a.clock;
+                a.idle.insert(t, block);
+                a.idle_at[b] = t;
+            } else {
+                a.free.push(Reverse(block));
+            }
         }
     }
 
@@ -373,153 +472,69 @@ impl KvPool {
         self.lock().refs.get(block as usize).copied().unwrap_or(0)
     }
 
-    fn slab(&self, block: u32) -> Result<&Slab> {
-        self.slabs
-            .get(block as usize / self.slab_blocks)
-            .and_then(|s| s.get())
-            .ok_or_else(|| Error::invalid(format!("KV pool: block {block} was never allocated")))
+    /// Whether `block` is findable by its tokens (then nobody may write to it).
+    pub fn is_cached(&self, block: u32) -> bool {
+        self.lock()
+            .key
+            .get(block as usize)
+            .is_some_and(|k| k.is_some())
     }
 
-    /// First row of `block` in its slab.
-    fn row(&self, block: u32) -> usize {
-        (block as usize % self.slab_blocks) * self.block_size
-    }
-
-    /// Write `k`, `v` (`[t, groups, kv_channels]`, contiguous, the pool's dtype) of `layer` at
-    /// offset `at` of `block` (`at + t <= block_size`).
-    pub fn write(&self, layer: usize, block: u32, at: usize, k: &Tensor, v: &Tensor) -> Result<()> {
-        let slab = self.slab(block)?;
-        let row = self.row(block) + at;
-        slab.k[layer].slice_set(k, 0, row)?;
-        slab.v[layer].slice_set(v, 0, row)?;
-        Ok(())
-    }
-
-    /// Copy the first `rows` positions of `src` to `dst`, every layer (copy-on-write).
-    pub fn copy_block(&self, src: u32, dst: u32, rows: usize) -> Result<()> {
-        if rows == 0 {
-            return Ok(());
+    /// Make the full block `block` findable under `key` (unless another block already is).
+    pub fn register(&self, block: u32, key: u64) {
+        if !self.prefix_cache {
+            return;
         }
-        let (s, d) = (self.slab(src)?, self.slab(dst)?);
-        let (sr, dr) = (self.row(src), self.row(dst));
-        for l in 0..self.layer_devices.len() {
-            d.k[l].slice_set(&s.k[l].narrow(0, sr, rows)?.copy()?, 0, dr)?;
-            d.v[l].slice_set(&s.v[l].narrow(0, sr, rows)?.copy()?, 0, dr)?;
+        let mut a = self.lock();
+        let b = block as usize;
+        if b >= a.refs.len() || a.key[b].is_some() || a.index.contains_key(&key) {
+            return;
         }
-        Ok(())
+        a.index.insert(key, block);
+        a.key[b] = Some(key);
     }
 
-    /// The first `n` positions of a table's keys and values of `layer`, gathered:
-    /// `[1, groups, n, kv_channels]` each, contiguous (for the attention that reads whole
-    /// tensors). Runs of blocks that follow each other in a slab are read as one piece.
-    pub fn gather(&self, layer: usize, blocks: &[u32], n: usize) -> Result<(Tensor, Tensor)> {
-        let bs = self.block_size;
-        let mut kp = Vec::new();
-        let mut vp = Vec::new();
-        let mut i = 0;
-        let need = n.div_ceil(bs);
-        if blocks.len() < need {
-            return Err(Error::invalid(format!(
-                "KV cache: {n} positions need {need} blocks, the table has {}",
-                blocks.len()
-            )));
+    /// The blocks cached under `keys`, in order, as far as they are found (each retained for
+    /// the caller). `tokens`: the prompt tokens the lookup is for, `per_block` of them found per
+    /// block (for the statistics).
+    pub fn lookup(&self, keys: &[u64], tokens: usize, per_block: &[usize]) -> Vec<u32> {
+        let mut found = Vec::new();
+        if !self.prefix_cache {
+            return found;
         }
-        while i < need {
-            // the run of blocks i..j adjacent in one slab
-            let mut j = i + 1;
-            while j < need
-                && blocks[j] == blocks[j - 1] + 1
-                && blocks[j] as usize % self.slab_blocks != 0
-            {
-                j += 1;
+        let mut a = self.lock();
+        for &k in keys {
+            let Some(&b) = a.index.get(&k) else { break };
+            let bi = b as usize;
+            if a.refs[bi] == 0 {
+                let t = a.idle_at[bi];
+                a.idle.remove(&t);
             }
-            let rows = (j * bs).min(n) - i * bs;
-            let slab = self.slab(blocks[i])?;
-            let row = self.row(blocks[i]);
-            kp.push(slab.k[layer].narrow(0, row, rows)?);
-            vp.push(slab.v[layer].narrow(0, row, rows)?);
-            i = j;
+            a.refs[bi] += 1;
+            found.push(b);
         }
-        let join = |p: Vec<Tensor>| -> Result<Tensor> {
-            let t = if p.len() == 1 {
-                p.into_iter().next().expect("one piece")
-            } else {
-                Tensor::cat(&p, 0)?
-            };
-            Ok(t.transpose(0, 1)?.contiguous()?.unsqueeze(0)?) // [1, groups, n, d]
-        };
-        Ok((join(kp)?, join(vp)?))
+        drop(a);
+        let hit: usize = per_block.iter().take(found.len()).sum();
+        self.stats
+            .queries
+            .fetch_add(tokens as u64, Ordering::Relaxed);
+        self.stats.hits.fetch_add(hit as u64, Ordering::Relaxed);
+        found
     }
 
-    /// Decode attention on the CPU of `q` (`[heads, head_dim]` f32) over the first `n` positions
-    /// of the sequence with table `blocks`, read in place from the slabs
-    /// ([`crate::kernels::cpu_attention::decode`]): `[heads, head_dim]` f32. `None` when the
-    /// layer is not on the CPU.
-    pub fn cpu_decode(
-        &self,
-        layer: usize,
-        blocks: &[u32],
-        n: usize,
-        q: &[f32],
-        heads: usize,
-        scale: f32,
-    ) -> Result<Option<Vec<f32>>> {
-        use crate::kernels::cpu_attention::{decode, PagedLayer, Rows};
-        use candle_core::{CpuStorage, Storage};
-        if !self.layer_devices[layer].is_cpu() {
-            return Ok(None);
+    /// Forget every cached prefix (blocks no table holds become free).
+    pub fn clear_prefix_cache(&self) {
+        let mut a = self.lock();
+        let idle: Vec<u32> = a.idle.values().copied().collect();
+        for b in idle {
+            a.forget(b);
+            a.free.push(Reverse(b));
         }
-        let used = blocks
-            .iter()
-            .take(n.div_ceil(self.block_size))
-            .map(|&b| b as usize / self.slab_blocks + 1)
-            .max()
-            .unwrap_or(0);
-        let mut guards = Vec::with_capacity(2 * used);
-        for i in 0..used {
-            let s = self.slabs[i]
-                .get()
-                .ok_or_else(|| Error::invalid(format!("KV pool: slab {i} was never allocated")))?;
-            guards.push(s.k[layer].storage_and_layout().0);
-            guards.push(s.v[layer].storage_and_layout().0);
+        let held: Vec<usize> = (0..a.key.len()).filter(|&b| a.key[b].is_some()).collect();
+        for b in held {
+            a.key[b] = None;
         }
-        fn rows(s: &Storage) -> Result<Rows<'_>> {
-            Ok(match s {
-                Storage::Cpu(CpuStorage::F32(v)) => Rows::F32(v),
-                Storage::Cpu(CpuStorage::F16(v)) => Rows::F16(v),
-                Storage::Cpu(CpuStorage::BF16(v)) => Rows::BF16(v),
-                _ => return Err(Error::invalid("KV pool: unsupported CPU storage")),
-            })
-        }
-        let mut k = Vec::with_capacity(used);
-        let mut v = Vec::with_capacity(used);
-        for pair in guards.chunks(2) {
-            k.push(rows(&pair[0])?);
-            v.push(rows(&pair[1])?);
-        }
-        let view = PagedLayer {
-            k,
-            v,
-            block_size: self.block_size,
-            slab_blocks: self.slab_blocks,
-            groups: self.groups,
-            head_dim: self.head_dim,
-        };
-        Ok(Some(decode(&view, blocks, n, q, heads, scale)))
-    }
-
-    /// The device address of the table of `layer`'s key slab addresses (the value slabs' table
-    /// follows at `+ max_slabs * 8` bytes), on the layer's CUDA device.
-    #[cfg(feature = "cuda")]
-    pub fn slab_table(&self, layer: usize) -> Result<u64> {
-        let d = &self.layer_devices[layer];
-        let t = self
-            .slab_tables
-            .iter()
-            .find(|t| t.device().same_device(d))
-            .ok_or_else(|| Error::invalid("KV pool: no slab table on this device"))?;
-        let base = crate::kernels::cuda::tensor_addr(t)?;
-        Ok(base + (layer * 2 * self.slabs.len() * 8) as u64)
+        a.index.clear();
     }
 
     /// Slabs the pool may hold (the length of each slab table).
@@ -536,6 +551,7 @@ mod tests {
         let opts = PoolOptions {
             block_size: 16,
             max_bytes,
+            ..Default::default()
         };
         KvPool::new(opts, vec![Device::Cpu; 2], 2, 4, DType::F32).unwrap()
     }
@@ -593,13 +609,15 @@ mod tests {
         let opts = PoolOptions {
             block_size: 16,
             max_bytes: Some(1),
+            ..Default::default()
         };
         let e = KvPool::new(opts, vec![Device::Cpu], 2, 4, DType::F32).unwrap_err();
         assert!(e.to_string().contains("holds no block"), "{e}");
         assert!(KvPool::new(
             PoolOptions {
                 block_size: 1,
-                max_bytes: Some(1)
+                max_bytes: Some(1),
+                ..Default::default()
             },
             vec![Device::Cpu],
             2,
@@ -607,6 +625,44 @@ mod tests {
             DType::F32
         )
         .is_err());
+    }
+
+    #[test]
+    fn cached_blocks_are_found_kept_and_evicted_oldest_first() {
+        let p = pool(Some(4 * pool(None).block_bytes() as u64));
+        assert_eq!(p.max_blocks(), 4);
+        let (a, b) = (p.take().unwrap(), p.take().unwrap());
+        let (ka, kb) = (
+            block_key(7, &[1, 2]),
+            block_key(block_key(7, &[1, 2]), &[3, 4]),
+        );
+        p.register(a, ka);
+        p.register(b, kb);
+        assert!(p.is_cached(a) && p.is_cached(b));
+        p.release(b);
+        p.release(a);
+        assert_eq!(
+            (p.blocks_in_use(), p.blocks_cached(), p.blocks_available()),
+            (0, 2, 4)
+        );
+        // found in order, and only as far as the chain holds
+        assert_eq!(p.lookup(&[ka, kb], 4, &[2, 2]), vec![a, b]);
+        assert_eq!(p.lookup(&[ka, 99, kb], 6, &[2, 2, 2]), vec![a]);
+        assert_eq!(p.prefix_stats(), (10, 6));
+        assert_eq!((p.blocks_in_use(), p.blocks_cached()), (2, 0));
+        p.release(a);
+        p.release(a);
+        p.release(b); // b let go after a: a is the older
+                      // cached blocks are reused (oldest first) before the pool grows: memory follows the
+                      // sequences' needs, the cache lives in what they left
+        let c = p.take().unwrap();
+        assert_eq!(c, a, "the cached block let go first is evicted first");
+        assert!(!p.is_cached(a) && p.lookup(&[ka], 2, &[2]).is_empty());
+        assert_eq!(p.take().unwrap(), b);
+        assert_eq!(p.blocks_allocated(), 2);
+        p.take().unwrap();
+        p.take().unwrap();
+        assert!(p.take().is_err());
     }
 
     #[test]

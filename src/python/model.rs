@@ -67,7 +67,7 @@ impl PyModel {
     #[classmethod]
     #[pyo3(signature = (path, *, device = "cpu", dtype = "auto",
                         quantize = None, prefix_checkpoint = None, chat_format = None, progress = None,
-                        num_gpus = 1, kv_cache_memory = None, kv_block_size = 64))]
+                        num_gpus = 1, kv_cache_memory = None, kv_block_size = 64, prefix_cache = true))]
     #[allow(clippy::too_many_arguments)]
     fn _from_local(
         _cls: &Bound<'_, pyo3::types::PyType>,
@@ -82,6 +82,7 @@ impl PyModel {
         num_gpus: usize,
         kv_cache_memory: Option<Bound<'_, PyAny>>,
         kv_block_size: usize,
+        prefix_cache: bool,
     ) -> PyResult<Self> {
         let kv_cache_memory = match kv_cache_memory {
             Some(m) if !m.is_none() => {
@@ -136,6 +137,7 @@ impl PyModel {
                     tuning: Tuning::env(),
                     kv_cache_memory,
                     kv_block_size,
+                    prefix_cache,
                 };
                 Model::load(&path, &opts)
             })
@@ -218,7 +220,9 @@ impl PyModel {
 
     /// The KV cache's block pool: `block_size` (positions per block), `block_bytes` (keys and
     /// values of every layer), `blocks_in_use`, `blocks_allocated` (in use or free, on the
-    /// device), `max_blocks` (what `kv_cache_memory` allows).
+    /// device), `max_blocks` (what `kv_cache_memory` allows), `blocks_cached` (held by no
+    /// sequence, kept for the prefix cache), `prefix_cache` (on or off), `prefix_cache_queries`
+    /// and `prefix_cache_hits` (prompt tokens looked up, and found).
     fn kv_cache_info<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let p = self.inner.model().kv_pool();
         let d = PyDict::new(py);
@@ -227,6 +231,11 @@ impl PyModel {
         d.set_item("blocks_in_use", p.blocks_in_use())?;
         d.set_item("blocks_allocated", p.blocks_allocated())?;
         d.set_item("max_blocks", p.max_blocks())?;
+        d.set_item("blocks_cached", p.blocks_cached())?;
+        d.set_item("prefix_cache", p.prefix_cache())?;
+        let (queries, hits) = p.prefix_stats();
+        d.set_item("prefix_cache_queries", queries)?;
+        d.set_item("prefix_cache_hits", hits)?;
         Ok(d)
     }
 

@@ -13,11 +13,13 @@ pub struct PyStream {
     /// Kept after the generator is freed.
     token_ids: Vec<u32>,
     finish_reason: Option<&'static str>,
+    cached_tokens: usize,
 }
 
 impl PyStream {
     pub(super) fn new(gen: Generator) -> Self {
         Self {
+            cached_tokens: gen.cached_tokens(),
             gen: Some(gen),
             token_ids: vec![],
             finish_reason: None,
@@ -66,6 +68,12 @@ impl PyStream {
             Some(g) => g.generated_ids().to_vec(),
             None => self.token_ids.clone(),
         }
+    }
+
+    /// Prompt tokens whose keys and values came from the prefix cache (not computed again).
+    #[getter]
+    fn cached_tokens(&self) -> usize {
+        self.cached_tokens
     }
 
     /// `"stop"` or `"length"` once finished, else None.

@@ -341,6 +341,8 @@ pub(crate) struct Done {
     pub reason: FinishReason,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 fn usage(d: &Done) -> Value {
@@ -348,6 +350,7 @@ fn usage(d: &Done) -> Value {
         "prompt_tokens": d.prompt_tokens,
         "completion_tokens": d.completion_tokens,
         "total_tokens": d.prompt_tokens + d.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
     })
 }
 
@@ -365,6 +368,7 @@ pub(crate) async fn collect(mut rx: Events, kind: Kind) -> ApiResult<(String, Do
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
                 if kind == Kind::Chat {
                     text.push_str(&post.finish());
@@ -375,6 +379,7 @@ pub(crate) async fn collect(mut rx: Events, kind: Kind) -> ApiResult<(String, Do
                         reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     },
                 ));
             }
@@ -466,6 +471,7 @@ impl StreamState {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             }) => {
                 if self.kind == Kind::Chat {
                     let rest = self.post.finish();
@@ -481,6 +487,7 @@ impl StreamState {
                         reason,
                         prompt_tokens,
                         completion_tokens,
+                        cached_tokens,
                     };
                     let object = match self.kind {
                         Kind::Chat => "chat.completion.chunk",

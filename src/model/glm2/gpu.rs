@@ -394,7 +394,7 @@ impl Glm2Model {
                 }
             },
         };
-        cache.advance(1, true);
+        cache.advance_tokens(&[id]);
         let logits = bufs.logits.copy()?;
         cache.attached.0 = Some(Box::new(GraphState::On { bufs, graph, warm }));
         Ok(Some(logits))

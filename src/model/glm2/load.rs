@@ -223,6 +223,7 @@ impl Glm2Model {
             output_layer,
             prefix: None,
             prefix_blocks: None,
+            kv_salt: 0,
             tuning,
         })
     }
