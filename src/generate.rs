@@ -124,6 +124,11 @@ pub struct Generator {
     to_feed: Vec<u32>,
     /// Prompt tokens whose keys and values came from the prefix cache (not run again).
     cached_tokens: usize,
+    /// The cache holds nothing before `ids` but the model's P-Tuning prefix (a generation made
+    /// by [`Generator::new`]), so it can be dropped and rebuilt from `ids` ([`Generator::preempt`]).
+    owns_history: bool,
+    /// Preempted: its cache was given back ([`Generator::resume`] looks in the prefix cache).
+    preempted: bool,
     text: TextStream,
     /// Decoded text held back because it may begin a stop string.
     held: String,
@@ -147,7 +152,57 @@ impl Generator {
         g.cache = cache;
         g.to_feed.drain(..held);
         g.cached_tokens = held;
+        g.owns_history = true;
         Ok(g)
+    }
+
+    /// Give back this generation's KV blocks (the pool ran out): everything so far is run again
+    /// when it resumes ([`Generator::resume`]), from the prefix cache as far as its blocks are
+    /// still there. `false` (nothing done) for a generation continuing a cache it was given.
+    pub fn preempt(&mut self) -> bool {
+        if !self.owns_history || self.finished.is_some() {
+            return false;
+        }
+        self.cache = self.model.new_cache();
+        self.to_feed = self.ids.clone();
+        self.preempted = true;
+        true
+    }
+
+    /// After [`Generator::preempt`]: take what the prefix cache still holds of the ids to run.
+    pub fn resume(&mut self) {
+        if std::mem::take(&mut self.preempted) {
+            let held = self.cache.adopt_cached_prefix(&self.to_feed);
+            self.to_feed.drain(..held);
+        }
+    }
+
+    /// KV blocks the next step takes from the pool (its new positions, and a copy of a shared
+    /// last block).
+    pub fn blocks_needed(&self) -> usize {
+        let chunk = self.model.tuning().prefill_chunk;
+        let t = match chunk {
+            0 => self.to_feed.len(),
+            c => self.to_feed.len().min(c),
+        };
+        let bs = self.cache.pool().block_size();
+        let have = self.cache.blocks().len();
+        (self.cache.len() + t).div_ceil(bs).saturating_sub(have)
+            + usize::from(!self.cache.len().is_multiple_of(bs))
+    }
+
+    /// KV blocks the whole prompt (what is left to run of it, after what the cache holds) takes.
+    pub fn prompt_blocks(&self) -> usize {
+        let bs = self.cache.pool().block_size();
+        (self.cache.len() + self.to_feed.len())
+            .div_ceil(bs)
+            .saturating_sub(self.cache.blocks().len())
+            + 1
+    }
+
+    /// The cache's pool.
+    pub fn kv_pool(&self) -> &std::sync::Arc<crate::model::KvPool> {
+        self.cache.pool()
     }
 
     /// Continue after what `cache` already holds: `prompt` are the ids to add before generating.
@@ -210,6 +265,8 @@ impl Generator {
             limit: limit - (prompt_len - prompt.len()),
             to_feed: prompt,
             cached_tokens: 0,
+            owns_history: false,
+            preempted: false,
             text: TextStream::new(),
             held: String::new(),
             text_done: false,

@@ -348,3 +348,72 @@ def test_multi_turn_chat_reuses_the_cached_history(fx):
         assert all(c == 0 for _, _, c in without)
         assert with_cache[1][2] >= 16 and with_cache[2][2] >= with_cache[1][2]
         assert all(c < p for _, p, c in with_cache)
+
+
+def test_metrics_endpoint_in_prometheus_format(model, server, client):
+    def scrape():
+        c = http.client.HTTPConnection(server.url.split("//")[1], timeout=30)
+        c.request("GET", "/metrics")
+        r = c.getresponse()
+        assert r.status == 200 and r.getheader("content-type").startswith("text/plain")
+        vals = {}
+        for line in r.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                k, v = line.rsplit(" ", 1)
+                vals[k] = float(v)
+        return vals
+
+    before = scrape()
+    for name in ["glm2rs_num_requests_running", "glm2rs_num_requests_waiting", "glm2rs_kv_cache_blocks_used",
+                 "glm2rs_kv_cache_blocks_free", "glm2rs_kv_cache_blocks_total", "glm2rs_prefix_cache_queries_total",
+                 "glm2rs_prefix_cache_hits_total", "glm2rs_prompt_tokens_total", "glm2rs_generation_tokens_total",
+                 "glm2rs_time_to_first_token_seconds_count", "glm2rs_time_per_output_token_seconds_count",
+                 "glm2rs_e2e_request_latency_seconds_count", "glm2rs_num_preemptions_total"]:
+        assert name in before, name
+    r = client.completions.create(model="tiny-glm2", prompt="你好" * 30, max_tokens=5, temperature=0)
+    after = scrape()
+    assert after["glm2rs_prompt_tokens_total"] - before["glm2rs_prompt_tokens_total"] == r.usage.prompt_tokens
+    assert after["glm2rs_generation_tokens_total"] - before["glm2rs_generation_tokens_total"] == r.usage.completion_tokens
+    assert after["glm2rs_time_to_first_token_seconds_count"] == before["glm2rs_time_to_first_token_seconds_count"] + 1
+    assert after["glm2rs_e2e_request_latency_seconds_count"] == before["glm2rs_e2e_request_latency_seconds_count"] + 1
+    assert after["glm2rs_prefix_cache_queries_total"] >= before["glm2rs_prefix_cache_queries_total"] + r.usage.prompt_tokens
+    assert after['glm2rs_request_success_total{finished_reason="length"}'] >= 1
+
+
+def test_more_kv_memory_asked_than_exists(fx):
+    """A pool of 24 blocks of 16 positions and 8 concurrent streams that need ~10 blocks each:
+    requests wait for memory or are preempted and recomputed; every one ends with the answer a
+    server with room gives (greedy), none hangs; a prompt larger than the whole pool is a 400
+    naming the limit; the server keeps answering."""
+    openai = pytest.importorskip("openai")
+    kw = dict(dtype="float32", progress=False, kv_block_size=16)
+    block = glm2rs.Model.from_pretrained(str(fx / "model"), **kw).kv_cache_info()["block_bytes"]
+    small = glm2rs.Model.from_pretrained(str(fx / "model"), kv_cache_memory=str(block * 24), **kw)
+    roomy = glm2rs.Model.from_pretrained(str(fx / "model"), **kw)
+    questions = [f"第{i}个问题：请把这句话重复很多很多遍，越长越好。" * 3 for i in range(8)]
+
+    def answers(m):
+        with glm2rs.Server(m, port=0, model_name="tiny", max_batch=8) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+            def ask(q):
+                chunks = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                                   temperature=0, max_tokens=40, stream=True)
+                return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(8) as ex:
+                got = list(ex.map(ask, questions))
+            if m is small:
+                with pytest.raises(openai.BadRequestError, match="KV cache"):
+                    c.completions.create(model="tiny", prompt="很长" * 400, max_tokens=2)
+                assert ask("你好")  # still serving
+                conn = http.client.HTTPConnection(srv.url.split("//")[1], timeout=30)
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+                pre = [l for l in text.splitlines() if l.startswith("glm2rs_num_preemptions_total")]
+                assert float(pre[0].split()[-1]) > 0  # memory ran out and sequences were preempted
+            return got
+
+    assert answers(small) == answers(roomy)

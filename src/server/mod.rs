@@ -204,6 +204,23 @@ async fn health(State(s): State<Shared>) -> Json<Value> {
     }))
 }
 
+/// Prometheus' text exposition of the engine's metrics (requests, KV blocks, prefix cache,
+/// tokens, latency histograms; see `engine::Metrics`).
+async fn metrics(State(s): State<Shared>) -> Response {
+    let engine = s.engine.clone();
+    let text = tokio::task::spawn_blocking(move || engine.metrics())
+        .await
+        .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError::refused(StatusCode::NOT_FOUND, Some("not_found"), "no such route")
 }
@@ -220,8 +237,8 @@ fn bearer_token(value: &str) -> Option<&str> {
 async fn auth(State(s): State<Shared>, req: Request, next: Next) -> Response {
     if let Some(key) = &s.api_key {
         use subtle::ConstantTimeEq;
-        let page =
-            req.method() == Method::GET && matches!(req.uri().path(), "/" | "/chat" | "/health");
+        let page = req.method() == Method::GET
+            && matches!(req.uri().path(), "/" | "/chat" | "/health" | "/metrics");
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -381,6 +398,7 @@ fn build_router(
         .route("/", get(index).post(api::official))
         .route("/chat", get(index))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(openai::models))
         .route(
             "/v1/chat/completions",

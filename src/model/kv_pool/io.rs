@@ -63,7 +63,7 @@ impl KvPool {
             let mut j = i + 1;
             while j < need
                 && blocks[j] == blocks[j - 1] + 1
-                && blocks[j] as usize % self.slab_blocks != 0
+                && !(blocks[j] as usize).is_multiple_of(self.slab_blocks)
             {
                 j += 1;
             }
