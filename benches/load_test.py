@@ -5,6 +5,14 @@ the same requests one at a time. Prints throughput and p50/p99 latency of both, 
 
 Every request must complete with its full token count (none lost); the script exits 1 otherwise.
 Greedy decoding (temperature 0) with distinct prompts, so the work is the same in both modes.
+
+    python benches/load_test.py --model DIR --clients 32 --max-tokens 32 --turns 10
+
+`--turns N`: multi-turn chat instead: each client holds a conversation of N turns (the history
+grows with every question and answer), all clients at once; run against a server with the prefix
+cache and one without (`prefix_cache=False`). Prints time to first token per turn (p50 over the
+conversations) of both, the prompt tokens and the cached ones (`usage.prompt_tokens_details`),
+and checks that both servers gave the same answers (greedy).
 """
 
 from __future__ import annotations
@@ -50,6 +58,105 @@ def stream_one(host, port, prompt, max_tokens):
     if not done or tokens is None:
         raise RuntimeError("stream ended early")
     return time.perf_counter() - t0, first or 0.0, tokens
+
+
+def chat_turn(host, port, messages, max_tokens):
+    """One streaming chat turn: (time to first token s, text, prompt tokens, cached tokens)."""
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection(host, port, timeout=600)
+    c.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"}, body=json.dumps({
+        "messages": messages, "stream": True, "temperature": 0, "max_tokens": max_tokens,
+        "stream_options": {"include_usage": True}}))
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
+    first, text, usage = None, [], None
+    for line in r:
+        line = line.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        j = json.loads(data)
+        if j.get("usage"):
+            usage = j["usage"]
+        if j.get("choices") and j["choices"][0]["delta"].get("content"):
+            first = first or time.perf_counter() - t0
+            text.append(j["choices"][0]["delta"]["content"])
+    c.close()
+    if usage is None:
+        raise RuntimeError("stream ended early")
+    return first or time.perf_counter() - t0, "".join(text), usage["prompt_tokens"], \
+        usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+
+def conversations(model, clients, turns, max_tokens):
+    """`clients` conversations of `turns` turns at once against a server of `model`: per turn the
+    list of (ttft, text, prompt tokens, cached tokens) over the conversations."""
+    per_turn = [[None] * clients for _ in range(turns)]
+    errors = []
+    with glm2rs.Server(model, port=0, max_batch=max(clients, 1)) as s:
+        chat_turn(s.host, s.port, [{"role": "user", "content": "warm up"}], 4)
+
+        def talk(i):
+            msgs = []
+            try:
+                for t in range(turns):
+                    msgs.append({"role": "user", "content": f"第{i}位用户的第{t + 1}个问题：请继续讲关于数字 {i} 的故事"})
+                    r = chat_turn(s.host, s.port, msgs, max_tokens)
+                    per_turn[t][i] = r
+                    msgs.append({"role": "assistant", "content": r[1]})
+            except Exception as e:  # noqa: BLE001 - reported
+                errors.append(f"{i}: {e}")
+
+        ts = [threading.Thread(target=talk, args=(i,)) for i in range(clients)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    return per_turn, errors
+
+
+def multi_turn(args, model) -> int:
+    off = glm2rs.Model.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                                       progress=False, prefix_cache=False, kv_block_size=args.block_size)
+    out = {"model": args.model, "clients": args.clients, "turns": args.turns, "max_tokens": args.max_tokens}
+    res = {}
+    for label, m in (("cache", model), ("no_cache", off)):
+        print(f"{args.clients} conversations of {args.turns} turns, prefix cache {label} ...", file=sys.stderr)
+        t0 = time.perf_counter()
+        per_turn, errors = conversations(m, args.clients, args.turns, args.max_tokens)
+        res[label] = (per_turn, errors, time.perf_counter() - t0)
+    print("| turn | prompt tokens p50 | cached tokens p50 | first token p50, with the prefix cache | without | ratio |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    lost = 0
+    same = True
+    rows = []
+    for t in range(args.turns):
+        a = [r for r in res["cache"][0][t] if r]
+        b = [r for r in res["no_cache"][0][t] if r]
+        lost += 2 * args.clients - len(a) - len(b)
+        same &= [r[1] for r in res["cache"][0][t]] == [r[1] for r in res["no_cache"][0][t]]
+        ta, tb = statistics.median(r[0] for r in a), statistics.median(r[0] for r in b)
+        row = {"turn": t + 1, "prompt_tokens_p50": statistics.median(r[2] for r in a),
+               "cached_tokens_p50": statistics.median(r[3] for r in a), "ttft_cache_p50_s": ta, "ttft_no_cache_p50_s": tb}
+        rows.append(row)
+        print(f"| {t + 1} | {row['prompt_tokens_p50']:.0f} | {row['cached_tokens_p50']:.0f} | {ta * 1000:.1f} ms | "
+              f"{tb * 1000:.1f} ms | {tb / ta:.2f}x |")
+    first, last = rows[0], rows[-1]
+    print(f"turn {args.turns} / turn 1 first token: {last['ttft_cache_p50_s'] / first['ttft_cache_p50_s']:.2f}x with the "
+          f"prefix cache, {last['ttft_no_cache_p50_s'] / first['ttft_no_cache_p50_s']:.2f}x without; "
+          f"wall {res['cache'][2]:.1f} s / {res['no_cache'][2]:.1f} s; same answers: {same}; lost: {lost}")
+    out.update({"turns_table": rows, "same_answers": same, "lost": lost,
+                "wall_s": {"cache": res["cache"][2], "no_cache": res["no_cache"][2]}})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if lost or not same:
+        print(f"errors: {res['cache'][1][:3]} {res['no_cache'][1][:3]}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def pct(xs, p):
@@ -101,16 +208,30 @@ def main():
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-sequential", action="store_true")
+    ap.add_argument("--turns", type=int, default=0, help="multi-turn conversations of this many turns")
+    ap.add_argument("--block-size", type=int, default=16, help="KV cache block size")
+    ap.add_argument("--kv-cache-memory", default=None,
+                    help="KV cache limit (0.9, 8GiB, bytes): below what the clients need, requests wait or are preempted")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     model = glm2rs.Model.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                         progress=True)
+                                         progress=True, kv_block_size=args.block_size,
+                                         kv_cache_memory=args.kv_cache_memory)
+    if args.turns:
+        return multi_turn(args, model)
     prompts = [f"第{i}个问题：请讲一个关于数字 {i} 的故事" for i in range(args.clients)]
     out = {"model": args.model, "clients": args.clients, "max_tokens": args.max_tokens}
     with glm2rs.Server(model, port=0, max_batch=max(args.clients, 1)) as s:
         stream_one(s.host, s.port, "warm up", 4)
         print(f"{args.clients} concurrent clients ...", file=sys.stderr)
         out["concurrent"] = run(s.host, s.port, prompts, args.max_tokens, True)
+        c = http.client.HTTPConnection(s.host, s.port, timeout=30)
+        c.request("GET", "/metrics")
+        m = {ln.split(" ")[0]: ln.split(" ")[-1] for ln in c.getresponse().read().decode().splitlines()
+             if ln and not ln.startswith("#")}
+        out["preemptions"] = float(m.get("glm2rs_num_preemptions_total", "nan"))
+        out["kv_blocks_total"] = float(m.get("glm2rs_kv_cache_blocks_total", "nan"))
+        print(f"KV cache blocks {out['kv_blocks_total']:.0f}, preemptions {out['preemptions']:.0f}", file=sys.stderr)
         if not args.skip_sequential:
             print("the same requests one at a time ...", file=sys.stderr)
             out["sequential"] = run(s.host, s.port, prompts, args.max_tokens, False)

@@ -232,7 +232,7 @@ def main() -> int:
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--skip-glm2rs", action="store_true")
     ap.add_argument("--chunked", type=int, default=0, help="also prefill 8,192 tokens in chunks of N and compare ids")
-    ap.add_argument("--block-size", type=int, default=64, help="KV cache block size")
+    ap.add_argument("--block-size", type=int, default=16, help="KV cache block size")
     ap.add_argument("--out")
     a = ap.parse_args()
     contexts = [int(x) for x in a.contexts.split(",") if x]

@@ -109,7 +109,7 @@ class Model:
         progress: bool | None = None,
         num_gpus: int = 1,
         kv_cache_memory: float | int | str | None = None,
-        kv_block_size: int = 64,
+        kv_block_size: int = 16,
         prefix_cache: bool = True,
     ) -> Model:
         """A local directory, GGUF file or hub id (resolved by `glm2rs.hub` in Python first).
@@ -131,7 +131,7 @@ class Model:
         progress: bool | None = None,
         num_gpus: int = 1,
         kv_cache_memory: float | int | str | None = None,
-        kv_block_size: int = 64,
+        kv_block_size: int = 16,
         prefix_cache: bool = True,
     ) -> Model:
         """A local directory or GGUF file only (what `from_pretrained` calls)."""

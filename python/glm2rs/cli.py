@@ -201,7 +201,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default="0.9",
                    help="most memory the paged KV cache may take: a share of what is free after the weights "
                         "(0.9) or bytes (8GiB, 512MiB); it grows as sequences need it")
-    p.add_argument("--block-size", type=int, default=64,
+    p.add_argument("--block-size", type=int, default=16,
                    help="positions per KV cache block (a power of two from 16 to 1024)")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt in full (no reuse of the keys and values of prompt starts already seen)")

@@ -23,8 +23,11 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-/// Positions per block unless set ([`PoolOptions::block_size`]).
-pub const DEFAULT_BLOCK_SIZE: usize = 64;
+/// Positions per block unless set ([`PoolOptions::block_size`]): 16, as vLLM's. Measured on an
+/// H200 (docs/benchmarks.md, session 7), blocks of 16 to 128 decode and prefill equally fast
+/// within run-to-run spread; the prefix cache finds more with small blocks (a multi-turn
+/// conversation's 10th turn started as fast as its first with 16, 2.8x slower with 64).
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
 /// A slab holds about this many bytes over all layers (the pool's growth step).
 const SLAB_BYTES: usize = 64 << 20;
 /// Slabs a pool without a byte limit may hold (its slab tables' length).

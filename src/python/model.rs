@@ -67,7 +67,7 @@ impl PyModel {
     #[classmethod]
     #[pyo3(signature = (path, *, device = "cpu", dtype = "auto",
                         quantize = None, prefix_checkpoint = None, chat_format = None, progress = None,
-                        num_gpus = 1, kv_cache_memory = None, kv_block_size = 64, prefix_cache = true))]
+                        num_gpus = 1, kv_cache_memory = None, kv_block_size = 16, prefix_cache = true))]
     #[allow(clippy::too_many_arguments)]
     fn _from_local(
         _cls: &Bound<'_, pyo3::types::PyType>,
