@@ -60,6 +60,9 @@ pub enum Event {
         /// Prompt tokens found in the prefix cache (not computed again).
         cached_tokens: usize,
     },
+    /// The log-probabilities of the tokens generated since the last such event (only when the
+    /// request asked for them), sent before the text they produce.
+    Logprobs(Vec<crate::generate::TokenLogprob>),
     /// The step failed (the message says why); nothing more follows.
     Error(String),
 }
@@ -73,6 +76,8 @@ struct Job {
     submitted: Instant,
     /// When its last token (the first, then each next) was delivered.
     last_token: Option<Instant>,
+    /// Log-probabilities already sent.
+    logprobs_sent: usize,
 }
 
 /// Counters for monitoring.
@@ -139,6 +144,7 @@ impl Engine {
             events,
             submitted: Instant::now(),
             last_token: None,
+            logprobs_sent: 0,
         };
         match self.tx.try_send(job) {
             Ok(()) => Ok(rx),
@@ -325,6 +331,13 @@ fn deliver(job: &mut Job, token: Option<u32>, m: &Metrics) -> Result<bool> {
         }
         job.last_token = Some(now);
         m.generation_tokens.inc();
+    }
+    let lp = job.gen.logprobs();
+    if lp.len() > job.logprobs_sent {
+        let _ = job
+            .events
+            .send(Event::Logprobs(lp[job.logprobs_sent..].to_vec()));
+        job.logprobs_sent = lp.len();
     }
     let piece = job.gen.push_text(token)?;
     if !piece.is_empty() {

@@ -23,6 +23,47 @@ pub struct GenerationConfig {
     pub stop_token_ids: Vec<u32>,
     /// Texts that end generation; the text stops before the first occurrence.
     pub stop_strings: Vec<String>,
+    /// Record each generated token's log-probability and this many most likely alternatives
+    /// (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives [`GenerationConfig::logprobs`] may ask for.
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability: `log_softmax` of the model's logits at that step (before
+/// temperature, top-p or penalties), and the most likely tokens there, the likeliest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-probability of `token` and the `k` likeliest tokens of a row of logits.
+pub fn row_logprobs(row: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = m + row
+        .iter()
+        .map(|&x| ((x - m) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32;
+    let k = k.min(row.len());
+    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+    let by = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+    if k > 0 && k < idx.len() {
+        idx.select_nth_unstable_by(k - 1, by);
+    }
+    idx.truncate(k);
+    idx.sort_by(by);
+    TokenLogprob {
+        token,
+        logprob: row[token as usize] - lse,
+        top: idx
+            .into_iter()
+            .map(|i| (i, row[i as usize] - lse))
+            .collect(),
+    }
 }
 
 /// The defaults of a generation's sampling and length, per kind of request: defined once here,
@@ -129,6 +170,9 @@ pub struct Generator {
     owns_history: bool,
     /// Preempted: its cache was given back ([`Generator::resume`] looks in the prefix cache).
     preempted: bool,
+    /// [`GenerationConfig::logprobs`], and what was recorded (one per generated token).
+    want_logprobs: Option<usize>,
+    logprobs: Vec<TokenLogprob>,
     text: TextStream,
     /// Decoded text held back because it may begin a stop string.
     held: String,
@@ -250,6 +294,11 @@ impl Generator {
         if cfg.stop_strings.iter().any(|s| s.is_empty()) {
             return Err(Error::invalid("stop strings must not be empty"));
         }
+        if cfg.logprobs.is_some_and(|k| k > MAX_TOP_LOGPROBS) {
+            return Err(Error::invalid(format!(
+                "at most {MAX_TOP_LOGPROBS} top log-probabilities per token"
+            )));
+        }
         let sampler = Sampler::new(cfg.sampling.clone())?;
         let mut stop_ids = model.config().eos_token_id.to_vec();
         stop_ids.extend(&cfg.stop_token_ids);
@@ -267,6 +316,8 @@ impl Generator {
             cached_tokens: 0,
             owns_history: false,
             preempted: false,
+            want_logprobs: cfg.logprobs,
+            logprobs: Vec::new(),
             text: TextStream::new(),
             held: String::new(),
             text_done: false,
@@ -291,6 +342,12 @@ impl Generator {
     /// Prompt tokens found in the prefix cache (their keys and values reused, not computed).
     pub fn cached_tokens(&self) -> usize {
         self.cached_tokens
+    }
+
+    /// The log-probabilities recorded so far (one per generated token; empty unless asked for
+    /// with [`GenerationConfig::logprobs`]).
+    pub fn logprobs(&self) -> &[TokenLogprob] {
+        &self.logprobs
     }
 
     pub fn finish_reason(&self) -> Option<FinishReason> {
@@ -343,7 +400,11 @@ impl Generator {
     }
 
     fn accept_row(&mut self, row: &mut [f32]) -> u32 {
+        let raw = self.want_logprobs.map(|_| row.to_vec());
         let token = self.sampler.sample(row, &self.ids);
+        if let (Some(k), Some(raw)) = (self.want_logprobs, raw) {
+            self.logprobs.push(row_logprobs(&raw, token, k));
+        }
         self.accept_token(token);
         token
     }
@@ -407,7 +468,11 @@ impl Generator {
         };
         // One transfer for the whole batch: argmaxes when every row is plainly greedy and the
         // logits are on a GPU, else all rows.
-        if !logits.device().is_cpu() && active.iter().all(|&i| gens[i].plain_greedy()) {
+        if !logits.device().is_cpu()
+            && active
+                .iter()
+                .all(|&i| gens[i].plain_greedy() && gens[i].want_logprobs.is_none())
+        {
             #[cfg(feature = "cuda")]
             let best = if logits.device().is_cuda() {
                 logits
@@ -533,5 +598,22 @@ impl Generator {
     pub fn run_to_end(&mut self) -> Result<Vec<u32>> {
         while self.next_token()?.is_some() {}
         Ok(self.generated_ids().to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::row_logprobs;
+
+    #[test]
+    fn logprobs_of_a_row() {
+        let row = [1.0f32, 3.0, 2.0, 3.0];
+        let z: f64 = row.iter().map(|&x| (x as f64).exp()).sum();
+        let l = row_logprobs(&row, 2, 3);
+        assert!((l.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        // the likeliest first, ties by the lower id
+        assert_eq!(l.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 3, 2]);
+        assert_eq!(row_logprobs(&row, 0, 9).top.len(), 4);
+        assert!(row_logprobs(&row, 0, 0).top.is_empty());
     }
 }

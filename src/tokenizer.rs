@@ -326,6 +326,21 @@ impl Tokenizer {
         Ok(out)
     }
 
+    /// The bytes one id stands for in decoded text (a piece's text with `▁` as a space, a
+    /// byte-fallback piece's byte; nothing for special ids), as OpenAI's `logprobs.bytes`.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if self.is_skipped(id) {
+            return vec![];
+        }
+        if let Some(&b) = self.byte_pieces.get(&id) {
+            return vec![b];
+        }
+        self.inner
+            .id_to_token(id)
+            .map(|p| p.replace('\u{2581}', " ").into_bytes())
+            .unwrap_or_default()
+    }
+
     /// The piece of one id (`None` for ids outside the vocabulary).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

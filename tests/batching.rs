@@ -143,6 +143,7 @@ fn engine_serves_concurrent_requests_in_shared_steps() {
                     completion_tokens,
                     ..
                 } => done = Some((reason, prompt_tokens, completion_tokens)),
+                Event::Logprobs(_) => {}
                 Event::Error(e) => panic!("{e}"),
             }
         }

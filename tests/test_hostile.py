@@ -183,8 +183,8 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
     ("tool_choice", "auto"),
     ("functions", [{"name": "f", "parameters": {}}]),
     ("response_format", {"type": "json_object"}),
-    ("logprobs", True),
-    ("top_logprobs", 2),
+    ("top_logprobs", 2),  # without logprobs: true
+    ("top_logprobs", 21),
 ])
 def test_unsupported_chat_fields_are_refused_by_name(srv, field, value):
     status, _, body = request(srv, "POST", "/v1/chat/completions", dict(CHAT, **{field: value}))
@@ -192,7 +192,7 @@ def test_unsupported_chat_fields_are_refused_by_name(srv, field, value):
     assert json.loads(body)["error"]["param"] == field
 
 
-@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", "end"), ("logprobs", 3)])
+@pytest.mark.parametrize("field, value", [("best_of", 2), ("suffix", "end"), ("logprobs", 6), ("echo", True)])
 def test_unsupported_completion_fields_are_refused_by_name(srv, field, value):
     status, _, body = request(srv, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2, field: value})
     assert status == 400, body

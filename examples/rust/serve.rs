@@ -29,6 +29,7 @@ async fn main() -> glm2rs::Result<()> {
             Event::Done {
                 completion_tokens, ..
             } => println!("\n[{completion_tokens} tokens]"),
+            Event::Logprobs(_) => {}
             Event::Error(e) => eprintln!("error: {e}"),
         }
     }

@@ -21,6 +21,9 @@ class GenerationKwargs(TypedDict, total=False):
     seed: int | None
     stop_token_ids: Sequence[int] | None
     stop: str | Sequence[str] | None
+    logprobs: int | None
+    """Record each generated token's log-probability (log_softmax of the model's logits) and
+    this many likeliest alternatives (0-20)."""
 
 def cuda_memory(device: str = "cuda", reset_peak: bool = False) -> dict[str, int]: ...
 
@@ -93,6 +96,9 @@ class TextStreamer(Iterator[str]):
     @property
     def cached_tokens(self) -> int:
         """Prompt tokens found in the prefix cache (their keys and values not computed again)."""
+    @property
+    def logprobs(self) -> list[dict]:
+        """With `logprobs=k`: per generated token {"token", "logprob", "top_logprobs": [(id, logprob)]}."""
 
 class Model:
     @classmethod
@@ -202,7 +208,8 @@ class Model:
         self,
         prompt: str,
         **kwargs: Unpack[GenerationKwargs],
-    ) -> str: ...
+    ) -> str | tuple[str, list[dict]]:
+        """The completion; with `logprobs=k`, `(text, logprobs)` as `TextStreamer.logprobs`."""
     def generate_batch(
         self,
         prompts: list[str],

@@ -116,6 +116,7 @@ pub(super) fn gen_config(
             "seed" => {
                 cfg.sampling.seed = if v.is_none() { None } else { Some(v.extract::<u64>().map_err(|_| bad(&key, &v))?) }
             }
+            "logprobs" => cfg.logprobs = count(&key, &v)?,
             "stop_token_ids" => {
                 cfg.stop_token_ids = if v.is_none() { vec![] } else { ids(&v, "stop_token_ids")? };
             }
@@ -133,10 +134,27 @@ pub(super) fn gen_config(
             other => {
                 return Err(InvalidArgumentError::new_err(format!(
                     "unknown keyword {other:?}: use max_new_tokens, max_length, do_sample, temperature, top_p, \
-                     top_k, repetition_penalty, seed, stop_token_ids, stop"
+                     top_k, repetition_penalty, seed, stop_token_ids, stop, logprobs"
                 )))
             }
         }
     }
     Ok(cfg)
+}
+
+/// Log-probabilities as Python dicts: `{"token": id, "logprob": float, "top_logprobs": [(id,
+/// logprob), ...]}` per generated token.
+pub(super) fn logprobs_to_py<'py>(
+    py: Python<'py>,
+    lps: &[crate::generate::TokenLogprob],
+) -> PyResult<Bound<'py, PyList>> {
+    let out = PyList::empty(py);
+    for l in lps {
+        let d = PyDict::new(py);
+        d.set_item("token", l.token)?;
+        d.set_item("logprob", l.logprob)?;
+        d.set_item("top_logprobs", l.top.clone())?;
+        out.append(d)?;
+    }
+    Ok(out)
 }

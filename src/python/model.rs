@@ -309,18 +309,34 @@ impl PyModel {
         Ok(PyStream::new(gen))
     }
 
-    /// The whole completion of `prompt` as one string (the pieces of `stream` joined).
+    /// The whole completion of `prompt` as one string (the pieces of `stream` joined); with
+    /// `logprobs=k`, a tuple `(text, logprobs)` (see `TextStreamer.logprobs`).
     #[pyo3(signature = (prompt, **kwargs))]
-    fn generate(
+    fn generate<'py>(
         &self,
-        py: Python<'_>,
-        prompt: &Bound<'_, PyAny>,
-        kwargs: Option<&Bound<'_, PyDict>>,
-    ) -> PyResult<String> {
+        py: Python<'py>,
+        prompt: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let prompt = text(prompt, "prompt")?;
         let cfg = gen_config(kwargs, GenerationDefaults::PLAIN)?;
         let model = self.inner.clone();
-        Ok(py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?)
+        if cfg.logprobs.is_none() {
+            let out = py.detach(move || catch_panic(|| model.generate(&prompt, &cfg)))?;
+            return Ok(out.into_pyobject(py)?.into_any());
+        }
+        let (out, lps) = py.detach(move || {
+            catch_panic(|| {
+                let mut g = model.generator_for_prompt(&prompt, &cfg)?;
+                let mut out = String::new();
+                while let Some(piece) = g.next_text()? {
+                    out.push_str(&piece);
+                }
+                Ok((out, g.logprobs().to_vec()))
+            })
+        })?;
+        let lps = super::args::logprobs_to_py(py, &lps)?;
+        Ok((out, lps).into_pyobject(py)?.into_any())
     }
 
     /// Complete several prompts at once, one batched forward per step for all of them; each

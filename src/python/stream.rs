@@ -14,6 +14,8 @@ pub struct PyStream {
     token_ids: Vec<u32>,
     finish_reason: Option<&'static str>,
     cached_tokens: usize,
+    /// Kept after the generator is freed.
+    logprobs: Vec<crate::generate::TokenLogprob>,
 }
 
 impl PyStream {
@@ -23,6 +25,7 @@ impl PyStream {
             gen: Some(gen),
             token_ids: vec![],
             finish_reason: None,
+            logprobs: vec![],
         }
     }
 }
@@ -40,6 +43,7 @@ impl PyStream {
         let step = py.detach(|| catch_panic(|| gen.next_text()));
         let reason = gen.finish_reason().map(|r| r.as_str());
         self.token_ids = gen.generated_ids().to_vec();
+        self.logprobs = gen.logprobs().to_vec();
         match step {
             Ok(Some(piece)) => Ok(Some(piece)),
             Ok(None) => {
@@ -58,6 +62,7 @@ impl PyStream {
     fn close(&mut self) {
         if let Some(g) = self.gen.take() {
             self.token_ids = g.generated_ids().to_vec();
+            self.logprobs = g.logprobs().to_vec();
         }
     }
 
@@ -68,6 +73,17 @@ impl PyStream {
             Some(g) => g.generated_ids().to_vec(),
             None => self.token_ids.clone(),
         }
+    }
+
+    /// With `logprobs=k`: per generated token `{"token", "logprob", "top_logprobs": [(id,
+    /// logprob)]}` (log_softmax of the model's logits at that step); empty otherwise.
+    #[getter]
+    fn logprobs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyList>> {
+        let lps = match &self.gen {
+            Some(g) => g.logprobs(),
+            None => &self.logprobs,
+        };
+        super::args::logprobs_to_py(py, lps)
     }
 
     /// Prompt tokens whose keys and values came from the prefix cache (not computed again).

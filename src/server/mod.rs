@@ -12,6 +12,8 @@
 
 mod api;
 mod conn;
+mod logprobs;
+mod messages;
 mod openai;
 
 use crate::engine::{Engine, EngineConfig};

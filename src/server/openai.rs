@@ -1,10 +1,12 @@
 //! The OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
 
+use super::messages::messages;
 use super::{off_workers, parse_object, ApiError, Shared};
-use crate::chat_format::{Message, ResponseStream};
+use crate::chat_format::ResponseStream;
 use crate::engine::{Event, Events};
-use crate::generate::{FinishReason, GenerationConfig, GenerationDefaults};
+use crate::generate::{FinishReason, GenerationConfig, GenerationDefaults, TokenLogprob};
 use crate::sampling::SamplingConfig;
+use crate::tokenizer::Tokenizer;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::{Event as Sse, KeepAlive};
@@ -14,9 +16,10 @@ use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-type Obj = Map<String, Value>;
-type ApiResult<T> = std::result::Result<T, ApiError>;
+pub(crate) type Obj = Map<String, Value>;
+pub(crate) type ApiResult<T> = std::result::Result<T, ApiError>;
 
 fn new_id(prefix: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -53,14 +56,22 @@ pub(crate) fn number(o: &Obj, key: &'static str, lo: f64, hi: f64) -> ApiResult<
 
 /// An optional positive integer field.
 pub(crate) fn positive_int(o: &Obj, key: &'static str) -> ApiResult<Option<usize>> {
+    int_in(o, key, 1, u64::MAX, "a positive integer")
+}
+
+/// An optional integer field from `lo` to `hi` (`what` names the range in the error).
+pub(crate) fn int_in(
+    o: &Obj,
+    key: &'static str,
+    lo: u64,
+    hi: u64,
+    what: &str,
+) -> ApiResult<Option<usize>> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
-            Some(v) if v >= 1 => Ok(Some(usize::try_from(v).unwrap_or(usize::MAX))),
-            _ => Err(ApiError::bad(
-                key,
-                format!("{key} must be a positive integer, got {n}"),
-            )),
+            Some(v) if (lo..=hi).contains(&v) => Ok(Some(usize::try_from(v).unwrap_or(usize::MAX))),
+            _ => Err(ApiError::bad(key, format!("{key} must be {what}, got {n}"))),
         },
         Some(other) => Err(ApiError::bad(
             key,
@@ -130,7 +141,6 @@ fn refuse_unsupported(o: &Obj) -> ApiResult<()> {
                 m.get("type").and_then(Value::as_str) != Some("text")
             }
             Some(Value::Number(n)) if key == "best_of" => n.as_u64() != Some(1),
-            Some(Value::Number(n)) if key == "logprobs" => n.as_u64() != Some(0),
             Some(_) => true,
         }
     };
@@ -140,8 +150,6 @@ fn refuse_unsupported(o: &Obj) -> ApiResult<()> {
         "functions",
         "function_call",
         "response_format",
-        "logprobs",
-        "top_logprobs",
         "best_of",
         "suffix",
     ] {
@@ -260,69 +268,6 @@ fn fit(s: &Shared, prompt_field: &'static str, prompt_len: usize, c: &mut Common
     Ok(())
 }
 
-fn message_content(v: &Value) -> ApiResult<String> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        // [{"type": "text", "text": ...}, ...]
-        Value::Array(parts) => {
-            let mut out = String::new();
-            for p in parts {
-                match (
-                    p.get("type").and_then(Value::as_str),
-                    p.get("text").and_then(Value::as_str),
-                ) {
-                    (Some("text"), Some(t)) => out.push_str(t),
-                    _ => {
-                        return Err(ApiError::bad(
-                            "messages",
-                            "only text content parts are supported",
-                        ))
-                    }
-                }
-            }
-            Ok(out)
-        }
-        _ => Err(ApiError::bad(
-            "messages",
-            "a message's content must be a string",
-        )),
-    }
-}
-
-fn messages(o: &Obj) -> ApiResult<Vec<Message>> {
-    let Some(list) = o.get("messages") else {
-        return Err(ApiError::bad("messages", "messages is required"));
-    };
-    let Value::Array(list) = list else {
-        return Err(ApiError::bad("messages", "messages must be a list"));
-    };
-    if list.is_empty() {
-        return Err(ApiError::bad("messages", "messages must not be empty"));
-    }
-    let mut out = Vec::with_capacity(list.len());
-    for m in list {
-        let role = m
-            .get("role")
-            .and_then(Value::as_str)
-            .ok_or_else(|| ApiError::bad("messages", "every message needs a string \"role\""))?;
-        if !matches!(role, "system" | "user" | "assistant" | "observation") {
-            return Err(ApiError::bad(
-                "messages",
-                format!("unknown role \"{role}\""),
-            ));
-        }
-        let content = message_content(m.get("content").unwrap_or(&Value::Null))?;
-        out.push(Message::new(role, &content));
-    }
-    if out.last().map(|m| m.role.as_str()) != Some("user") {
-        return Err(ApiError::bad(
-            "messages",
-            "the last message must come from the user",
-        ));
-    }
-    Ok(out)
-}
-
 pub async fn models(State(s): State<Shared>) -> Json<Value> {
     Json(json!({
         "object": "list",
@@ -343,6 +288,8 @@ pub(crate) struct Done {
     pub completion_tokens: usize,
     /// Prompt tokens served from the prefix cache.
     pub cached_tokens: usize,
+    /// Each generated token's log-probability (when asked for).
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 fn usage(d: &Done) -> Value {
@@ -358,8 +305,10 @@ fn usage(d: &Done) -> Value {
 pub(crate) async fn collect(mut rx: Events, kind: Kind) -> ApiResult<(String, Done)> {
     let mut post = ResponseStream::new();
     let mut text = String::new();
+    let mut lps = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
+            Event::Logprobs(l) => lps.extend(l),
             Event::Text(t) => match kind {
                 Kind::Chat => text.push_str(&post.push(&t)),
                 Kind::Text => text.push_str(&t),
@@ -380,6 +329,7 @@ pub(crate) async fn collect(mut rx: Events, kind: Kind) -> ApiResult<(String, Do
                         prompt_tokens,
                         completion_tokens,
                         cached_tokens,
+                        logprobs: lps,
                     },
                 ));
             }
@@ -410,6 +360,11 @@ struct StreamState {
     ended: bool,
     /// The server's "cut now" signal (see `AppState::cut`).
     cut: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Log-probabilities asked for: the tokenizer to name tokens, those not sent yet, and the
+    /// characters of text sent (completions' `text_offset`).
+    logprobs: Option<Arc<Tokenizer>>,
+    pending_lp: Vec<TokenLogprob>,
+    sent_chars: usize,
 }
 
 impl StreamState {
@@ -426,7 +381,26 @@ impl StreamState {
         self.ended = true;
     }
 
-    fn chunk(&self, piece: Option<&str>, first: bool, finish: Option<&str>) -> String {
+    /// The log-probabilities not sent yet, in this stream's shape (`null` when not asked for).
+    fn take_logprobs(&mut self, piece: Option<&str>) -> Value {
+        let Some(tok) = &self.logprobs else {
+            return Value::Null;
+        };
+        let lps = std::mem::take(&mut self.pending_lp);
+        let v = match self.kind {
+            Kind::Chat => super::logprobs::chat_json(tok, &lps),
+            Kind::Text => super::logprobs::completion_json(tok, &lps, self.sent_chars),
+        };
+        self.sent_chars += piece.map_or(0, |p| p.chars().count());
+        v
+    }
+
+    fn chunk(&mut self, piece: Option<&str>, first: bool, finish: Option<&str>) -> String {
+        let lp = if first {
+            Value::Null
+        } else {
+            self.take_logprobs(piece)
+        };
         let mut v = match self.kind {
             Kind::Chat => {
                 let mut delta = Map::new();
@@ -439,13 +413,13 @@ impl StreamState {
                 json!({
                     "id": self.id, "object": "chat.completion.chunk", "created": self.created,
                     "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
                 })
             }
             Kind::Text => json!({
                 "id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "text": piece.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+                "choices": [{"index": 0, "text": piece.unwrap_or(""), "logprobs": lp, "finish_reason": finish}],
             }),
         };
         if self.include_usage {
@@ -457,6 +431,7 @@ impl StreamState {
     /// Turn the next engine event into SSE data lines.
     fn on_event(&mut self, ev: Option<Event>) {
         match ev {
+            Some(Event::Logprobs(l)) => self.pending_lp.extend(l),
             Some(Event::Text(t)) => {
                 let piece = match self.kind {
                     Kind::Chat => self.post.push(&t),
@@ -488,6 +463,7 @@ impl StreamState {
                         prompt_tokens,
                         completion_tokens,
                         cached_tokens,
+                        logprobs: vec![],
                     };
                     let object = match self.kind {
                         Kind::Chat => "chat.completion.chunk",
@@ -520,6 +496,7 @@ fn sse(
     model: String,
     include_usage: bool,
     cut: Option<tokio::sync::watch::Receiver<bool>>,
+    logprobs: Option<Arc<Tokenizer>>,
 ) -> Response {
     let mut st = StreamState {
         rx,
@@ -532,6 +509,9 @@ fn sse(
         pending: VecDeque::new(),
         ended: false,
         cut,
+        logprobs,
+        pending_lp: Vec::new(),
+        sent_chars: 0,
     };
     if kind == Kind::Chat {
         let first = st.chunk(Some(""), true, None);
@@ -570,6 +550,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
     let msgs = messages(&o)?;
     let d = GenerationDefaults::CHAT;
     let mut c = common(&o, d.temperature, d.top_p)?;
+    c.cfg.logprobs = super::logprobs::chat_request(&o)?;
     let model = s.engine.model();
     let ids = {
         let model = model.clone();
@@ -587,6 +568,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
         .submit(ids, &cfg)
         .map_err(|e| ApiError::from_engine(e, None))?;
     let id = new_id("chatcmpl");
+    let tok = c.cfg.logprobs.map(|_| model.tokenizer().clone());
     if c.stream {
         return Ok(sse(
             rx,
@@ -595,13 +577,18 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
             s.model_name.clone(),
             c.include_usage,
             s.cut.clone(),
+            tok,
         ));
     }
     let (text, done) = collect(rx, Kind::Chat).await?;
+    let lp = match &tok {
+        Some(t) => super::logprobs::chat_json(t, &done.logprobs),
+        None => Value::Null,
+    };
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": now(), "model": s.model_name,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": null, "finish_reason": done.reason.as_str()}],
+                     "logprobs": lp, "finish_reason": done.reason.as_str()}],
         "usage": usage(&done),
     }))
     .into_response())
@@ -628,6 +615,7 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
     }
     let d = GenerationDefaults::COMPLETIONS;
     let mut c = common(&o, d.temperature, d.top_p)?;
+    c.cfg.logprobs = super::logprobs::completion_request(&o)?;
     c.max_tokens = c.max_tokens.or(d.max_new_tokens);
     let tok = s.engine.model().tokenizer().clone();
     let ids = off_workers(move || tok.encode(&prompt, true))
@@ -639,6 +627,7 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
         .submit(ids, &c.cfg)
         .map_err(|e| ApiError::from_engine(e, None))?;
     let id = new_id("cmpl");
+    let tok = c.cfg.logprobs.map(|_| s.engine.model().tokenizer().clone());
     if c.stream {
         return Ok(sse(
             rx,
@@ -647,12 +636,17 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
             s.model_name.clone(),
             c.include_usage,
             s.cut.clone(),
+            tok,
         ));
     }
     let (text, done) = collect(rx, Kind::Text).await?;
+    let lp = match &tok {
+        Some(t) => super::logprobs::completion_json(t, &done.logprobs, 0),
+        None => Value::Null,
+    };
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": now(), "model": s.model_name,
-        "choices": [{"index": 0, "text": text, "logprobs": null,
+        "choices": [{"index": 0, "text": text, "logprobs": lp,
                      "finish_reason": done.reason.as_str()}],
         "usage": usage(&done),
     }))

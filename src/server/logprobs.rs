@@ -1,0 +1,90 @@
+//! OpenAI's log-probability fields: the request side (`logprobs` / `top_logprobs` of chat
+//! completions, the integer `logprobs` of completions) and the response shapes of both
+//! (`choices[].logprobs.content[]` for chat; `tokens` / `token_logprobs` / `top_logprobs` /
+//! `text_offset` for completions), from the engine's [`TokenLogprob`]s.
+
+use super::openai::{int_in, ApiResult, Obj};
+use super::ApiError;
+use crate::generate::{TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::tokenizer::Tokenizer;
+use serde_json::{json, Map, Value};
+
+/// Most alternatives per token the legacy completions API takes (OpenAI's own limit).
+const MAX_COMPLETION_LOGPROBS: u64 = 5;
+
+fn count(o: &Obj, key: &'static str, most: u64) -> ApiResult<Option<usize>> {
+    int_in(o, key, 0, most, &format!("an integer from 0 to {most}"))
+}
+
+/// Chat completions: `logprobs` (bool) and `top_logprobs` (0..=20, only with `logprobs`).
+pub(crate) fn chat_request(o: &Obj) -> ApiResult<Option<usize>> {
+    let on = match o.get("logprobs") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "logprobs",
+                format!("logprobs must be a boolean, got {other}"),
+            ))
+        }
+    };
+    let top = count(o, "top_logprobs", MAX_TOP_LOGPROBS as u64)?;
+    match (on, top) {
+        (false, Some(k)) if k > 0 => Err(ApiError::bad(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        )),
+        (false, _) => Ok(None),
+        (true, k) => Ok(Some(k.unwrap_or(0))),
+    }
+}
+
+/// Completions: `logprobs` (0..=5 alternatives; the chosen token's always).
+pub(crate) fn completion_request(o: &Obj) -> ApiResult<Option<usize>> {
+    count(o, "logprobs", MAX_COMPLETION_LOGPROBS)
+}
+
+fn text(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
+    let b = tok.token_bytes(id);
+    (String::from_utf8_lossy(&b).into_owned(), b)
+}
+
+/// `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`.
+pub(crate) fn chat_json(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let (t, b) = text(tok, id);
+        json!({"token": t, "logprob": lp, "bytes": b})
+    };
+    let content: Vec<Value> = lps
+        .iter()
+        .map(|l| {
+            let mut e = entry(l.token, l.logprob);
+            e["top_logprobs"] = Value::Array(l.top.iter().map(|&(i, p)| entry(i, p)).collect());
+            e
+        })
+        .collect();
+    json!({ "content": content })
+}
+
+/// The legacy shape: `{tokens, token_logprobs, top_logprobs, text_offset}`; offsets count
+/// characters from `offset` (where this piece of text starts in the choice's text).
+pub(crate) fn completion_json(tok: &Tokenizer, lps: &[TokenLogprob], offset: usize) -> Value {
+    let mut tokens = vec![];
+    let mut token_logprobs = vec![];
+    let mut top = vec![];
+    let mut offsets = vec![];
+    let mut at = offset;
+    for l in lps {
+        let (t, _) = text(tok, l.token);
+        offsets.push(at);
+        at += t.chars().count();
+        tokens.push(Value::String(t));
+        token_logprobs.push(json!(l.logprob));
+        let mut m = Map::new();
+        for &(i, p) in &l.top {
+            m.entry(text(tok, i).0).or_insert(json!(p));
+        }
+        top.push(Value::Object(m));
+    }
+    json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
+}
