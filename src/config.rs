@@ -120,9 +120,17 @@ pub struct Glm2Config {
     pub prefix_projection: bool,
     #[serde(default = "d_true")]
     pub original_rope: bool,
-    /// chatglm2-6b-32k: rotary positions are divided by this ratio.
+    /// Long-context variants: chatglm2-6b-32k divides the rotary positions by this ratio,
+    /// chatglm3-6b-32k / -128k multiply the rotary base (10000) by it: see `rope_scales_base`.
     #[serde(default = "d_rope_ratio")]
     pub rope_ratio: f64,
+    /// How `rope_ratio` applies, which the two families' `modeling_chatglm.py` do differently
+    /// under the same key: ChatGLM3's `RotaryEmbedding.forward_impl` sets
+    /// `base = base * self.rope_ratio` (positions as they are), ChatGLM2's divides
+    /// `seq_idx = torch.arange(seq_len) / self.rope_ratio`. Not in `config.json`: set from the
+    /// tokenizer (a ChatGLM3 tokenizer, role tokens, means ChatGLM3's code) when a model loads.
+    #[serde(skip)]
+    pub rope_scales_base: bool,
     #[serde(default)]
     pub torch_dtype: Option<String>,
     #[serde(default = "d_eos")]

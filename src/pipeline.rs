@@ -158,6 +158,9 @@ impl Model {
         } else {
             opts.layer_devices.clone()
         };
+        // ChatGLM3's code applies rope_ratio to the rotary base, ChatGLM2's to the positions
+        let mut config = config;
+        config.rope_scales_base = tokenizer.has_roles();
         let mut model = Glm2Model::load(
             &config,
             ckpt,

@@ -202,8 +202,15 @@ def forward(cfg: dict, weights: dict, ids: list[int], prefix: np.ndarray | None 
 
     # RotaryEmbedding(kv_channels // 2): cache [n, rot/2, 2]
     rot_dim = hd // 2
-    theta = 1.0 / (10000 ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim))
-    pos = np.arange(n, dtype=np.float64) / cfg.get("rope_ratio", 1.0)
+    # rope_ratio: ChatGLM2's modeling_chatglm.py (chatglm2-6b-32k) divides the positions,
+    #   seq_idx = torch.arange(seq_len, dtype=torch.float, device=device) / self.rope_ratio
+    # ChatGLM3's (chatglm3-6b-32k, -128k) multiplies the base in RotaryEmbedding.forward_impl,
+    #   base = base * self.rope_ratio ... seq_idx = torch.arange(seq_len, ...)
+    # ("_chatglm3": the model runs ChatGLM3's code, i.e. has a ChatGLM3 tokenizer)
+    ratio = cfg.get("rope_ratio", 1.0)
+    base, pos_scale = (10000 * ratio, 1.0) if cfg.get("_chatglm3") else (10000, ratio)
+    theta = 1.0 / (base ** (np.arange(0, rot_dim, 2, dtype=np.float64) / rot_dim))
+    pos = np.arange(n, dtype=np.float64) / pos_scale
     ang = np.outer(pos, theta)  # [n, rot/2]
     cos, sin = np.cos(ang), np.sin(ang)
 

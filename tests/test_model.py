@@ -52,6 +52,7 @@ def test_config_is_a_dict_with_every_key(model, fx):
         {"multi_query_group_num": 1, "num_layers": 3},  # one KV group
         {"multi_query_attention": False, "num_attention_heads": 4, "kv_channels": 8},  # no MQA
         {"rope_ratio": 16.0},  # chatglm2-6b-32k style positions
+        {"rope_ratio": 50.0, "_chatglm3": True},  # chatglm3-6b-32k: the base scaled instead
         {"apply_residual_connection_post_layernorm": True, "post_layer_norm": False},
     ],
 )
@@ -59,7 +60,8 @@ def test_random_checkpoint_matches_float64_reference(tmp_path, fx, over):
     cfg = random_config(**over)
     w = random_weights(cfg, seed=len(over))
     d = write_checkpoint(tmp_path / "m", cfg, w, fx / "model" / "tokenizer.model", shards=2)
-    m = glm2rs.Model.from_pretrained(str(d), dtype="float32")
+    fmt = "chatglm3" if cfg.get("_chatglm3") else None  # a ChatGLM3 tokenizer, so ChatGLM3's code
+    m = glm2rs.Model.from_pretrained(str(d), dtype="float32", chat_format=fmt)
     ids = [64790, 64792] + list(np.random.default_rng(1).integers(3, 64000, size=37))
     got = m.logits(ids)
     want = forward(cfg, w, ids)

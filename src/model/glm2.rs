@@ -41,15 +41,20 @@ impl RotaryEmbedding {
         // official: RotaryEmbedding(rotary_dim // 2) with n_elem = kv_channels / 2
         let n_elem = cfg.rotary_dim();
         let half = n_elem / 2;
+        // rope_ratio: ChatGLM3 (-32k, -128k) scales the base, ChatGLM2 (-32k) the positions
+        let (base, pos_scale) = if cfg.rope_scales_base {
+            (10000f32 * cfg.rope_ratio as f32, 1.0f32)
+        } else {
+            (10000f32, cfg.rope_ratio as f32)
+        };
         let theta: Vec<f32> = (0..half)
-            .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / n_elem as f32))
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / n_elem as f32))
             .collect();
         let len = cfg.seq_length;
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in 0..len {
-            // chatglm2-6b-32k: positions divided by rope_ratio
-            let pos = p as f32 / cfg.rope_ratio as f32;
+            let pos = p as f32 / pos_scale;
             for &t in &theta {
                 let a = pos * t;
                 cos.push(a.cos());
