@@ -90,3 +90,45 @@ def test_server_logprobs_in_openai_shapes(model):
                 c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, **bad)
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="tiny", prompt="hi", max_tokens=2, logprobs=6)
+
+
+def test_completions_echo_scores_the_prompt(model):
+    """`echo` with `logprobs` (what lm-evaluation-harness's local-completions sends for
+    loglikelihoods, with max_tokens 0): the prompt's tokens, each scored by the logits before it,
+    the first null; the tokens join to the prompt and text_offset points into it."""
+    import http.client
+    import json
+
+    tok = model.tokenizer
+    prompt = "The capital of France is Paris. 北京是中国的首都。"
+    ids = tok.encode(prompt)
+    logits = model.logits(ids)
+    with glm2rs.Server(model, port=0, model_name="tiny") as srv:
+        def post(body):
+            c = http.client.HTTPConnection(srv.url.split("//")[1], timeout=60)
+            c.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            return r.status, json.loads(r.read())
+
+        st, r = post({"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2, "temperature": 0})
+        assert st == 200, r
+        ch = r["choices"][0]
+        assert ch["text"] == prompt and r["usage"]["prompt_tokens"] == len(ids) and r["usage"]["completion_tokens"] == 0
+        lp = ch["logprobs"]
+        assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert "".join(lp["tokens"]) == prompt
+        for i in range(1, len(ids)):
+            ref = log_softmax(logits[i - 1])
+            assert abs(lp["token_logprobs"][i] - ref[ids[i]]) < 1e-4
+            assert len(lp["top_logprobs"][i]) <= 2
+            assert prompt[lp["text_offset"][i]:].startswith(lp["tokens"][i])
+        # echo and a completion: the prompt's entries, then the generated ones
+        st, r = post({"prompt": prompt, "max_tokens": 3, "echo": True, "logprobs": 1, "temperature": 0})
+        assert st == 200, r
+        ch = r["choices"][0]
+        assert ch["text"].startswith(prompt) and len(ch["logprobs"]["tokens"]) == len(ids) + r["usage"]["completion_tokens"]
+        assert ch["logprobs"]["text_offset"] == sorted(ch["logprobs"]["text_offset"])
+        st, r = post({"prompt": prompt, "max_tokens": 3, "echo": True, "stream": True})
+        assert st == 400 and r["error"]["param"] == "echo"
+        st, r = post({"prompt": prompt, "max_tokens": 0})  # 0 without echo: still refused
+        assert st == 400 and r["error"]["param"] == "max_tokens"

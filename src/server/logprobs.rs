@@ -88,3 +88,74 @@ pub(crate) fn completion_json(tok: &Tokenizer, lps: &[TokenLogprob], offset: usi
     }
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
+
+/// The prompt's log-probabilities for `echo`: each token after the first scored by the model's
+/// logits at the position before it (log_softmax, with the `k` likeliest tokens there); the
+/// first has none (as OpenAI's `null`).
+pub(crate) fn prompt_logprobs(
+    model: &crate::pipeline::Model,
+    ids: &[u32],
+    k: usize,
+) -> crate::error::Result<Vec<Option<TokenLogprob>>> {
+    let logits = model.logits(ids)?; // [n, vocab]
+    let rows: Vec<Vec<f32>> = logits.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    let mut out = vec![None];
+    for (i, &id) in ids.iter().enumerate().skip(1) {
+        out.push(Some(crate::generate::row_logprobs(&rows[i - 1], id, k)));
+    }
+    Ok(out)
+}
+
+/// The legacy shape for an echoed prompt and its completion: every token's text is what it adds
+/// to the decoded text (so `text_offset` points into the response's text, the prompt first),
+/// `null` log-probability for the first prompt token.
+pub(crate) fn echo_json(
+    tok: &Tokenizer,
+    prompt_ids: &[u32],
+    prompt: &[Option<TokenLogprob>],
+    generated: &[TokenLogprob],
+) -> crate::error::Result<Value> {
+    let ids: Vec<u32> = prompt_ids
+        .iter()
+        .copied()
+        .chain(generated.iter().map(|l| l.token))
+        .collect();
+    let entries: Vec<Option<&TokenLogprob>> = prompt
+        .iter()
+        .map(Option::as_ref)
+        .chain(generated.iter().map(Some))
+        .collect();
+    let (mut tokens, mut token_logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+    let mut before = 0usize; // characters decoded before this token
+    let mut text_before = String::new();
+    for (i, e) in entries.iter().enumerate() {
+        let decoded = tok.decode(&ids[..=i])?;
+        let piece: String = decoded.chars().skip(before).collect();
+        let added = if decoded.starts_with(&text_before) {
+            piece
+        } else {
+            String::new()
+        };
+        offsets.push(before);
+        before = decoded.chars().count();
+        text_before = decoded;
+        tokens.push(Value::String(added));
+        match e {
+            Some(l) => {
+                token_logprobs.push(json!(l.logprob));
+                let mut m = Map::new();
+                for &(t, p) in &l.top {
+                    m.entry(text(tok, t).0).or_insert(json!(p));
+                }
+                top.push(Value::Object(m));
+            }
+            None => {
+                token_logprobs.push(Value::Null);
+                top.push(Value::Null);
+            }
+        }
+    }
+    Ok(
+        json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}),
+    )
+}

@@ -489,15 +489,10 @@ impl StreamState {
     }
 }
 
-fn sse(
-    rx: Events,
-    kind: Kind,
-    id: String,
-    model: String,
-    include_usage: bool,
-    cut: Option<tokio::sync::watch::Receiver<bool>>,
-    logprobs: Option<Arc<Tokenizer>>,
-) -> Response {
+/// The server-sent-event response of request `c` (`kind`, response `id`) fed by `rx`.
+fn sse(s: &Shared, rx: Events, kind: Kind, id: String, c: &Common) -> Response {
+    let (model, include_usage, cut) = (s.model_name.clone(), c.include_usage, s.cut.clone());
+    let logprobs = c.cfg.logprobs.map(|_| s.engine.model().tokenizer().clone());
     let mut st = StreamState {
         rx,
         kind,
@@ -570,15 +565,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
     let id = new_id("chatcmpl");
     let tok = c.cfg.logprobs.map(|_| model.tokenizer().clone());
     if c.stream {
-        return Ok(sse(
-            rx,
-            Kind::Chat,
-            id,
-            s.model_name.clone(),
-            c.include_usage,
-            s.cut.clone(),
-            tok,
-        ));
+        return Ok(sse(&s, rx, Kind::Chat, id, &c));
     }
     let (text, done) = collect(rx, Kind::Chat).await?;
     let lp = match &tok {
@@ -610,40 +597,68 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
         None => return Err(ApiError::bad("prompt", "prompt is required")),
         Some(_) => return Err(ApiError::bad("prompt", "prompt must be a string")),
     };
-    if boolean(&o, "echo")? {
-        return Err(ApiError::bad("echo", "echo is not supported"));
+    let echo = boolean(&o, "echo")?;
+    // echo with max_tokens 0: score the prompt only (what evaluation harnesses ask)
+    let score_only =
+        echo && matches!(o.get("max_tokens"), Some(Value::Number(n)) if n.as_u64() == Some(0));
+    let mut o = o;
+    if score_only {
+        o.remove("max_tokens");
     }
     let d = GenerationDefaults::COMPLETIONS;
     let mut c = common(&o, d.temperature, d.top_p)?;
     c.cfg.logprobs = super::logprobs::completion_request(&o)?;
     c.max_tokens = c.max_tokens.or(d.max_new_tokens);
-    let tok = s.engine.model().tokenizer().clone();
-    let ids = off_workers(move || tok.encode(&prompt, true))
-        .await
-        .map_err(|e| ApiError::from_engine(e, Some("prompt")))?;
-    fit(&s, "prompt", ids.len(), &mut c)?;
-    let rx = s
-        .engine
-        .submit(ids, &c.cfg)
-        .map_err(|e| ApiError::from_engine(e, None))?;
-    let id = new_id("cmpl");
-    let tok = c.cfg.logprobs.map(|_| s.engine.model().tokenizer().clone());
-    if c.stream {
-        return Ok(sse(
-            rx,
-            Kind::Text,
-            id,
-            s.model_name.clone(),
-            c.include_usage,
-            s.cut.clone(),
-            tok,
-        ));
+    if echo && c.stream {
+        return Err(ApiError::bad("echo", "echo is not supported with stream"));
     }
-    let (text, done) = collect(rx, Kind::Text).await?;
-    let lp = match &tok {
-        Some(t) => super::logprobs::completion_json(t, &done.logprobs, 0),
-        None => Value::Null,
+    let tok = s.engine.model().tokenizer().clone();
+    let ids = {
+        let (tok, prompt) = (tok.clone(), prompt.clone());
+        off_workers(move || tok.encode(&prompt, true))
+            .await
+            .map_err(|e| ApiError::from_engine(e, Some("prompt")))?
     };
+    fit(&s, "prompt", ids.len(), &mut c)?;
+    // the prompt's own log-probabilities (echo): one forward over it, off the async workers
+    let prompt_lp = match (echo, c.cfg.logprobs) {
+        (true, Some(k)) => {
+            let (model, ids) = (s.engine.model().clone(), ids.clone());
+            Some(
+                off_workers(move || super::logprobs::prompt_logprobs(&model, &ids, k))
+                    .await
+                    .map_err(|e| ApiError::from_engine(e, Some("prompt")))?,
+            )
+        }
+        _ => None,
+    };
+    let id = new_id("cmpl");
+    let (text, done) = if score_only {
+        let done = Done {
+            reason: FinishReason::Length,
+            prompt_tokens: ids.len(),
+            completion_tokens: 0,
+            cached_tokens: 0,
+            logprobs: vec![],
+        };
+        (String::new(), done)
+    } else {
+        let rx = s
+            .engine
+            .submit(ids.clone(), &c.cfg)
+            .map_err(|e| ApiError::from_engine(e, None))?;
+        if c.stream {
+            return Ok(sse(&s, rx, Kind::Text, id, &c));
+        }
+        collect(rx, Kind::Text).await?
+    };
+    let lp = match (&prompt_lp, c.cfg.logprobs) {
+        (Some(p), _) => super::logprobs::echo_json(&tok, &ids, p, &done.logprobs)
+            .map_err(|e| ApiError::from_engine(e, None))?,
+        (None, Some(_)) => super::logprobs::completion_json(&tok, &done.logprobs, 0),
+        (None, None) => Value::Null,
+    };
+    let text = if echo { prompt + &text } else { text };
     Ok(Json(json!({
         "id": id, "object": "text_completion", "created": now(), "model": s.model_name,
         "choices": [{"index": 0, "text": text, "logprobs": lp,
