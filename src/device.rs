@@ -207,3 +207,91 @@ pub fn auto_dtype(cfg: &Glm2Config, device: &Device) -> DType {
         }
     }
 }
+
+/// What this build of glm2rs can use here: the features compiled in, the CPU's vector
+/// extensions the kernels pick from at run time, and the GPUs (with why they cannot be used).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildInfo {
+    pub version: &'static str,
+    /// Cargo features compiled in (`cuda`, `metal`, `server`, `python`).
+    pub features: Vec<&'static str>,
+    /// CPU extensions present (x86: avx2, fma, f16c, avx512f, avx512bw, avx512vnni...).
+    pub cpu: Vec<&'static str>,
+    /// Visible CUDA GPUs: (index, name, compute capability, memory bytes).
+    pub gpus: Vec<(usize, String, (i32, i32), u64)>,
+    /// Why CUDA is not usable here (not built in, no driver, no device), if it is not.
+    pub cuda_problem: Option<String>,
+}
+
+/// [`BuildInfo`] of this process.
+pub fn build_info() -> BuildInfo {
+    let mut features = vec![];
+    if cfg!(feature = "cuda") {
+        features.push("cuda");
+    }
+    if cfg!(feature = "metal") {
+        features.push("metal");
+    }
+    if cfg!(feature = "server") {
+        features.push("server");
+    }
+    if cfg!(feature = "python") {
+        features.push("python");
+    }
+    #[allow(unused_mut)]
+    let mut cpu = vec![];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        for (name, on) in [
+            ("sse4.2", has!("sse4.2")),
+            ("avx", has!("avx")),
+            ("avx2", has!("avx2")),
+            ("fma", has!("fma")),
+            ("f16c", has!("f16c")),
+            ("avx512f", has!("avx512f")),
+            ("avx512bw", has!("avx512bw")),
+            ("avx512vnni", has!("avx512vnni")),
+        ] {
+            if on {
+                cpu.push(name);
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    cpu.push("neon");
+    let (gpus, cuda_problem) = cuda_devices();
+    BuildInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        features,
+        cpu,
+        gpus,
+        cuda_problem,
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_devices() -> (Vec<(usize, String, (i32, i32), u64)>, Option<String>) {
+    // (a missing driver library panics inside the loader: caught, reported as a problem)
+    match crate::error::catch_panic(|| Ok(crate::kernels::cuda::devices()?)) {
+        Ok(d) if d.is_empty() => (d, Some("the CUDA driver sees no GPU".into())),
+        Ok(d) => {
+            let old = d.iter().find(|g| g.2 < (8, 0)).map(|g| {
+                format!(
+                    "GPU {} ({}) has compute capability {}.{}; this wheel's kernels need 8.0 or newer",
+                    g.0, g.1, g.2 .0, g.2 .1
+                )
+            });
+            (d, old)
+        }
+        Err(e) => (vec![], Some(format!("no usable CUDA driver: {e}"))),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_devices() -> (Vec<(usize, String, (i32, i32), u64)>, Option<String>) {
+    (
+        vec![],
+        Some("this build has no CUDA support (the CPU wheel; build with the `cuda` feature)".into()),
+    )
+}

@@ -177,3 +177,20 @@ def test_progress_in_a_log_is_plain_lines(fx):
                         "--gen-len", "4", "--repeat", "1", "--batch", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr and "decode_tokens_per_s" in r.stdout
+
+
+def test_doctor_says_what_this_installation_can_use():
+    import glm2rs
+
+    info = glm2rs.build_info()
+    assert info["version"] == glm2rs.__version__
+    assert "python" in info["features"] and isinstance(info["cpu"], list)
+    if "cuda" not in info["features"]:
+        assert "no CUDA support" in info["cuda_problem"] and info["gpus"] == []
+    r = subprocess.run([sys.executable, "-m", "glm2rs.cli", "doctor"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert f"glm2rs {glm2rs.__version__}" in r.stdout and "CUDA:" in r.stdout and "CPU extensions" in r.stdout
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert "sse4.2" in r.stdout  # every x86-64 this wheel runs on has it

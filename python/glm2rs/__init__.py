@@ -43,6 +43,7 @@ from ._glm2rs import (  # noqa: E402
     Tokenizer,
     TokenizerError,
     __version__,
+    build_info,
     cuda_memory,
 )
 
@@ -61,6 +62,7 @@ Model.from_pretrained = classmethod(_from_pretrained)
 
 __all__ = [
     "Model",
+    "build_info",
     "cuda_memory",
     "Server",
     "ChatSession",

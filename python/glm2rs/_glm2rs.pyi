@@ -26,6 +26,10 @@ class GenerationKwargs(TypedDict, total=False):
     this many likeliest alternatives (0-20)."""
 
 def cuda_memory(device: str = "cuda", reset_peak: bool = False) -> dict[str, int]: ...
+def build_info() -> dict:
+    """What this build can use here: version, features (cuda, metal, server, python), cpu
+    (vector extensions present), gpus ({index, name, compute_capability, memory_bytes}) and
+    cuda_problem (why CUDA cannot be used, or None)."""
 
 class Glm2Error(Exception): ...
 class LoadError(Glm2Error): ...

@@ -190,6 +190,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """What this installation can use: the wheel's features, the CPU's vector extensions the
+    kernels pick from, the GPUs and why CUDA cannot be used (when it cannot)."""
+    from . import build_info
+
+    info = build_info()
+    print(f"glm2rs {info['version']} (Python {sys.version.split()[0]})")
+    print(f"built with: {', '.join(info['features']) or 'no optional features'}")
+    print(f"CPU extensions used by the kernels: {', '.join(info['cpu']) or 'none detected (portable loops)'}")
+    for g in info["gpus"]:
+        print(f"GPU {g['index']}: {g['name']}, compute capability {g['compute_capability']}, "
+              f"{g['memory_bytes'] / 2**30:.1f} GiB")
+    if info["cuda_problem"]:
+        print(f"CUDA: {info['cuda_problem']}")
+    else:
+        print("CUDA: usable (device=\"cuda\")")
+    print(f"devices to pass: cpu{', cuda' if not info['cuda_problem'] else ''}"
+          f"{', metal' if 'metal' in info['features'] else ''}")
+    return 0
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     """The options that say which model to load and how (shared by the subcommands)."""
     p.add_argument("--model", required=True, help="model directory, .gguf file or hub id")
@@ -283,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch", type=int, default=1, help="also time a batch of this many sequences")
     b.add_argument("--repeat", type=int, default=2, help="runs (the best is shown)")
     b.set_defaults(func=cmd_bench)
+
+    d = add("doctor", help="what this installation can use: features, CPU extensions, GPUs")
+    d.set_defaults(func=cmd_doctor)
 
     args = ap.parse_args(argv)
     try:

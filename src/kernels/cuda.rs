@@ -1399,6 +1399,22 @@ fn mem_pool(
     unsafe { result::device::get_mem_pool(dev) }.w()
 }
 
+/// The CUDA GPUs the driver sees: (index, name, compute capability, total memory bytes).
+pub fn devices() -> Result<Vec<(usize, String, (i32, i32), u64)>> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let n = cudarc::driver::CudaContext::device_count().w()? as usize;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let ctx = cudarc::driver::CudaContext::new(i).w()?;
+        let name = ctx.name().w()?;
+        let major = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
+        let minor = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).w()?;
+        let mem = ctx.total_mem().w()? as u64;
+        out.push((i, name, (major, minor), mem));
+    }
+    Ok(out)
+}
+
 /// Bytes a new allocation on `dev` can still get: what the driver has free plus what the
 /// memory pool holds unused.
 pub fn free_memory(dev: &candle_core::Device) -> Result<u64> {

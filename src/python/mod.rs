@@ -40,8 +40,33 @@ fn cuda_memory(
     .collect())
 }
 
+/// What this build can use here: ``version``, ``features`` (cuda, metal, server, python),
+/// ``cpu`` (vector extensions present), ``gpus`` (index, name, compute capability, memory) and
+/// ``cuda_problem`` (why CUDA cannot be used, or None).
+#[pyfunction]
+fn build_info(py: Python<'_>) -> PyResult<Bound<'_, pyo3::types::PyDict>> {
+    let b = crate::device::build_info();
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("version", b.version)?;
+    d.set_item("features", b.features)?;
+    d.set_item("cpu", b.cpu)?;
+    let gpus = pyo3::types::PyList::empty(py);
+    for (i, name, (ma, mi), mem) in b.gpus {
+        let g = pyo3::types::PyDict::new(py);
+        g.set_item("index", i)?;
+        g.set_item("name", name)?;
+        g.set_item("compute_capability", format!("{ma}.{mi}"))?;
+        g.set_item("memory_bytes", mem)?;
+        gpus.append(g)?;
+    }
+    d.set_item("gpus", gpus)?;
+    d.set_item("cuda_problem", b.cuda_problem)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(build_info, m)?)?;
     m.add_class::<PyModel>()?;
     m.add_function(wrap_pyfunction!(cuda_memory, m)?)?;
     m.add_class::<PyTokenizer>()?;
