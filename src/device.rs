@@ -292,6 +292,8 @@ fn cuda_devices() -> (Vec<(usize, String, (i32, i32), u64)>, Option<String>) {
 fn cuda_devices() -> (Vec<(usize, String, (i32, i32), u64)>, Option<String>) {
     (
         vec![],
-        Some("this build has no CUDA support (the CPU wheel; build with the `cuda` feature)".into()),
+        Some(
+            "this build has no CUDA support (the CPU wheel; build with the `cuda` feature)".into(),
+        ),
     )
 }

@@ -241,6 +241,12 @@ impl ChatSession {
             cache = self.model.model().new_cache();
             self.ids.clear();
         }
+        // a session that holds nothing yet starts from the prefix cache: the longest run of
+        // blocks another request or session computed for the same tokens
+        if self.ids.is_empty() {
+            let held = cache.adopt_cached_prefix(&new_ids);
+            self.ids.extend(new_ids.drain(..held));
+        }
         let chat_cfg = self.model.chat_config(cfg);
         let stop_ids: Vec<u32> = {
             let mut s = self.model.config().eos_token_id.to_vec();

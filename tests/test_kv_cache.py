@@ -136,3 +136,21 @@ def test_cached_blocks_are_evicted_when_the_pool_needs_them(fx):
     s = m.stream_ids(prompts[-1], max_new_tokens=3, do_sample=False)
     list(s)
     assert s.cached_tokens > 0  # the newest is still there
+
+
+def test_a_new_chat_session_starts_from_the_prefix_cache(fx):
+    """A session's first turn finds the blocks another generation computed for the same prompt
+    (its answer the same as without the cache), and later turns keep the session's own cache."""
+    m = load(fx)
+    off = load(fx, prefix_cache=False)
+    q = "请详细介绍一下你自己，包括你的名字、你能做什么、你不能做什么。"
+    kw = dict(max_new_tokens=8, do_sample=False)
+    want = [off.start_chat(), None]
+    want[1] = [want[0].chat(q, **kw), want[0].chat("再说一遍", **kw)]
+    ids = m.tokenizer.encode(m.tokenizer.build_prompt(q))
+    list(m.stream_ids(ids, max_new_tokens=1, do_sample=False))
+    hits = m.kv_cache_info()["prefix_cache_hits"]
+    s = m.start_chat()
+    assert s.chat(q, **kw) == want[1][0]
+    assert m.kv_cache_info()["prefix_cache_hits"] >= hits + 16
+    assert s.chat("再说一遍", **kw) == want[1][1]

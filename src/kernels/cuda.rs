@@ -1407,8 +1407,12 @@ pub fn devices() -> Result<Vec<(usize, String, (i32, i32), u64)>> {
     for i in 0..n {
         let ctx = cudarc::driver::CudaContext::new(i).w()?;
         let name = ctx.name().w()?;
-        let major = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
-        let minor = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).w()?;
+        let major = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .w()?;
+        let minor = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+            .w()?;
         let mem = ctx.total_mem().w()? as u64;
         out.push((i, name, (major, minor), mem));
     }
