@@ -28,19 +28,18 @@ import time
 import glm2rs
 
 
-def stream_one(host, port, prompt, max_tokens):
-    """One streaming chat request; returns (latency s, time to first token s, completion tokens)."""
+def stream_chat(host, port, messages, max_tokens):
+    """One streaming chat request: (latency s, time to first token s, text, usage); raises when
+    the stream does not end with its usage and `[DONE]`."""
     t0 = time.perf_counter()
     c = http.client.HTTPConnection(host, port, timeout=600)
     c.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"}, body=json.dumps({
-        "messages": [{"role": "user", "content": prompt}], "stream": True, "temperature": 0,
-        "max_tokens": max_tokens, "stream_options": {"include_usage": True}}))
+        "messages": messages, "stream": True, "temperature": 0, "max_tokens": max_tokens,
+        "stream_options": {"include_usage": True}}))
     r = c.getresponse()
     if r.status != 200:
         raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
-    first = None
-    tokens = None
-    done = False
+    first, text, usage, done = None, [], None, False
     for line in r:
         line = line.strip()
         if not line.startswith(b"data:"):
@@ -51,43 +50,26 @@ def stream_one(host, port, prompt, max_tokens):
             break
         j = json.loads(data)
         if j.get("usage"):
-            tokens = j["usage"]["completion_tokens"]
-        if first is None and j.get("choices") and j["choices"][0]["delta"].get("content"):
-            first = time.perf_counter() - t0
-    c.close()
-    if not done or tokens is None:
-        raise RuntimeError("stream ended early")
-    return time.perf_counter() - t0, first or 0.0, tokens
-
-
-def chat_turn(host, port, messages, max_tokens):
-    """One streaming chat turn: (time to first token s, text, prompt tokens, cached tokens)."""
-    t0 = time.perf_counter()
-    c = http.client.HTTPConnection(host, port, timeout=600)
-    c.request("POST", "/v1/chat/completions", headers={"Content-Type": "application/json"}, body=json.dumps({
-        "messages": messages, "stream": True, "temperature": 0, "max_tokens": max_tokens,
-        "stream_options": {"include_usage": True}}))
-    r = c.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
-    first, text, usage = None, [], None
-    for line in r:
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            break
-        j = json.loads(data)
-        if j.get("usage"):
             usage = j["usage"]
         if j.get("choices") and j["choices"][0]["delta"].get("content"):
             first = first or time.perf_counter() - t0
             text.append(j["choices"][0]["delta"]["content"])
     c.close()
-    if usage is None:
+    if not done or usage is None:
         raise RuntimeError("stream ended early")
-    return first or time.perf_counter() - t0, "".join(text), usage["prompt_tokens"], \
+    return time.perf_counter() - t0, first or 0.0, "".join(text), usage
+
+
+def stream_one(host, port, prompt, max_tokens):
+    """One streaming chat request; returns (latency s, time to first token s, completion tokens)."""
+    latency, first, _, usage = stream_chat(host, port, [{"role": "user", "content": prompt}], max_tokens)
+    return latency, first, usage["completion_tokens"]
+
+
+def chat_turn(host, port, messages, max_tokens):
+    """One streaming chat turn: (time to first token s, text, prompt tokens, cached tokens)."""
+    latency, first, text, usage = stream_chat(host, port, messages, max_tokens)
+    return first or latency, text, usage["prompt_tokens"], \
         usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
 
 

@@ -279,8 +279,6 @@ fn run(rx: Receiver<Job>, max_batch: usize, stats: &Stats) {
             }
         }
         stats.running.store(running.len(), Ordering::SeqCst);
-        m.running.set(running.len() as i64);
-        m.waiting.set((stats.queued.load(Ordering::SeqCst)) as i64);
         if running.is_empty() {
             if !open && waiting.is_empty() {
                 return;

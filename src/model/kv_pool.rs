@@ -94,17 +94,6 @@ struct Alloc {
     clock: u64,
 }
 
-impl Alloc {
-    /// A block held by no table stops being findable and becomes free.
-    fn forget(&mut self, b: u32) {
-        if let Some(k) = self.key[b as usize].take() {
-            self.index.remove(&k);
-        }
-        let t = self.idle_at[b as usize];
-        self.idle.remove(&t);
-    }
-}
-
 /// What the prefix cache did (tokens), for monitoring.
 #[derive(Debug, Default)]
 pub struct PrefixStats {
@@ -461,21 +450,6 @@ impl KvPool {
             .fetch_add(tokens as u64, Ordering::Relaxed);
         self.stats.hits.fetch_add(hit as u64, Ordering::Relaxed);
         found
-    }
-
-    /// Forget every cached prefix (blocks no table holds become free).
-    pub fn clear_prefix_cache(&self) {
-        let mut a = self.lock();
-        let idle: Vec<u32> = a.idle.values().copied().collect();
-        for b in idle {
-            a.forget(b);
-            a.free.push(Reverse(b));
-        }
-        let held: Vec<usize> = (0..a.key.len()).filter(|&b| a.key[b].is_some()).collect();
-        for b in held {
-            a.key[b] = None;
-        }
-        a.index.clear();
     }
 
     /// Slabs the pool may hold (the length of each slab table).

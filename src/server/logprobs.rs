@@ -49,6 +49,16 @@ fn text(tok: &Tokenizer, id: u32) -> (String, Vec<u8>) {
     (String::from_utf8_lossy(&b).into_owned(), b)
 }
 
+/// The legacy `top_logprobs` entry of one token: `{token text: logprob}`, the likeliest first
+/// (a text two alternatives share keeps the likelier).
+fn top_map(tok: &Tokenizer, l: &TokenLogprob) -> Value {
+    let mut m = Map::new();
+    for &(i, p) in &l.top {
+        m.entry(text(tok, i).0).or_insert(json!(p));
+    }
+    Value::Object(m)
+}
+
 /// `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`.
 pub(crate) fn chat_json(tok: &Tokenizer, lps: &[TokenLogprob]) -> Value {
     let entry = |id: u32, lp: f32| {
@@ -80,11 +90,7 @@ pub(crate) fn completion_json(tok: &Tokenizer, lps: &[TokenLogprob], offset: usi
         at += t.chars().count();
         tokens.push(Value::String(t));
         token_logprobs.push(json!(l.logprob));
-        let mut m = Map::new();
-        for &(i, p) in &l.top {
-            m.entry(text(tok, i).0).or_insert(json!(p));
-        }
-        top.push(Value::Object(m));
+        top.push(top_map(tok, l));
     }
     json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets})
 }
@@ -143,11 +149,7 @@ pub(crate) fn echo_json(
         match e {
             Some(l) => {
                 token_logprobs.push(json!(l.logprob));
-                let mut m = Map::new();
-                for &(t, p) in &l.top {
-                    m.entry(text(tok, t).0).or_insert(json!(p));
-                }
-                top.push(Value::Object(m));
+                top.push(top_map(tok, l));
             }
             None => {
                 token_logprobs.push(Value::Null);
