@@ -172,7 +172,7 @@ def flash_check(d: Path) -> None:
 
     got = {}
     for dtype in ("bfloat16", "float16"):
-        m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype=dtype)
+        m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype=dtype, prefix_cache=False)
         got[dtype] = {n: flash_and_blocked(m, lambda mm: mm.logits(ids)) for n, ids in prompts.items()}
         if dtype == "bfloat16":
             m.last_logits([long_ids[:64]])
@@ -205,7 +205,7 @@ def flash_check(d: Path) -> None:
 def long_prefill(d: Path, lengths: tuple[int, ...] = (8192, 32768)) -> None:
     """Prefill of long prompts in bfloat16 (the official figures: 0.89 s / 14.9 GiB at 8192 tokens,
     1.24 s / 24.6 GiB at 32768 on an H200): best of 2, and the allocator's peak."""
-    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16")
+    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", prefix_cache=False)
     rng = np.random.default_rng(0)
     m.last_logits([[64790, 64792] + [int(x) for x in rng.integers(100, 60000, 62)]])
     for n in lengths:
@@ -235,6 +235,7 @@ def make_big(fx: Path, d: Path, layers: int = 28) -> Path:
 
 def figures(label: str, d: Path, batches: list[int], quantize: str | None = None, num_gpus: int = 1,
             decode_tokens: int = 128, compare_graph: bool = False) -> None:
+    # (models without the prefix cache: the same prompt timed again is computed again)
     r: dict = {}
     with PeakMemory() as pm:
         t0 = time.perf_counter()
@@ -242,10 +243,11 @@ def figures(label: str, d: Path, batches: list[int], quantize: str | None = None
         # back by later runs: the same official bytes
         gguf = d.parent / f"{d.name}-{quantize}.gguf"
         if quantize and gguf.exists():
-            m = glm2rs.Model.from_pretrained(str(gguf), device="cuda", dtype="bfloat16", num_gpus=num_gpus)
+            m = glm2rs.Model.from_pretrained(str(gguf), device="cuda", dtype="bfloat16", num_gpus=num_gpus,
+                                             prefix_cache=False)
         else:
             m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", quantize=quantize,
-                                             num_gpus=num_gpus)
+                                             num_gpus=num_gpus, prefix_cache=False)
         r["load_s"] = time.perf_counter() - t0
         if quantize and not gguf.exists():
             m.save_quantized(str(gguf))

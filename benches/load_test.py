@@ -12,7 +12,9 @@ Greedy decoding (temperature 0) with distinct prompts, so the work is the same i
 grows with every question and answer), all clients at once; run against a server with the prefix
 cache and one without (`prefix_cache=False`). Prints time to first token per turn (p50 over the
 conversations) of both, the prompt tokens and the cached ones (`usage.prompt_tokens_details`),
-and checks that both servers gave the same answers (greedy).
+and checks that both servers gave the same answers (greedy). `--history-tokens N`: each
+conversation opens with a document of about N tokens (long conversations); `--kv-cache-memory`
+below what they need: requests wait or are preempted, none may be lost.
 """
 
 from __future__ import annotations
@@ -73,9 +75,27 @@ def chat_turn(host, port, messages, max_tokens):
         usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
 
 
-def conversations(model, clients, turns, max_tokens):
+def history_text(model, i, tokens):
+    """A first message of about `tokens` tokens (distinct per conversation `i`): a long document
+    the conversation is about, as in chats over a pasted file."""
+    if tokens <= 0:
+        return ""
+    unit = f"第{i}份文件的第{{}}段：数字 {i} 在这里出现，记录了一段很长的历史，用来测试长上下文的对话。"
+    parts, n, k = [], 0, 0
+    tok = model.tokenizer
+    while n < tokens:
+        piece = unit.format(k)
+        parts.append(piece)
+        n += len(tok.encode(piece, add_special_tokens=False))
+        k += 1
+    return "".join(parts) + "\n"
+
+
+def conversations(model, clients, turns, max_tokens, history_tokens=0):
     """`clients` conversations of `turns` turns at once against a server of `model`: per turn the
-    list of (ttft, text, prompt tokens, cached tokens) over the conversations."""
+    list of (ttft, text, prompt tokens, cached tokens) over the conversations, the errors, and the
+    server's metrics at the end. `history_tokens`: each conversation opens with a document of about
+    that many tokens."""
     per_turn = [[None] * clients for _ in range(turns)]
     errors = []
     with glm2rs.Server(model, port=0, max_batch=max(clients, 1)) as s:
@@ -85,7 +105,8 @@ def conversations(model, clients, turns, max_tokens):
             msgs = []
             try:
                 for t in range(turns):
-                    msgs.append({"role": "user", "content": f"第{i}位用户的第{t + 1}个问题：请继续讲关于数字 {i} 的故事"})
+                    doc = history_text(model, i, history_tokens) if t == 0 else ""
+                    msgs.append({"role": "user", "content": f"{doc}第{i}位用户的第{t + 1}个问题：请继续讲关于数字 {i} 的故事"})
                     r = chat_turn(s.host, s.port, msgs, max_tokens)
                     per_turn[t][i] = r
                     msgs.append({"role": "assistant", "content": r[1]})
@@ -97,19 +118,21 @@ def conversations(model, clients, turns, max_tokens):
             t.start()
         for t in ts:
             t.join()
-    return per_turn, errors
+        return per_turn, errors, scrape(s.host, s.port)
 
 
 def multi_turn(args, model) -> int:
     off = glm2rs.Model.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
-                                       progress=False, prefix_cache=False, kv_block_size=args.block_size)
-    out = {"model": args.model, "clients": args.clients, "turns": args.turns, "max_tokens": args.max_tokens}
+                                       progress=False, prefix_cache=False, kv_block_size=args.block_size,
+                                       kv_cache_memory=args.kv_cache_memory)
+    out = {"model": args.model, "clients": args.clients, "turns": args.turns, "max_tokens": args.max_tokens,
+           "history_tokens": args.history_tokens, "kv_cache_memory": args.kv_cache_memory}
     res = {}
     for label, m in (("cache", model), ("no_cache", off)):
         print(f"{args.clients} conversations of {args.turns} turns, prefix cache {label} ...", file=sys.stderr)
         t0 = time.perf_counter()
-        per_turn, errors = conversations(m, args.clients, args.turns, args.max_tokens)
-        res[label] = (per_turn, errors, time.perf_counter() - t0)
+        per_turn, errors, mets = conversations(m, args.clients, args.turns, args.max_tokens, args.history_tokens)
+        res[label] = (per_turn, errors, time.perf_counter() - t0, mets)
     print("| turn | prompt tokens p50 | cached tokens p50 | first token p50, with the prefix cache | without | ratio |")
     print("| --- | --- | --- | --- | --- | --- |")
     lost = 0
@@ -130,6 +153,10 @@ def multi_turn(args, model) -> int:
     print(f"turn {args.turns} / turn 1 first token: {last['ttft_cache_p50_s'] / first['ttft_cache_p50_s']:.2f}x with the "
           f"prefix cache, {last['ttft_no_cache_p50_s'] / first['ttft_no_cache_p50_s']:.2f}x without; "
           f"wall {res['cache'][2]:.1f} s / {res['no_cache'][2]:.1f} s; same answers: {same}; lost: {lost}")
+    for label in ("cache", "no_cache"):
+        print(f"{label}: preemptions {res[label][3].get('glm2rs_num_preemptions_total', 'n/a')}, "
+              f"KV cache blocks {res[label][3].get('glm2rs_kv_cache_blocks_total', 'n/a')}")
+    out["metrics"] = {label: res[label][3] for label in ("cache", "no_cache")}
     out.update({"turns_table": rows, "same_answers": same, "lost": lost,
                 "wall_s": {"cache": res["cache"][2], "no_cache": res["no_cache"][2]}})
     if args.json:
@@ -139,6 +166,20 @@ def multi_turn(args, model) -> int:
         print(f"errors: {res['cache'][1][:3]} {res['no_cache'][1][:3]}", file=sys.stderr)
         return 1
     return 0
+
+
+def scrape(host, port):
+    """`GET /metrics` as {name: value} (label-free samples only)."""
+    c = http.client.HTTPConnection(host, port, timeout=30)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    out = {}
+    for ln in text.splitlines():
+        if ln and not ln.startswith("#") and "{" not in ln:
+            name, _, value = ln.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def pct(xs, p):
@@ -191,6 +232,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--skip-sequential", action="store_true")
     ap.add_argument("--turns", type=int, default=0, help="multi-turn conversations of this many turns")
+    ap.add_argument("--history-tokens", type=int, default=0,
+                    help="with --turns: each conversation opens with a document of about this many tokens")
     ap.add_argument("--block-size", type=int, default=16, help="KV cache block size")
     ap.add_argument("--kv-cache-memory", default=None,
                     help="KV cache limit (0.9, 8GiB, bytes): below what the clients need, requests wait or are preempted")
@@ -207,12 +250,9 @@ def main():
         stream_one(s.host, s.port, "warm up", 4)
         print(f"{args.clients} concurrent clients ...", file=sys.stderr)
         out["concurrent"] = run(s.host, s.port, prompts, args.max_tokens, True)
-        c = http.client.HTTPConnection(s.host, s.port, timeout=30)
-        c.request("GET", "/metrics")
-        m = {ln.split(" ")[0]: ln.split(" ")[-1] for ln in c.getresponse().read().decode().splitlines()
-             if ln and not ln.startswith("#")}
-        out["preemptions"] = float(m.get("glm2rs_num_preemptions_total", "nan"))
-        out["kv_blocks_total"] = float(m.get("glm2rs_kv_cache_blocks_total", "nan"))
+        m = scrape(s.host, s.port)
+        out["preemptions"] = m.get("glm2rs_num_preemptions_total", float("nan"))
+        out["kv_blocks_total"] = m.get("glm2rs_kv_cache_blocks_total", float("nan"))
         print(f"KV cache blocks {out['kv_blocks_total']:.0f}, preemptions {out['preemptions']:.0f}", file=sys.stderr)
         if not args.skip_sequential:
             print("the same requests one at a time ...", file=sys.stderr)

@@ -1,13 +1,13 @@
 """Long context on one GPU: glm2rs against transformers' own GLM model (SDPA) in the same run.
 
     python benches/long_context.py --fixtures DIR [--ckpt /tmp/glm6b] [--contexts 2048,8192,32000]
-                                   [--decode 64] [--batch 64x4096] [--parity] [--hf] [--out results.json]
+                                   [--decode 64] [--batch 64x4096,256x512] [--parity] [--hf] [--out results.json]
 
 - glm2rs, random chatglm2-6b weights in bfloat16, batch 1: prefill of each context (best of 2, the
   allocator's peak), then decoding after it (tokens/s after the first token), with the split
   (flash-decoding) attention and, same process and weights, without it (`split_decode=False`);
   greedy ids of both compared.
-- batch: `NxL`: N sequences of L prompt tokens decoded together, aggregate tokens/s.
+- batch: `NxL` (comma-separated list): N sequences of L prompt tokens decoded together, aggregate tokens/s.
 - hf: transformers' `GlmForCausalLM` with `attn_implementation="sdpa"`, the same shapes (random
   weights of its own: speed does not depend on them), prefill (`logits_to_keep=1`, as glm2rs keeps
   the last row only) and 32 eager decode steps after it, `torch.cuda.max_memory_allocated`.
@@ -63,17 +63,23 @@ def greedy(m, ids: list[int], steps: int) -> list[int]:
 def parity(fx: Path, mid: Path) -> bool:
     ok = True
     rng = np.random.default_rng(1)
-    m = glm2rs.Model.from_pretrained(str(mid), device="cuda", dtype="float32")
+    # (the modes without the prefix cache: each computes its whole prompt; `cached` runs each
+    # prompt twice, the second time from the blocks the first left in the cache)
+    m = glm2rs.Model.from_pretrained(str(mid), device="cuda", dtype="float32", prefix_cache=False)
+    cached = glm2rs.Model.from_pretrained(str(mid), device="cuda", dtype="float32")
     modes = {"split": m, "one_block": m.with_tuning(split_decode=False), "unfused": m.with_tuning(fused=False),
              "chunked": m.with_tuning(prefill_chunk=1000)}
     lengths = (200, 3000, 9000)
     prompts = [prompt(rng, n) for n in lengths]
     for ids in prompts:
         got = {k: greedy(mm, ids, 24) for k, mm in modes.items()}
-        same = got["split"] == got["one_block"] == got["unfused"] == got["chunked"]
+        greedy(cached, ids, 1)
+        got["prefix_cached"] = greedy(cached, ids, 24)
+        same = got["split"] == got["one_block"] == got["unfused"] == got["chunked"] == got["prefix_cached"]
         ok &= same
         RESULTS.setdefault("parity", {})[f"6b-shapes/{len(ids)}"] = {k: v[-24:] for k, v in got.items()} | {"equal": same}
-        log(f"parity 6B attention shapes, f32, {len(ids)} tokens: split == one-block == unfused == chunked: {same}")
+        log(f"parity 6B attention shapes, f32, {len(ids)} tokens: split == one-block == unfused == chunked == "
+            f"prefix-cached: {same}")
     # a batch mixing short and long sequences: each row as when decoded alone
     mixed = [prompts[1], prompt(rng, 50), prompts[2], prompt(rng, 700)]
     alone = [greedy(m, ids, 12)[-12:] for ids in mixed]
@@ -82,13 +88,13 @@ def parity(fx: Path, mid: Path) -> bool:
     ok &= same
     RESULTS["parity"]["6b-shapes/batch"] = {"equal": same}
     log(f"parity 6B attention shapes, f32, batch of {[len(p) for p in mixed]}: batch == alone: {same}")
-    del m, modes
-    t = glm2rs.Model.from_pretrained(str(fx / "model"), device="cuda", dtype="float32")
+    del m, modes, cached
+    t = glm2rs.Model.from_pretrained(str(fx / "model"), device="cuda", dtype="float32", prefix_cache=False)
     ids = prompt(rng, 3500)
     got = {k: greedy(mm, ids, 24) for k, mm in
            {"split": t, "one_block": t.with_tuning(split_decode=False), "unfused": t.with_tuning(fused=False),
             "chunked": t.with_tuning(prefill_chunk=1000)}.items()}
-    c = glm2rs.Model.from_pretrained(str(fx / "model"), device="cpu", dtype="float32")
+    c = glm2rs.Model.from_pretrained(str(fx / "model"), device="cpu", dtype="float32", prefix_cache=False)
     cpu, cpu_chunked = greedy(c, ids, 24), greedy(c.with_tuning(prefill_chunk=1000), ids, 24)
     same = got["split"] == got["one_block"] == got["unfused"] == got["chunked"] == cpu == cpu_chunked
     ok &= same
@@ -97,9 +103,11 @@ def parity(fx: Path, mid: Path) -> bool:
     return ok
 
 
-def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, int] | None, chunked: int = 0,
+def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: list[tuple[int, int]], chunked: int = 0,
                    block_size: int = 64) -> None:
-    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", kv_block_size=block_size)
+    # without the prefix cache: a prompt timed twice (or decoded by two kernels) is computed each time
+    m = glm2rs.Model.from_pretrained(str(d), device="cuda", dtype="bfloat16", kv_block_size=block_size,
+                                     prefix_cache=False)
     log(f"glm2rs KV pool: {m.kv_cache_info()}")
     rng = np.random.default_rng(0)
     m.last_logits([prompt(rng, 64)])  # warm up
@@ -148,8 +156,7 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
         RESULTS["glm2rs_chunked"] = {"context": 8192, "chunk": chunked, "ids_equal": same, "prefill_and_first_token_s": t_chunked}
         log(f"glm2rs bf16 8192 prefilled in chunks of {chunked}: greedy ids (32) equal to one piece: {same}; "
             f"chunked prefill + first token {t_chunked:.3f} s")
-    if batch:
-        b, n = batch
+    for b, n in batch:
         prompts = [prompt(rng, n) for _ in range(b)]
         res = {}
         for label, mm in (("split", m), ("one_block", one_block)):
@@ -160,7 +167,8 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: tuple[int, i
             out = mm.generate_batch_ids(prompts, max_new_tokens=33, do_sample=False)
             t33 = time.perf_counter() - t
             res[label] = (sum(len(o) for o in out) - b) / max(t33 - t1, 1e-9)
-        RESULTS["glm2rs_batch"] = {"batch": b, "context": n, "tok_s": res["split"], "one_block_tok_s": res["one_block"]}
+        RESULTS.setdefault("glm2rs_batch", []).append(
+            {"batch": b, "context": n, "tok_s": res["split"], "one_block_tok_s": res["one_block"]})
         log(f"glm2rs bf16 batch {b} x {n}: decode {res['split']:.0f} tok/s aggregate (one-block {res['one_block']:.0f})")
     del m, one_block, no_flash, whole
 
@@ -227,7 +235,7 @@ def main() -> int:
     ap.add_argument("--ckpt", default="/tmp/glm6b", type=Path)
     ap.add_argument("--contexts", default="2048,8192,32000")
     ap.add_argument("--decode", type=int, default=64)
-    ap.add_argument("--batch", default="", help="NxL: N sequences of L prompt tokens")
+    ap.add_argument("--batch", default="", help="NxL[,NxL...]: N sequences of L prompt tokens")
     ap.add_argument("--parity", action="store_true")
     ap.add_argument("--hf", action="store_true")
     ap.add_argument("--skip-glm2rs", action="store_true")
@@ -236,7 +244,7 @@ def main() -> int:
     ap.add_argument("--out")
     a = ap.parse_args()
     contexts = [int(x) for x in a.contexts.split(",") if x]
-    batch = tuple(int(x) for x in a.batch.split("x")) if a.batch else None
+    batch = [tuple(int(x) for x in b.split("x")) for b in a.batch.split(",") if b]
     ok = True
     try:
         subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], check=False)

@@ -8,6 +8,11 @@
 
 The workload loads the checkpoint in bfloat16 on cuda, prefills 32 tokens and decodes 400 (decode),
 or runs 2048-token prefills (prefill). GLM2RS_FUSED=0 gives the decode step of candle's own ops.
+
+Without Nsight Compute, a prefill's kernels side by side with transformers' GLM (SDPA), through
+the PyTorch profiler (CUPTI sees every kernel of the process, glm2rs's too):
+
+    python benches/ncu_profile.py kineto CKPT 8192     # GPU time by kernel, both engines
 """
 
 from __future__ import annotations
@@ -28,6 +33,50 @@ def run(ckpt: str, mode: str) -> None:
     else:
         for _ in range(4):
             m.last_logits([ids])
+
+
+def kineto(ckpt: str, n: int) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import GlmConfig, GlmForCausalLM
+
+    import glm2rs
+
+    ids = [64790, 64792] + [(7 * i) % 60000 + 100 for i in range(n - 2)]
+
+    def table(label, prof, top=14):
+        by = defaultdict(lambda: [0, 0.0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                by[e.name[:70]][0] += 1
+                by[e.name[:70]][1] += e.device_time
+        total = sum(t for _, t in by.values())
+        print(f"\n{label}: {total / 1e3:.1f} ms of GPU time in kernels")
+        print("| kernel | launches | ms | share |")
+        print("| --- | --- | --- | --- |")
+        for k, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"| {k} | {c} | {t / 1e3:.1f} | {100 * t / total:.0f}% |")
+
+    m = glm2rs.Model.from_pretrained(ckpt, device="cuda", dtype="bfloat16", progress=False, prefix_cache=False)
+    m.last_logits([ids])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        m.last_logits([ids])
+    table(f"glm2rs prefill of {n} tokens", prof)
+    del m
+    cfg = GlmConfig(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
+                    num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
+                    max_position_embeddings=32768, attention_bias=True, rms_norm_eps=1e-5, pad_token_id=0,
+                    eos_token_id=2, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        hf = GlmForCausalLM(cfg).eval()
+    x = torch.tensor([ids], device="cuda")
+    with torch.no_grad():
+        hf(input_ids=x, logits_to_keep=1)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            hf(input_ids=x, logits_to_keep=1)
+            torch.cuda.synchronize()
+    table(f"transformers SDPA prefill of {n} tokens", prof)
 
 
 def summarize(path: str, layers: int) -> None:
@@ -67,6 +116,9 @@ def summarize(path: str, layers: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "run":
         run(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "kineto":
+        for n in sys.argv[3:]:
+            kineto(sys.argv[2], int(n))
     else:
         layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 28
         summarize(sys.argv[2], layers)

@@ -1,5 +1,6 @@
 //! The split (flash-decoding) decode attention against the one-block kernel, on a GPU (feature
-//! `cuda`; `scripts/build_cuda_wheel.sh --tests` builds this binary for the device machine).
+//! `cuda`; `scripts/build_cuda_wheel.sh --tests` builds this binary for the device machine), and
+//! the fused prefill (`prefill_qkv` + the paged flash kernel) against float64 (last test).
 //! Random queries, keys and values of ChatGLM2-6B's attention shapes (32 heads, 2 KV groups,
 //! head_dim 128) and of the tiny fixture's (4 heads, 2 groups, head_dim 8), caches of 1 to 20,000
 //! entries, one sequence and a batch mixing short and long ones. float32 takes the CUDA-core split
@@ -295,6 +296,176 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
             assert!(
                 err_split.is_finite() && err_split <= allowed,
                 "{dtype:?} case {ci}: split error {err_split} over {allowed}"
+            );
+        }
+    }
+}
+
+/// The prefill path of 16-bit models: `prefill_qkv` (bias, rotary, keys and values into the
+/// paged cache, queries out) then `flash_prefill_paged` (causal attention through the block
+/// table, token-major output), against float64 from the same inputs: the projections rounded as
+/// the model stores them (bias added, rounded to the dtype), turned by the rotary tables, and
+/// attention of query i (position past + i) over positions 0..=past + i. Caches that already hold
+/// `past` entries (a chunked prompt, a cached prefix) in blocks interleaved with another
+/// sequence's; rotary positions offset from the cache positions (a P-Tuning prefix).
+#[test]
+fn fused_prefill_matches_float64() {
+    let dev = glm2rs::parse_device("cuda").expect("a CUDA device");
+    // (heads, groups, head_dim, past, t)
+    let cases = [
+        (32, 2, 128, 0, 300),
+        (32, 2, 128, 250, 130),
+        (32, 2, 128, 1000, 1),
+        (4, 2, 64, 37, 70),
+    ];
+    for dtype in [DType::BF16, DType::F16] {
+        for (ci, &(nh, ng, hd, past, t)) in cases.iter().enumerate() {
+            candle_core::Device::Cpu.set_seed(100 + ci as u64).ok();
+            let case = Case {
+                heads: nh,
+                groups: ng,
+                head_dim: hd,
+                lens: vec![past, 45],
+            };
+            let (_, kv) = inputs(&dev, &case, dtype);
+            let mut caches = paged(&dev, &case, dtype, &kv, 16);
+            let cache = &mut caches[0];
+            cache.reserve(t).unwrap();
+            let mut seq = cache.decode_seq(0, &dev).unwrap();
+            seq.rot = past + 3; // rotary positions apart from the cache positions
+            let width = (nh + 2 * ng) * hd;
+            let qkv = random(&dev, &[t, width], dtype);
+            let bias = random(&dev, &[width], dtype);
+            // the model's rotary tables: angles pos / 10000^(2i / rot) in float32, stored in the dtype
+            let rot_half = hd / 4;
+            let positions = seq.rot + t;
+            let (mut cos, mut sin) = (vec![], vec![]);
+            for p in 0..positions {
+                for i in 0..rot_half {
+                    let a = p as f32 / 10000f32.powf(2.0 * i as f32 / (2 * rot_half) as f32);
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+            let table = |v: Vec<f32>| {
+                Tensor::from_vec(v, (positions, rot_half), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(&dev)
+                    .unwrap()
+            };
+            let (cos, sin) = (table(cos), table(sin));
+            let q =
+                glm2rs::kernels::cuda::prefill_qkv(&qkv, Some(&bias), &cos, &sin, &seq, nh, ng, hd)
+                    .unwrap();
+            let scale = 1.0 / (hd as f64).sqrt();
+            let out = glm2rs::kernels::cuda::flash_prefill_paged(&q, &seq, ng, scale as f32)
+                .unwrap()
+                .expect("the flash kernel takes these shapes");
+            assert_eq!(out.dims(), &[1, t, nh * hd]);
+            // float64 reference of the projections: bias added and rounded as stored, then turned
+            let x = to64(
+                &qkv.to_dtype(DType::F32)
+                    .unwrap()
+                    .broadcast_add(&bias.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            let (c64, s64) = (to64(&cos), to64(&sin));
+            let turned = |i: usize, off: usize| -> Vec<f64> {
+                let mut y = x[i * width + off..i * width + off + hd].to_vec();
+                let pos = seq.rot + i;
+                for j in 0..rot_half {
+                    let (c, s) = (c64[pos * rot_half + j], s64[pos * rot_half + j]);
+                    let (a, b) = (y[2 * j], y[2 * j + 1]);
+                    y[2 * j] = a * c - b * s;
+                    y[2 * j + 1] = a * s + b * c;
+                }
+                y
+            };
+            let eps = if dtype == DType::BF16 {
+                2f64.powi(-8)
+            } else {
+                2f64.powi(-11)
+            };
+            let what = format!(
+                "{dtype:?} case {ci} (heads {nh}, groups {ng}, head_dim {hd}, past {past}, t {t})"
+            );
+            // queries: one rounding of the turned value
+            let qk = to64(&q);
+            for h in 0..nh {
+                for i in 0..t {
+                    let want = turned(i, h * hd);
+                    for e in 0..hd {
+                        let got = qk[(h * t + i) * hd + e];
+                        assert!(
+                            (got - want[e]).abs() <= 2.0 * eps * want[e].abs().max(1e-3),
+                            "{what}: query {i} head {h} dim {e}: {got} vs {}",
+                            want[e]
+                        );
+                    }
+                }
+            }
+            // the cache: the old entries untouched, the new keys turned, the new values as stored
+            let (kc, vc) = cache.gather(0, past + t).unwrap(); // [1, ng, past + t, hd]
+            let (kc, vc) = (to64(&kc), to64(&vc));
+            let old_k = to64(&kv[0].0);
+            let cap = past + t;
+            for g in 0..ng {
+                for p in 0..past {
+                    for e in 0..hd {
+                        assert_eq!(
+                            kc[(g * cap + p) * hd + e],
+                            old_k[(g * past + p) * hd + e],
+                            "{what}: old key"
+                        );
+                    }
+                }
+                for i in 0..t {
+                    let want_k = turned(i, (nh + g) * hd);
+                    for e in 0..hd {
+                        let at = (g * cap + past + i) * hd + e;
+                        assert!(
+                            (kc[at] - want_k[e]).abs() <= 2.0 * eps * want_k[e].abs().max(1e-3),
+                            "{what}: key {i} group {g} dim {e}"
+                        );
+                        assert_eq!(
+                            vc[at],
+                            x[i * width + (nh + ng + g) * hd + e],
+                            "{what}: value {i}"
+                        );
+                    }
+                }
+            }
+            // attention from what the kernel reads (its queries, the cache), causal
+            let o = to64(&out);
+            let (mut err, mut biggest) = (0f64, 0f64);
+            let r = nh / ng;
+            for h in 0..nh {
+                let g = h / r;
+                let rows = |c: &[f64], n: usize| -> Vec<Vec<f64>> {
+                    (0..n)
+                        .map(|p| c[(g * cap + p) * hd..(g * cap + p + 1) * hd].to_vec())
+                        .collect()
+                };
+                for i in 0..t {
+                    let n = past + i + 1;
+                    let qi = vec![qk[(h * t + i) * hd..(h * t + i + 1) * hd].to_vec()];
+                    let want = reference(&qi, &rows(&kc, n), &rows(&vc, n), scale);
+                    for (e, &w) in want[0].iter().enumerate() {
+                        err = err.max((o[(i * nh + h) * hd + e] - w).abs());
+                        biggest = biggest.max(w.abs());
+                    }
+                }
+            }
+            // 16-bit probabilities before the value product and one output rounding
+            let allowed = 3.0 * eps * biggest.max(1.0);
+            println!("{what}: max attention error {err:.2e}, allowed {allowed:.2e}");
+            assert!(
+                err.is_finite() && err <= allowed,
+                "{what}: attention error {err} over {allowed}"
             );
         }
     }

@@ -738,52 +738,99 @@ fn flash_smem(func: &cudarc::driver::CudaFunction, d: usize) -> Result<u32> {
     Ok(bytes)
 }
 
-/// Write `k`, `v` (`[1, groups, t, head_dim]`, dimensions contiguous, the cache's dtype) into the
-/// paged cache of `seq` at positions `seq.len ..` (its blocks reserved).
-pub fn paged_write(k: &Tensor, v: &Tensor, seq: &DecodeSeq) -> Result<()> {
-    let (b, g, t, d) = k.dims4()?;
-    if b != 1 || v.dims4()? != (b, g, t, d) || k.dtype() != seq.dtype || v.dtype() != seq.dtype {
-        bail!("paged write: keys and values must be [1, groups, t, head_dim] of the cache's dtype");
+/// The projections `qkv` (`[t, (heads + 2 groups) head_dim]`, rows contiguous, bias not yet
+/// added) of one sequence's `t` new tokens made ready for [`flash_prefill_paged`] in one launch
+/// (`prefill_qkv` in glm2.cu): bias and rotary (`cos` / `sin` `[positions, rot_half]`, from
+/// position `seq.rot`) applied, keys and values written into the sequence's blocks at `seq.len..`
+/// (reserved), the queries returned `[1, heads, t, head_dim]`. 16-bit only.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_qkv(
+    qkv: &Tensor,
+    bias: Option<&Tensor>,
+    cos: &Tensor,
+    sin: &Tensor,
+    seq: &DecodeSeq,
+    heads: usize,
+    groups: usize,
+    head_dim: usize,
+) -> Result<Tensor> {
+    let (t, width) = qkv.dims2()?;
+    let dtype = qkv.dtype();
+    let rot_half = cos.dim(1)?;
+    if width != (heads + 2 * groups) * head_dim
+        || !matches!(dtype, DType::BF16 | DType::F16)
+        || dtype != seq.dtype
+        || cos.dtype() != dtype
+        || sin.dtype() != dtype
+        || bias.is_some_and(|b| b.dtype() != dtype || b.elem_count() != width)
+        || head_dim % 2 != 0
+        || 2 * rot_half > head_dim
+    {
+        bail!("prefill qkv: {t}x{width} {dtype:?} does not fit {heads} heads, {groups} groups, head_dim {head_dim}");
     }
-    if k.stride()[3] != 1 || v.stride()[3] != 1 {
-        bail!("paged write: dimensions must be contiguous");
+    if seq.rot + t > cos.dim(0)? {
+        bail!(
+            "prefill qkv: positions up to {} past the rotary table ({})",
+            seq.rot + t,
+            cos.dim(0)?
+        );
     }
-    if t == 0 {
-        return Ok(());
-    }
-    let candle_core::Device::Cuda(dev) = k.device() else {
-        bail!("paged write: not a CUDA tensor")
+    let candle_core::Device::Cuda(dev) = qkv.device() else {
+        bail!("prefill qkv: not a CUDA tensor")
     };
+    let qkv = qkv.contiguous()?;
+    let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+    let bias = bias.map(|b| b.contiguous()).transpose()?;
+    let q = Tensor::zeros((1, heads, t, head_dim), dtype, qkv.device())?;
+    if t == 0 {
+        return Ok(q);
+    }
     let info = SeqInfo::of(seq, 0)?;
     let func =
-        dev.get_or_load_custom_func(&format!("paged_write_{}", suffix(k.dtype())?), MODULE, PTX)?;
-    let (kp, vp) = (device_ptr(k)?, device_ptr(v)?);
-    let (ks, vs) = (k.stride(), v.stride());
-    let (k_gs, k_ts, v_gs, v_ts) = (ks[1] as i64, ks[2] as i64, vs[1] as i64, vs[2] as i64);
-    let (g_i, d_i) = (g as i32, d as i32);
+        dev.get_or_load_custom_func(&format!("prefill_qkv_{}", suffix(dtype)?), MODULE, PTX)?;
+    let (qkv_p, cos_p, sin_p, q_p) = (
+        device_ptr(&qkv)?,
+        device_ptr(&cos)?,
+        device_ptr(&sin)?,
+        device_ptr(&q)?,
+    );
+    let bias_p = match &bias {
+        Some(b) => device_ptr(b)?,
+        None => 0u64,
+    };
+    let (t_i, nh_i, ng_i, hd_i, rh_i) = (
+        t as i32,
+        heads as i32,
+        groups as i32,
+        head_dim as i32,
+        rot_half as i32,
+    );
     let mut bl = func.builder();
-    bl.arg(&kp);
-    bl.arg(&vp);
-    bl.arg(&k_gs);
-    bl.arg(&k_ts);
-    bl.arg(&v_gs);
-    bl.arg(&v_ts);
+    bl.arg(&qkv_p);
+    bl.arg(&bias_p);
+    bl.arg(&cos_p);
+    bl.arg(&sin_p);
+    bl.arg(&q_p);
     bl.arg(&info);
-    bl.arg(&g_i);
-    bl.arg(&d_i);
+    bl.arg(&t_i);
+    bl.arg(&nh_i);
+    bl.arg(&ng_i);
+    bl.arg(&hd_i);
+    bl.arg(&rh_i);
     let cfg = LaunchConfig {
-        grid_dim: (t as u32, g as u32, 1),
-        block_dim: (d.clamp(32, 128) as u32, 1, 1),
+        grid_dim: (t as u32, 1, 1),
+        block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     unsafe { bl.launch(cfg) }.w()?;
-    Ok(())
+    Ok(q)
 }
 
 /// Causal attention of one sequence's `t` new queries (`q` `[1, heads, t, head_dim]`, bf16 /
 /// f16, head_dim 64 or 128) over its paged cache of `seq.len + t` positions (the new keys and
-/// values already written, [`paged_write`]): the flash kernel reading keys and values through
-/// the block table. `None` when the shapes do not suit it.
+/// values already written, [`prefill_qkv`]): the flash kernel reading keys
+/// and values through the block table. Returns `[1, t, heads * head_dim]` (token-major: the
+/// rows the dense projection takes). `None` when the shapes do not suit it.
 pub fn flash_prefill_paged(
     q: &Tensor,
     seq: &DecodeSeq,
@@ -850,7 +897,7 @@ impl CustomOp1 for FlashPrefillPaged {
                 slice,
                 device: dev.clone(),
             },
-            Shape::from((1, nh, t, d)),
+            Shape::from((1, t, nh * d)),
         ))
     }
 }

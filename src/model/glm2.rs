@@ -154,6 +154,34 @@ impl SelfAttention {
                 return Ok(out);
             }
         }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda()
+            && tuning.fused
+            && tuning.flash
+            && caches.iter().all(|c| self.prefill_paged_applies(x, c))
+        {
+            // projections without their bias; bias, rotary and the cache writes in one kernel
+            let (qkv, bias) = self.query_key_value.forward_no_bias(x)?;
+            let qkv = qkv.squeeze(0)?; // [n, (nh + 2 ng) hd]
+            let mut ctxs = Vec::with_capacity(segments.len());
+            for (&(off, t), cache) in segments.iter().zip(caches.iter_mut()) {
+                let rows = qkv.narrow(0, off, t)?;
+                match self.prefill_paged_cuda(&rows, bias.as_ref(), rotary, cache, layer)? {
+                    Some(ctx) => ctxs.push(ctx),
+                    None => {
+                        return Err(Error::Internal(format!(
+                            "flash prefill refused {t} tokens of {nh} heads in {ng} groups"
+                        )))
+                    }
+                }
+            }
+            let ctx = if ctxs.len() == 1 {
+                ctxs.pop().expect("one segment")
+            } else {
+                Tensor::cat(&ctxs, 1)?
+            };
+            return self.dense.forward(&ctx).map_err(Error::from);
+        }
         let qkv = self.query_key_value.forward(x)?; // [1, n, (nh + 2 ng) hd]
         let mut ctxs = Vec::with_capacity(segments.len());
         for (&(off, t), cache) in segments.iter().zip(caches.iter_mut()) {
@@ -173,13 +201,6 @@ impl SelfAttention {
             let start = cache.position();
             let q = rotary.apply(&q, start)?;
             let k = rotary.apply(&k, start)?;
-            #[cfg(feature = "cuda")]
-            if x.device().is_cuda() && tuning.fused && tuning.flash {
-                if let Some(ctx) = self.prefill_paged_cuda(&q, &k, &v, cache, layer)? {
-                    ctxs.push(ctx.transpose(1, 2)?.reshape((1, t, nh * hd))?);
-                    continue;
-                }
-            }
             cache.write(layer, &k, &v)?;
             if t == 1 && x.device().is_cpu() {
                 // one token on the CPU: attention read in place from the paged cache

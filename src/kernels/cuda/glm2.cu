@@ -538,7 +538,7 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
 // current one is used; B fragments of K (scores) and V (output, transposed on the fly) come
 // from ldmatrix. Blocks start with the last query rows (the most tiles) so the short ones fill
 // the tail. PAGED: keys and values read through a sequence's block table (`paged`, b = 1)
-// instead of the strided k / v.
+// instead of the strided k / v, the output token-major ([t, heads, D]).
 template <typename T, int D, bool PAGED>
 __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                               T* __restrict__ out, int t, int L, int past, int heads, int groups,
@@ -683,7 +683,8 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
         const int row = q0 + gr + 8 * rr;
         if (row >= t) continue;
         const float inv = 1.f / l[rr];
-        T* orow = out + ((size_t)(b * heads + h) * t + row) * D;
+        // PAGED: [t, heads, D] (the attention output's rows, ready for the dense projection)
+        T* orow = PAGED ? out + ((size_t)row * heads + h) * D : out + ((size_t)(b * heads + h) * t + row) * D;
 #pragma unroll
         for (int d = 0; d < D / 8; d++)
             *reinterpret_cast<uint32_t*>(orow + d * 8 + 2 * tq) = pack2<T>(o[d][2 * rr] * inv, o[d][2 * rr + 1] * inv);
@@ -706,27 +707,50 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
     }
 FLASH(__nv_bfloat16, bf16, 64) FLASH(__nv_bfloat16, bf16, 128) FLASH(__half, f16, 64) FLASH(__half, f16, 128)
 
-// paged_write: t new keys and values ([groups, t, head_dim] at strides gs / ts, dimensions
-// contiguous) into a sequence's blocks at positions seq.len .. seq.len + t. Grid (t, groups).
+// prefill_qkv: the projections of a prompt (or a chunk) made ready for the paged flash kernel in
+// one pass: row i of qkv ([t, (heads + 2 groups) * head_dim], bias not yet added) is the token at
+// cache position seq.len + i and rotary position seq.rot + i; bias added and rounded to T, then
+// the rotary pairs of queries and keys turned in float32 and rounded again (as decode_attention
+// does), queries stored [heads, t, head_dim] for the flash kernel, keys and values straight into
+// the sequence's blocks. Grid (t), 256 threads, a pair of elements each.
 template <typename T>
-__device__ void paged_write(const T* __restrict__ k, const T* __restrict__ v, long long k_gs, long long k_ts,
-                            long long v_gs, long long v_ts, const SeqInfo& seq, int groups, int head_dim) {
-    const int i = blockIdx.x, g = blockIdx.y;
-    T* kd = kv_at<T>(seq.k, seq, seq.len + i, g, groups, head_dim);
-    T* vd = kv_at<T>(seq.v, seq, seq.len + i, g, groups, head_dim);
-    for (int e = threadIdx.x; e < head_dim; e += blockDim.x) {
-        kd[e] = k[g * k_gs + i * k_ts + e];
-        vd[e] = v[g * v_gs + i * v_ts + e];
+__device__ void prefill_qkv(const T* __restrict__ qkv, const T* __restrict__ bias, const T* __restrict__ cos_t,
+                            const T* __restrict__ sin_t, T* __restrict__ q_out, const SeqInfo& seq, int t,
+                            int heads, int groups, int head_dim, int rot_half) {
+    const int i = blockIdx.x;
+    const int width = (heads + 2 * groups) * head_dim;
+    const T* row = qkv + (size_t)i * width;
+    const size_t pos = (size_t)(seq.rot + i) * rot_half;
+    for (int p = threadIdx.x; p < width / 2; p += blockDim.x) {
+        const int e = 2 * p, which = e / head_dim, col = e % head_dim;
+        float x0 = to_f(from_f<T>(to_f(row[e]) + (bias ? to_f(bias[e]) : 0.f)));
+        float x1 = to_f(from_f<T>(to_f(row[e + 1]) + (bias ? to_f(bias[e + 1]) : 0.f)));
+        if (which < heads + groups && col < 2 * rot_half) {
+            const float c = to_f(cos_t[pos + col / 2]), sn = to_f(sin_t[pos + col / 2]);
+            const float y0 = x0 * c - x1 * sn;
+            const float y1 = x0 * sn + x1 * c;
+            x0 = y0;
+            x1 = y1;
+        }
+        T* dst;
+        if (which < heads)
+            dst = q_out + ((size_t)which * t + i) * head_dim + col;
+        else if (which < heads + groups)
+            dst = kv_at<T>(seq.k, seq, seq.len + i, which - heads, groups, head_dim) + col;
+        else
+            dst = kv_at<T>(seq.v, seq, seq.len + i, which - heads - groups, groups, head_dim) + col;
+        dst[0] = from_f<T>(x0);
+        dst[1] = from_f<T>(x1);
     }
 }
-#define PAGED_WRITE(T, NAME)                                                                            \
-    extern "C" __global__ void paged_write_##NAME(const T* k, const T* v, long long k_gs, long long k_ts, \
-                                                  long long v_gs, long long v_ts,                       \
-                                                  const __grid_constant__ SeqInfo seq, int groups,      \
-                                                  int head_dim) {                                       \
-        paged_write<T>(k, v, k_gs, k_ts, v_gs, v_ts, seq, groups, head_dim);                            \
+#define PREFILL_QKV(T, NAME)                                                                           \
+    extern "C" __global__ void prefill_qkv_##NAME(const T* qkv, const T* bias, const T* cos_t,         \
+                                                  const T* sin_t, T* q_out,                            \
+                                                  const __grid_constant__ SeqInfo seq, int t, int heads, \
+                                                  int groups, int head_dim, int rot_half) {            \
+        prefill_qkv<T>(qkv, bias, cos_t, sin_t, q_out, seq, t, heads, groups, head_dim, rot_half);    \
     }
-PAGED_WRITE(float, f32) PAGED_WRITE(__half, f16) PAGED_WRITE(__nv_bfloat16, bf16)
+PREFILL_QKV(__half, f16) PREFILL_QKV(__nv_bfloat16, bf16)
 
 // ---------------------------------------------------------------------------------------------
 // Official weight-only int8/int4 (ChatGLM2's quantization_bit): q [n, k] int8 or [n, k/2] with

@@ -97,38 +97,44 @@ impl SelfAttention {
         })
     }
 
-    /// A prompt (or a chunk of one) of one sequence on CUDA, straight into its paged cache: the
-    /// new keys and values (`[1, groups, t, head_dim]`, after rotary) written into its blocks,
-    /// then the flash kernel reading every key and value through the block table (no gathered
-    /// copy). `None` where the kernel does not apply (the caller gathers and attends).
+    /// Whether [`SelfAttention::prefill_paged_cuda`] takes this model's prompts: 16-bit, head_dim
+    /// 64 or 128, the cache of the model's dtype.
+    pub(super) fn prefill_paged_applies(&self, x: &Tensor, cache: &Cache) -> bool {
+        matches!(x.dtype(), DType::BF16 | DType::F16)
+            && matches!(self.head_dim, 64 | 128)
+            && self.num_groups > 0
+            && self.num_heads % self.num_groups == 0
+            && x.dtype() == cache.pool().dtype()
+    }
+
+    /// A prompt (or a chunk of one) of one sequence on CUDA, straight into its paged cache: its
+    /// rows of the projection (`qkv` `[t, (heads + 2 groups) head_dim]`, `bias` not yet added)
+    /// through one kernel that adds the bias, turns queries and keys and writes keys and values
+    /// into the sequence's blocks, then the flash kernel reading every key and value through the
+    /// block table (no gathered copy). Returns `[1, t, heads * head_dim]`, or `None` where the
+    /// flash kernel does not apply.
     pub(super) fn prefill_paged_cuda(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
+        bias: Option<&Tensor>,
+        rotary: &RotaryEmbedding,
         cache: &mut Cache,
         layer: usize,
     ) -> Result<Option<Tensor>> {
-        let hd = self.head_dim;
-        if !matches!(q.dtype(), DType::BF16 | DType::F16)
-            || !matches!(hd, 64 | 128)
-            || q.dtype() != cache.pool().dtype()
-        {
-            return Ok(None);
-        }
-        let seq = cache.decode_seq(layer, q.device())?;
-        // (the rotary output is a transposed view: its dimensions made contiguous here)
-        let inner = |x: &Tensor| -> Result<Tensor> {
-            Ok(if x.stride()[3] == 1 {
-                x.clone()
-            } else {
-                x.contiguous()?
-            })
-        };
-        crate::kernels::cuda::paged_write(&inner(k)?, &inner(v)?, &seq)?;
+        let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
+        let seq = cache.decode_seq(layer, qkv.device())?;
+        let q = crate::kernels::cuda::prefill_qkv(
+            qkv,
+            bias,
+            &rotary.cos,
+            &rotary.sin,
+            &seq,
+            nh,
+            ng,
+            hd,
+        )?;
         let scale = 1.0 / (hd as f32).sqrt();
-        crate::kernels::cuda::flash_prefill_paged(q, &seq, self.num_groups, scale)
-            .map_err(Into::into)
+        crate::kernels::cuda::flash_prefill_paged(&q, &seq, ng, scale).map_err(Into::into)
     }
 
     /// One decoding step of every sequence (one new token each) in one fused kernel: bias,
