@@ -117,6 +117,7 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: list[tuple[i
     log(f"glm2rs bf16 decode after 32 tokens: {short:.1f} tok/s")
     one_block = m.with_tuning(split_decode=False)
     no_flash = m.with_tuning(flash=False)
+    mma = m.with_tuning(wgmma=False)  # the mma.sync flash kernel (what GPUs other than Hopper run)
     whole = m.with_tuning(prefill_chunk=0)
     chunk = m.tuning["prefill_chunk"]
     for n in contexts:
@@ -136,13 +137,17 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: list[tuple[i
         t = time.perf_counter()
         no_flash.last_logits([ids])
         blocked = time.perf_counter() - t
+        mma.last_logits([ids])
+        t = time.perf_counter()
+        mma.last_logits([ids])
+        t_mma = time.perf_counter() - t
         old, ids_old = decode_rate(one_block, ids, steps)
-        r = {"prefill_s": min(ts), "prefill_chunk": chunk, "prefill_whole_s": t_whole, "prefill_blocked_s": blocked,
+        r = {"prefill_s": min(ts), "prefill_chunk": chunk, "prefill_whole_s": t_whole, "prefill_blocked_s": blocked, "prefill_mma_sync_s": t_mma,
              "decode_tok_s": split, "decode_one_block_tok_s": old, "allocated_peak_gib": peak,
              "allocated_peak_whole_gib": peak_whole, "ids_equal": ids_split == ids_old}
         RESULTS.setdefault("glm2rs", {})[str(n)] = r
         log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s (chunks of {chunk}; in one pass {t_whole:.3f} s, "
-            f"peak {peak_whole:.2f} GiB; flash=False: {blocked:.3f} s), decode {split:.1f} tok/s "
+            f"peak {peak_whole:.2f} GiB; flash=False: {blocked:.3f} s; mma.sync flash kernel {t_mma:.3f} s), decode {split:.1f} tok/s "
             f"(one-block kernel {old:.1f}), allocated peak {peak:.2f} GiB, ids equal {r['ids_equal']}")
     if chunked:
         ids = prompt(rng, 8192)

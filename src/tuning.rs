@@ -15,6 +15,7 @@
 //! | `fused` | `GLM2RS_FUSED` | on | CUDA: glm2rs's fused decode kernels; off: candle's own ops |
 //! | `flash` | `GLM2RS_FLASH` | on | CUDA: 16-bit prompts attend in one flash kernel per layer; off: cuBLAS score blocks |
 //! | `cuda_graph` | `GLM2RS_CUDA_GRAPH` | on | CUDA: one sequence's decode step replays a captured graph |
+//! | `wgmma` | `GLM2RS_WGMMA` | on | CUDA, compute capability 9.0 (H100/H200), head_dim 128: prompts attend in the flash kernel on Hopper's warpgroup matrix instructions; off: the mma.sync flash kernel of other GPUs |
 //! | `split_decode` | `GLM2RS_SPLIT_DECODE` | on | CUDA: the fused decode attention splits long sequences over many blocks (flash-decoding), a block per KV group; off: one block per query head |
 //! | `prefill_chunk` | `GLM2RS_PREFILL_CHUNK` | 8192 | every device: a prompt longer than this many tokens is prefilled this many per forward pass (chunked prefill: bounded activation memory, and in a batch the other sequences keep decoding meanwhile); 0: in one pass |
 //! | `cuda_events` | `GLM2RS_CUDA_EVENTS` | off | CUDA: keep candle's per-allocation events on single-GPU models |
@@ -26,7 +27,7 @@
 //!
 //! Load-time switches (`cuda_events`, `cuda_pool_release`: at device creation; `gemvq`,
 //! `gemvq_rows`, `dequantize`, `vnni`: kept by each layer at load) need a reload to change; the
-//! step-time ones (`fused`, `flash`, `cuda_graph`, `split_decode`, `prefill_chunk`) follow [`crate::pipeline::Model::with_tuning`].
+//! step-time ones (`fused`, `flash`, `wgmma`, `cuda_graph`, `split_decode`, `prefill_chunk`) follow [`crate::pipeline::Model::with_tuning`].
 
 use std::sync::OnceLock;
 
@@ -47,6 +48,7 @@ pub enum GemvQ {
 pub struct Tuning {
     pub fused: bool,
     pub flash: bool,
+    pub wgmma: bool,
     pub cuda_graph: bool,
     pub split_decode: bool,
     /// Tokens of one sequence per forward pass (0: no limit).
@@ -66,6 +68,7 @@ impl Default for Tuning {
         Self {
             fused: true,
             flash: true,
+            wgmma: true,
             cuda_graph: true,
             split_decode: true,
             prefill_chunk: 8192,
@@ -106,6 +109,7 @@ impl Tuning {
         };
         switch("GLM2RS_FUSED", &mut t.fused, false);
         switch("GLM2RS_FLASH", &mut t.flash, false);
+        switch("GLM2RS_WGMMA", &mut t.wgmma, false);
         switch("GLM2RS_CUDA_GRAPH", &mut t.cuda_graph, false);
         switch("GLM2RS_SPLIT_DECODE", &mut t.split_decode, false);
         switch("GLM2RS_CUDA_EVENTS", &mut t.cuda_events, false);
@@ -169,6 +173,7 @@ mod tests {
         let t = with(&[
             ("GLM2RS_FUSED", "0"),
             ("GLM2RS_FLASH", "off"),
+            ("GLM2RS_WGMMA", "0"),
             ("GLM2RS_CUDA_GRAPH", "False"),
             ("GLM2RS_SPLIT_DECODE", "no"),
             ("GLM2RS_CUDA_EVENTS", "1"),
@@ -180,7 +185,7 @@ mod tests {
             ("GLM2RS_PREFILL_CHUNK", "512"),
         ]);
         assert_eq!(t.prefill_chunk, 512);
-        assert!(!t.fused && !t.flash && !t.cuda_graph && !t.split_decode);
+        assert!(!t.fused && !t.flash && !t.wgmma && !t.cuda_graph && !t.split_decode);
         assert!(t.cuda_events && t.cuda_pool_release && t.dequantize && !t.vnni);
         assert_eq!((t.gemvq, t.gemvq_rows), (GemvQ::Dp4a, 16));
         // "0" means off for every variable, so GLM2RS_NO_VNNI=0 keeps VNNI on and

@@ -153,6 +153,7 @@ class Model:
         cuda_graph: bool | None = None,
         split_decode: bool | None = None,
         prefill_chunk: int | None = None,
+        wgmma: bool | None = None,
     ) -> Model:
         """The same weights (shared) with other step-time switches (CUDA ones, and
         `prefill_chunk`: prompt tokens fed per step, 0 for all at once)."""

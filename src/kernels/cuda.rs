@@ -830,12 +830,15 @@ pub fn prefill_qkv(
 /// f16, head_dim 64 or 128) over its paged cache of `seq.len + t` positions (the new keys and
 /// values already written, [`prefill_qkv`]): the flash kernel reading keys
 /// and values through the block table. Returns `[1, t, heads * head_dim]` (token-major: the
-/// rows the dense projection takes). `None` when the shapes do not suit it.
+/// rows the dense projection takes). `None` when the shapes do not suit it. `wgmma`: on a
+/// compute capability 9.0 GPU with head_dim 128, the kernel on Hopper's warpgroup matrix
+/// instructions (`flash_wgmma`, where this build has it) instead of the mma.sync one.
 pub fn flash_prefill_paged(
     q: &Tensor,
     seq: &DecodeSeq,
     groups: usize,
     scale: f32,
+    wgmma: bool,
 ) -> Result<Option<Tensor>> {
     let (b, nh, t, d) = q.dims4()?;
     let dtype = q.dtype();
@@ -854,6 +857,7 @@ pub fn flash_prefill_paged(
         info: SeqInfo::of(seq, 0)?,
         groups,
         scale,
+        wgmma: wgmma && d == 128 && cfg!(glm2rs_wgmma),
     })?))
 }
 
@@ -861,6 +865,32 @@ struct FlashPrefillPaged {
     info: SeqInfo,
     groups: usize,
     scale: f32,
+    wgmma: bool,
+}
+
+/// Whether `dev` is a compute capability 9.0 GPU (Hopper: H100, H200), for the sm_90a kernels.
+fn is_sm90(dev: &CudaDevice) -> Result<bool> {
+    use cudarc::driver::sys::CUdevice_attribute as A;
+    let ctx = dev.cuda_stream().context().clone();
+    let major = ctx
+        .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    let minor = ctx
+        .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+        .w()?;
+    Ok((major, minor) == (9, 0))
+}
+
+/// Dynamic shared memory of a `flash_wgmma` block (FW_SMEM in flash_wgmma.cuh: the query tile,
+/// two stages of key and value tiles of 128 x 128, 1024 bytes for alignment), allowed for `func`.
+fn wgmma_smem(func: &cudarc::driver::CudaFunction) -> Result<u32> {
+    let bytes = (5 * 128 * 128 * 2 + 1024) as u32;
+    func.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()?;
+    Ok(bytes)
 }
 
 impl CustomOp1 for FlashPrefillPaged {
@@ -870,11 +900,13 @@ impl CustomOp1 for FlashPrefillPaged {
         let (_, nh, t, d) = lq.shape().dims4()?;
         let (q0, _) = contiguous(lq, "flash prefill")?;
         let dev = &sq.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("flash_prefill_paged_{}_d{d}", suffix(sq.dtype())?),
-            MODULE,
-            PTX,
-        )?;
+        let wgmma = self.wgmma && d == 128 && is_sm90(dev)?;
+        let name = if wgmma {
+            format!("flash_wgmma_{}_d128", suffix(sq.dtype())?)
+        } else {
+            format!("flash_prefill_paged_{}_d{d}", suffix(sq.dtype())?)
+        };
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let qp = addr(sq, q0)?;
         let (slice, out) = alloc(dev, sq.dtype(), nh * t * d)?;
         let (t_i, nh_i, ng_i) = (t as i32, nh as i32, self.groups as i32);
@@ -886,10 +918,19 @@ impl CustomOp1 for FlashPrefillPaged {
         bl.arg(&nh_i);
         bl.arg(&ng_i);
         bl.arg(&self.scale);
-        let cfg = LaunchConfig {
-            grid_dim: ((t as u32).div_ceil(64), nh as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: flash_smem(&func, d)?,
+        let cfg = if wgmma {
+            // 128 query rows per block, two warpgroups
+            LaunchConfig {
+                grid_dim: ((t as u32).div_ceil(128), nh as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: wgmma_smem(&func)?,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: ((t as u32).div_ceil(64), nh as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: flash_smem(&func, d)?,
+            }
         };
         unsafe { bl.launch(cfg) }.w()?;
         Ok((

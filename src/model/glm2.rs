@@ -166,7 +166,7 @@ impl SelfAttention {
             let mut ctxs = Vec::with_capacity(segments.len());
             for (&(off, t), cache) in segments.iter().zip(caches.iter_mut()) {
                 let rows = qkv.narrow(0, off, t)?;
-                match self.prefill_paged_cuda(&rows, bias.as_ref(), rotary, cache, layer)? {
+                match self.prefill_paged_cuda(&rows, bias.as_ref(), rotary, cache, layer, tuning)? {
                     Some(ctx) => ctxs.push(ctx),
                     None => {
                         return Err(Error::Internal(format!(

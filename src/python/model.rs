@@ -146,9 +146,10 @@ impl PyModel {
     }
 
     /// This model (weights shared, not copied) with other step-time switches of `glm2rs::tuning`
-    /// (CUDA): `fused`, `flash`, `cuda_graph`, `split_decode`; and `prefill_chunk` (tokens of a
-    /// prompt fed per step, 0: all). `None` keeps the current value.
-    #[pyo3(signature = (*, fused = None, flash = None, cuda_graph = None, split_decode = None, prefill_chunk = None))]
+    /// (CUDA): `fused`, `flash`, `wgmma`, `cuda_graph`, `split_decode`; and `prefill_chunk` (tokens
+    /// of a prompt fed per step, 0: all). `None` keeps the current value.
+    #[pyo3(signature = (*, fused = None, flash = None, cuda_graph = None, split_decode = None, prefill_chunk = None, wgmma = None))]
+    #[allow(clippy::too_many_arguments)]
     fn with_tuning(
         &self,
         fused: Option<bool>,
@@ -156,10 +157,12 @@ impl PyModel {
         cuda_graph: Option<bool>,
         split_decode: Option<bool>,
         prefill_chunk: Option<usize>,
+        wgmma: Option<bool>,
     ) -> Self {
         let mut t = *self.inner.model().tuning();
         t.fused = fused.unwrap_or(t.fused);
         t.flash = flash.unwrap_or(t.flash);
+        t.wgmma = wgmma.unwrap_or(t.wgmma);
         t.cuda_graph = cuda_graph.unwrap_or(t.cuda_graph);
         t.split_decode = split_decode.unwrap_or(t.split_decode);
         t.prefill_chunk = prefill_chunk.unwrap_or(t.prefill_chunk);
@@ -175,6 +178,7 @@ impl PyModel {
         [
             ("fused", t.fused.to_string()),
             ("flash", t.flash.to_string()),
+            ("wgmma", t.wgmma.to_string()),
             ("cuda_graph", t.cuda_graph.to_string()),
             ("split_decode", t.split_decode.to_string()),
             ("prefill_chunk", t.prefill_chunk.to_string()),

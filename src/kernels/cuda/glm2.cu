@@ -707,6 +707,8 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
     }
 FLASH(__nv_bfloat16, bf16, 64) FLASH(__nv_bfloat16, bf16, 128) FLASH(__half, f16, 64) FLASH(__half, f16, 128)
 
+#include "flash_wgmma.cuh"
+
 // prefill_qkv: the projections of a prompt (or a chunk) made ready for the paged flash kernel in
 // one pass: row i of qkv ([t, (heads + 2 groups) * head_dim], bias not yet added) is the token at
 // cache position seq.len + i and rotary position seq.rot + i; bias added and rounded to T, then

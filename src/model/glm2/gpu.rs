@@ -111,8 +111,8 @@ impl SelfAttention {
     /// rows of the projection (`qkv` `[t, (heads + 2 groups) head_dim]`, `bias` not yet added)
     /// through one kernel that adds the bias, turns queries and keys and writes keys and values
     /// into the sequence's blocks, then the flash kernel reading every key and value through the
-    /// block table (no gathered copy). Returns `[1, t, heads * head_dim]`, or `None` where the
-    /// flash kernel does not apply.
+    /// block table (no gathered copy; on Hopper the wgmma kernel where [`Tuning::wgmma`]).
+    /// Returns `[1, t, heads * head_dim]`, or `None` where the flash kernel does not apply.
     pub(super) fn prefill_paged_cuda(
         &self,
         qkv: &Tensor,
@@ -120,6 +120,7 @@ impl SelfAttention {
         rotary: &RotaryEmbedding,
         cache: &mut Cache,
         layer: usize,
+        tuning: &Tuning,
     ) -> Result<Option<Tensor>> {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         let seq = cache.decode_seq(layer, qkv.device())?;
@@ -134,7 +135,8 @@ impl SelfAttention {
             hd,
         )?;
         let scale = 1.0 / (hd as f32).sqrt();
-        crate::kernels::cuda::flash_prefill_paged(&q, &seq, ng, scale).map_err(Into::into)
+        crate::kernels::cuda::flash_prefill_paged(&q, &seq, ng, scale, tuning.wgmma)
+            .map_err(Into::into)
     }
 
     /// One decoding step of every sequence (one new token each) in one fused kernel: bias,
