@@ -1,6 +1,6 @@
 //! Criterion benches of the hot kernels on chatglm2-6b shapes:
 //! `cargo bench --bench kernels` (add `-- --quick` for a short run). With `--features cuda`
-//! the GPU kernels too (`-- gpu_` selects them; `scripts/build_cuda_wheel.sh --bench` builds the
+//! the GPU kernels too (`-- gpu_` selects them; `scripts/build_wheel.sh --cuda --bench` builds the
 //! binary here to run on the GPU machine).
 
 use candle_core::{DType, Device, Tensor};

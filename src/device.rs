@@ -32,8 +32,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
             if !cfg!(feature = "cuda") {
                 return Err(Error::invalid(format!(
                     "device \"{s}\" is not available: this build of glm2rs has no CUDA support \
-                     (the CPU wheel); install the CUDA wheel (scripts/build_cuda_wheel.sh builds \
-                     it) or build with --features cuda, or use device=\"cpu\""
+                     (the CPU wheel); install the CUDA wheel (`scripts/build_wheel.sh --cuda` \
+                     builds it) or build with --features cuda, or use device=\"cpu\""
                 )));
             }
             let dev = Device::new_cuda(index)

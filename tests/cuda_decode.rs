@@ -1,5 +1,5 @@
 //! The split (flash-decoding) decode attention against the one-block kernel, on a GPU (feature
-//! `cuda`; `scripts/build_cuda_wheel.sh --tests` builds this binary for the device machine), and
+//! `cuda`; `scripts/build_wheel.sh --cuda --tests` builds this binary for the device machine), and
 //! the fused prefill (`prefill_qkv` + the paged flash kernel) against float64 (last test).
 //! Random queries, keys and values of ChatGLM2-6B's attention shapes (32 heads, 2 KV groups,
 //! head_dim 128) and of the tiny fixture's (4 heads, 2 groups, head_dim 8), caches of 1 to 20,000
