@@ -7,9 +7,7 @@
 // chunk c ^ (r % 8), each half of the 128 dimensions its own 128-row block. S = Q K^T reads both
 // operands from shared memory (K-major); the online softmax runs on the accumulators in registers
 // (float32, a row's 4 lanes together); the probabilities, rounded to 16 bits, are the register A
-// operand of O += P V, V read as an N-major B (the transpose bit). Within a tile the two
-// warpgroups take turns on the tensor cores (named barriers: S of 0, S of 1, PV of 0, PV of 1),
-// so that one's softmax overlaps the other's products. Output token-major.
+// operand of O += P V, V read as an N-major B (the transpose bit). Output token-major.
 
 constexpr int FW_BM = 128;                   // query rows per block
 constexpr int FW_BN = 128;                   // keys per tile
@@ -28,12 +26,6 @@ __device__ __forceinline__ uint64_t fw_desc(uint32_t addr, uint32_t lbo, uint32_
     return (uint64_t)((addr & 0x3FFFF) >> 4) | ((uint64_t)((lbo & 0x3FFFF) >> 4) << 16) |
            ((uint64_t)((sbo & 0x3FFFF) >> 4) << 32) | ((uint64_t)1 << 62);
 }
-
-// Named barriers 1-3 order the two warpgroups' matrix work within a tile (S0, S1, PV0, PV1) so
-// that one warpgroup's softmax runs while the other's products occupy the tensor cores: the waiting
-// warpgroup's 128 threads sync, the other's 128 arrive.
-__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
-__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -133,9 +125,7 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
         __syncthreads();  // this tile is in; every warpgroup is done with the other stage
         if (tile + 1 < ntiles) load(tile + 1, stage ^ 1);
         cp_async_commit();
-        // S = Q K^T (this warpgroup's 64 rows x 128 keys), 8 steps of 16 dimensions; warpgroup 1
-        // issues its product after warpgroup 0's
-        if (wg == 1) named_sync(1);
+        // S = Q K^T (this warpgroup's 64 rows x 128 keys), 8 steps of 16 dimensions
         wg_pin(s);
         wg_fence();
 #pragma unroll
@@ -145,8 +135,6 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
                         fw_desc(ak + stage * FW_TILE + off, 16, 1024), kk > 0);
         }
         wg_commit();
-        if (wg == 0) named_arrive(1);
-        else named_arrive(2);
         wg_wait0();
         wg_pin(s);
         // online softmax: s[4j + 2rr + e] is row wrow + gr + 8rr, key k0 + 8j + 2tq + e
@@ -203,16 +191,12 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
         }
         // O += P V: V N-major (its rows are keys, dimensions contiguous): leading offset = the
         // other 64-dimension half, stride offset = the next 8 keys; 16 keys = 2048 bytes on
-        // warpgroup 0's P V after warpgroup 1's scores, warpgroup 1's after warpgroup 0's
-        if (wg == 0) named_sync(2);
-        else named_sync(3);
         wg_pin(o);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 8; kk++)
             wgmma_rs<T>(o, pa + 4 * kk, fw_desc(av + stage * FW_TILE + kk * 2048, FW_HALF, 1024), 1);
         wg_commit();
-        if (wg == 0) named_arrive(3);
         wg_wait0();
         wg_pin(o);
     }
