@@ -1,6 +1,7 @@
 """The web chat page in headless Chromium (Debian `chromium`), driven over the DevTools protocol as
 a person would use it: type a question, press Enter, watch the answer stream in, ask again (the
-page keeps the history), clear. Screenshots are checked for the chat bubbles."""
+page keeps the history), stop an answer, clear. Screenshots are checked for the chat bubbles;
+the page's Markdown renderer is checked on the structures the official demo renders."""
 
 from __future__ import annotations
 
@@ -127,15 +128,20 @@ def test_web_chat_in_chromium(model, browser, tmp_path):
         q1, q2 = "你好", "再说一遍"
         b.type_and_enter("#input", q1)
         b.wait("document.querySelectorAll('.assistant[data-done]').length === 1")
-        a1 = b.js("document.querySelector('.assistant').textContent")
+        a1 = b.js("document.querySelector('.assistant').dataset.raw")
         assert a1 == model.chat(q1, max_new_tokens=24, do_sample=False)[0]
+        assert b.js("document.querySelector('.assistant').textContent.trim()")  # rendered
         assert b.js("window.updates") > 3
         assert b.js("document.querySelector('.user').textContent") == q1
         assert "tokens/s" in b.js("document.getElementById('status').textContent")
+        # under the answer: the served model's name, its tokens and tokens/s
+        meta = b.js("document.querySelector('.meta').textContent")
+        name = json.load(urllib.request.urlopen(s.url + "/v1/models"))["data"][0]["id"]
+        assert meta.startswith(name + " · ") and "tokens/s" in meta, meta
         # the second question goes with the history of the first
         b.type_and_enter("#input", q2)
         b.wait("document.querySelectorAll('.assistant[data-done]').length === 2")
-        a2 = b.js("document.querySelectorAll('.assistant')[1].textContent")
+        a2 = b.js("document.querySelectorAll('.assistant')[1].dataset.raw")
         assert a2 == model.chat(q2, history=[(q1, a1)], max_new_tokens=24, do_sample=False)[0]
         shot = b.screenshot()
         shot.save(tmp_path / "chat.png")
@@ -149,7 +155,7 @@ def test_web_chat_in_chromium(model, browser, tmp_path):
         assert count_color(shot, USER_BUBBLE) == 0
         b.type_and_enter("#input", q2)
         b.wait("document.querySelectorAll('.assistant[data-done]').length === 1")
-        assert b.js("document.querySelector('.assistant').textContent") == model.chat(
+        assert b.js("document.querySelector('.assistant').dataset.raw") == model.chat(
             q2, max_new_tokens=24, do_sample=False)[0]
 
 
@@ -166,3 +172,94 @@ def test_web_page_shows_server_errors(model, browser):
         b.js("document.getElementById('key').value = 'k'; document.getElementById('max_tokens').value = '4'")
         b.type_and_enter("#input", "hi")
         b.wait("document.querySelectorAll('.assistant[data-done]').length === 1")
+
+
+def test_web_page_sends_top_p_and_stops(model, browser):
+    """top_p goes with the request; Stop ends a long answer mid-stream (the partial answer stays,
+    marked stopped, and joins the history), and the server answers the next question."""
+    with glm2rs.Server(model, port=0) as s:
+        b = browser
+        b.cmd("Page.navigate", url=s.url + "/")
+        b.wait("document.readyState === 'complete' && !!document.getElementById('input')")
+        b.js("""window.bodies = []; const f = window.fetch;
+                window.fetch = (u, o) => { if (o && o.body) window.bodies.push(JSON.parse(o.body)); return f(u, o); };
+                document.getElementById('temperature').value = '0';
+                document.getElementById('top_p').value = '0.6';
+                document.getElementById('max_tokens').value = '3500'""")
+        assert b.js("document.getElementById('stop').hidden")
+        b.type_and_enter("#input", "你好")
+        b.wait("(document.querySelector('.assistant') || {dataset: {}}).dataset.raw")
+        assert not b.js("document.getElementById('stop').hidden")
+        b.js("document.getElementById('stop').click()")
+        b.wait("document.querySelectorAll('.assistant[data-done]').length === 1")
+        assert b.js("document.querySelector('.assistant').dataset.stopped") == "1"
+        assert "stopped" in b.js("document.querySelector('.meta').textContent")
+        assert b.js("document.getElementById('stop').hidden")
+        partial = b.js("document.querySelector('.assistant').dataset.raw")
+        full = model.chat("你好", max_new_tokens=3500, do_sample=False)[0]
+        assert partial and len(partial) < len(full) and full.startswith(partial)
+        body = b.js("window.bodies[0]")
+        assert body["top_p"] == 0.6 and body["temperature"] == 0 and body["max_tokens"] == 3500
+        # the next question carries the stopped answer as history, and is answered in full
+        b.js("document.getElementById('max_tokens').value = '8'")
+        b.type_and_enter("#input", "再说一遍")
+        b.wait("document.querySelectorAll('.assistant[data-done]').length === 2")
+        assert b.js("window.bodies[1]")["messages"] == [
+            {"role": "user", "content": "你好"}, {"role": "assistant", "content": partial},
+            {"role": "user", "content": "再说一遍"}]
+        assert b.js("document.querySelectorAll('.assistant')[1].dataset.raw") == model.chat(
+            "再说一遍", history=[("你好", partial)], max_new_tokens=8, do_sample=False)[0]
+
+
+MARKDOWN = """# 标题
+Some **bold** and *italic* text with `x < y` inline.
+a second line
+```python
+def f(x):
+    return x < 1 and "<b>"
+```
+- one
+- two **strong**
+1. first
+2. second
+3. third
+
+| name | value |
+| --- | ---: |
+| a | 1 |
+| <b>b</b> | 2 |
+
+<script>window.pwned = 1</script><img src=x onerror="window.pwned = 1">
+```
+an open fence while streaming"""
+
+
+def test_web_page_renders_markdown(model, browser):
+    """The page's renderer (what every answer bubble shows) on the structures of the official
+    demo's parse_text and Gradio's chatbot: code blocks with their language, inline code, bold,
+    italics, headings, both lists, tables; no HTML of the answer is interpreted."""
+    with glm2rs.Server(model, port=0) as s:
+        b = browser
+        b.cmd("Page.navigate", url=s.url + "/")
+        b.wait("document.readyState === 'complete' && typeof renderMarkdown === 'function'")
+        got = b.js(f"""(() => {{
+            const d = document.createElement('div');
+            d.className = 'msg assistant';
+            d.innerHTML = renderMarkdown({json.dumps(MARKDOWN)});
+            document.getElementById('log').appendChild(d);
+            const q = (sel) => [...d.querySelectorAll(sel)].map((e) => e.textContent);
+            return {{h1: q('h1'), strong: q('strong'), em: q('em'), code: q('p code'),
+                     pre: q('pre code'), lang: [...d.querySelectorAll('pre code')].map((e) => e.className),
+                     ul: q('ul li'), ol: q('ol li'), th: q('th'), td: q('td'), p: q('p'),
+                     tags: d.querySelectorAll('script, img, b').length, pwned: !!window.pwned}};
+        }})()""")
+        assert got["h1"] == ["标题"]
+        assert got["strong"] == ["bold", "strong"] and got["em"] == ["italic"]
+        assert got["code"] == ["x < y"]
+        assert got["pre"][0] == 'def f(x):\n    return x < 1 and "<b>"'
+        assert got["lang"][0] == "language-python"
+        assert got["pre"][1] == "an open fence while streaming"
+        assert got["ul"] == ["one", "two strong"] and got["ol"] == ["first", "second", "third"]
+        assert got["th"] == ["name", "value"] and got["td"] == ["a", "1", "<b>b</b>", "2"]
+        assert any("a second line" in p for p in got["p"])
+        assert got["tags"] == 0 and not got["pwned"]
