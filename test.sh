@@ -7,6 +7,8 @@ cd "$(dirname "$0")"
     "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15" pexpect "openai>=1.40" websocket-client pillow
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo test --release --features server
+# a service depending on the crate as Rust users do (README "Rust") keeps compiling
+cargo build --release --manifest-path examples/service/Cargo.toml
 rm -rf dist
 "$PY" -m maturin build --release -o dist
 "$PY" -m pip install -q --disable-pip-version-check --force-reinstall --no-deps dist/glm2rs-*.whl
