@@ -12,6 +12,9 @@ use safetensors::tensor::Metadata;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+mod lora;
+pub use lora::LoraAdapter;
+
 /// The checkpoint file layouts glm2rs reads, in order of preference.
 pub const WEIGHT_FILES: [&str; 4] = [
     "model.safetensors.index.json",
@@ -220,6 +223,8 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
     /// GGUF written by save_quantized with the official per-row layouts.
     official_bits: Option<crate::quantize::Bits>,
+    /// A LoRA adapter merged into the weights as they are read ([`Checkpoint::with_adapter`]).
+    lora: Option<LoraAdapter>,
 }
 
 impl Checkpoint {
@@ -306,6 +311,7 @@ impl Checkpoint {
             shards,
             index,
             official_bits: None,
+            lora: None,
         })
     }
 
@@ -324,6 +330,7 @@ impl Checkpoint {
             shards,
             index,
             official_bits: None,
+            lora: None,
         })
     }
 
@@ -368,6 +375,7 @@ impl Checkpoint {
                 shards: vec![shard],
                 index,
                 official_bits,
+                lora: None,
             },
             metadata,
         ))
@@ -394,6 +402,7 @@ impl Checkpoint {
         if matches!(info.ggml_dtype, G::F32 | G::F16 | G::BF16) {
             return Ok(None);
         }
+        self.refuse_quantized_target(name)?;
         if info.shape.dims() != shape {
             return Err(Error::checkpoint(
                 path,
@@ -449,7 +458,33 @@ impl Checkpoint {
         Ok((t, signed, shard.path()))
     }
 
-    /// Read a float tensor, check its shape, and convert it to `dtype` on `device`.
+    /// This checkpoint with a LoRA adapter merged into the weights it targets as they are read
+    /// ([`Checkpoint::get`]); after loading, [`Checkpoint::check_adapter_merged`].
+    pub fn with_adapter(mut self, lora: LoraAdapter) -> Self {
+        self.lora = Some(lora);
+        self
+    }
+
+    /// Fails when an adapter given with [`Checkpoint::with_adapter`] changes tensors that
+    /// loading never read (it was made for another model).
+    pub fn check_adapter_merged(&self) -> Result<()> {
+        self.lora.as_ref().map_or(Ok(()), |l| l.check_all_merged())
+    }
+
+    /// A tensor the adapter targets cannot be read in a quantized layout (int8/int4, GGUF
+    /// blocks): the update merges into float weights.
+    fn refuse_quantized_target(&self, name: &str) -> Result<()> {
+        if self.lora.as_ref().is_some_and(|l| l.targets(name)) {
+            return Err(Error::invalid(format!(
+                "the LoRA adapter changes {name}, which this checkpoint stores quantized: merge \
+                 adapters into the float checkpoint (quantize= then quantizes the merged weights)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Read a float tensor, check its shape, and convert it to `dtype` on `device` (with the
+    /// adapter's update merged in, in float32, when it targets this tensor).
     pub fn get(
         &self,
         name: &str,
@@ -467,6 +502,10 @@ impl Checkpoint {
                 ),
             ));
         }
+        let t = match &self.lora {
+            Some(l) => l.merge(name, &t)?.unwrap_or(t),
+            None => t,
+        };
         // Convert on the CPU (one tensor at a time), then move.
         let t = t.to_dtype(dtype)?;
         Ok(t.to_device(device)?)
@@ -474,6 +513,7 @@ impl Checkpoint {
 
     /// Read an int8 tensor (the official quantized weights) as its raw bytes (U8), on the CPU.
     pub fn get_int8(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.refuse_quantized_target(name)?;
         let (t, signed, path) = self.read_checked(name, shape)?;
         if !signed {
             return Err(Error::checkpoint(

@@ -43,6 +43,8 @@ pub struct LoadOptions<'a> {
     pub kv_block_size: usize,
     /// Reuse the keys and values of prompt prefixes already computed (the prefix cache).
     pub prefix_cache: bool,
+    /// A peft LoRA adapter directory merged into the weights at load (before `quantize`).
+    pub adapter: Option<PathBuf>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -59,6 +61,7 @@ impl Default for LoadOptions<'_> {
             kv_cache_memory: KvMemory::default(),
             kv_block_size: crate::model::kv_pool::DEFAULT_BLOCK_SIZE,
             prefix_cache: true,
+            adapter: None,
         }
     }
 }
@@ -120,7 +123,13 @@ impl Model {
             .unwrap_or_else(|| looks_like_chatglm3(dir, &config));
         let tokenizer = Tokenizer::from_spm_file(&dir.join("tokenizer.model"), chatglm3)?;
         let ckpt = Checkpoint::open_dir(dir)?;
-        Self::build(&cfg_text, config, tokenizer, &ckpt, dir, opts)
+        let ckpt = match &opts.adapter {
+            Some(a) => ckpt.with_adapter(crate::checkpoint::LoraAdapter::open(a)?),
+            None => ckpt,
+        };
+        let model = Self::build(&cfg_text, config, tokenizer, &ckpt, dir, opts)?;
+        ckpt.check_adapter_merged()?;
+        Ok(model)
     }
 
     /// Load a GGUF file written by [`Model::save_quantized`] (config and tokenizer inside).
@@ -128,6 +137,11 @@ impl Model {
         if opts.quantize.is_some() {
             return Err(Error::invalid(
                 "this GGUF file is already quantized; load it without quantize=",
+            ));
+        }
+        if opts.adapter.is_some() {
+            return Err(Error::invalid(
+                "a LoRA adapter merges into a float checkpoint directory, not a quantized GGUF file",
             ));
         }
         let g = crate::gguf::read(path)?;

@@ -121,8 +121,11 @@ class Model:
         kv_cache_memory: float | int | str | None = None,
         kv_block_size: int = 16,
         prefix_cache: bool = True,
+        adapter: str | None = None,
     ) -> Model:
         """A local directory, GGUF file or hub id (resolved by `glm2rs.hub` in Python first).
+        `adapter`: a peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors
+        or .bin), merged into the float weights at load, before `quantize`.
         `num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`.
         `kv_cache_memory`: the most the paged KV cache may take: a share of the memory free once
         the weights are loaded (default 0.9) or bytes (an int, or "8GiB"); it grows as needed.
@@ -143,6 +146,7 @@ class Model:
         kv_cache_memory: float | int | str | None = None,
         kv_block_size: int = 16,
         prefix_cache: bool = True,
+        adapter: str | None = None,
     ) -> Model:
         """A local directory or GGUF file only (what `from_pretrained` calls)."""
     def with_tuning(

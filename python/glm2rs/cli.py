@@ -16,7 +16,8 @@ from . import Glm2Error, Model, Server, __version__
 def _load(args, **kw) -> Model:
     return Model.from_pretrained(args.model, revision=getattr(args, "revision", None), device=args.device,
                                  dtype=args.dtype, progress=True, kv_cache_memory=args.kv_cache_memory,
-                                 kv_block_size=args.block_size, prefix_cache=not args.no_prefix_cache, **kw)
+                                 kv_block_size=args.block_size, prefix_cache=not args.no_prefix_cache,
+                                 adapter=args.adapter, **kw)
 
 
 WELCOME = "glm2rs chat: type a question; 'clear' empties the history, 'stop' (or Ctrl-D) exits."
@@ -224,6 +225,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "(0.9) or bytes (8GiB, 512MiB); it grows as sequences need it")
     p.add_argument("--block-size", type=int, default=16,
                    help="positions per KV cache block (a power of two from 16 to 1024)")
+    p.add_argument("--adapter", help="a peft LoRA adapter directory, merged into the weights at load")
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="compute every prompt in full (no reuse of the keys and values of prompt starts already seen)")
 

@@ -67,7 +67,8 @@ impl PyModel {
     #[classmethod]
     #[pyo3(signature = (path, *, device = "cpu", dtype = "auto",
                         quantize = None, prefix_checkpoint = None, chat_format = None, progress = None,
-                        num_gpus = 1, kv_cache_memory = None, kv_block_size = 16, prefix_cache = true))]
+                        num_gpus = 1, kv_cache_memory = None, kv_block_size = 16, prefix_cache = true,
+                        adapter = None))]
     #[allow(clippy::too_many_arguments)]
     fn _from_local(
         _cls: &Bound<'_, pyo3::types::PyType>,
@@ -83,6 +84,7 @@ impl PyModel {
         kv_cache_memory: Option<Bound<'_, PyAny>>,
         kv_block_size: usize,
         prefix_cache: bool,
+        adapter: Option<PathBuf>,
     ) -> PyResult<Self> {
         let kv_cache_memory = match kv_cache_memory {
             Some(m) if !m.is_none() => {
@@ -138,6 +140,7 @@ impl PyModel {
                     kv_cache_memory,
                     kv_block_size,
                     prefix_cache,
+                    adapter,
                 };
                 Model::load(&path, &opts)
             })
