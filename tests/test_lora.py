@@ -35,7 +35,7 @@ def modules(cfg, targets):
 
 
 def make_adapter(d, cfg, weights, targets, r, alpha, *, rslora=False, seed=0, rank_pattern=None,
-                 alpha_pattern=None, key=".weight", extra_config=None):
+                 alpha_pattern=None, key=".weight", extra_config=None, bias=False):
     """An adapter directory in peft's format; returns the weights merged as peft merges them."""
     rng = np.random.default_rng(seed)
     tensors, merged = {}, {k: v.astype(np.float64) for k, v in weights.items()}
@@ -50,6 +50,9 @@ def make_adapter(d, cfg, weights, targets, r, alpha, *, rslora=False, seed=0, ra
         tensors[f"base_model.model.{m}.lora_B{key}"] = b
         scaling = aa / np.sqrt(rr) if rslora else aa / rr
         merged[m + ".weight"] = merged[m + ".weight"] + scaling * (b.astype(np.float64) @ a.astype(np.float64))
+        if bias and m + ".bias" in weights:  # `bias="lora_only"`: the trained bias replaces the base one
+            tensors[f"base_model.model.{m}.bias"] = (rng.standard_normal(w.shape[0]) * 0.2).astype(np.float32)
+            merged[m + ".bias"] = tensors[f"base_model.model.{m}.bias"].astype(np.float64)
     d.mkdir(parents=True)
     save_file(tensors, str(d / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
@@ -75,7 +78,8 @@ def base(tmp_path_factory, fx):
     dict(targets=ALL, r=4, alpha=8, rank_pattern={"dense_4h_to_h": 2}, alpha_pattern={"query_key_value": 32}),
     dict(targets=["dense_h_to_4h"], r=3, alpha=3, key=".default.weight"),  # older peft's saved keys
     dict(targets=ALL, r=4, alpha=8, extra_config={"fan_in_fan_out": True}),  # peft resets it for nn.Linear
-], ids=["all-modules", "rslora", "patterns", "default-keys", "fan_in_fan_out"])
+    dict(targets=["query_key_value"], r=2, alpha=4, bias=True, extra_config={"bias": "lora_only"}),
+], ids=["all-modules", "rslora", "patterns", "default-keys", "fan_in_fan_out", "trained-bias"])
 def test_adapter_gives_the_merged_model(tmp_path, base, case):
     cfg, w, d = base
     case = dict(case)
