@@ -11,7 +11,8 @@
 //! for which peft turns the flag off (`_create_new_module`: "fan_in_fan_out is set to True but
 //! the target module is torch.nn.Linear. Setting fan_in_fan_out to False"): so the delta is
 //! `B A` whatever the flag says. `rank_pattern` / `alpha_pattern` give other ranks or alphas to
-//! modules whose name ends with a key (peft matches `(.*\.)?{key}$`). Saved keys are
+//! modules whose name ends with a key (peft matches `(.*\.)?{key}$`; where several keys match,
+//! the longest decides). Saved keys are
 //! `base_model.model.{module}.lora_A.weight` (older peft: `.lora_A.default.weight`); with
 //! `bias` other than `"none"` the adapter also carries trained `{module}.bias` tensors, which
 //! replace the base biases.
@@ -61,6 +62,17 @@ struct AdapterConfig {
 /// peft's `(.*\.)?{key}$` for plain keys: the module is the key or ends with `.key`.
 fn pattern_matches(key: &str, module: &str) -> bool {
     module == key || module.ends_with(&format!(".{key}"))
+}
+
+/// The `rank_pattern` / `alpha_pattern` value for `module`. peft takes the first matching key in
+/// the pattern's order; JSON objects are read here without their order, so where several keys
+/// match the longest (the most specific) decides.
+fn pattern<T: Copy>(patterns: &HashMap<String, T>, module: &str) -> Option<T> {
+    patterns
+        .iter()
+        .filter(|(k, _)| pattern_matches(k, module))
+        .max_by_key(|(k, _)| k.len())
+        .map(|(_, v)| *v)
 }
 
 impl LoraAdapter {
@@ -156,16 +168,7 @@ impl LoraAdapter {
             };
             let (r, _) = a.dims2()?;
             let (_, rb) = b.dims2()?;
-            let find = |m: &HashMap<String, f64>| {
-                m.iter()
-                    .find(|(k, _)| pattern_matches(k, &module))
-                    .map(|(_, v)| *v)
-            };
-            let rank = cfg
-                .rank_pattern
-                .iter()
-                .find(|(k, _)| pattern_matches(k, &module))
-                .map_or(cfg.r, |(_, v)| *v);
+            let rank = pattern(&cfg.rank_pattern, &module).unwrap_or(cfg.r);
             if r != rank || rb != rank {
                 return Err(Error::checkpoint(
                     &file,
@@ -176,7 +179,7 @@ impl LoraAdapter {
                     ),
                 ));
             }
-            let alpha = find(&cfg.alpha_pattern).unwrap_or(cfg.lora_alpha);
+            let alpha = pattern(&cfg.alpha_pattern, &module).unwrap_or(cfg.lora_alpha);
             let scale = if cfg.use_rslora {
                 alpha / (rank as f64).sqrt()
             } else {
@@ -206,49 +209,44 @@ impl LoraAdapter {
     /// `t` (the base tensor `name`, read from the checkpoint) with the adapter merged in, as
     /// float32; `None` when the adapter does not touch it.
     pub(super) fn merge(&self, name: &str, t: &Tensor) -> Result<Option<Tensor>> {
+        let fits = |what: &str, adapter: &Tensor| -> Result<()> {
+            if adapter.dims() == t.dims() {
+                return Ok(());
+            }
+            Err(Error::checkpoint(
+                &self.dir,
+                format!(
+                    "{name}: the adapter's {what} is {:?}, the model's {:?}",
+                    adapter.dims(),
+                    t.dims()
+                ),
+            ))
+        };
         let merged = if let Some(d) = self.deltas.get(name) {
-            let w = t.to_dtype(DType::F32)?;
             let delta = (d.b.matmul(&d.a)? * d.scale)?;
-            if delta.dims() != w.dims() {
-                return Err(Error::checkpoint(
-                    &self.dir,
-                    format!(
-                        "{name}: the adapter's update is {:?}, the weight {:?}",
-                        delta.dims(),
-                        w.dims()
-                    ),
-                ));
-            }
-            (w + delta)?
+            fits("update", &delta)?;
+            (t.to_dtype(DType::F32)? + delta)?
         } else if let Some(b) = self.biases.get(name) {
-            if b.dims() != t.dims() {
-                return Err(Error::checkpoint(
-                    &self.dir,
-                    format!(
-                        "{name}: the adapter's bias is {:?}, the model's {:?}",
-                        b.dims(),
-                        t.dims()
-                    ),
-                ));
-            }
+            fits("bias", b)?;
             b.clone()
         } else {
             return Ok(None);
         };
+        self.used()?.insert(name.to_string());
+        Ok(Some(merged))
+    }
+
+    /// The names merged so far.
+    fn used(&self) -> Result<std::sync::MutexGuard<'_, BTreeSet<String>>> {
         self.used
             .lock()
-            .map_err(|_| Error::Internal("LoRA bookkeeping poisoned".into()))?
-            .insert(name.to_string());
-        Ok(Some(merged))
+            .map_err(|_| Error::Internal("LoRA bookkeeping poisoned".into()))
     }
 
     /// Fails naming the tensors the adapter changes that loading never read (a module the model
     /// does not have: the adapter belongs to another architecture).
     pub fn check_all_merged(&self) -> Result<()> {
-        let used = self
-            .used
-            .lock()
-            .map_err(|_| Error::Internal("LoRA bookkeeping poisoned".into()))?;
+        let used = self.used()?;
         let missing: Vec<&String> = self
             .deltas
             .keys()
@@ -272,7 +270,8 @@ impl LoraAdapter {
 
 #[cfg(test)]
 mod tests {
-    use super::pattern_matches;
+    use super::{pattern, pattern_matches};
+    use std::collections::HashMap;
 
     #[test]
     fn patterns_match_whole_trailing_names() {
@@ -286,5 +285,20 @@ mod tests {
             "transformer.encoder.layers.0.mlp.dense_h_to_4h"
         ));
         assert!(!pattern_matches("ense", m));
+    }
+
+    #[test]
+    fn the_most_specific_pattern_decides() {
+        let m = "transformer.encoder.layers.0.self_attention.dense";
+        let p: HashMap<String, usize> =
+            [("dense", 2), ("self_attention.dense", 8), ("mlp.dense", 4)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+        assert_eq!(pattern(&p, m), Some(8));
+        assert_eq!(
+            pattern(&p, "transformer.encoder.layers.0.mlp.dense_h_to_4h"),
+            None
+        );
     }
 }
