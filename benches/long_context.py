@@ -178,9 +178,10 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: list[tuple[i
     del m, one_block, no_flash, whole
 
 
-def hf_figures(contexts: list[int]) -> None:
+def hf_glm_6b():
+    """transformers' own GLM model (`GlmForCausalLM`, SDPA attention) with chatglm2-6b's shapes,
+    random bfloat16 weights on the GPU (speed does not depend on them)."""
     import torch
-    import transformers
     from transformers import GlmConfig, GlmForCausalLM
 
     cfg = GlmConfig(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
@@ -189,7 +190,14 @@ def hf_figures(contexts: list[int]) -> None:
                     eos_token_id=2, attn_implementation="sdpa")
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = GlmForCausalLM(cfg).eval()
+        return GlmForCausalLM(cfg).eval()
+
+
+def hf_figures(contexts: list[int]) -> None:
+    import torch
+    import transformers
+
+    model = hf_glm_6b()
     impl = getattr(model.config, "_attn_implementation", "?")
     log(f"transformers {transformers.__version__} GlmForCausalLM, attention {impl}, torch {torch.__version__}")
     RESULTS["hf_versions"] = {"transformers": transformers.__version__, "torch": torch.__version__, "attention": impl}

@@ -35,14 +35,15 @@ def run(ckpt: str, mode: str) -> None:
             m.last_logits([ids])
 
 
-def kineto(ckpt: str, n: int) -> None:
+def kineto(ckpt: str, lengths: list[int]) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from transformers import GlmConfig, GlmForCausalLM
 
     import glm2rs
+    from long_context import hf_glm_6b  # benches/ is on the path of a script run from it
 
-    ids = [64790, 64792] + [(7 * i) % 60000 + 100 for i in range(n - 2)]
+    def ids_of(n):
+        return [64790, 64792] + [(7 * i) % 60000 + 100 for i in range(n - 2)]
 
     def table(label, prof, top=14):
         by = defaultdict(lambda: [0, 0.0])
@@ -57,26 +58,23 @@ def kineto(ckpt: str, n: int) -> None:
         for k, (c, t) in sorted(by.items(), key=lambda kv: -kv[1][1])[:top]:
             print(f"| {k} | {c} | {t / 1e3:.1f} | {100 * t / total:.0f}% |")
 
+    # each engine loaded once, every length profiled after a warm-up pass of the same length
     m = glm2rs.Model.from_pretrained(ckpt, device="cuda", dtype="bfloat16", progress=False, prefix_cache=False)
-    m.last_logits([ids])
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        m.last_logits([ids])
-    table(f"glm2rs prefill of {n} tokens", prof)
-    del m
-    cfg = GlmConfig(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
-                    num_attention_heads=32, num_key_value_heads=2, head_dim=128, partial_rotary_factor=0.5,
-                    max_position_embeddings=32768, attention_bias=True, rms_norm_eps=1e-5, pad_token_id=0,
-                    eos_token_id=2, attn_implementation="sdpa")
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        hf = GlmForCausalLM(cfg).eval()
-    x = torch.tensor([ids], device="cuda")
-    with torch.no_grad():
-        hf(input_ids=x, logits_to_keep=1)
+    for n in lengths:
+        m.last_logits([ids_of(n)])
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            m.last_logits([ids_of(n)])
+        table(f"glm2rs prefill of {n} tokens", prof)
+    del m
+    hf = hf_glm_6b()
+    with torch.no_grad():
+        for n in lengths:
+            x = torch.tensor([ids_of(n)], device="cuda")
             hf(input_ids=x, logits_to_keep=1)
-            torch.cuda.synchronize()
-    table(f"transformers SDPA prefill of {n} tokens", prof)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                hf(input_ids=x, logits_to_keep=1)
+                torch.cuda.synchronize()
+            table(f"transformers SDPA prefill of {n} tokens", prof)
 
 
 def summarize(path: str, layers: int) -> None:
@@ -117,8 +115,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "run":
         run(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "kineto":
-        for n in sys.argv[3:]:
-            kineto(sys.argv[2], int(n))
+        kineto(sys.argv[2], [int(n) for n in sys.argv[3:]])
     else:
         layers = int(sys.argv[sys.argv.index("--layers") + 1]) if "--layers" in sys.argv else 28
         summarize(sys.argv[2], layers)
