@@ -137,48 +137,10 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
         wg_commit();
         wg_wait0();
         wg_pin(s);
-        // online softmax: s[4j + 2rr + e] is row wrow + gr + 8rr, key k0 + 8j + 2tq + e
+        // online softmax (log2 units), masks only on the tiles that reach past a row's position or L
         const int k0 = tile * FW_BN;
         const bool edge = k0 + FW_BN - 1 > past + wrow || k0 + FW_BN > L;
-#pragma unroll
-        for (int rr = 0; rr < 2; rr++) {
-            const int qpos = past + wrow + gr + 8 * rr;
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < 16; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    float x = s[4 * j + 2 * rr + e] * sl2;
-                    if (edge) {
-                        const int key = k0 + 8 * j + 2 * tq + e;
-                        if (key > qpos || key >= L) x = -INFINITY;
-                    }
-                    s[4 * j + 2 * rr + e] = x;
-                    mx = fmaxf(mx, x);
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float mnew = fmaxf(m[rr], mx);  // finite: key 0 is in the first tile
-            const float alpha = exp2f(m[rr] - mnew);
-            float rs = 0.f;
-#pragma unroll
-            for (int j = 0; j < 16; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const float p = exp2f(s[4 * j + 2 * rr + e] - mnew);
-                    s[4 * j + 2 * rr + e] = p;
-                    rs += p;
-                }
-            rs += __shfl_xor_sync(0xffffffff, rs, 1);
-            rs += __shfl_xor_sync(0xffffffff, rs, 2);
-            l[rr] = l[rr] * alpha + rs;
-            m[rr] = mnew;
-#pragma unroll
-            for (int j = 0; j < 16; j++) {
-                o[4 * j + 2 * rr] *= alpha;
-                o[4 * j + 2 * rr + 1] *= alpha;
-            }
-        }
+        online_softmax<16, 16, true>(s, o, m, l, sl2, edge, k0, past + wrow + gr, L, tq);
         // P (16-bit) as the A operand of 8 steps of 16 keys: the accumulator layout of two
         // 8-key column blocks is the A fragment of 16 keys
         uint32_t pa[32];

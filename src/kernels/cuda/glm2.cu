@@ -500,6 +500,57 @@ template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uin
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// One online-softmax step of a warp's two accumulator rows (its rows gr and gr + 8) over NB blocks
+// of 8 keys, in the accumulator layout of mma.m16n8 and wgmma.m64nN (s[4j + 2rr + e]: row rr, key
+// k0 + 8j + 2tq + e): scores times `scale`, keys after qpos0 + 8rr or from L on masked where
+// `mask`; the running max m and sum l updated (a row's 4 lanes together), the NO 8-column blocks
+// of the output o (same layout) rescaled, s left holding the probabilities. EXP2: `scale` is in
+// log2 units and the exponentials are exp2 (flash_wgmma); else natural exp (flash_prefill).
+template <int NB, int NO, bool EXP2>
+__device__ __forceinline__ void online_softmax(float* s, float* o, float (&m)[2], float (&l)[2], float scale,
+                                               bool mask, int k0, int qpos0, int L, int tq) {
+    auto ex = [](float x) { return EXP2 ? exp2f(x) : __expf(x); };
+#pragma unroll
+    for (int rr = 0; rr < 2; rr++) {
+        const int qpos = qpos0 + 8 * rr;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < NB; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                float x = s[4 * j + 2 * rr + e] * scale;
+                if (mask) {
+                    const int key = k0 + 8 * j + 2 * tq + e;
+                    if (key > qpos || key >= L) x = -INFINITY;
+                }
+                s[4 * j + 2 * rr + e] = x;
+                mx = fmaxf(mx, x);
+            }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float mnew = fmaxf(m[rr], mx);  // finite: key 0 is in the first tile
+        const float alpha = ex(m[rr] - mnew);
+        float rs = 0.f;
+#pragma unroll
+        for (int j = 0; j < NB; j++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const float p = ex(s[4 * j + 2 * rr + e] - mnew);
+                s[4 * j + 2 * rr + e] = p;
+                rs += p;
+            }
+        rs += __shfl_xor_sync(0xffffffff, rs, 1);
+        rs += __shfl_xor_sync(0xffffffff, rs, 2);
+        l[rr] = l[rr] * alpha + rs;
+        m[rr] = mnew;
+#pragma unroll
+        for (int d = 0; d < NO; d++) {
+            o[4 * d + 2 * rr] *= alpha;
+            o[4 * d + 2 * rr + 1] *= alpha;
+        }
+    }
+}
+
 constexpr int FA_BQ = 64;  // query rows per block (16 per warp)
 constexpr int FA_BK = 64;  // keys per tile
 constexpr int FA_PAD = 8;  // shared-memory row padding (conflict-free ldmatrix rows)
@@ -623,42 +674,7 @@ __device__ void flash_prefill(const T* __restrict__ q, const T* __restrict__ k, 
                 mma16816<T>(s[j], qa[c + 1], bk + 2);
             }
         }
-#pragma unroll
-        for (int rr = 0; rr < 2; rr++) {
-            const int qpos = past + q0 + gr + 8 * rr;
-            float mx = -INFINITY;
-#pragma unroll
-            for (int j = 0; j < FA_BK / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int key = k0 + j * 8 + 2 * tq + e;
-                    const float x = (key <= qpos && key < L) ? s[j][2 * rr + e] * scale : -INFINITY;
-                    s[j][2 * rr + e] = x;
-                    mx = fmaxf(mx, x);
-                }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float mnew = fmaxf(m[rr], mx);  // finite: key 0 is in the first tile
-            const float alpha = __expf(m[rr] - mnew);
-            float rs = 0.f;
-#pragma unroll
-            for (int j = 0; j < FA_BK / 8; j++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const float p = __expf(s[j][2 * rr + e] - mnew);
-                    s[j][2 * rr + e] = p;
-                    rs += p;
-                }
-            rs += __shfl_xor_sync(0xffffffff, rs, 1);
-            rs += __shfl_xor_sync(0xffffffff, rs, 2);
-            l[rr] = l[rr] * alpha + rs;
-            m[rr] = mnew;
-#pragma unroll
-            for (int d = 0; d < D / 8; d++) {
-                o[d][2 * rr] *= alpha;
-                o[d][2 * rr + 1] *= alpha;
-            }
-        }
+        online_softmax<FA_BK / 8, D / 8, false>(&s[0][0], &o[0][0], m, l, scale, true, k0, past + q0 + gr, L, tq);
         // o += p v: the score fragments of two key blocks are the A fragment of 16 keys; V's B
         // fragments (16 keys x 8 dimensions, two dimension tiles per ldmatrix) transposed on load
 #pragma unroll
