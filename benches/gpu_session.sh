@@ -41,7 +41,12 @@ if [ "$WHAT" = serving ] || [ "$WHAT" = all ]; then
     step serving; ckpt
     L="python3 benches/load_test.py --model /tmp/glm6b --device cuda --dtype bfloat16"
     timeout 120 $L --turns 10 --clients 32 --max-tokens 32 --json "$OUT/multiturn.json" > "$OUT/multiturn.txt" 2>&1
-    echo "32 x 10 turns: rc $?"; grep "^| 1 \|^| 10 \|turn 10 /\|preempt" "$OUT/multiturn.txt"
+    echo "32 x 10 turns: rc $?"; grep "^| 1 \|^| 10 \|turn 10 /\|preempt\|in every turn" "$OUT/multiturn.txt"
+    # the answers with and without the cache, in float32 (bfloat16 sums in a batch-dependent order
+    # leave near-ties of random weights to chance)
+    timeout 150 $L --turns 10 --clients 32 --max-tokens 32 --dtype float32 --json "$OUT/multiturn_f32.json" \
+        > "$OUT/multiturn_f32.txt" 2>&1
+    echo "32 x 10 turns, float32: rc $?"; grep "turn 10 /\|in every turn" "$OUT/multiturn_f32.txt"
     timeout 150 $L --turns 2 --clients 64 --max-tokens 32 --history-tokens 8000 --json "$OUT/long64.json" > "$OUT/long64.txt" 2>&1
     echo "64 x 8K: rc $?"; grep "^| [12] \|turn 2 /\|preempt\|rror" "$OUT/long64.txt" | tail -6
     timeout 120 $L --turns 3 --clients 32 --max-tokens 32 --history-tokens 2000 --kv-cache-memory 1GiB \

@@ -137,12 +137,17 @@ def multi_turn(args, model) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     lost = 0
     same = True
+    first_diff = [None] * args.clients  # the first turn where a conversation's two answers differ
     rows = []
     for t in range(args.turns):
         a = [r for r in res["cache"][0][t] if r]
         b = [r for r in res["no_cache"][0][t] if r]
         lost += 2 * args.clients - len(a) - len(b)
         same &= [r[1] for r in res["cache"][0][t]] == [r[1] for r in res["no_cache"][0][t]]
+        for i in range(args.clients):
+            ra, rb = res["cache"][0][t][i], res["no_cache"][0][t][i]
+            if first_diff[i] is None and (ra is None or rb is None or ra[1] != rb[1]):
+                first_diff[i] = t + 1
         ta, tb = statistics.median(r[0] for r in a), statistics.median(r[0] for r in b)
         row = {"turn": t + 1, "prompt_tokens_p50": statistics.median(r[2] for r in a),
                "cached_tokens_p50": statistics.median(r[3] for r in a), "ttft_cache_p50_s": ta, "ttft_no_cache_p50_s": tb}
@@ -153,11 +158,14 @@ def multi_turn(args, model) -> int:
     print(f"turn {args.turns} / turn 1 first token: {last['ttft_cache_p50_s'] / first['ttft_cache_p50_s']:.2f}x with the "
           f"prefix cache, {last['ttft_no_cache_p50_s'] / first['ttft_no_cache_p50_s']:.2f}x without; "
           f"wall {res['cache'][2]:.1f} s / {res['no_cache'][2]:.1f} s; same answers: {same}; lost: {lost}")
+    diverged = sorted(t for t in first_diff if t is not None)
+    print(f"conversations with the same answers in every turn: {args.clients - len(diverged)} of {args.clients}"
+          + (f" (the others first differ at turns {diverged})" if diverged else ""))
     for label in ("cache", "no_cache"):
         print(f"{label}: preemptions {res[label][3].get('glm2rs_num_preemptions_total', 'n/a')}, "
               f"KV cache blocks {res[label][3].get('glm2rs_kv_cache_blocks_total', 'n/a')}")
     out["metrics"] = {label: res[label][3] for label in ("cache", "no_cache")}
-    out.update({"turns_table": rows, "same_answers": same, "lost": lost,
+    out.update({"turns_table": rows, "same_answers": same, "first_different_turn": first_diff, "lost": lost,
                 "wall_s": {"cache": res["cache"][2], "no_cache": res["no_cache"][2]}})
     if args.json:
         with open(args.json, "w") as f:

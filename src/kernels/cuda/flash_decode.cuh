@@ -302,8 +302,8 @@ __device__ void decode_split(const T* __restrict__ qkv, const T* __restrict__ bi
 
 // Tensor cores, 16-bit T: the group's (up to) 16 query heads are the 16 rows of
 // mma.m16n8k16. Each warp takes 16 positions at a time: S = Q K^T as 2 x (head_dim / 16) MMAs
-// (keys read straight from the cache as the B operand: two consecutive dimensions per 32-bit
-// word), the online softmax on the accumulator fragments (a row's 4 lanes combine with 2
+// (keys read straight from the cache as the B operand, 16 bytes per load; values the same,
+// transposed in registers by movmatrix), the online softmax on the accumulator fragments (a row's 4 lanes combine with 2
 // shuffles), then O += P V with P re-used in registers as the A operand (rounded to T, as
 // FlashAttention does) and V as B, one MMA per 8 output dimensions. head_dim % 16 == 0, <= 128.
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16*) {
@@ -314,7 +314,13 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half*) {
     __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
-__device__ __forceinline__ uint32_t join2(uint16_t lo, uint16_t hi) { return (uint32_t)lo | ((uint32_t)hi << 16); }
+// The 8 x 8 matrix of 16-bit elements held one word per lane (row lane / 4, columns 2 (lane % 4),
+// + 1), transposed.
+__device__ __forceinline__ uint32_t movtrans(uint32_t a) {
+    uint32_t d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+    return d;
+}
 
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
                                          __nv_bfloat16*) {
@@ -360,16 +366,27 @@ __device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict_
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const int gid = lane >> 2, tig = lane & 3;
-    const int ks_n = head_dim / 16;
-    // Q as A fragments, one per k-step (rows gid and gid + 8; columns 2 tig, 2 tig + 1, + 8)
+    // Dimensions are read 16 bytes at a time: lane (gid, tig) loads, for the positions gid and
+    // gid + 8 of a tile, the 8 dimensions 32 q + 8 tig .. + 7 (q < 4) as a uint4 of 4 words. The
+    // contraction over dimensions of QK^T may take them in any order applied to Q and K alike:
+    // word w of uint4 q is k-step 2 q + (w >> 1), half w & 1 of the B fragment (the Q fragments
+    // below gather the same dimensions). V's B fragment wants two consecutive positions of one
+    // dimension: the words of positions gid (gid + 8) form 8 x 8 matrices (rows: positions,
+    // columns: dimension pairs) that movmatrix.trans turns into it, output tile 4 q + w holding
+    // the dimensions 32 q + 2 w + 8 tig, + 1 in the lanes' accumulator columns 2 tig, 2 tig + 1.
+    const int nq = (head_dim + 31) / 32;  // 32-dimension blocks (the last may be partial)
+    const bool dim_ok[4] = {8 * tig < head_dim, 32 + 8 * tig < head_dim, 64 + 8 * tig < head_dim,
+                            96 + 8 * tig < head_dim};
+    // Q as A fragments (rows gid and gid + 8), k-step ks = 2 q + hi: halves 0/1 are the words
+    // 2 hi and 2 hi + 1 of uint4 q
     uint32_t qa[FD_KS][4];
 #pragma unroll
     for (int ks = 0; ks < FD_KS; ks++) {
-        const int c0 = ks * 16 + 2 * tig;
+        const int c0 = 32 * (ks >> 1) + 8 * tig + 4 * (ks & 1);  // word 2 (ks & 1): dims c0, c0 + 1
         qa[ks][0] = pack2(sh.q[gid][c0], sh.q[gid][c0 + 1], (T*)nullptr);
         qa[ks][1] = pack2(sh.q[gid + 8][c0], sh.q[gid + 8][c0 + 1], (T*)nullptr);
-        qa[ks][2] = pack2(sh.q[gid][c0 + 8], sh.q[gid][c0 + 9], (T*)nullptr);
-        qa[ks][3] = pack2(sh.q[gid + 8][c0 + 8], sh.q[gid + 8][c0 + 9], (T*)nullptr);
+        qa[ks][2] = pack2(sh.q[gid][c0 + 2], sh.q[gid][c0 + 3], (T*)nullptr);
+        qa[ks][3] = pack2(sh.q[gid + 8][c0 + 2], sh.q[gid + 8][c0 + 3], (T*)nullptr);
     }
     float o[FD_NT][4];
 #pragma unroll
@@ -379,42 +396,44 @@ __device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict_
     for (int t0 = p0 + warp * 16; t0 < p1; t0 += FD_WARPS * 16) {
         // every key and value word of the tile requested before any is used (two round trips
         // to memory per tile would be the loop's latency)
-        uint32_t kb[2][FD_KS][2], vb[FD_NT][2];
+        uint4 kr[2][4], vr[2][4];
         // a tile of 16 positions lies in one block (tiles start at multiples of 16)
-        const uint16_t* kt = reinterpret_cast<const uint16_t*>(kv_at<T>(info.k, info, t0, g, groups, head_dim));
-        const uint16_t* vt = reinterpret_cast<const uint16_t*>(kv_at<T>(info.v, info, t0, g, groups, head_dim));
+        const T* kt = kv_at<T>(info.k, info, t0, g, groups, head_dim);
+        const T* vt = kv_at<T>(info.v, info, t0, g, groups, head_dim);
 #pragma unroll
-        for (int nt = 0; nt < 2; nt++) {
-            const int p = t0 + nt * 8 + gid;  // the key this lane feeds (B column gid)
-            const bool ok = p < p1;
-            const uint16_t* kp = kt + (size_t)(nt * 8 + gid) * stride + 2 * tig;
+        for (int hh = 0; hh < 2; hh++) {
+            const bool ok = t0 + 8 * hh + gid < p1;
+            const size_t off = (size_t)(8 * hh + gid) * stride + 8 * tig;
 #pragma unroll
-            for (int ks = 0; ks < FD_KS; ks++) {
-                const bool in = ok && ks < ks_n;
-                kb[nt][ks][0] = in ? *reinterpret_cast<const uint32_t*>(kp + ks * 16) : 0u;
-                kb[nt][ks][1] = in ? *reinterpret_cast<const uint32_t*>(kp + ks * 16 + 8) : 0u;
+            for (int q = 0; q < 4; q++) {
+                const bool in = ok && dim_ok[q];
+                kr[hh][q] = in ? *reinterpret_cast<const uint4*>(kt + off + 32 * q) : make_uint4(0, 0, 0, 0);
+                vr[hh][q] = in ? *reinterpret_cast<const uint4*>(vt + off + 32 * q) : make_uint4(0, 0, 0, 0);
             }
         }
-        {
-            // V as B (16 positions x 8 dimensions): rows 2 tig, 2 tig + 1 (+ 8), column gid
-            const int pv = t0 + 2 * tig;
-            const bool v0 = pv < p1, v1 = pv + 1 < p1, v8 = pv + 8 < p1, v9 = pv + 9 < p1;
-            const uint16_t* vp = vt + (size_t)(2 * tig) * stride + gid;
+        uint32_t kb[2][FD_KS][2], vb[FD_NT][2];
 #pragma unroll
-            for (int dt = 0; dt < FD_NT; dt++) {
-                const bool in = dt < ks_n * 2;
-                const uint16_t* q = vp + dt * 8;
-                vb[dt][0] = join2(in && v0 ? q[0] : 0, in && v1 ? q[stride] : 0);
-                vb[dt][1] = join2(in && v8 ? q[8 * stride] : 0, in && v9 ? q[9 * stride] : 0);
+        for (int hh = 0; hh < 2; hh++)
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                kb[hh][2 * q][0] = kr[hh][q].x;
+                kb[hh][2 * q][1] = kr[hh][q].y;
+                kb[hh][2 * q + 1][0] = kr[hh][q].z;
+                kb[hh][2 * q + 1][1] = kr[hh][q].w;
+                if (q < nq) {
+                    vb[4 * q][hh] = movtrans(vr[hh][q].x);
+                    vb[4 * q + 1][hh] = movtrans(vr[hh][q].y);
+                    vb[4 * q + 2][hh] = movtrans(vr[hh][q].z);
+                    vb[4 * q + 3][hh] = movtrans(vr[hh][q].w);
+                }
             }
-        }
         float sc[2][4];
 #pragma unroll
         for (int nt = 0; nt < 2; nt++) {
             sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
 #pragma unroll
             for (int ks = 0; ks < FD_KS; ks++)
-                if (ks < ks_n) mma16816(sc[nt], qa[ks], kb[nt][ks][0], kb[nt][ks][1], (T*)nullptr);
+                if (ks < 2 * nq) mma16816(sc[nt], qa[ks], kb[nt][ks][0], kb[nt][ks][1], (T*)nullptr);
         }
         // scores of rows gid (sc[.][0..1]) and gid + 8 (sc[.][2..3]), positions t0 + nt*8 + 2 tig + j
         float mx0 = m0, mx1 = m1;
@@ -455,7 +474,7 @@ __device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict_
         pa[3] = pack2(pr[1][2], pr[1][3], (T*)nullptr);
 #pragma unroll
         for (int dt = 0; dt < FD_NT; dt++) {
-            if (dt < ks_n * 2) {
+            if (dt < 4 * nq) {
                 o[dt][0] *= cr0;
                 o[dt][1] *= cr0;
                 o[dt][2] *= cr1;
@@ -478,11 +497,12 @@ __device__ void decode_split_mma(const T* __restrict__ qkv, const T* __restrict_
     }
 #pragma unroll
     for (int dt = 0; dt < FD_NT; dt++) {
-        if (dt < ks_n * 2) {
-            sh.acc[warp][gid][dt * 8 + 2 * tig] = o[dt][0];
-            sh.acc[warp][gid][dt * 8 + 2 * tig + 1] = o[dt][1];
-            sh.acc[warp][gid + 8][dt * 8 + 2 * tig] = o[dt][2];
-            sh.acc[warp][gid + 8][dt * 8 + 2 * tig + 1] = o[dt][3];
+        const int d = 32 * (dt >> 2) + 2 * (dt & 3) + 8 * tig;  // this lane's columns of tile dt
+        if (dt < 4 * nq && dim_ok[dt >> 2]) {
+            sh.acc[warp][gid][d] = o[dt][0];
+            sh.acc[warp][gid][d + 1] = o[dt][1];
+            sh.acc[warp][gid + 8][d] = o[dt][2];
+            sh.acc[warp][gid + 8][d + 1] = o[dt][3];
         }
     }
     fd_combine<T>(sh, info, out, part, s, g, c, r, heads, head_dim, splits);
