@@ -126,6 +126,8 @@ def write(out: Path, cfg: dict, dtype: str, shards: int, fixtures: Path) -> None
     weight_map = {}
     total = sum(int(np.prod(s)) for _, s in tensors) * 2
     written, t0 = 0, time.time()
+    tty = sys.stderr.isatty()
+    line = ""
     for si, group in enumerate(groups):
         fname = "model.safetensors" if shards == 1 else f"model-{si + 1:05d}-of-{shards:05d}.safetensors"
         header, off = {}, 0
@@ -144,8 +146,13 @@ def write(out: Path, cfg: dict, dtype: str, shards: int, fixtures: Path) -> None
                 f.write(pool.fill(n, ones=name.endswith("layernorm.weight"), dtype=dtype))
                 written += n * 2
                 rate = written / max(time.time() - t0, 1e-9) / 1e6
-                print(f"\rwriting {written / 1e9:6.2f} / {total / 1e9:.2f} GB ({rate:.0f} MB/s)", end="", file=sys.stderr)
-    print(file=sys.stderr)
+                line = f"writing {written / 1e9:6.2f} / {total / 1e9:.2f} GB ({rate:.0f} MB/s)"
+                if tty:  # a bar on a terminal, plain lines (one per shard) in a log
+                    print(f"\r{line}", end="", file=sys.stderr)
+        if not tty:
+            print(line, file=sys.stderr)
+    if tty:
+        print(file=sys.stderr)
     if shards > 1:
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
