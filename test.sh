@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/python_env.sh
 "$PY" -m pip install -q --disable-pip-version-check "maturin>=1.7,<2" pytest "numpy>=1.22" \
-    "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15" pexpect "openai>=1.40" websocket-client pillow
+    "huggingface_hub>=0.20" "safetensors>=0.4" "tokenizers>=0.15" pexpect "openai>=1.40" websocket-client pillow \
+    "ray[serve]>=2.49"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo test --release --features server
 # a service depending on the crate as Rust users do (README "Rust") keeps compiling

@@ -1,4 +1,4 @@
-from typing import Iterator, Sequence, TypedDict
+from typing import Callable, Iterator, Sequence, TypedDict
 
 from typing_extensions import Unpack
 
@@ -264,3 +264,38 @@ class Server:
     def stop(self) -> None: ...
     def __enter__(self) -> Server: ...
     def __exit__(self, *args: object) -> None: ...
+
+class HttpApp:
+    """The HTTP surface of `Server` (routes, request parsing, response and error formatting,
+    API key, web-origin rules) without a socket, for a host that owns the connections (Ray
+    Serve replicas: `glm2rs.ray`). Its engine starts with it."""
+    def __init__(
+        self,
+        model: Model,
+        api_key: str | None = None,
+        model_name: str | None = None,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        allow_origins: list[str] | None = None,
+        loopback: bool = False,
+    ) -> None: ...
+    @property
+    def model_name(self) -> str: ...
+    def request(
+        self,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        sink: Callable[[tuple[int, list[tuple[str, str]]] | bytes | None], object],
+    ) -> HttpCall:
+        """Start one request (`path` with its query string). `sink` is called from the app's
+        threads with `(status, headers)`, then each body chunk as bytes, then None; keep the
+        returned call until then (dropping it cancels the request)."""
+
+class HttpCall:
+    """One request of an `HttpApp` in flight."""
+    def cancel(self) -> None:
+        """Drop the response: a stream's generation stops as on a closed connection."""
+    @property
+    def done(self) -> bool: ...

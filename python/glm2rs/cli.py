@@ -126,6 +126,19 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_ray_serve(argv: list[str]) -> int:
+    try:
+        from . import ray as glm2rs_ray
+    except ImportError as e:
+        print(f"glm2rs ray-serve needs Ray Serve ({e}): pip install 'glm2rs[ray]'", file=sys.stderr)
+        return 1
+    try:
+        return glm2rs_ray.main(argv)
+    except (Glm2Error, OSError, ValueError) as e:
+        print(f"glm2rs: {e}", file=sys.stderr)
+        return 1
+
+
 def cmd_bench(args) -> int:
     """Prefill and decode speed of one sequence, then aggregate decode speed of a batch."""
     t0 = time.perf_counter()
@@ -310,6 +323,13 @@ def main(argv: list[str] | None = None) -> int:
     d = add("doctor", help="what this installation can use: features, CPU extensions, GPUs")
     d.set_defaults(func=cmd_doctor)
 
+    # its options are glm2rs.ray's own (glm2rs ray-serve --help); listed here for glm2rs --help
+    add("ray-serve", help="the same server as a Ray Serve application: replicas over a Ray cluster "
+                          "(pip install 'glm2rs[ray]')", add_help=False)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "ray-serve":
+        return cmd_ray_serve(argv[1:])
     args = ap.parse_args(argv)
     try:
         return args.func(args)

@@ -1,11 +1,14 @@
 //! The Python face of glm2rs (`glm2rs._glm2rs`), one file per concept, each a thin wrapper:
 //! errors (the exception hierarchy), args (ids and generation keywords), tokenizer, stream
-//! (`TextStreamer`), model, chat (streamers, sessions, turns), server. Model work runs with the
+//! (`TextStreamer`), model, chat (streamers, sessions, turns), server, http (the server's routes
+//! without a socket, for Ray Serve). Model work runs with the
 //! GIL released; every error becomes a `glm2rs.Glm2Error` subclass in `errors.rs`.
 
 mod args;
 mod chat;
 mod errors;
+#[cfg(feature = "server")]
+mod http;
 mod model;
 #[cfg(feature = "server")]
 mod server;
@@ -13,6 +16,8 @@ mod stream;
 mod tokenizer;
 
 use chat::{PyChatSession, PyChatStream, PyChatTurn};
+#[cfg(feature = "server")]
+use http::{PyHttpApp, PyHttpCall};
 use model::PyModel;
 use pyo3::prelude::*;
 #[cfg(feature = "server")]
@@ -76,6 +81,10 @@ fn _glm2rs(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyChatTurn>()?;
     #[cfg(feature = "server")]
     m.add_class::<PyServer>()?;
+    #[cfg(feature = "server")]
+    m.add_class::<PyHttpApp>()?;
+    #[cfg(feature = "server")]
+    m.add_class::<PyHttpCall>()?;
     errors::register(m)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

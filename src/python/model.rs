@@ -60,6 +60,17 @@ pub struct PyModel {
     pub(super) inner: Model,
 }
 
+impl PyModel {
+    /// The model id a server shows when given none: the model directory's name.
+    pub(super) fn default_name(&self) -> String {
+        self.inner
+            .dir()
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "chatglm2-6b".into())
+    }
+}
+
 #[pymethods]
 impl PyModel {
     /// Load a local model directory or GGUF file. `Model.from_pretrained` (defined by the Python

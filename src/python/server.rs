@@ -44,14 +44,7 @@ impl PyServer {
         let port = u16::try_from(port).map_err(|_| {
             InvalidArgumentError::new_err(format!("port must be in 0..=65535, got {port}"))
         })?;
-        let name = model_name.unwrap_or_else(|| {
-            model
-                .inner
-                .dir()
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "chatglm2-6b".into())
-        });
+        let name = model_name.unwrap_or_else(|| model.default_name());
         let cfg = crate::server::ServerConfig {
             host: host.to_string(),
             port,

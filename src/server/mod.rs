@@ -413,6 +413,40 @@ fn build_router(
         .with_state(state)
 }
 
+/// The whole HTTP surface of `glm2rs serve` over `model` (its engine, routes, API key and web-origin
+/// rules) as a router, for a host that owns the socket itself: the bindings' `HttpApp`, which a Ray
+/// Serve replica drives. `loopback`: apply the Host checks of a server bound to a loopback address.
+pub fn app(model: Model, cfg: &ServerConfig, loopback: bool) -> Result<Router> {
+    build_app(model, cfg, loopback, None)
+}
+
+fn build_app(
+    model: Model,
+    cfg: &ServerConfig,
+    loopback: bool,
+    cut: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<Router> {
+    if cfg.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+        return Err(Error::invalid(
+            "api_key is empty: give a key, or no api_key at all for a server without one",
+        ));
+    }
+    let engine = Engine::new(model, cfg.engine)?;
+    let guard_state = Arc::new(Guard {
+        loopback,
+        keyless: cfg.api_key.is_none(),
+        allow_origins: cfg
+            .allow_origins
+            .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
+            .collect(),
+    });
+    Ok(
+        build_router(engine, &cfg.model_name, cfg.api_key.clone(), cut)
+            .layer(axum::middleware::from_fn_with_state(guard_state, guard)),
+    )
+}
+
 /// A server running on its own threads; [`ServerHandle::stop`] ends it.
 pub struct ServerHandle {
     addr: SocketAddr,
@@ -423,11 +457,6 @@ pub struct ServerHandle {
 impl ServerHandle {
     /// Bind `host:port` (errors come back here) and serve `model` until stopped.
     pub fn start(model: Model, cfg: ServerConfig) -> Result<Self> {
-        if cfg.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-            return Err(Error::invalid(
-                "api_key is empty: give a key, or no api_key at all for a server without one",
-            ));
-        }
         let listener = std::net::TcpListener::bind((cfg.host.as_str(), cfg.port)).map_err(|e| {
             Error::invalid(format!("cannot listen on {}:{}: {e}", cfg.host, cfg.port))
         })?;
@@ -437,19 +466,8 @@ impl ServerHandle {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(e.to_string()))?;
-        let engine = Engine::new(model, cfg.engine)?;
-        let guard_state = Arc::new(Guard {
-            loopback: addr.ip().is_loopback(),
-            keyless: cfg.api_key.is_none(),
-            allow_origins: cfg
-                .allow_origins
-                .iter()
-                .map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase())
-                .collect(),
-        });
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
-        let app = build_router(engine, &cfg.model_name, cfg.api_key.clone(), Some(cut_rx))
-            .layer(axum::middleware::from_fn_with_state(guard_state, guard));
+        let app = build_app(model, &cfg, addr.ip().is_loopback(), Some(cut_rx))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -1,0 +1,64 @@
+"""`glm2rs ray-serve`: starts a local Ray instance, serves, and stops it on Ctrl-C (its own file:
+it runs after test_ray.py has shut its cluster down, so the two Ray instances never overlap)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+try:
+    import ray  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the machine
+    if os.environ.get("CI") == "true":
+        raise RuntimeError(f"ray[serve] is not installed ({e}); test.sh installs it") from e
+    pytest.skip(f"ray[serve] cannot be imported here ({e}): pip install 'glm2rs[ray]'", allow_module_level=True)
+
+
+def test_ray_serve_command_serves_and_stops_on_ctrl_c(fx):
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    # SIGINT restored: a background test run has it ignored, which the child would inherit
+    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--model", str(fx / "model"),
+                          "--replicas", "1", "--port", str(port), "--api-key", "k", "--dtype", "float32"],
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    try:
+        while True:
+            line = p.stderr.readline()
+            lines.append(line)
+            assert line or p.poll() is None, "glm2rs ray-serve exited:\n" + "".join(lines)[-4000:]
+            if "glm2rs on Ray Serve" in line:
+                break
+        assert f"127.0.0.1:{port}" in line
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                     data=json.dumps({"model": "model", "max_tokens": 6, "temperature": 0,
+                                                      "messages": [{"role": "user", "content": "你好"}]}).encode(),
+                                     headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+        r = json.load(urllib.request.urlopen(req, timeout=60))
+        assert r["usage"]["completion_tokens"] == 6 and r["model"] == "model"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+
+
+def test_ray_serve_help_and_bad_arguments():
+    out = subprocess.run([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "--replicas" in out.stdout and "--address" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "glm2rs.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert "ray-serve" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--model", "x", "--replicas", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "replicas must be at least 1" in out.stderr
