@@ -265,3 +265,25 @@ def test_http_app_bridge_without_ray_serve(model):
 
 async def run_once(app, method, path):
     return [item async for item in gray.respond(app, method, path, [("host", "x")], b"")]
+
+
+def test_config_file_and_kuberay_examples_build(fx):
+    """examples/ray: the `serve run`/`serve deploy` config and the RayService manifest name
+    `glm2rs.ray:app_builder`, and their args build an application (on the fixture, on the CPU)."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve import Application
+
+    root = Path(__file__).resolve().parent.parent / "examples" / "ray"
+    conf = yaml.safe_load((root / "serve_config.yaml").read_text())
+    manifest = yaml.safe_load((root / "rayservice.yaml").read_text())
+    assert manifest["kind"] == "RayService"
+    for app in conf["applications"] + yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]:
+        assert app["import_path"] == "glm2rs.ray:app_builder"
+        args = {**app["args"], "model": str(fx / "model"), "device": "cpu", "num_gpus": 0}
+        assert isinstance(gray.app_builder(args), Application)
+    with pytest.raises(ValueError, match="model"):
+        gray.app_builder({"replicas": "2"})
+    with pytest.raises(ValueError, match="min_replicas"):
+        gray.build_app(str(fx / "model"), min_replicas=3, max_replicas=2)

@@ -27,7 +27,8 @@ def test_ray_serve_command_serves_and_stops_on_ctrl_c(fx):
         port = sk.getsockname()[1]
     # SIGINT restored: a background test run has it ignored, which the child would inherit
     p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--model", str(fx / "model"),
-                          "--replicas", "1", "--port", str(port), "--api-key", "k", "--dtype", "float32"],
+                          "--replicas", "1", "--port", str(port), "--api-key", "k", "--dtype", "float32",
+                          "--no-prefix-routing"],
                          stderr=subprocess.PIPE, text=True,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
@@ -45,6 +46,19 @@ def test_ray_serve_command_serves_and_stops_on_ctrl_c(fx):
                                      headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
         r = json.load(urllib.request.urlopen(req, timeout=60))
         assert r["usage"]["completion_tokens"] == 6 and r["model"] == "model"
+        # streamed, straight from the replica (no ingress): the same text in SSE events, then [DONE]
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
+                                     data=json.dumps({"model": "model", "max_tokens": 6, "temperature": 0,
+                                                      "stream": True,
+                                                      "messages": [{"role": "user", "content": "你好"}]}).encode(),
+                                     headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.headers["content-type"].startswith("text/event-stream")
+            events = [ln[6:] for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                       if json.loads(e)["choices"])
+        assert text == r["choices"][0]["message"]["content"]
         p.send_signal(signal.SIGINT)
         assert p.wait(timeout=60) == 0
     finally:

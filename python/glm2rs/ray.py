@@ -11,7 +11,8 @@ The application has two deployments:
   parsing, response and error formatting, API key of `glm2rs serve`), fed each request's method,
   path, headers and body; the response comes back as an async stream of items, the same bytes
   `glm2rs serve` would send.
-- `Glm2Ingress`: receives the HTTP requests from Ray's proxy, picks the replica through
+- `Glm2Ingress` (unless `prefix_routing=False`, where the replicas are the ingress themselves and
+  Ray's proxy routes by load): receives the HTTP requests from Ray's proxy, picks the replica through
   `PrefixAffinityRouter` (a conversation goes back to the replica that holds its prefix cache
   unless that replica is busier than the least loaded one by more than a margin) and streams the
   answer back. A replica that dies before sending anything is retried on another one; a stream
@@ -42,9 +43,12 @@ __all__ = ["Glm2Ingress", "Glm2Replica", "PrefixAffinityRouter", "affinity_key",
 _HOP_HEADERS = {"connection", "content-length", "keep-alive", "transfer-encoding", "upgrade", "te"}
 
 
-async def respond(app, method: str, path: str, headers: list, body: bytes) -> AsyncIterator[Any]:
-    """Run one request through a `glm2rs.HttpApp`: yields `(status, headers)`, then the body's
-    chunks as bytes. Leaving the iteration early cancels the request."""
+async def respond(app, method: str, path: str, headers: list, body: bytes,
+                  interval: float = 0.0) -> AsyncIterator[Any]:
+    """Run one request through a `glm2rs.HttpApp`: yields `(status, headers)`, then the body as
+    bytes: the first two chunks at once, then at most one item per `interval` seconds holding every
+    chunk produced meanwhile (a hop through Ray per item costs more than a token; Ray Serve LLM
+    batches its streams the same way). Leaving the iteration early cancels the request."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -53,11 +57,39 @@ async def respond(app, method: str, path: str, headers: list, body: bytes) -> As
 
     call = app.request(method, path, headers, body, sink)
     try:
-        while True:
+        yield await queue.get()  # (status, headers)
+        last = -float("inf")
+        end = False
+        sent = 0
+        while not end:
             item = await queue.get()
             if item is None:
                 return
-            yield item
+            parts = [item]
+            # the first two chunks at once: a chat stream's first carries only the role, the
+            # second the first token
+            deadline = last + interval if sent >= 2 else last
+            while True:
+                while not queue.empty() and not end:
+                    more = queue.get_nowait()
+                    if more is None:
+                        end = True
+                    else:
+                        parts.append(more)
+                remaining = deadline - loop.time()
+                if end or remaining <= 0:
+                    break
+                try:
+                    more = await asyncio.wait_for(queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+                if more is None:
+                    end = True
+                else:
+                    parts.append(more)
+            yield b"".join(parts)
+            sent += 1
+            last = loop.time()
     finally:
         call.cancel()
 
@@ -136,15 +168,27 @@ class PrefixAffinityRouter(RequestRouter):
 class Glm2Replica:
     """One model and its engine; `handle` answers one HTTP request as a stream of items."""
 
-    def __init__(self, model: str, load: Optional[dict] = None, server: Optional[dict] = None):
+    def __init__(self, model: str, load: Optional[dict] = None, server: Optional[dict] = None,
+                 stream_interval: float = 0.02):
         import glm2rs
 
         self._model = glm2rs.Model.from_pretrained(model, **{"progress": False, **(load or {})})
         self._app = glm2rs.HttpApp(self._model, **(server or {}))
+        self._interval = stream_interval
 
     async def handle(self, method: str, path: str, headers: list, body: bytes, affinity: Optional[str] = None):
-        async for item in respond(self._app, method, path, headers, body):
+        async for item in respond(self._app, method, path, headers, body, self._interval):
             yield item
+
+    async def __call__(self, request: Request):
+        """As the application's ingress itself (`prefix_routing=False`): Ray's proxy routes by load."""
+        body = await request.body()
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = [(k, v) for k, v in request.headers.items() if k not in _HOP_HEADERS]
+        items = respond(self._app, request.method, path, headers, body, self._interval)
+        status, head = await items.__anext__()
+        head = [(k, v) for k, v in head if k.lower() not in _HOP_HEADERS]
+        return StreamingResponse(items, status_code=status, headers=dict(head))
 
 
 def _error_body(message: str, code: str) -> dict:
@@ -207,7 +251,8 @@ def build_app(model: str, *, replicas: int = 1, min_replicas: Optional[int] = No
               quantize: Optional[str] = None, num_cpus: float = 1, num_gpus: Optional[float] = None,
               api_key: Optional[str] = None, model_name: Optional[str] = None, max_batch: int = 32,
               max_queue: int = 256, max_ongoing_requests: int = 256, target_ongoing_requests: int = 32,
-              ingress_replicas: int = 1, imbalanced_threshold: int = 16, load: Optional[dict] = None):
+              ingress_replicas: int = 1, imbalanced_threshold: int = 16, stream_interval: float = 0.02,
+              prefix_routing: bool = True, load: Optional[dict] = None):
     """The Ray Serve application (bind it with `serve.run`). `replicas` fixed, or autoscaling on
     ongoing requests between `min_replicas` and `max_replicas` (`target_ongoing_requests` per
     replica). `num_gpus` per replica defaults to 1 on `device="cuda"`. `load`: more keywords of
@@ -234,7 +279,9 @@ def build_app(model: str, *, replicas: int = 1, min_replicas: Optional[int] = No
         request_router_config={"request_router_class": PrefixAffinityRouter,
                                "request_router_kwargs": {"imbalanced_threshold": imbalanced_threshold}},
         health_check_period_s=2, **scale,
-    ).bind(str(model), load, server)
+    ).bind(str(model), load, server, stream_interval)
+    if not prefix_routing:
+        return replica
     ingress = serve.deployment(Glm2Ingress, name="Glm2Ingress", num_replicas=ingress_replicas,
                                max_ongoing_requests=4 * max_ongoing_requests,
                                ray_actor_options={"num_cpus": 0})
@@ -250,7 +297,7 @@ def app_builder(args: dict):
         raise ValueError("app_builder needs model=PATH (a model directory, GGUF file or hub id)")
     ints = {"replicas", "min_replicas", "max_replicas", "max_batch", "max_queue", "max_ongoing_requests",
             "target_ongoing_requests", "ingress_replicas", "imbalanced_threshold"}
-    floats = {"num_cpus", "num_gpus"}
+    floats = {"num_cpus", "num_gpus", "stream_interval"}
     kw = {k: int(v) if k in ints else float(v) if k in floats else v for k, v in args.items()}
     return build_app(model, **kw)
 
@@ -275,6 +322,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--model-name", help="model id shown by /v1/models (default: the directory name)")
     ap.add_argument("--max-batch", type=int, default=32, help="most sequences decoded together per replica")
     ap.add_argument("--max-ongoing-requests", type=int, default=256, help="requests a replica takes at once")
+    ap.add_argument("--no-prefix-routing", action="store_true",
+                    help="no ingress: Ray's proxy sends requests straight to the replicas by load alone "
+                         "(one hop less; conversations lose their replica's prefix cache)")
     ap.add_argument("--address", help="Ray cluster to join (e.g. auto, or ray://host:10001); none: start a local one")
     args = ap.parse_args(argv)
     import os
@@ -283,7 +333,8 @@ def main(argv: Optional[list] = None) -> int:
     app = build_app(args.model, replicas=args.replicas, min_replicas=args.min_replicas,
                     max_replicas=args.max_replicas, device=args.device, dtype=args.dtype, quantize=args.quantize,
                     num_cpus=args.num_cpus, num_gpus=args.num_gpus, api_key=api_key, model_name=args.model_name,
-                    max_batch=args.max_batch, max_ongoing_requests=args.max_ongoing_requests)
+                    max_batch=args.max_batch, max_ongoing_requests=args.max_ongoing_requests,
+                    prefix_routing=not args.no_prefix_routing)
     stop = threading.Event()
 
     def on_signal(signum, frame):
