@@ -76,3 +76,49 @@ def test_ray_serve_help_and_bad_arguments():
     out = subprocess.run([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--model", "x", "--replicas", "0"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "replicas must be at least 1" in out.stderr
+
+
+def test_ray_serve_joins_a_running_cluster_and_leaves_it_running(fx):
+    """`--address`: deploy onto a cluster started by `ray start --head`; Ctrl-C removes the
+    application, and the cluster keeps running."""
+    import shutil
+
+    ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        gcs = sk.getsockname()[1]
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    env = dict(os.environ)
+    subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=env)
+    p = None
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--model", str(fx / "model"),
+                              "--replicas", "1", "--port", str(port), "--address", "auto"],
+                             stderr=subprocess.PIPE, text=True, env=env,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        lines = []
+        while True:
+            line = p.stderr.readline()
+            lines.append(line)
+            assert line or p.poll() is None, "glm2rs ray-serve exited:\n" + "".join(lines)[-4000:]
+            if "glm2rs on Ray Serve" in line:
+                break
+        assert "removes the application" in line
+        models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60))
+        assert models["data"][0]["id"] == "model"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 0
+        # the cluster is still up, without the application
+        st = subprocess.run([sys.executable, "-c", "import ray; from ray import serve; ray.init(address='auto'); "
+                             "print(ray.cluster_resources()['CPU'], sorted(serve.status().applications))"],
+                            capture_output=True, text=True, timeout=60, env=env)
+        assert st.returncode == 0 and st.stdout.split() == ["2.0", "[]"], (st.stdout, st.stderr[-2000:])
+    finally:
+        if p is not None and p.poll() is None:
+            p.kill()
+        if p is not None:
+            p.stderr.close()
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True, timeout=120, env=env)
