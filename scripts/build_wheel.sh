@@ -11,8 +11,12 @@
 # AVX2+F16C / portable loops at run time (`glm2rs doctor` lists what a CPU offers).
 # `scripts/check_wheel.sh dist` then installs one into a fresh venv and smoke-tests it.
 #
-# CUDA wheel: built on a machine without a GPU with nvcc 13.0 from PyPI, for compute capability 9.0
-# (H100/H200; the PTX targets compute_90a for the wgmma prompt kernel). With --tests also the GPU
+# CUDA wheel: built on a machine without a GPU with nvcc 13.0 from PyPI, for every GPU from compute
+# capability 8.0: glm2rs's kernels as machine code for sm_80/86/89/90a (A100, RTX 30, RTX 40/L4,
+# H100/H200 with the wgmma prompt kernel) plus PTX for compute_90 (later GPUs), loaded without JIT;
+# candle's kernels as PTX for compute_80, which every one of them runs (GLM2RS_CUDA_ARCHS and
+# CUDA_COMPUTE_CAP, when set, choose other targets: e.g. GLM2RS_CUDA_ARCHS=90a CUDA_COMPUTE_CAP=90
+# for Hopper alone, in target-cuda). With --tests also the GPU
 # kernel tests (dist-cuda/cuda-decode-test, tests/cuda_decode.rs); with --bench the criterion kernel
 # benches (dist-cuda/kernels-bench, run there as `dist-cuda/kernels-bench --bench gpu_`). On the GPU
 # machine: pip install it; libcudart.so.13, cuBLAS 13 and cuRAND must be loadable (the
@@ -54,8 +58,10 @@ cuda() {
     C="$SP/nvidia/cu13"
     ln -sf "$C/lib/libcudart.so.13" "$C/lib/libcudart.so"   # candle-kernels links -lcudart
     ln -sfn "$C/lib" "$C/lib64"
-    export PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_PATH="$C" NVCC="$C/bin/nvcc" CUDA_COMPUTE_CAP=90
-    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda}"
+    export PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_PATH="$C" NVCC="$C/bin/nvcc"
+    export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}" GLM2RS_CUDA_ARCHS="${GLM2RS_CUDA_ARCHS:-80,86,89,90a}"
+    # one target folder per candle kernel target (changing it rebuilds candle's kernels)
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target-cuda$([ "$CUDA_COMPUTE_CAP" = 90 ] || echo "-$CUDA_COMPUTE_CAP")}"
     # candle links the CUDA libraries dynamically; this machine has no driver: link against stubs
     # that carry the real sonames (the GPU machine's libraries are bound at load time). The stubs go
     # beside libcudart in the nvidia wheel's lib folder, already on the link path.

@@ -40,6 +40,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 .map_err(|e| Error::invalid(format!("device \"{s}\" is not available: {e}")))?;
             #[cfg(feature = "cuda")]
             if let Device::Cuda(d) = &dev {
+                check_compute_capability(d, &s)?;
                 // One model on one GPU uses one stream: the per-allocation events that guard
                 // tensors shared between streams only cost time (`Tuning::cuda_events` keeps
                 // them). A model split over several GPUs keeps them (see `parse_devices`).
@@ -188,15 +189,44 @@ fn total_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// A GPU older than the oldest target this build's kernels were compiled for is refused here,
+/// saying what to use instead (rather than failing at the first kernel launch).
+#[cfg(feature = "cuda")]
+fn check_compute_capability(d: &candle_core::CudaDevice, name: &str) -> Result<()> {
+    let (major, minor) = crate::kernels::cuda::compute_capability(d)?;
+    let min = crate::kernels::cuda::MIN_COMPUTE_CAPABILITY;
+    if ((major * 10 + minor) as u32) < min {
+        return Err(Error::invalid(format!(
+            "device \"{name}\" has compute capability {major}.{minor}; this build's CUDA kernels need {}.{} \
+             or newer (the CUDA wheel: A100, RTX 30/40, L4, H100/H200 and later): use device=\"cpu\", or \
+             build glm2rs from source for this GPU (CUDA_COMPUTE_CAP={major}{minor} cargo build --features cuda)",
+            min / 10,
+            min % 10
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a device computes in bfloat16: CUDA GPUs from compute capability 8.0 (T4 and V100
+/// have no bfloat16 arithmetic), the CPU and Metal.
+pub fn has_bf16(device: &Device) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => crate::kernels::cuda::compute_capability(d).is_ok_and(|cc| cc.0 >= 8),
+        _ => true,
+    }
+}
+
 /// What `dtype="auto"` picks:
-/// - CUDA: bfloat16 (the range of float32, half the memory);
+/// - CUDA: bfloat16 (the range of float32, half the memory); float16 on GPUs without bfloat16;
 /// - Metal: float16;
 /// - CPU: float32 when the float32 weights take at most 40% of physical memory (exact and, on
 ///   CPU, fastest per element), else float16 — the official checkpoints' own dtype, and the
 ///   16-bit type that candle's CPU matmul runs natively.
 pub fn auto_dtype(cfg: &Glm2Config, device: &Device) -> DType {
     match device {
-        Device::Cuda(_) => DType::BF16,
+        Device::Cuda(_) if has_bf16(device) => DType::BF16,
+        Device::Cuda(_) => DType::F16,
         Device::Metal(_) => DType::F16,
         Device::Cpu => {
             let f32_bytes = cfg.num_parameters() as u64 * 4;
@@ -276,10 +306,16 @@ fn cuda_devices() -> (Vec<(usize, String, (i32, i32), u64)>, Option<String>) {
     match crate::error::catch_panic(|| Ok(crate::kernels::cuda::devices()?)) {
         Ok(d) if d.is_empty() => (d, Some("the CUDA driver sees no GPU".into())),
         Ok(d) => {
-            let old = d.iter().find(|g| g.2 < (8, 0)).map(|g| {
+            let min = crate::kernels::cuda::MIN_COMPUTE_CAPABILITY as i32;
+            let old = d.iter().find(|g| g.2 .0 * 10 + g.2 .1 < min).map(|g| {
                 format!(
-                    "GPU {} ({}) has compute capability {}.{}; this wheel's kernels need 8.0 or newer",
-                    g.0, g.1, g.2 .0, g.2 .1
+                    "GPU {} ({}) has compute capability {}.{}; this build's kernels need {}.{} or newer",
+                    g.0,
+                    g.1,
+                    g.2 .0,
+                    g.2 .1,
+                    min / 10,
+                    min % 10
                 )
             });
             (d, old)

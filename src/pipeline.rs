@@ -167,6 +167,12 @@ impl Model {
         let dtype = opts
             .dtype
             .unwrap_or_else(|| auto_dtype(&config, &opts.device));
+        if dtype == candle_core::DType::BF16 && !crate::device::has_bf16(&opts.device) {
+            return Err(Error::invalid(
+                "dtype bfloat16: this GPU has no bfloat16 arithmetic (compute capability below 8.0): \
+                 use dtype=\"float16\" (or \"auto\", which picks it)",
+            ));
+        }
         let devices = if opts.layer_devices.is_empty() {
             vec![opts.device.clone()]
         } else {

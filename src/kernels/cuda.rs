@@ -1,5 +1,5 @@
 //! CUDA custom ops (feature `cuda`): the fused decode attention and SwiGLU of
-//! `src/kernels/cuda/glm2.cu`, compiled to PTX by build.rs.
+//! `src/kernels/cuda/glm2.cu`, compiled to a fatbin by build.rs.
 
 use super::split_plan::{split_lanes, split_pays, split_plan, SPLIT_MIN_CHUNK};
 use crate::quantize::Bits;
@@ -12,8 +12,68 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/glm2.ptx"));
-const MODULE: &str = "glm2rs";
+/// glm2rs's kernels: machine code for each target build.rs compiled (and PTX of the newest
+/// where the build asked for several), loaded without JIT compilation on those GPUs.
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/glm2.fatbin"));
+/// The oldest compute capability the fatbin has code for (major * 10 + minor).
+pub const MIN_COMPUTE_CAPABILITY: u32 = parse_cc(env!("GLM2RS_MIN_CC"));
+
+const fn parse_cc(s: &str) -> u32 {
+    let b = s.as_bytes();
+    let mut v = 0;
+    let mut i = 0;
+    while i < b.len() {
+        v = v * 10 + (b[i] - b'0') as u32;
+        i += 1;
+    }
+    v
+}
+
+/// A kernel of the fatbin on one device's stream (what candle's `CudaFunc` is for its own).
+struct Func {
+    func: cudarc::driver::CudaFunction,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
+}
+
+impl std::ops::Deref for Func {
+    type Target = cudarc::driver::CudaFunction;
+
+    fn deref(&self) -> &Self::Target {
+        &self.func
+    }
+}
+
+impl Func {
+    fn builder(&self) -> cudarc::driver::LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// Kernel `name` on `dev`; the fatbin is loaded once per device context.
+fn load(dev: &CudaDevice, name: &str) -> Result<Func> {
+    type Modules = Vec<(
+        std::sync::Arc<cudarc::driver::CudaContext>,
+        std::sync::Arc<cudarc::driver::CudaModule>,
+    )>;
+    static MODULES: std::sync::Mutex<Modules> = std::sync::Mutex::new(Vec::new());
+    let stream = dev.cuda_stream();
+    let ctx = stream.context();
+    let module = {
+        let mut ms = MODULES.lock().unwrap_or_else(|e| e.into_inner());
+        match ms.iter().find(|(c, _)| std::sync::Arc::ptr_eq(c, ctx)) {
+            Some((_, m)) => m.clone(),
+            None => {
+                let m = ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+                    .w()?;
+                ms.push((ctx.clone(), m.clone()));
+                m
+            }
+        }
+    };
+    let func = module.load_function(name).w()?;
+    Ok(Func { func, stream })
+}
 /// Threads per block of `decode_attention` (WARPS * 32 in the kernel).
 const ATTENTION_THREADS: u32 = 16 * 32;
 /// Largest head dimension the kernel handles (32 * MAX_E).
@@ -340,7 +400,7 @@ impl CustomOp1 for DecodeAttention<'_> {
                 ATTENTION_THREADS,
             ),
         };
-        let func = dev.get_or_load_custom_func(&kernel, MODULE, PTX)?;
+        let func = load(dev, &kernel)?;
         let (nh_i, ng_i, hd_i) = (nh as i32, ng as i32, hd as i32);
         let src = addr(s, o1)?;
         let (slice, out) = alloc(dev, dtype, rows * nh * hd)?;
@@ -378,7 +438,7 @@ impl CustomOp1 for DecodeAttention<'_> {
         unsafe { b.launch(cfg) }.w()?;
         if part.is_some() {
             let reduce =
-                dev.get_or_load_custom_func(&format!("decode_reduce{t}_{name}"), MODULE, PTX)?;
+                load(dev, &format!("decode_reduce{t}_{name}"))?;
             let mut b = reduce.builder();
             push_table(&mut b, &table, &seqs_dev, &given);
             b.arg(&part_ptr);
@@ -458,7 +518,7 @@ impl CustomOp1 for SwiGlu {
         };
         let dev = &s.device;
         let func =
-            dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(s.dtype())?), MODULE, PTX)?;
+            load(dev, &format!("swiglu_{}", suffix(s.dtype())?))?;
         let n = rows * f;
         let threads = 256u32;
         let blocks = (n as u32).div_ceil(threads).clamp(1, 65535);
@@ -546,11 +606,7 @@ impl candle_core::CustomOp3 for AddRmsNorm {
         let (b0, _) = contiguous(lb, "add_rmsnorm")?;
         let (w0, _) = contiguous(lw, "add_rmsnorm")?;
         let dev = &sa.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("add_rmsnorm_{}", suffix(sa.dtype())?),
-            MODULE,
-            PTX,
-        )?;
+        let func = load(dev, &format!("add_rmsnorm_{}", suffix(sa.dtype())?))?;
         // about 8 elements a thread (kept in registers), at most 1024 threads
         let threads = (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
         let cfg = LaunchConfig {
@@ -599,7 +655,7 @@ impl CustomOp1 for ArgmaxRows {
             bail!("argmax: float32 logits expected")
         }
         let dev = &s.device;
-        let func = dev.get_or_load_custom_func("argmax_f32", MODULE, PTX)?;
+        let func = load(dev, "argmax_f32")?;
         let x = addr(s, o1)?;
         let (slice, out) = alloc(dev, DType::U32, rows)?;
         let n_i = n as i32;
@@ -648,11 +704,7 @@ impl CustomOp1 for CausalSoftmax {
             bail!("causal softmax: queries beyond the keys");
         }
         let dev = &s.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("causal_softmax_{}", suffix(self.dtype)?),
-            MODULE,
-            PTX,
-        )?;
+        let func = load(dev, &format!("causal_softmax_{}", suffix(self.dtype)?))?;
         let x = addr(s, o1)?;
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
@@ -787,7 +839,7 @@ pub fn prefill_qkv(
     }
     let info = SeqInfo::of(seq, 0)?;
     let func =
-        dev.get_or_load_custom_func(&format!("prefill_qkv_{}", suffix(dtype)?), MODULE, PTX)?;
+        load(dev, &format!("prefill_qkv_{}", suffix(dtype)?))?;
     let (qkv_p, cos_p, sin_p, q_p) = (
         device_ptr(&qkv)?,
         device_ptr(&cos)?,
@@ -868,8 +920,8 @@ struct FlashPrefillPaged {
     wgmma: bool,
 }
 
-/// Whether `dev` is a compute capability 9.0 GPU (Hopper: H100, H200), for the sm_90a kernels.
-fn is_sm90(dev: &CudaDevice) -> Result<bool> {
+/// The compute capability of `dev` (major, minor).
+pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
     use cudarc::driver::sys::CUdevice_attribute as A;
     let ctx = dev.cuda_stream().context().clone();
     let major = ctx
@@ -878,7 +930,12 @@ fn is_sm90(dev: &CudaDevice) -> Result<bool> {
     let minor = ctx
         .attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
         .w()?;
-    Ok((major, minor) == (9, 0))
+    Ok((major, minor))
+}
+
+/// Whether `dev` is a compute capability 9.0 GPU (Hopper: H100, H200), for the sm_90a kernels.
+fn is_sm90(dev: &CudaDevice) -> Result<bool> {
+    Ok(compute_capability(dev)? == (9, 0))
 }
 
 /// Dynamic shared memory of a `flash_wgmma` block (FW_SMEM in flash_wgmma.cuh: the query tile,
@@ -906,7 +963,7 @@ impl CustomOp1 for FlashPrefillPaged {
         } else {
             format!("flash_prefill_paged_{}_d{d}", suffix(sq.dtype())?)
         };
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = load(dev, &name)?;
         let qp = addr(sq, q0)?;
         let (slice, out) = alloc(dev, sq.dtype(), nh * t * d)?;
         let (t_i, nh_i, ng_i) = (t as i32, nh as i32, self.groups as i32);
@@ -961,11 +1018,7 @@ impl candle_core::CustomOp3 for FlashPrefill {
         let (k0, v0) = (lk.start_offset(), lv.start_offset());
         let (ks, vs) = (lk.stride(), lv.stride());
         let dev = &sq.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("flash_prefill_{}_d{d}", suffix(sq.dtype())?),
-            MODULE,
-            PTX,
-        )?;
+        let func = load(dev, &format!("flash_prefill_{}_d{d}", suffix(sq.dtype())?))?;
         let cfg = LaunchConfig {
             grid_dim: ((t as u32).div_ceil(64), nh as u32, b as u32),
             block_dim: (128, 1, 1),
@@ -1075,7 +1128,7 @@ impl candle_core::CustomOp2 for Gemv {
         } else {
             (format!("gemv{m}_{}", suffix(sx.dtype())?), n)
         };
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = load(dev, &name)?;
         let warps = 8u32;
         let cfg = LaunchConfig {
             grid_dim: ((n_out as u32).div_ceil(warps), 1, 1),
@@ -1278,7 +1331,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
                 2,
             ),
         };
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let func = load(dev, &name)?;
         let warps = 8u32;
         let cfg = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(warps * rows), 1, 1),
@@ -1289,11 +1342,7 @@ impl candle_core::CustomOp3 for GemvOfficial {
         let n_out = if self.swiglu { n / 2 } else { n };
         let groups = m * k / 8;
         let quantize = if integer {
-            Some(dev.get_or_load_custom_func(
-                &format!("quantize_x{}_{}", self.bits.count(), suffix(sx.dtype())?),
-                MODULE,
-                PTX,
-            )?)
+            Some(load(dev, &format!("quantize_x{}_{}", self.bits.count(), suffix(sx.dtype())?))?)
         } else {
             None
         };
@@ -1360,11 +1409,7 @@ impl candle_core::CustomOp2 for DequantOfficial {
         let k = self.bits.columns(rb);
         let (q, s) = u8_and_f32(sq, lq, ss, ls, "dequant_official")?;
         let dev = &sq.device;
-        let func = dev.get_or_load_custom_func(
-            &format!("dequant_q{}_{}", self.bits.count(), suffix(self.dtype)?),
-            MODULE,
-            PTX,
-        )?;
+        let func = load(dev, &format!("dequant_q{}_{}", self.bits.count(), suffix(self.dtype)?))?;
         if rb % 16 != 0 {
             bail!("dequant_official: rows of {rb} bytes (multiples of 16 expected)");
         }

@@ -1,0 +1,107 @@
+"""A CUDA wheel on this GPU (issue #18): the first process's wait, then speed and greedy ids.
+
+    python benches/wheel_check.py cold --fixtures FIXTURES            # one fresh process, no JIT cache
+    python benches/wheel_check.py speed --ckpt /tmp/glm6b --out a.json  # 6B: prefill, decode, ids
+    python benches/wheel_check.py compare a.json b.json                 # two wheels side by side
+
+`cold` starts a new Python process with `CUDA_CACHE_DISABLE=1` (the driver's JIT cache off, as on
+a fresh machine) that imports glm2rs, loads the tiny fixture on the GPU and generates one token;
+prints the seconds to the model being ready and to the first token, and the wheel's build info.
+`speed` times on the GPU (random 6B weights, bf16): decode after a short prompt, prefill of 2K and
+8K and decode after each, and records 32 greedy ids after each prompt; `compare` prints both
+wheels' figures and whether the ids are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+COLD = r"""
+import sys, time
+t0 = time.perf_counter()
+import glm2rs
+t_import = time.perf_counter() - t0
+m = glm2rs.Model.from_pretrained(sys.argv[1], device="cuda", progress=False)
+t_ready = time.perf_counter() - t0
+m.generate(m.tokenizer.build_prompt("你好"), max_new_tokens=1)
+t_first = time.perf_counter() - t0
+info = glm2rs.build_info()
+print(f"import {t_import:.2f} s, model ready {t_ready:.2f} s, first token {t_first:.2f} s; "
+      f"features {info['features']}, gpus {[(g['name'], g['compute_capability']) for g in info['gpus']]}")
+"""
+
+
+def cold(args) -> int:
+    env = {**os.environ, "CUDA_CACHE_DISABLE": "1"}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", COLD, os.path.join(args.fixtures, "model")], env=env,
+                       capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
+    print(p.stdout.strip() or p.stderr[-3000:])
+    print(f"process wall time {wall:.2f} s (CUDA_CACHE_DISABLE=1)")
+    return p.returncode
+
+
+def speed(args) -> int:
+    import numpy as np
+
+    import glm2rs
+
+    m = glm2rs.Model.from_pretrained(args.ckpt, device="cuda", dtype="bfloat16", progress=False, prefix_cache=False)
+    rng = np.random.default_rng(0)
+    out = {"build": glm2rs.build_info()["features"], "runs": {}}
+    for n in (32, 2048, 8192):
+        ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, n - 2)]
+        m.last_logits([ids])  # warm-up (and the graph capture)
+        t = time.perf_counter()
+        m.last_logits([ids])
+        prefill = time.perf_counter() - t
+        s = m.stream_ids(ids, max_new_tokens=65, do_sample=False)
+        t_first, n_first = None, 0
+        for _ in s:
+            if t_first is None:
+                t_first, n_first = time.perf_counter(), len(s.token_ids)
+        rate = (len(s.token_ids) - n_first) / max(time.perf_counter() - t_first, 1e-9)
+        out["runs"][str(n)] = {"prefill_s": prefill, "decode_tok_s": rate, "ids": list(s.token_ids)[:32]}
+        print(f"{n}: prefill {prefill:.3f} s, decode {rate:.1f} tok/s", flush=True)
+    with open(args.out, "w") as f:
+        json.dump(out, f)
+    return 0
+
+
+def compare(args) -> int:
+    a, b = (json.load(open(p)) for p in (args.a, args.b))
+    print(f"| prompt | prefill {args.a} | prefill {args.b} | decode {args.a} | decode {args.b} | greedy ids equal |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    same = True
+    for n, ra in a["runs"].items():
+        rb = b["runs"][n]
+        eq = ra["ids"] == rb["ids"]
+        same &= eq
+        print(f"| {n} | {ra['prefill_s']:.3f} s | {rb['prefill_s']:.3f} s | {ra['decode_tok_s']:.1f} | "
+              f"{rb['decode_tok_s']:.1f} | {eq} |")
+    return 0 if same else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cold")
+    c.add_argument("--fixtures", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("--out", required=True)
+    k = sub.add_parser("compare")
+    k.add_argument("a")
+    k.add_argument("b")
+    args = ap.parse_args()
+    return {"cold": cold, "speed": speed, "compare": compare}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
