@@ -32,9 +32,9 @@ fn main() {
         }
     };
     let number = |a: &str| -> u32 {
-        a.trim_end_matches(['a', 'f'])
-            .parse()
-            .unwrap_or_else(|_| panic!("GLM2RS_CUDA_ARCHS: {a:?} is not a compute capability like 80 or 90a"))
+        a.trim_end_matches(['a', 'f']).parse().unwrap_or_else(|_| {
+            panic!("GLM2RS_CUDA_ARCHS: {a:?} is not a compute capability like 80 or 90a")
+        })
     };
     assert!(!archs.is_empty(), "GLM2RS_CUDA_ARCHS is empty");
     if archs.iter().any(|a| a == "90a") {
@@ -42,7 +42,8 @@ fn main() {
     }
     let min = archs.iter().map(|a| number(a)).min().unwrap();
     println!("cargo:rustc-env=GLM2RS_MIN_CC={min}");
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("glm2.fatbin");
+    let out =
+        std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("glm2.fatbin");
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".to_string());
     let mut cmd = std::process::Command::new(&nvcc);
     cmd.args(["--fatbin", "-O3", "--use_fast_math", "-std=c++17"]);
@@ -54,7 +55,9 @@ fn main() {
     // (a build for the GPU at hand, without GLM2RS_CUDA_ARCHS, needs none)
     if std::env::var_os("GLM2RS_CUDA_ARCHS").is_some() {
         let newest = archs.iter().map(|a| number(a)).max().unwrap();
-        cmd.arg(format!("-gencode=arch=compute_{newest},code=compute_{newest}"));
+        cmd.arg(format!(
+            "-gencode=arch=compute_{newest},code=compute_{newest}"
+        ));
     }
     if archs.len() > 1 {
         cmd.arg(format!("--threads={}", archs.len().min(4)));

@@ -1,5 +1,7 @@
 //! Prompt formats of the ChatGLM family, and the official response post-processing.
 
+pub mod tools;
+
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 

@@ -437,8 +437,7 @@ impl CustomOp1 for DecodeAttention<'_> {
         };
         unsafe { b.launch(cfg) }.w()?;
         if part.is_some() {
-            let reduce =
-                load(dev, &format!("decode_reduce{t}_{name}"))?;
+            let reduce = load(dev, &format!("decode_reduce{t}_{name}"))?;
             let mut b = reduce.builder();
             push_table(&mut b, &table, &seqs_dev, &given);
             b.arg(&part_ptr);
@@ -517,8 +516,7 @@ impl CustomOp1 for SwiGlu {
             bail!("swiglu: input must be contiguous")
         };
         let dev = &s.device;
-        let func =
-            load(dev, &format!("swiglu_{}", suffix(s.dtype())?))?;
+        let func = load(dev, &format!("swiglu_{}", suffix(s.dtype())?))?;
         let n = rows * f;
         let threads = 256u32;
         let blocks = (n as u32).div_ceil(threads).clamp(1, 65535);
@@ -838,8 +836,7 @@ pub fn prefill_qkv(
         return Ok(q);
     }
     let info = SeqInfo::of(seq, 0)?;
-    let func =
-        load(dev, &format!("prefill_qkv_{}", suffix(dtype)?))?;
+    let func = load(dev, &format!("prefill_qkv_{}", suffix(dtype)?))?;
     let (qkv_p, cos_p, sin_p, q_p) = (
         device_ptr(&qkv)?,
         device_ptr(&cos)?,
@@ -1342,7 +1339,10 @@ impl candle_core::CustomOp3 for GemvOfficial {
         let n_out = if self.swiglu { n / 2 } else { n };
         let groups = m * k / 8;
         let quantize = if integer {
-            Some(load(dev, &format!("quantize_x{}_{}", self.bits.count(), suffix(sx.dtype())?))?)
+            Some(load(
+                dev,
+                &format!("quantize_x{}_{}", self.bits.count(), suffix(sx.dtype())?),
+            )?)
         } else {
             None
         };
@@ -1409,7 +1409,10 @@ impl candle_core::CustomOp2 for DequantOfficial {
         let k = self.bits.columns(rb);
         let (q, s) = u8_and_f32(sq, lq, ss, ls, "dequant_official")?;
         let dev = &sq.device;
-        let func = load(dev, &format!("dequant_q{}_{}", self.bits.count(), suffix(self.dtype)?))?;
+        let func = load(
+            dev,
+            &format!("dequant_q{}_{}", self.bits.count(), suffix(self.dtype)?),
+        )?;
         if rb % 16 != 0 {
             bail!("dequant_official: rows of {rb} bytes (multiples of 16 expected)");
         }

@@ -3,7 +3,8 @@
 //! `history` is a list of `[query, response]` pairs (ChatGLM2) or of `{role, content}` messages
 //! (ChatGLM3's `api.py`); the answer's history has the same form with this turn added.
 
-use super::openai::{collect, positive_int, sampling, Kind};
+use super::openai::{positive_int, sampling};
+use super::sse::{collect, Kind};
 use super::{off_workers, parse_object, ApiError, Shared};
 use crate::chat_format::Message;
 use crate::generate::{GenerationConfig, GenerationDefaults};
@@ -96,7 +97,8 @@ pub async fn official(State(s): State<Shared>, body: Bytes) -> Result<Json<Value
         .engine
         .submit(ids, &cfg)
         .map_err(|e| ApiError::from_engine(e, None))?;
-    let (response, _) = collect(rx, Kind::Chat).await?;
+    let (response, _) = collect(rx, Kind::Chat, None).await?;
+    let response = response.text;
     let mut out_history: Vec<Value> = match o.get("history") {
         Some(Value::Array(items)) => items.clone(),
         _ => vec![],

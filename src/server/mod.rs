@@ -15,6 +15,8 @@ mod conn;
 mod logprobs;
 mod messages;
 mod openai;
+mod sse;
+mod tools;
 
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};

@@ -1,34 +1,29 @@
 //! The OpenAI-compatible endpoints: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
 
 use super::messages::messages;
+use super::sse::{collect, sse, usage, Done, Kind};
+use super::tools::{tool_spec, with_tools};
 use super::{off_workers, parse_object, ApiError, Shared};
-use crate::chat_format::ResponseStream;
-use crate::engine::{Event, Events};
-use crate::generate::{FinishReason, GenerationConfig, GenerationDefaults, TokenLogprob};
+use crate::generate::{FinishReason, GenerationConfig, GenerationDefaults};
 use crate::sampling::SamplingConfig;
-use crate::tokenizer::Tokenizer;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 pub(crate) type Obj = Map<String, Value>;
 pub(crate) type ApiResult<T> = std::result::Result<T, ApiError>;
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let t = chrono::Utc::now().timestamp_micros();
     format!("{prefix}-{t:x}{n:04x}")
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
@@ -113,11 +108,11 @@ pub(crate) fn sampling(
 }
 
 /// The fields every completion request shares.
-struct Common {
-    stream: bool,
-    include_usage: bool,
-    max_tokens: Option<usize>,
-    cfg: GenerationConfig,
+pub(crate) struct Common {
+    pub stream: bool,
+    pub include_usage: bool,
+    pub max_tokens: Option<usize>,
+    pub cfg: GenerationConfig,
 }
 
 /// Most stop strings a request may give, and the longest one (OpenAI itself takes 4).
@@ -127,7 +122,7 @@ const MAX_STOP_CHARS: usize = 1024;
 /// Request fields of the OpenAI API that glm2rs does not implement yet: given a value that asks
 /// for the feature, the request is refused with a 400 naming the field rather than answered as
 /// if the field were absent. (`false`, `null`, empty lists and the "off" values pass.)
-fn refuse_unsupported(o: &Obj) -> ApiResult<()> {
+fn refuse_unsupported(o: &Obj, tools_ok: bool) -> ApiResult<()> {
     let asks = |key: &str| -> bool {
         match o.get(key) {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -153,7 +148,7 @@ fn refuse_unsupported(o: &Obj) -> ApiResult<()> {
         "best_of",
         "suffix",
     ] {
-        if asks(key) {
+        if asks(key) && !(tools_ok && matches!(key, "tools" | "tool_choice")) {
             return Err(ApiError::bad(
                 Some(key),
                 format!("{key} is not supported by this server yet"),
@@ -163,8 +158,14 @@ fn refuse_unsupported(o: &Obj) -> ApiResult<()> {
     Ok(())
 }
 
-fn common(o: &Obj, default_temperature: f64, default_top_p: f64) -> ApiResult<Common> {
-    refuse_unsupported(o)?;
+/// `tools_ok`: the endpoint takes `tools` (chat).
+fn common(
+    o: &Obj,
+    default_temperature: f64,
+    default_top_p: f64,
+    tools_ok: bool,
+) -> ApiResult<Common> {
+    refuse_unsupported(o, tools_ok)?;
     if let Some(n) = positive_int(o, "n")? {
         if n != 1 {
             return Err(ApiError::bad("n", "only n = 1 is supported"));
@@ -276,282 +277,28 @@ pub async fn models(State(s): State<Shared>) -> Json<Value> {
 }
 
 /// How a completion is presented: chat (post-processed deltas) or plain text.
-#[derive(Clone, Copy, PartialEq)]
-pub(crate) enum Kind {
-    Chat,
-    Text,
-}
-
-pub(crate) struct Done {
-    pub reason: FinishReason,
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    /// Prompt tokens served from the prefix cache.
-    pub cached_tokens: usize,
-    /// Each generated token's log-probability (when asked for).
-    pub logprobs: Vec<TokenLogprob>,
-}
-
-fn usage(d: &Done) -> Value {
-    json!({
-        "prompt_tokens": d.prompt_tokens,
-        "completion_tokens": d.completion_tokens,
-        "total_tokens": d.prompt_tokens + d.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": d.cached_tokens},
-    })
-}
-
-/// Collect a whole completion.
-pub(crate) async fn collect(mut rx: Events, kind: Kind) -> ApiResult<(String, Done)> {
-    let mut post = ResponseStream::new();
-    let mut text = String::new();
-    let mut lps = Vec::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Event::Logprobs(l) => lps.extend(l),
-            Event::Text(t) => match kind {
-                Kind::Chat => text.push_str(&post.push(&t)),
-                Kind::Text => text.push_str(&t),
-            },
-            Event::Done {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-            } => {
-                if kind == Kind::Chat {
-                    text.push_str(&post.finish());
-                }
-                return Ok((
-                    text,
-                    Done {
-                        reason,
-                        prompt_tokens,
-                        completion_tokens,
-                        cached_tokens,
-                        logprobs: lps,
-                    },
-                ));
-            }
-            Event::Error(m) => {
-                return Err(ApiError::from_engine(
-                    crate::error::Error::Internal(m),
-                    None,
-                ))
-            }
-        }
-    }
-    Err(ApiError::from_engine(
-        crate::error::Error::Internal("the engine dropped the request".into()),
-        None,
-    ))
-}
-
-/// The state of one server-sent-event stream.
-struct StreamState {
-    rx: Events,
-    kind: Kind,
-    post: ResponseStream,
-    id: String,
-    created: i64,
-    model: String,
-    include_usage: bool,
-    pending: VecDeque<String>,
-    ended: bool,
-    /// The server's "cut now" signal (see `AppState::cut`).
-    cut: Option<tokio::sync::watch::Receiver<bool>>,
-    /// Log-probabilities asked for: the tokenizer to name tokens, those not sent yet, and the
-    /// characters of text sent (completions' `text_offset`).
-    logprobs: Option<Arc<Tokenizer>>,
-    pending_lp: Vec<TokenLogprob>,
-    sent_chars: usize,
-}
-
-impl StreamState {
-    /// The server is stopping and this stream would be cut: end it with an error event and
-    /// `[DONE]` (dropping the engine's receiver frees the sequence).
-    fn on_shutdown(&mut self) {
-        let e = ApiError::refused(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            Some("server_shutdown"),
-            "the server is shutting down; the answer was cut here",
-        );
-        self.pending.push_back(e.body().to_string());
-        self.pending.push_back("[DONE]".into());
-        self.ended = true;
-    }
-
-    /// The log-probabilities not sent yet, in this stream's shape (`null` when not asked for).
-    fn take_logprobs(&mut self, piece: Option<&str>) -> Value {
-        let Some(tok) = &self.logprobs else {
-            return Value::Null;
-        };
-        let lps = std::mem::take(&mut self.pending_lp);
-        let v = match self.kind {
-            Kind::Chat => super::logprobs::chat_json(tok, &lps),
-            Kind::Text => super::logprobs::completion_json(tok, &lps, self.sent_chars),
-        };
-        self.sent_chars += piece.map_or(0, |p| p.chars().count());
-        v
-    }
-
-    fn chunk(&mut self, piece: Option<&str>, first: bool, finish: Option<&str>) -> String {
-        let lp = if first {
-            Value::Null
-        } else {
-            self.take_logprobs(piece)
-        };
-        let mut v = match self.kind {
-            Kind::Chat => {
-                let mut delta = Map::new();
-                if first {
-                    delta.insert("role".into(), json!("assistant"));
-                }
-                if let Some(p) = piece {
-                    delta.insert("content".into(), json!(p));
-                }
-                json!({
-                    "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}],
-                })
-            }
-            Kind::Text => json!({
-                "id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "text": piece.unwrap_or(""), "logprobs": lp, "finish_reason": finish}],
-            }),
-        };
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v.to_string()
-    }
-
-    /// Turn the next engine event into SSE data lines.
-    fn on_event(&mut self, ev: Option<Event>) {
-        match ev {
-            Some(Event::Logprobs(l)) => self.pending_lp.extend(l),
-            Some(Event::Text(t)) => {
-                let piece = match self.kind {
-                    Kind::Chat => self.post.push(&t),
-                    Kind::Text => t,
-                };
-                if !piece.is_empty() {
-                    let c = self.chunk(Some(&piece), false, None);
-                    self.pending.push_back(c);
-                }
-            }
-            Some(Event::Done {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_tokens,
-            }) => {
-                if self.kind == Kind::Chat {
-                    let rest = self.post.finish();
-                    if !rest.is_empty() {
-                        let c = self.chunk(Some(&rest), false, None);
-                        self.pending.push_back(c);
-                    }
-                }
-                let c = self.chunk(None, false, Some(reason.as_str()));
-                self.pending.push_back(c);
-                if self.include_usage {
-                    let d = Done {
-                        reason,
-                        prompt_tokens,
-                        completion_tokens,
-                        cached_tokens,
-                        logprobs: vec![],
-                    };
-                    let object = match self.kind {
-                        Kind::Chat => "chat.completion.chunk",
-                        Kind::Text => "text_completion",
-                    };
-                    self.pending.push_back(
-                        json!({"id": self.id, "object": object, "created": self.created,
-                               "model": self.model, "choices": [], "usage": usage(&d)})
-                        .to_string(),
-                    );
-                }
-                self.pending.push_back("[DONE]".into());
-                self.ended = true;
-            }
-            Some(Event::Error(m)) => {
-                let e = ApiError::from_engine(crate::error::Error::Internal(m), None);
-                self.pending.push_back(e.body().to_string());
-                self.pending.push_back("[DONE]".into());
-                self.ended = true;
-            }
-            None => self.ended = true,
-        }
-    }
-}
-
-/// The server-sent-event response of request `c` (`kind`, response `id`) fed by `rx`.
-fn sse(s: &Shared, rx: Events, kind: Kind, id: String, c: &Common) -> Response {
-    let (model, include_usage, cut) = (s.model_name.clone(), c.include_usage, s.cut.clone());
-    let logprobs = c.cfg.logprobs.map(|_| s.engine.model().tokenizer().clone());
-    let mut st = StreamState {
-        rx,
-        kind,
-        post: ResponseStream::new(),
-        id,
-        created: now(),
-        model,
-        include_usage,
-        pending: VecDeque::new(),
-        ended: false,
-        cut,
-        logprobs,
-        pending_lp: Vec::new(),
-        sent_chars: 0,
-    };
-    if kind == Kind::Chat {
-        let first = st.chunk(Some(""), true, None);
-        st.pending.push_back(first);
-    }
-    let stream = futures_util::stream::unfold(st, |mut st| async move {
-        loop {
-            if let Some(data) = st.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(Sse::default().data(data)), st));
-            }
-            if st.ended {
-                return None;
-            }
-            let shutting_down = async {
-                let cut_now = match st.cut.as_mut() {
-                    Some(c) => c.wait_for(|cut| *cut).await.is_ok(),
-                    None => false,
-                };
-                if !cut_now {
-                    std::future::pending::<()>().await
-                }
-            };
-            tokio::select! {
-                ev = st.rx.recv() => st.on_event(ev),
-                _ = shutting_down => st.on_shutdown(),
-            }
-        }
-    });
-    axum::response::sse::Sse::new(stream)
-        .keep_alive(KeepAlive::default())
-        .into_response()
-}
-
 pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     let o = parse_object(&body)?;
-    let msgs = messages(&o)?;
-    let d = GenerationDefaults::CHAT;
-    let mut c = common(&o, d.temperature, d.top_p)?;
-    c.cfg.logprobs = super::logprobs::chat_request(&o)?;
     let model = s.engine.model();
+    let tools = tool_spec(&o, model.tokenizer().has_roles())?;
+    let mut msgs = messages(&o)?;
+    if let Some(t) = &tools {
+        msgs = with_tools(msgs, t);
+    }
+    let d = GenerationDefaults::CHAT;
+    let mut c = common(&o, d.temperature, d.top_p, true)?;
+    c.cfg.logprobs = super::logprobs::chat_request(&o)?;
     let ids = {
         let model = model.clone();
+        let forced = tools.as_ref().and_then(|t| t.forced.clone());
         off_workers(move || {
             let (query, history) = msgs.split_last().expect("checked non-empty");
-            model.chat_prompt_ids(query, history)
+            let mut ids = model.chat_prompt_ids(query, history)?;
+            // a forced call: its name is the answer's first line, the model writes the arguments
+            if let Some(name) = forced {
+                ids.extend(model.tokenizer().encode(&format!("{name}\n"), false)?);
+            }
+            Ok(ids)
         })
         .await
         .map_err(|e| ApiError::from_engine(e, Some("messages")))?
@@ -565,17 +312,33 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
     let id = new_id("chatcmpl");
     let tok = c.cfg.logprobs.map(|_| model.tokenizer().clone());
     if c.stream {
-        return Ok(sse(&s, rx, Kind::Chat, id, &c));
+        return Ok(sse(&s, rx, Kind::Chat, id, &c, tools.as_ref()));
     }
-    let (text, done) = collect(rx, Kind::Chat).await?;
+    let (answer, done) = collect(rx, Kind::Chat, tools.as_ref()).await?;
     let lp = match &tok {
         Some(t) => super::logprobs::chat_json(t, &done.logprobs),
         None => Value::Null,
     };
+    let (message, finish) = match answer.call {
+        Some((name, arguments)) => (
+            json!({"role": "assistant", "content": null, "tool_calls": [{
+                "id": new_id("call"), "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }]}),
+            if answer.call_complete {
+                "tool_calls"
+            } else {
+                done.reason.as_str()
+            },
+        ),
+        None => (
+            json!({"role": "assistant", "content": answer.text}),
+            done.reason.as_str(),
+        ),
+    };
     Ok(Json(json!({
         "id": id, "object": "chat.completion", "created": now(), "model": s.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "logprobs": lp, "finish_reason": done.reason.as_str()}],
+        "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}],
         "usage": usage(&done),
     }))
     .into_response())
@@ -606,7 +369,7 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
         o.remove("max_tokens");
     }
     let d = GenerationDefaults::COMPLETIONS;
-    let mut c = common(&o, d.temperature, d.top_p)?;
+    let mut c = common(&o, d.temperature, d.top_p, false)?;
     c.cfg.logprobs = super::logprobs::completion_request(&o)?;
     c.max_tokens = c.max_tokens.or(d.max_new_tokens);
     if echo && c.stream {
@@ -648,9 +411,10 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
             .submit(ids.clone(), &c.cfg)
             .map_err(|e| ApiError::from_engine(e, None))?;
         if c.stream {
-            return Ok(sse(&s, rx, Kind::Text, id, &c));
+            return Ok(sse(&s, rx, Kind::Text, id, &c, None));
         }
-        collect(rx, Kind::Text).await?
+        let (answer, done) = collect(rx, Kind::Text, None).await?;
+        (answer.text, done)
     };
     let lp = match (&prompt_lp, c.cfg.logprobs) {
         (Some(p), _) => super::logprobs::echo_json(&tok, &ids, p, &done.logprobs)

@@ -1,0 +1,170 @@
+"""OpenAI `tools` on `/v1/chat/completions` (issue #19), driven by the `openai` client.
+
+The prompt the server builds is checked token by token against THUDM/ChatGLM3's format, written
+out here from the official code:
+- `openai_api_demo/utils.py` `process_chatglm_messages`: with tools, a first system message
+  `"Answer the following questions as best as you can. You have access to the following tools:"`
+  carrying them replaces the client's first system message; a `function` (tool) message becomes an
+  `observation` turn; an assistant function call becomes an assistant turn with the tool's name as
+  metadata;
+- `tokenization_chatglm.py` `build_chat_input`: `[gMASK] sop`, then per message
+  `build_single_message(role, metadata, content)` = `<|role|>` + encode(metadata + "\\n") +
+  encode(content), where a system message with tools has `content + "\\n" + json.dumps(tools,
+  indent=4, ensure_ascii=False)`; the query last, then `<|assistant|>`.
+Since the server's prompt ids are not returned, the check is the first generated token's
+log-probabilities (top 5, float32) against `log_softmax(last_logits(official ids))`: any token of
+the prompt that differed would change them; and `usage.prompt_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import glm2rs
+
+openai = pytest.importorskip("openai")
+
+TOOLS = [{"type": "function", "function": {
+    # keys deliberately not sorted: json.dumps keeps the client's order
+    "name": "get_weather", "description": "查询某个城市的天气",
+    "parameters": {"type": "object", "required": ["city"],
+                   "properties": {"city": {"type": "string", "description": "城市名"}}}}}]
+PREAMBLE = "Answer the following questions as best as you can. You have access to the following tools:"
+
+
+@pytest.fixture(scope="module")
+def glm3(fx):
+    return glm2rs.Model.from_pretrained(str(fx / "model-safetensors"), dtype="float32", chat_format="chatglm3")
+
+
+@pytest.fixture(scope="module")
+def server3(glm3):
+    with glm2rs.Server(glm3, port=0, model_name="glm3") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """A ChatGLM2 model's server."""
+    with glm2rs.Server(model, port=0, model_name="m") as s:
+        yield s
+
+
+def client(s):
+    return openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def official_ids(tok, messages, tools=None, forced=None):
+    """build_chat_input over process_chatglm_messages (see the module docstring)."""
+    special = {r: tok.special_id(f"<|{r}|>") for r in ("system", "user", "assistant", "observation")}
+
+    def single(role, metadata, content):
+        return [special[role]] + tok.encode(f"{metadata}\n", add_special_tokens=False) + \
+            tok.encode(content, add_special_tokens=False)
+
+    ids = [tok.special_id("[gMASK]"), tok.special_id("sop")]
+    dropped = False
+    if tools:
+        functions = [t["function"] for t in tools]
+        ids += single("system", "", PREAMBLE + "\n" + json.dumps(functions, indent=4, ensure_ascii=False))
+    for m in messages:
+        if tools and m["role"] == "system" and not dropped:
+            dropped = True
+            continue
+        if m["role"] == "tool":
+            ids += single("observation", "", m["content"])
+        elif m["role"] == "assistant" and m.get("tool_calls"):
+            for c in m["tool_calls"]:
+                args = json.loads(c["function"]["arguments"])
+                kw = ", ".join(f"{k}={v!r}" for k, v in args.items())
+                ids += single("assistant", c["function"]["name"], f"```python\ntool_call({kw})\n```")
+        else:
+            ids += single(m["role"], "", m["content"])
+    ids.append(special["assistant"])
+    if forced:
+        ids += tok.encode(f"{forced}\n", add_special_tokens=False)
+    return ids
+
+
+def first_token_check(glm3, s, messages, **kw):
+    r = client(s).chat.completions.create(model="glm3", messages=messages, temperature=0, max_tokens=1,
+                                          logprobs=True, top_logprobs=5, **kw)
+    want_ids = official_ids(glm3.tokenizer, messages, kw.get("tools") if kw.get("tool_choice") != "none" else None,
+                            (kw.get("tool_choice") or {}).get("function", {}).get("name")
+                            if isinstance(kw.get("tool_choice"), dict) else None)
+    assert r.usage.prompt_tokens == len(want_ids)
+    logits = glm3.last_logits([want_ids])[0].astype(np.float64)
+    lsm = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+    top = np.argsort(-lsm)[:5]
+    got = r.choices[0].logprobs.content[0].top_logprobs
+    assert [t.logprob for t in got] == pytest.approx([lsm[i] for i in top], abs=1e-4)
+    return r
+
+
+def test_tools_prompt_is_chatglm3s_format(glm3, server3):
+    msgs = [{"role": "system", "content": "replaced by the tools turn"},
+            {"role": "user", "content": "北京今天天气怎么样？"}]
+    first_token_check(glm3, server3, msgs, tools=TOOLS)
+    # a whole round: the call, its result as the last message
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "北京", "days": 2}'}}]},
+             {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 12, "sky": "晴"}'}]
+    first_token_check(glm3, server3, msgs, tools=TOOLS)
+
+
+def test_tool_choice_none_and_named(glm3, server3):
+    msgs = [{"role": "user", "content": "北京今天天气怎么样？"}]
+    # "none": the tools stay out of the prompt
+    first_token_check(glm3, server3, msgs, tools=TOOLS, tool_choice="none")
+    # a named function: its name is written as the answer's first line
+    first_token_check(glm3, server3, msgs, tools=TOOLS,
+                      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+
+
+def test_bad_tools_are_400s_naming_the_field(server3, server):
+    c = client(server3)
+    msgs = [{"role": "user", "content": "hi"}]
+    for kw, param in [
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"tools": [{"type": "retrieval", "function": {"name": "x"}}]}, "tools"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="glm3", messages=msgs, max_tokens=2, **kw)
+        assert e.value.body["param"] == param, (kw, e.value.body)
+    with pytest.raises(openai.BadRequestError, match="tool call needs function.name"):
+        c.chat.completions.create(model="glm3", max_tokens=2, messages=[
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f"}}]},
+            {"role": "user", "content": "hi"}])
+    # a ChatGLM2 model has no tool format
+    with pytest.raises(openai.BadRequestError, match="ChatGLM3") as e:
+        openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0).chat.completions.create(
+            model="m", messages=msgs, tools=TOOLS, max_tokens=2)
+    assert e.value.body["param"] == "tools"
+
+
+def test_a_plain_answer_with_tools_streams_as_text(glm3, server3):
+    """With tools the model may answer in text: streamed and whole agree, no tool_calls."""
+    c = client(server3)
+    kw = dict(model="glm3", messages=[{"role": "user", "content": "你好"}], tools=TOOLS, temperature=0,
+              max_tokens=12)
+    whole = c.chat.completions.create(**kw)
+    parts, finish, calls = [], None, []
+    for ev in c.chat.completions.create(stream=True, **kw):
+        if ev.choices:
+            d = ev.choices[0].delta
+            parts.append(d.content or "")
+            calls += d.tool_calls or []
+            finish = ev.choices[0].finish_reason or finish
+    m = whole.choices[0].message
+    assert finish == whole.choices[0].finish_reason
+    if m.tool_calls:  # the random model's first lines happened to look like a call: both say so alike
+        assert calls and calls[0].function.name == m.tool_calls[0].function.name
+        assert "".join(c.function.arguments or "" for c in calls) == m.tool_calls[0].function.arguments
+    else:
+        assert "".join(parts) == m.content and not calls
