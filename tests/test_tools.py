@@ -25,6 +25,9 @@ import pytest
 
 import glm2rs
 
+import sys, os  # noqa: E401
+sys.path.insert(0, os.path.dirname(__file__))  # tests/scripted.py
+
 openai = pytest.importorskip("openai")
 
 TOOLS = [{"type": "function", "function": {
@@ -168,3 +171,68 @@ def test_a_plain_answer_with_tools_streams_as_text(glm3, server3):
         assert "".join(c.function.arguments or "" for c in calls) == m.tool_calls[0].function.arguments
     else:
         assert "".join(parts) == m.content and not calls
+
+
+# --- a model that calls the tool: a scripted checkpoint (tests/scripted.py) of the real architecture
+# whose greedy answers are this call, and after the tool's result, this text
+
+QUESTION = "北京今天天气怎么样？"
+RESULT = '{"sky": "晴", "temperature": 12}'
+CALL = "get_weather\n```python\ntool_call(city='北京')\n```"
+ANSWER = "北京晴，12度。"
+
+
+@pytest.fixture(scope="module")
+def caller(fx, tmp_path_factory, glm3):
+    import scripted
+
+    tok = glm3.tokenizer
+    a, obs, user = (tok.special_id(n) for n in ("<|assistant|>", "<|observation|>", "<|user|>"))
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    call = enc(CALL)
+    fence = call[call.index(enc("\n")[-1]) + 1]  # the fence's first token, as it follows a newline
+    answer = enc("\n") + enc(ANSWER)  # an empty metadata line, then the text
+    chains = [(enc(QUESTION)[-1], [a] + call, obs), (enc(RESULT)[-1], [a] + answer, user)]
+    d = scripted.write(tmp_path_factory.mktemp("scripted"), fx, chains, fence, a)
+    m = glm2rs.Model.from_pretrained(str(d), dtype="float32", chat_format="chatglm3")
+    with glm2rs.Server(m, port=0, model_name="glm3") as s:
+        yield s
+
+
+def test_tool_call_round_trip_with_the_openai_client(caller):
+    c = client(caller)
+    msgs = [{"role": "user", "content": QUESTION}]
+    r = c.chat.completions.create(model="glm3", messages=msgs, tools=TOOLS, temperature=0, max_tokens=64)
+    ch = r.choices[0]
+    assert ch.finish_reason == "tool_calls" and ch.message.content is None
+    (call,) = ch.message.tool_calls
+    assert call.type == "function" and call.id and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "北京"}
+    # streamed: the call's id, type and name first, then its arguments; the same call
+    deltas, finish = [], None
+    for ev in c.chat.completions.create(model="glm3", messages=msgs, tools=TOOLS, temperature=0, max_tokens=64,
+                                        stream=True):
+        if ev.choices:
+            assert not ev.choices[0].delta.content
+            deltas += ev.choices[0].delta.tool_calls or []
+            finish = ev.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and deltas[0].function.name == "get_weather" and deltas[0].id
+    assert all(d.index == 0 for d in deltas) and all(d.function.name is None for d in deltas[1:])
+    assert json.loads("".join(d.function.arguments or "" for d in deltas)) == {"city": "北京"}
+    # a named tool_choice: the model writes only the arguments
+    r2 = c.chat.completions.create(model="glm3", messages=msgs, tools=TOOLS, temperature=0, max_tokens=64,
+                                   tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert r2.choices[0].message.tool_calls[0].function.arguments == call.function.arguments
+    # the result goes back as a tool message; the model answers in text
+    msgs += [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+             {"role": "tool", "tool_call_id": call.id, "content": RESULT}]
+    for stream in (False, True):
+        if stream:
+            text = "".join(ev.choices[0].delta.content or "" for ev in c.chat.completions.create(
+                model="glm3", messages=msgs, tools=TOOLS, temperature=0, max_tokens=64, stream=True)
+                if ev.choices)
+        else:
+            r3 = c.chat.completions.create(model="glm3", messages=msgs, tools=TOOLS, temperature=0, max_tokens=64)
+            assert r3.choices[0].finish_reason == "stop" and not r3.choices[0].message.tool_calls
+            text = r3.choices[0].message.content
+        assert text == ANSWER
