@@ -331,6 +331,10 @@ impl Generator {
     }
 
     /// The generated ids (an eos or stop id that ended generation included).
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
     pub fn generated_ids(&self) -> &[u32] {
         &self.ids[self.prompt_len..]
     }

@@ -99,6 +99,8 @@ pub struct ChatSession {
     cache: Option<Cache>,
     ids: Vec<u32>,
     history: Vec<Message>,
+    /// Started with tools: answers may be calls.
+    tools: bool,
 }
 
 /// A turn in progress; hand it back to [`ChatSession::end_turn`] (also when stopped early).
@@ -108,6 +110,7 @@ pub struct ChatTurn {
     ids_before: Vec<u32>,
     stop_ids: Vec<u32>,
     history_before: Vec<Message>,
+    tools: bool,
 }
 
 impl ChatTurn {
@@ -123,6 +126,30 @@ impl ChatTurn {
     pub fn generated_tokens(&self) -> usize {
         self.stream.generator().generated_ids().len()
     }
+
+    /// The answer as the model wrote it (before the response post-processing), without a final
+    /// stop token.
+    pub fn raw_response(&self) -> Result<String> {
+        raw_text(self.stream.generator(), &self.stop_ids)
+    }
+
+    /// In a session with tools, the call this answer made (`process_response(..., use_tool=True)`
+    /// of ChatGLM3's demo: a first line naming the tool, then `tool_call(...)` in a code fence;
+    /// `None` for a text answer or one that does not parse).
+    pub fn tool_call(&self) -> Result<Option<crate::chat_format::tools::ToolCall>> {
+        if !self.tools {
+            return Ok(None);
+        }
+        Ok(crate::chat_format::tools::parse_tool_call(&self.raw_response()?).unwrap_or(None))
+    }
+}
+
+fn raw_text(gen: &Generator, stop_ids: &[u32]) -> Result<String> {
+    let mut ids = gen.generated_ids().to_vec();
+    if ids.last().is_some_and(|t| stop_ids.contains(t)) {
+        ids.pop();
+    }
+    gen.tokenizer().decode(&ids)
 }
 
 impl ChatSession {
@@ -139,7 +166,26 @@ impl ChatSession {
             cache: Some(model.model().new_cache()),
             ids: vec![],
             history: vec![],
+            tools: false,
         })
+    }
+
+    /// A ChatGLM3 session whose model may call `tools` (function objects `{"name", "description",
+    /// "parameters"}`): they are its system turn, as ChatGLM3's `openai_api_demo` writes it; a
+    /// turn's [`ChatTurn::tool_call`] is the call the answer made, and the tool's result goes back
+    /// as a turn of role `observation`.
+    pub fn with_tools(model: &Model, tools: &[serde_json::Value]) -> Result<ChatSession> {
+        if model.chat_format() != ChatFormat::ChatGlm3 {
+            return Err(Error::invalid(
+                "tools need a ChatGLM3 model (chat_format=\"chatglm3\"): ChatGLM2 has no tool format",
+            ));
+        }
+        let content = crate::chat_format::tools::tools_system_content(&serde_json::Value::Array(
+            tools.to_vec(),
+        ));
+        let mut s = ChatSession::new(model, Some(&content))?;
+        s.tools = true;
+        Ok(s)
     }
 
     pub fn history(&self) -> &[Message] {
@@ -195,12 +241,29 @@ impl ChatSession {
 
     /// Start a turn. The session is busy until [`ChatSession::end_turn`].
     pub fn begin_turn(&mut self, query: &str, cfg: &GenerationConfig) -> Result<ChatTurn> {
+        self.begin_turn_as("user", query, cfg)
+    }
+
+    /// Start a turn of `role`: `user`, or in ChatGLM3 `observation` (a tool's result).
+    pub fn begin_turn_as(
+        &mut self,
+        role: &str,
+        query: &str,
+        cfg: &GenerationConfig,
+    ) -> Result<ChatTurn> {
         if self.cache.is_none() {
             return Err(Error::invalid(
                 "a turn of this session is already in progress",
             ));
         }
-        let query = Message::new("user", query);
+        if !(role == "user"
+            || role == "observation" && self.model.chat_format() == ChatFormat::ChatGlm3)
+        {
+            return Err(Error::invalid(format!(
+                "a turn's role is \"user\" (or \"observation\" for a tool's result in ChatGLM3), not \"{role}\""
+            )));
+        }
+        let query = Message::new(role, query);
         let context = self.model.model().max_context();
         let limit = cfg.max_length.map_or(context, |m| m.min(context));
         let reserve = cfg.max_new_tokens.unwrap_or(1).max(1);
@@ -278,12 +341,14 @@ impl ChatSession {
             ids_before: self.ids.clone(),
             stop_ids,
             history_before: self.history.clone(),
+            tools: self.tools,
         })
     }
 
     /// Finish a turn (complete or stopped early): the cache takes the generated tokens (a final
     /// stop token excepted), the history the query and the post-processed response.
     pub fn end_turn(&mut self, turn: ChatTurn) -> Result<String> {
+        let call = turn.tool_call().unwrap_or(None);
         let stop_ids = turn.stop_ids;
         let (gen, response) = turn.stream.into_parts();
         let mut ids = turn.ids_before;
@@ -301,7 +366,18 @@ impl ChatSession {
                 self.ids = ids;
                 self.history = turn.history_before;
                 self.history.push(turn.query);
-                self.history.push(Message::new("assistant", &response));
+                // a call is the turn ChatGLM3 writes: the tool's name as metadata, the fenced call
+                let answer = match call
+                    .as_ref()
+                    .map(crate::chat_format::tools::render_tool_call)
+                {
+                    Some(Ok((name, content))) => Message {
+                        metadata: name,
+                        ..Message::new("assistant", &content)
+                    },
+                    _ => Message::new("assistant", &response),
+                };
+                self.history.push(answer);
                 Ok(response)
             }
             Err(e) => {

@@ -180,7 +180,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 @pytest.mark.parametrize("field, value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "auto"),
+    ("tool_choice", "auto"),  # without tools
     ("functions", [{"name": "f", "parameters": {}}]),
     ("response_format", {"type": "json_object"}),
     ("top_logprobs", 2),  # without logprobs: true

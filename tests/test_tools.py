@@ -196,7 +196,8 @@ def caller(fx, tmp_path_factory, glm3):
     d = scripted.write(tmp_path_factory.mktemp("scripted"), fx, chains, fence, a)
     m = glm2rs.Model.from_pretrained(str(d), dtype="float32", chat_format="chatglm3")
     with glm2rs.Server(m, port=0, model_name="glm3") as s:
-        yield s
+        s_dir = d
+        yield type("Caller", (), {"url": s.url, "model_dir": s_dir})()
 
 
 def test_tool_call_round_trip_with_the_openai_client(caller):
@@ -236,3 +237,33 @@ def test_tool_call_round_trip_with_the_openai_client(caller):
             assert r3.choices[0].finish_reason == "stop" and not r3.choices[0].message.tool_calls
             text = r3.choices[0].message.content
         assert text == ANSWER
+
+
+def test_a_session_with_tools_returns_the_call_and_takes_the_result(fx, tmp_path_factory, glm3, caller):
+    """`start_chat(tools=...)`: the tools are the system turn (token by token the server's prompt
+    for the same conversation), `ChatTurn.tool_call` is the call, `send(result, role="observation")`
+    continues from the cached call."""
+    m = glm2rs.Model.from_pretrained(str(caller.model_dir), dtype="float32", chat_format="chatglm3")
+    tok = m.tokenizer
+    s = m.start_chat(tools=TOOLS)
+    turn = s.send(QUESTION, do_sample=False, max_new_tokens=64)
+    "".join(turn)
+    assert turn.tool_call is not None and turn.tool_call["name"] == "get_weather"
+    assert json.loads(turn.tool_call["arguments"]) == {"city": "北京"}
+    want = official_ids(tok, [{"role": "user", "content": QUESTION}], TOOLS)
+    assert s.token_ids[: len(want)] == want
+    h = s.history
+    assert h[-1]["role"] == "assistant" and h[-1]["metadata"] == "get_weather"
+    turn2 = s.send(RESULT, role="observation", do_sample=False, max_new_tokens=64)
+    assert "".join(turn2) == ANSWER and turn2.tool_call is None
+    # the observation turn continued the cache: <|observation|> + "\n" + the result, <|assistant|>
+    obs = [tok.special_id("<|observation|>")] + tok.encode("\n", add_special_tokens=False) + \
+        tok.encode(RESULT, add_special_tokens=False) + [tok.special_id("<|assistant|>")]
+    n = s.token_ids.index(tok.special_id("<|observation|>"))
+    assert s.token_ids[n: n + len(obs)] == obs
+    with pytest.raises(glm2rs.InvalidArgumentError, match="tools or system"):
+        m.start_chat(system="x", tools=TOOLS)
+    with pytest.raises(glm2rs.InvalidArgumentError, match="role"):
+        s.send("x", role="tool")
+    with pytest.raises(glm2rs.InvalidArgumentError, match="ChatGLM3"):
+        glm2rs.Model.from_pretrained(str(fx / "model"), dtype="float32").start_chat(tools=TOOLS)

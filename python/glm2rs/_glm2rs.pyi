@@ -75,14 +75,20 @@ class ChatTurn(Iterator[str]):
         """Tokens generated so far in this turn (not the turn's prompt)."""
     @property
     def response(self) -> str: ...
+    @property
+    def tool_call(self) -> dict[str, str] | None:
+        """Sessions with tools, once finished: `{"name", "arguments" (JSON text)}` of the call the
+        answer made, or None for a text answer."""
 
 class ChatSession:
     def send(
         self,
         query: str,
+        role: str = "user",
         **kwargs: Unpack[GenerationKwargs],
-    ) -> ChatTurn: ...
-    def chat(self, query: str, **kwargs) -> str: ...
+    ) -> ChatTurn:
+        """`role="observation"`: a tool's result (ChatGLM3)."""
+    def chat(self, query: str, role: str = "user", **kwargs) -> str: ...
     @property
     def history(self) -> list: ...
     @property
@@ -191,7 +197,8 @@ class Model:
         history: History | None = None,
         **kwargs: Unpack[GenerationKwargs],
     ) -> ChatStreamer: ...
-    def start_chat(self, system: str | None = None) -> ChatSession: ...
+    def start_chat(self, system: str | None = None, tools: list[dict] | None = None) -> ChatSession:
+        """`tools` (ChatGLM3): functions the model may call (OpenAI's tool list or function objects)."""
     def logits(self, input_ids: Sequence[int]) -> npt.NDArray[np.float32]: ...
     def generate_ids(
         self,

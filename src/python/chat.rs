@@ -3,6 +3,7 @@
 
 use super::args::{gen_config, text};
 use super::errors::InvalidArgumentError;
+use crate::chat_format::tools::ToolCall;
 use crate::chat_format::{ChatFormat, Message};
 use crate::error::{catch_panic, Error};
 use crate::generate::{GenerationConfig, GenerationDefaults};
@@ -20,6 +21,39 @@ pub(super) fn cap_max_length(cfg: &mut GenerationConfig, model: &Model) {
 }
 
 /// History from Python: `(query, response)` pairs or `{"role", "content", "metadata"?}` dicts.
+/// A Python list of tools (OpenAI's `{"type": "function", "function": {...}}` or the function
+/// objects themselves) as the function objects, keys in their order.
+pub(super) fn tools_from_py(
+    py: Python<'_>,
+    tools: &Bound<'_, PyAny>,
+) -> PyResult<Vec<serde_json::Value>> {
+    let text: String = py
+        .import("json")?
+        .call_method1("dumps", (tools,))
+        .map_err(|e| InvalidArgumentError::new_err(format!("tools must be JSON-like: {e}")))?
+        .extract()?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| InvalidArgumentError::new_err(format!("tools: {e}")))?;
+    let serde_json::Value::Array(items) = v else {
+        return Err(InvalidArgumentError::new_err("tools must be a list"));
+    };
+    items
+        .into_iter()
+        .map(|t| {
+            let f = match t.get("function") {
+                Some(f) if t.get("type").and_then(|x| x.as_str()) == Some("function") => f.clone(),
+                _ => t,
+            };
+            match f.get("name").and_then(|n| n.as_str()) {
+                Some(n) if !n.trim().is_empty() => Ok(f),
+                _ => Err(InvalidArgumentError::new_err(
+                    "every tool needs a \"name\" (a function object, or {\"type\": \"function\", \"function\": {...}})",
+                )),
+            }
+        })
+        .collect()
+}
+
 pub(super) fn messages_from_py(history: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<Message>> {
     let mut out = vec![];
     let Some(h) = history else { return Ok(out) };
@@ -183,13 +217,15 @@ fn lock(s: &Mutex<ChatSession>) -> std::sync::MutexGuard<'_, ChatSession> {
 
 #[pymethods]
 impl PyChatSession {
-    /// Send a query; returns an iterator of response deltas. The turn is committed to the
-    /// session when the iterator ends, is closed or is dropped.
-    #[pyo3(signature = (query, **kwargs))]
+    /// Send a query (or with `role="observation"`, a tool's result); returns an iterator of
+    /// response deltas. The turn is committed to the session when the iterator ends, is closed or
+    /// is dropped.
+    #[pyo3(signature = (query, role = "user", **kwargs))]
     fn send(
         &self,
         py: Python<'_>,
         query: &Bound<'_, PyAny>,
+        role: &str,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<PyChatTurn> {
         let query = text(query, "query")?;
@@ -202,24 +238,28 @@ impl PyChatSession {
         )?;
         let session = self.inner.clone();
         let query = query.to_string();
-        let turn = py.detach(move || catch_panic(|| lock(&session).begin_turn(&query, &cfg)))?;
+        let role = role.to_string();
+        let turn =
+            py.detach(move || catch_panic(|| lock(&session).begin_turn_as(&role, &query, &cfg)))?;
         Ok(PyChatTurn {
             session: self.inner.clone(),
             turn: Some(turn),
             response: None,
             generated: 0,
+            call: None,
         })
     }
 
     /// Send a query and return the whole response.
-    #[pyo3(signature = (query, **kwargs))]
+    #[pyo3(signature = (query, role = "user", **kwargs))]
     fn chat(
         &self,
         py: Python<'_>,
         query: &Bound<'_, PyAny>,
+        role: &str,
         kwargs: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
-        let mut turn = self.send(py, query, kwargs)?;
+        let mut turn = self.send(py, query, role, kwargs)?;
         while turn.__next__(py)?.is_some() {}
         Ok(turn.response.clone().unwrap_or_default())
     }
@@ -250,12 +290,15 @@ pub struct PyChatTurn {
     response: Option<String>,
     /// Tokens generated, kept once the turn is committed.
     generated: usize,
+    /// The tool call the answer made (sessions with tools), kept once committed.
+    call: Option<ToolCall>,
 }
 
 impl PyChatTurn {
     fn commit(&mut self) -> Result<(), Error> {
         if let Some(turn) = self.turn.take() {
             self.generated = turn.generated_tokens();
+            self.call = turn.tool_call().unwrap_or(None);
             self.response = Some(lock(&self.session).end_turn(turn)?);
         }
         Ok(())
@@ -296,6 +339,20 @@ impl PyChatTurn {
         self.turn
             .as_ref()
             .map_or(self.generated, ChatTurn::generated_tokens)
+    }
+
+    /// In a session with tools, once the turn is finished: the call the answer made, as
+    /// `{"name": ..., "arguments": JSON text}` (what ChatGLM3's `process_response` returns), or
+    /// None for a text answer. Send the tool's result back with `send(result, role="observation")`.
+    #[getter]
+    fn tool_call<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(c) = &self.call else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("name", &c.name)?;
+        d.set_item("arguments", &c.arguments)?;
+        Ok(Some(d))
     }
 
     /// The post-processed response so far (all of it once finished).

@@ -483,10 +483,24 @@ impl PyModel {
         ))
     }
 
-    /// A chat session that keeps its KV cache between turns (`system` needs ChatGLM3).
-    #[pyo3(signature = (system = None))]
-    fn start_chat(&self, system: Option<&str>) -> PyResult<PyChatSession> {
-        let s = ChatSession::new(&self.inner, system)?;
+    /// A chat session that keeps its KV cache between turns (`system` needs ChatGLM3). `tools`
+    /// (ChatGLM3): the functions the model may call, as OpenAI's tool list or plain function
+    /// objects; they are the session's system turn (ChatGLM3's tool format has no other).
+    #[pyo3(signature = (system = None, tools = None))]
+    fn start_chat(
+        &self,
+        py: Python<'_>,
+        system: Option<&str>,
+        tools: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PyChatSession> {
+        let s = match tools {
+            None => ChatSession::new(&self.inner, system)?,
+            Some(_) if system.is_some() => return Err(InvalidArgumentError::new_err(
+                "give tools or system, not both: with tools, ChatGLM3's system turn is the tools' \
+                     (as its openai_api_demo writes it)",
+            )),
+            Some(t) => ChatSession::with_tools(&self.inner, &super::chat::tools_from_py(py, t)?)?,
+        };
         Ok(PyChatSession::new(s, self.inner.chat_format()))
     }
 

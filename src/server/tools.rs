@@ -30,9 +30,17 @@ pub(crate) struct ToolSpec {
 /// `tools` and `tool_choice` of a chat request: `None` when the request uses no tools (none given,
 /// or `tool_choice: "none"`). `has_roles`: the model speaks ChatGLM3's format.
 pub(crate) fn tool_spec(o: &Obj, has_roles: bool) -> ApiResult<Option<ToolSpec>> {
+    let no_tools = || match o.get("tool_choice") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s == "none" => Ok(None),
+        Some(_) => Err(ApiError::bad(
+            "tool_choice",
+            "tool_choice is only allowed when tools are given",
+        )),
+    };
     let tools = match o.get("tools") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Array(a)) if a.is_empty() => return Ok(None),
+        None | Some(Value::Null) => return no_tools(),
+        Some(Value::Array(a)) if a.is_empty() => return no_tools(),
         Some(Value::Array(a)) => a,
         Some(_) => return Err(ApiError::bad("tools", "tools must be a list")),
     };
