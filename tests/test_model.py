@@ -53,6 +53,7 @@ def test_config_is_a_dict_with_every_key(model, fx):
         {"multi_query_attention": False, "num_attention_heads": 4, "kv_channels": 8},  # no MQA
         {"rope_ratio": 16.0},  # chatglm2-6b-32k style positions
         {"rope_ratio": 50.0, "_chatglm3": True},  # chatglm3-6b-32k: the base scaled instead
+        {"rope_ratio": 500.0, "_chatglm3": True, "seq_length": 131072},  # chatglm3-6b-128k
         {"apply_residual_connection_post_layernorm": True, "post_layer_norm": False},
     ],
 )
