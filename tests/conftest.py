@@ -48,5 +48,22 @@ def model(fx):
 
 
 @pytest.fixture(scope="session")
+def glm3(fx):
+    """The fixture read as a ChatGLM3 model (its tokenizer with the role tokens)."""
+    import glm2rs
+
+    return glm2rs.Model.from_pretrained(str(fx / "model-safetensors"), dtype="float32", chat_format="chatglm3")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
 def tokenizer(model):
     return model.tokenizer

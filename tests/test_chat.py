@@ -112,11 +112,6 @@ def test_chatglm2_has_no_system_role(model):
         model.chat("hi", [{"role": "system", "content": "You are helpful."}])
 
 
-@pytest.fixture(scope="module")
-def glm3(fx):
-    return glm2rs.Model.from_pretrained(str(fx / "model-safetensors"), dtype="float32", chat_format="chatglm3")
-
-
 def test_chatglm3_prompt_ids(glm3):
     tok = glm3.tokenizer
     assert glm3.chat_format == "chatglm3"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 
 
 def test_terminal_chat_ask_clear_stop(fx):
@@ -65,9 +66,7 @@ def test_serve_command_serves_and_stops_on_ctrl_c(fx):
     import time
     import urllib.request
 
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = free_port()
     # Ctrl-C is SIGINT; a test run started in the background (`cmd &` without job control) has
     # SIGINT ignored, which the child would inherit (and Python then leaves it ignored): restore it.
     p = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "glm2rs.cli", "serve", "--model",
@@ -126,13 +125,10 @@ def test_serve_drains_and_exits_on_sigterm(fx):
     gets its whole answer, the process says it is stopping and exits 0 (before: killed at once)."""
     import json
     import signal
-    import socket
     import threading
     import urllib.request
 
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "serve", "--model", str(fx / "model"), "--port",
                           str(port)], stderr=subprocess.PIPE, text=True)
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import threading
 import time
 
@@ -26,17 +25,13 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 
 openai = pytest.importorskip("openai")
 
+from conftest import free_port  # noqa: E402
+
 import glm2rs  # noqa: E402
 import glm2rs.ray as gray  # noqa: E402
 
 KEY = "ray-test-key"
 PROMPTS = ["你好", "介绍一下北京", "What is 2+2?", "写一首关于秋天的诗"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

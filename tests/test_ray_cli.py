@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import urllib.request
 
 import pytest
+from conftest import free_port
 
 try:
     import ray  # noqa: F401
@@ -21,16 +21,11 @@ except ImportError as e:  # pragma: no cover - depends on the machine
     pytest.skip(f"ray[serve] cannot be imported here ({e}): pip install 'glm2rs[ray]'", allow_module_level=True)
 
 
-def test_ray_serve_command_serves_and_stops_on_ctrl_c(fx):
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+def start_ray_serve(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`glm2rs ray-serve ARGS` in a child process, once it says it serves: (process, that line)."""
     # SIGINT restored: a background test run has it ignored, which the child would inherit
-    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--model", str(fx / "model"),
-                          "--replicas", "1", "--port", str(port), "--api-key", "k", "--dtype", "float32",
-                          "--no-prefix-routing"],
-                         stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "ray-serve", *args], stderr=subprocess.PIPE,
+                         text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     try:
         while True:
@@ -38,7 +33,18 @@ def test_ray_serve_command_serves_and_stops_on_ctrl_c(fx):
             lines.append(line)
             assert line or p.poll() is None, "glm2rs ray-serve exited:\n" + "".join(lines)[-4000:]
             if "glm2rs on Ray Serve" in line:
-                break
+                return p, line
+    except BaseException:
+        p.kill()
+        p.stderr.close()
+        raise
+
+
+def test_ray_serve_command_serves_and_stops_on_ctrl_c(fx):
+    port = free_port()
+    p, line = start_ray_serve(["--model", str(fx / "model"), "--replicas", "1", "--port", str(port),
+                               "--api-key", "k", "--dtype", "float32", "--no-prefix-routing"])
+    try:
         assert f"127.0.0.1:{port}" in line
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", method="POST",
                                      data=json.dumps({"model": "model", "max_tokens": 6, "temperature": 0,
@@ -84,28 +90,14 @@ def test_ray_serve_joins_a_running_cluster_and_leaves_it_running(fx):
     import shutil
 
     ray_cli = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        gcs = sk.getsockname()[1]
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
+    gcs, port = free_port(), free_port()
     env = dict(os.environ)
     subprocess.run([ray_cli, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, capture_output=True, timeout=120, env=env)
     p = None
     try:
-        p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "ray-serve", "--model", str(fx / "model"),
-                              "--replicas", "1", "--port", str(port), "--address", "auto"],
-                             stderr=subprocess.PIPE, text=True, env=env,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        lines = []
-        while True:
-            line = p.stderr.readline()
-            lines.append(line)
-            assert line or p.poll() is None, "glm2rs ray-serve exited:\n" + "".join(lines)[-4000:]
-            if "glm2rs on Ray Serve" in line:
-                break
+        p, line = start_ray_serve(["--model", str(fx / "model"), "--replicas", "1", "--port", str(port),
+                                   "--address", "auto"], env)
         assert "removes the application" in line
         models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=60))
         assert models["data"][0]["id"] == "model"

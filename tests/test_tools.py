@@ -39,11 +39,6 @@ PREAMBLE = "Answer the following questions as best as you can. You have access t
 
 
 @pytest.fixture(scope="module")
-def glm3(fx):
-    return glm2rs.Model.from_pretrained(str(fx / "model-safetensors"), dtype="float32", chat_format="chatglm3")
-
-
-@pytest.fixture(scope="module")
 def server3(glm3):
     with glm2rs.Server(glm3, port=0, model_name="glm3") as s:
         yield s
