@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -41,6 +42,20 @@ __all__ = ["Glm2Ingress", "Glm2Replica", "PrefixAffinityRouter", "affinity_key",
 
 # request headers that describe the connection, not the request (the body is passed whole)
 _HOP_HEADERS = {"connection", "content-length", "keep-alive", "transfer-encoding", "upgrade", "te"}
+
+
+async def _forwarded(request: Request) -> tuple[str, str, list, bytes]:
+    """What of a Starlette request goes to `HttpApp.request`: method, path with its query, headers
+    (not the connection's), body."""
+    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    headers = [(k, v) for k, v in request.headers.items() if k not in _HOP_HEADERS]
+    return request.method, path, headers, await request.body()
+
+
+def _streaming(items, status: int, head: list) -> StreamingResponse:
+    """A response of `status` with `head`'s headers (not the connection's) and the body `items`."""
+    return StreamingResponse(items, status_code=status,
+                             headers={k: v for k, v in head if k.lower() not in _HOP_HEADERS})
 
 
 async def respond(app, method: str, path: str, headers: list, body: bytes,
@@ -182,13 +197,9 @@ class Glm2Replica:
 
     async def __call__(self, request: Request):
         """As the application's ingress itself (`prefix_routing=False`): Ray's proxy routes by load."""
-        body = await request.body()
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = [(k, v) for k, v in request.headers.items() if k not in _HOP_HEADERS]
-        items = respond(self._app, request.method, path, headers, body, self._interval)
+        items = respond(self._app, *await _forwarded(request), self._interval)
         status, head = await items.__anext__()
-        head = [(k, v) for k, v in head if k.lower() not in _HOP_HEADERS]
-        return StreamingResponse(items, status_code=status, headers=dict(head))
+        return _streaming(items, status, head)
 
 
 def _error_body(message: str, code: str) -> dict:
@@ -203,14 +214,11 @@ class Glm2Ingress:
         self._retries = retries
 
     async def __call__(self, request: Request):
-        body = await request.body()
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = [(k, v) for k, v in request.headers.items() if k not in _HOP_HEADERS]
+        method, path, headers, body = await _forwarded(request)
         key = affinity_key(request.url.path, body)
         last: Optional[BaseException] = None
         for _ in range(self._retries + 1):
-            gen = self._replicas.options(stream=True).handle.remote(request.method, path, headers, body,
-                                                                  affinity=key)
+            gen = self._replicas.options(stream=True).handle.remote(method, path, headers, body, affinity=key)
             try:
                 status, head = await gen.__anext__()
                 # nothing reaches the client before the first chunk: until then a dead replica is
@@ -219,10 +227,8 @@ class Glm2Ingress:
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 last = e
                 continue
-            head = [(k, v) for k, v in head if k.lower() not in _HOP_HEADERS]
             media = dict((k.lower(), v) for k, v in head).get("content-type", "")
-            return StreamingResponse(_rest(first, gen, media.startswith("text/event-stream")),
-                                     status_code=status, headers=dict(head))
+            return _streaming(_rest(first, gen, media.startswith("text/event-stream")), status, head)
         return JSONResponse(_error_body(f"no replica could answer: {last}", "replica_unavailable"), status_code=503)
 
 
@@ -255,10 +261,10 @@ def build_app(model: str, *, replicas: int = 1, min_replicas: Optional[int] = No
               prefix_routing: bool = True, load: Optional[dict] = None):
     """The Ray Serve application (bind it with `serve.run`). `replicas` fixed, or autoscaling on
     ongoing requests between `min_replicas` and `max_replicas` (`target_ongoing_requests` per
-    replica). `num_gpus` per replica defaults to 1 on `device="cuda"`. `load`: more keywords of
+    replica). `num_gpus` per replica defaults to 1 on `device="cuda"`. `stream_interval`: seconds
+    between the items a stream sends through Ray after its first two. `prefix_routing=False`: no
+    ingress, the replicas take the requests (routed by load). `load`: more keywords of
     `Model.from_pretrained` (`kv_cache_memory`, `prefix_checkpoint`, ...)."""
-    import os
-
     if replicas < 1 and min_replicas is None:
         raise ValueError("replicas must be at least 1")
     load = {"device": device, "dtype": dtype, **({"quantize": quantize} if quantize else {}), **(load or {})}
@@ -327,7 +333,6 @@ def main(argv: Optional[list] = None) -> int:
                          "(one hop less; conversations lose their replica's prefix cache)")
     ap.add_argument("--address", help="Ray cluster to join (e.g. auto, or ray://host:10001); none: start a local one")
     args = ap.parse_args(argv)
-    import os
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("GLM2RS_API_KEY")
     app = build_app(args.model, replicas=args.replicas, min_replicas=args.min_replicas,
