@@ -144,12 +144,17 @@ impl ChatTurn {
     }
 }
 
+/// Whether the answer ended on one of `stop_ids` (which the cache and the text leave out).
+fn ends_with_stop(gen: &Generator, stop_ids: &[u32]) -> bool {
+    gen.generated_ids()
+        .last()
+        .is_some_and(|t| stop_ids.contains(t))
+}
+
 fn raw_text(gen: &Generator, stop_ids: &[u32]) -> Result<String> {
-    let mut ids = gen.generated_ids().to_vec();
-    if ids.last().is_some_and(|t| stop_ids.contains(t)) {
-        ids.pop();
-    }
-    gen.tokenizer().decode(&ids)
+    let ids = gen.generated_ids();
+    let n = ids.len() - usize::from(ends_with_stop(gen, stop_ids));
+    gen.tokenizer().decode(&ids[..n])
 }
 
 impl ChatSession {
@@ -348,15 +353,21 @@ impl ChatSession {
     /// Finish a turn (complete or stopped early): the cache takes the generated tokens (a final
     /// stop token excepted), the history the query and the post-processed response.
     pub fn end_turn(&mut self, turn: ChatTurn) -> Result<String> {
+        self.end_turn_with_call(turn).map(|(response, _)| response)
+    }
+
+    /// [`ChatSession::end_turn`], also returning the turn's [`ChatTurn::tool_call`] (parsed once,
+    /// for the history and the caller).
+    pub fn end_turn_with_call(
+        &mut self,
+        turn: ChatTurn,
+    ) -> Result<(String, Option<crate::chat_format::tools::ToolCall>)> {
         let call = turn.tool_call().unwrap_or(None);
         let stop_ids = turn.stop_ids;
         let (gen, response) = turn.stream.into_parts();
         let mut ids = turn.ids_before;
         ids.extend(gen.ids());
-        let ends_with_stop = gen
-            .generated_ids()
-            .last()
-            .is_some_and(|t| stop_ids.contains(t));
+        let ends_with_stop = ends_with_stop(&gen, &stop_ids);
         if ends_with_stop {
             ids.pop();
         }
@@ -378,7 +389,7 @@ impl ChatSession {
                     _ => Message::new("assistant", &response),
                 };
                 self.history.push(answer);
-                Ok(response)
+                Ok((response, call))
             }
             Err(e) => {
                 // the cache is lost: start the next turn from the history

@@ -17,42 +17,20 @@ use serde_json::{Map, Number, Value};
 pub const TOOLS_PREAMBLE: &str =
     "Answer the following questions as best as you can. You have access to the following tools:";
 
-/// `json.dumps(value, indent=4, ensure_ascii=False)`: Python's layout (4 spaces, `", "` never
-/// used with an indent, `": "` after keys, empty containers as `[]` / `{}`), keys in the order
-/// given (serde_json's `preserve_order`, on for this crate, keeps a request's order).
+/// `json.dumps(value, indent=4, ensure_ascii=False)`: serde_json's pretty printer with a 4-space
+/// indent writes Python's layout (`",\n"` between items, `": "` after keys, empty containers as
+/// `[]` / `{}`, non-ASCII as is), keys in the order given (serde_json's `preserve_order`, on for
+/// this crate, keeps a request's order).
 pub fn python_json_dumps(v: &Value) -> String {
-    let mut out = String::new();
-    dump(v, 0, &mut out);
-    out
-}
-
-fn dump(v: &Value, depth: usize, out: &mut String) {
-    let pad = |d: usize, out: &mut String| out.push_str(&"    ".repeat(d));
-    match v {
-        Value::Array(items) if !items.is_empty() => {
-            out.push_str("[\n");
-            for (i, x) in items.iter().enumerate() {
-                pad(depth + 1, out);
-                dump(x, depth + 1, out);
-                out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
-            }
-            pad(depth, out);
-            out.push(']');
-        }
-        Value::Object(m) if !m.is_empty() => {
-            out.push_str("{\n");
-            for (i, (k, x)) in m.iter().enumerate() {
-                pad(depth + 1, out);
-                out.push_str(&serde_json::to_string(k).unwrap_or_default());
-                out.push_str(": ");
-                dump(x, depth + 1, out);
-                out.push_str(if i + 1 < m.len() { ",\n" } else { "\n" });
-            }
-            pad(depth, out);
-            out.push('}');
-        }
-        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
-    }
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut out,
+        serde_json::ser::PrettyFormatter::with_indent(b"    "),
+    );
+    v.serialize(&mut ser)
+        .expect("a JSON value serializes into memory");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// The system content listing `tools` (as `build_chat_input` renders a system message with tools).
@@ -346,6 +324,13 @@ mod tests {
         .unwrap();
         let want = "[\n    {\n        \"name\": \"get_weather\",\n        \"description\": \"天气\",\n        \"parameters\": {\n            \"type\": \"object\",\n            \"properties\": {},\n            \"required\": [\n                \"city\"\n            ]\n        }\n    }\n]";
         assert_eq!(python_json_dumps(&v), want);
+        // python3 -c 'import json; print(repr(json.dumps({"a": [], "b": "x\u0001\"y",
+        //   "c": [1.5, None, True]}, indent=4, ensure_ascii=False)))'
+        let v = serde_json::json!({"a": [], "b": "x\u{1}\"y", "c": [1.5, null, true]});
+        assert_eq!(
+            python_json_dumps(&v),
+            "{\n    \"a\": [],\n    \"b\": \"x\\u0001\\\"y\",\n    \"c\": [\n        1.5,\n        null,\n        true\n    ]\n}"
+        );
     }
 
     #[test]

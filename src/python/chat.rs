@@ -298,8 +298,9 @@ impl PyChatTurn {
     fn commit(&mut self) -> Result<(), Error> {
         if let Some(turn) = self.turn.take() {
             self.generated = turn.generated_tokens();
-            self.call = turn.tool_call().unwrap_or(None);
-            self.response = Some(lock(&self.session).end_turn(turn)?);
+            let (response, call) = lock(&self.session).end_turn_with_call(turn)?;
+            self.response = Some(response);
+            self.call = call;
         }
         Ok(())
     }

@@ -83,7 +83,7 @@ pub(crate) async fn collect(
                         }
                     }
                 }
-                let call_complete = chat.finish_reason("") == "tool_calls";
+                let call_complete = chat.made_call();
                 return Ok((
                     Answer {
                         text,

@@ -179,9 +179,14 @@ impl ChatAnswer {
         }
     }
 
+    /// Whether the answer is a whole call (announced, and its arguments parsed).
+    pub fn made_call(&self) -> bool {
+        self.called && self.complete
+    }
+
     /// The finish reason: `tool_calls` for a whole call, else the engine's.
     pub fn finish_reason<'a>(&self, engine: &'a str) -> &'a str {
-        if self.called && self.complete {
+        if self.made_call() {
             "tool_calls"
         } else {
             engine
