@@ -26,6 +26,9 @@ pub struct GenerationConfig {
     /// Record each generated token's log-probability and this many most likely alternatives
     /// (`None`: no log-probabilities).
     pub logprobs: Option<usize>,
+    /// The LoRA adapter (loaded beside the weights, by name) to generate with; `None`: the
+    /// model as given.
+    pub adapter: Option<String>,
 }
 
 /// Most alternatives [`GenerationConfig::logprobs`] may ask for.
@@ -189,6 +192,10 @@ impl Generator {
         prompt: Vec<u32>,
         cfg: &GenerationConfig,
     ) -> Result<Self> {
+        let model = match &cfg.adapter {
+            Some(name) => Arc::new(model.with_adapter(Some(name))?),
+            None => model,
+        };
         let empty = model.new_cache();
         let (cache, held) = model.cache_for_prompt(&prompt);
         let mut g = Self::with_cache(model, tokenizer, empty, prompt, cfg)?;
@@ -437,7 +444,7 @@ impl Generator {
             return Ok(out);
         };
         let model = gens[first].model.clone();
-        if active.iter().any(|&i| !Arc::ptr_eq(&gens[i].model, &model)) {
+        if active.iter().any(|&i| !gens[i].model.same_base(&model)) {
             return Err(Error::invalid(
                 "generations stepped together must share one model",
             ));

@@ -45,6 +45,9 @@ pub struct LoadOptions<'a> {
     pub prefix_cache: bool,
     /// A peft LoRA adapter directory merged into the weights at load (before `quantize`).
     pub adapter: Option<PathBuf>,
+    /// peft LoRA adapters kept beside the weights, by name: each request picks one (or none)
+    /// with [`GenerationConfig::adapter`]; sequences of different adapters batch together.
+    pub adapters: Vec<(String, PathBuf)>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -62,6 +65,7 @@ impl Default for LoadOptions<'_> {
             kv_block_size: crate::model::kv_pool::DEFAULT_BLOCK_SIZE,
             prefix_cache: true,
             adapter: None,
+            adapters: vec![],
         }
     }
 }
@@ -190,6 +194,9 @@ impl Model {
             opts.tuning,
             opts.progress,
         )?;
+        for (name, dir) in &opts.adapters {
+            model.add_adapter(name, &crate::checkpoint::LoraAdapter::open(dir)?)?;
+        }
         let prefix = match (&opts.prefix_checkpoint, config.pre_seq_len) {
             (Some(p), _) => Some(Prefix::load_dir(p, &config, dtype, &opts.device)?),
             (None, Some(pre)) if Prefix::present(ckpt) => Some(Prefix::from_checkpoint(
@@ -263,6 +270,20 @@ impl Model {
             model: Arc::new(self.model.with_tuning(tuning)),
             ..self.clone()
         }
+    }
+
+    /// This model (everything shared) running with the adapter `name` loaded beside the weights
+    /// ([`LoadOptions::adapters`]); `None`: the base model.
+    pub fn with_adapter(&self, name: Option<&str>) -> Result<Self> {
+        Ok(Self {
+            model: Arc::new(self.model.with_adapter(name)?),
+            ..self.clone()
+        })
+    }
+
+    /// The names of the adapters loaded beside the weights.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.model.adapter_names()
     }
 
     pub fn model(&self) -> &Arc<Glm2Model> {

@@ -257,3 +257,44 @@ fn chunked_prefill_matches_one_pass() {
     let b = chunked.generate_ids(&long, &greedy(12)).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn sequences_of_different_lora_adapters_batch_together() {
+    // adapters kept beside the weights: one forward over sequences of adapter a, b, none and a
+    // again (a's rows not contiguous) gives each what its adapter's view gives alone
+    let Some(fx) = common::fixtures() else { return };
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/peft");
+    let opts = LoadOptions {
+        dtype: Some(DType::F32),
+        adapters: vec![
+            ("a".into(), data.join("adapter-a")),
+            ("b".into(), data.join("adapter-b")),
+        ],
+        ..Default::default()
+    };
+    let m = Model::from_dir(&fx.join("model"), &opts).unwrap();
+    let tok = m.tokenizer();
+    let texts = ["第一个句子，比较长一点的输入", "hi", "third one", "第四"];
+    let names = [Some("a"), Some("b"), None, Some("a")];
+    let views: Vec<Model> = names.iter().map(|n| m.with_adapter(*n).unwrap()).collect();
+    let ids: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, true).unwrap()).collect();
+    let mut caches: Vec<_> = views.iter().map(|v| v.model().new_cache()).collect();
+    let mut refs: Vec<&mut glm2rs::Cache> = caches.iter_mut().collect();
+    let inputs: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let out = m
+        .model()
+        .forward_many(&inputs, &mut refs, Logits::All)
+        .unwrap();
+    let mut differ = 0;
+    for ((v, seq), got) in views.iter().zip(&ids).zip(&out) {
+        let want = v.logits(seq).unwrap();
+        let d = common::max_abs_diff(got, &want);
+        assert!(d < 1e-5, "batched logits differ by {d}");
+        differ += usize::from(common::max_abs_diff(got, &m.logits(seq).unwrap()) > 1e-3);
+    }
+    assert_eq!(
+        differ, 3,
+        "the adapters change the logits of their sequences only"
+    );
+    assert!(m.with_adapter(Some("c")).is_err());
+}

@@ -1,4 +1,4 @@
-from typing import Callable, Iterator, Sequence, TypedDict
+from typing import Callable, Iterator, Mapping, Sequence, TypedDict
 
 from typing_extensions import Unpack
 
@@ -24,6 +24,8 @@ class GenerationKwargs(TypedDict, total=False):
     logprobs: int | None
     """Record each generated token's log-probability (log_softmax of the model's logits) and
     this many likeliest alternatives (0-20)."""
+    adapter: str | None
+    """Generate with this LoRA adapter (one of `Model.adapters`, loaded with `adapters=`)."""
 
 def cuda_memory(device: str = "cuda", reset_peak: bool = False) -> dict[str, int]: ...
 def build_info() -> dict:
@@ -128,10 +130,14 @@ class Model:
         kv_block_size: int = 16,
         prefix_cache: bool = True,
         adapter: str | None = None,
+        adapters: Mapping[str, str] | None = None,
     ) -> Model:
         """A local directory, GGUF file or hub id (resolved by `glm2rs.hub` in Python first).
         `adapter`: a peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors
         or .bin), merged into the float weights at load, before `quantize`.
+        `adapters`: {name: directory} of peft LoRA adapters kept beside the weights, unmerged: a
+        call with `adapter=name` (or a server request whose `model` is name) runs with it, and
+        sequences of different adapters are batched together.
         `num_gpus` > 1 splits the layers over GPUs `device`..`device + num_gpus - 1`.
         `kv_cache_memory`: the most the paged KV cache may take: a share of the memory free once
         the weights are loaded (default 0.9) or bytes (an int, or "8GiB"); it grows as needed.
@@ -153,8 +159,18 @@ class Model:
         kv_block_size: int = 16,
         prefix_cache: bool = True,
         adapter: str | None = None,
+        adapters: Mapping[str, str] | None = None,
     ) -> Model:
         """A local directory or GGUF file only (what `from_pretrained` calls)."""
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the LoRA adapters loaded beside the weights (`adapters=`)."""
+    @property
+    def adapter(self) -> str | None:
+        """The adapter every call of this model runs with (see `with_adapter`), or None."""
+    def with_adapter(self, name: str | None) -> Model:
+        """This model (everything shared) running every call, chat sessions included, with the
+        adapter `name` of `adapters`; None: the base model."""
     def with_tuning(
         self,
         *,

@@ -97,8 +97,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def lora_modules(specs: list[str] | None) -> dict[str, str]:
+    """`NAME=DIR` pairs (vLLM's --lora-modules) as a dict; a bad pair is an error naming it."""
+    out: dict[str, str] = {}
+    for spec in specs or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"glm2rs: --lora-modules wants NAME=DIR, got {spec!r}")
+        if name in out:
+            raise SystemExit(f"glm2rs: --lora-modules names {name!r} twice")
+        out[name] = path
+    return out
+
+
 def cmd_serve(args) -> int:
-    model = _load(args, quantize=args.quantize, prefix_checkpoint=args.prefix_checkpoint)
+    model = _load(args, quantize=args.quantize, prefix_checkpoint=args.prefix_checkpoint,
+                  adapters=lora_modules(args.lora_modules) or None)
     # an empty key is refused by Server (it would silently turn authentication off)
     api_key = args.api_key if args.api_key is not None else os.environ.get("GLM2RS_API_KEY")
 
@@ -310,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds a connection has to send a request's headers; idle ones are closed after it")
     s.add_argument("--max-connections", type=int, default=1024, help="most open connections")
     s.add_argument("--prefix-checkpoint", help="P-Tuning v2 checkpoint directory")
+    s.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR",
+                   help="peft LoRA adapters served beside the base model, unmerged: a request whose "
+                        "'model' is NAME runs with that adapter (several adapters batch together)")
     s.set_defaults(func=cmd_serve)
 
     b = add("bench", help="prefill and decode tokens/s (random prompt ids)")

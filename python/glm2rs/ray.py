@@ -332,14 +332,18 @@ def main(argv: Optional[list] = None) -> int:
                     help="no ingress: Ray's proxy sends requests straight to the replicas by load alone "
                          "(one hop less; conversations lose their replica's prefix cache)")
     ap.add_argument("--address", help="Ray cluster to join (e.g. auto, or ray://host:10001); none: start a local one")
+    ap.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR",
+                    help="peft LoRA adapters beside the base model (as glm2rs serve): 'model': NAME picks one")
     args = ap.parse_args(argv)
+    from .cli import lora_modules
 
     api_key = args.api_key if args.api_key is not None else os.environ.get("GLM2RS_API_KEY")
     app = build_app(args.model, replicas=args.replicas, min_replicas=args.min_replicas,
                     max_replicas=args.max_replicas, device=args.device, dtype=args.dtype, quantize=args.quantize,
                     num_cpus=args.num_cpus, num_gpus=args.num_gpus, api_key=api_key, model_name=args.model_name,
                     max_batch=args.max_batch, max_ongoing_requests=args.max_ongoing_requests,
-                    prefix_routing=not args.no_prefix_routing)
+                    prefix_routing=not args.no_prefix_routing,
+                    load={"adapters": lora_modules(args.lora_modules)} if args.lora_modules else None)
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -14,8 +14,9 @@
 //! modules whose name ends with a key (peft matches `(.*\.)?{key}$`; where several keys match,
 //! the longest decides). Saved keys are
 //! `base_model.model.{module}.lora_A.weight` (older peft: `.lora_A.default.weight`); with
-//! `bias` other than `"none"` the adapter also carries trained `{module}.bias` tensors, which
-//! replace the base biases.
+//! `bias` other than `"none"` the adapter also carries trained biases, which replace the base
+//! ones: `{module}.base_layer.bias` (peft >= 0.7 wraps the layer; checked against adapters made
+//! by peft 0.21 in `tests/test_lora_peft.py`) or `{module}.bias` (older peft).
 
 use super::Checkpoint;
 use crate::error::{Error, Result};
@@ -149,8 +150,11 @@ impl LoraAdapter {
                 } else {
                     e.1 = Some(read()?);
                 }
-            } else if name.ends_with(".bias") {
-                biases.insert(name.to_string(), read()?);
+            } else if let Some(module) = name.strip_suffix(".bias") {
+                // peft >= 0.7 wraps the targeted layer (`{module}.base_layer`) and saves its
+                // trained bias under that name; older peft saved `{module}.bias`.
+                let module = module.strip_suffix(".base_layer").unwrap_or(module);
+                biases.insert(format!("{module}.bias"), read()?);
             } else {
                 return Err(Error::checkpoint(
                     &file,
@@ -199,6 +203,35 @@ impl LoraAdapter {
             biases,
             used: Mutex::new(BTreeSet::new()),
         })
+    }
+
+    /// The directory the adapter was read from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every tensor name the adapter changes (`{module}.weight` for its low-rank updates,
+    /// `{module}.bias` for trained biases), sorted.
+    pub fn target_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .deltas
+            .keys()
+            .chain(self.biases.keys())
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The low-rank update of weight `name`: `lora_A` `[r, in]`, `lora_B` `[out, r]` (float32 on
+    /// the CPU) and its scale (the update is `scale * B A`).
+    pub fn low_rank(&self, name: &str) -> Option<(&Tensor, &Tensor, f64)> {
+        self.deltas.get(name).map(|d| (&d.a, &d.b, d.scale))
+    }
+
+    /// The trained bias replacing the base bias `name` (float32 on the CPU).
+    pub fn trained_bias(&self, name: &str) -> Option<&Tensor> {
+        self.biases.get(name)
     }
 
     /// Whether the adapter changes tensor `name`.

@@ -5,12 +5,16 @@
 use super::kv_cache::Cache;
 use super::kv_pool::KvPool;
 use super::linear::Linear;
+use super::lora::{self, StepLora, Target};
 use crate::config::Glm2Config;
 use crate::error::{Error, Result};
 use crate::tuning::Tuning;
 use candle_core::{DType, Device, Module, Tensor};
 use std::sync::Arc;
 
+/// LoRA adapters served unmerged: loading them beside the weights, and a model's view that
+/// runs its sequences with one.
+mod adapters;
 /// The CUDA decode beside this reference forward: fused decode attention, flash prefill glue,
 /// residual adds fused into RMSNorm, and the CUDA graph of a decoding step.
 #[cfg(feature = "cuda")]
@@ -134,7 +138,10 @@ impl SelfAttention {
     /// sequence over its own cache.
     /// `table`: the decode attention's table of this layer on the device (a captured CUDA
     /// graph's step; see [`Glm2Model::graph_step`]).
+    /// `lora`: the step's adapters (the fused CUDA paths do not apply them; a step with
+    /// adapters takes the path below).
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -144,10 +151,13 @@ impl SelfAttention {
         layer: usize,
         table: Option<&Tensor>,
         tuning: &Tuning,
+        lora: Option<&StepLora>,
     ) -> Result<Tensor> {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && tuning.fused && segments.iter().all(|&(_, t)| t == 1) {
+        let fused = tuning.fused && lora.is_none();
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && fused && segments.iter().all(|&(_, t)| t == 1) {
             if let Some(out) =
                 self.forward_decode_cuda(x, rotary, caches, layer, table, tuning.split_decode)?
             {
@@ -156,7 +166,7 @@ impl SelfAttention {
         }
         #[cfg(feature = "cuda")]
         if x.device().is_cuda()
-            && tuning.fused
+            && fused
             && tuning.flash
             && caches.iter().all(|c| self.prefill_paged_applies(x, c))
         {
@@ -183,6 +193,7 @@ impl SelfAttention {
             return self.dense.forward(&ctx).map_err(Error::from);
         }
         let qkv = self.query_key_value.forward(x)?; // [1, n, (nh + 2 ng) hd]
+        let qkv = lora::add(lora, layer, Target::QueryKeyValue, x, qkv)?;
         let mut ctxs = Vec::with_capacity(segments.len());
         for (&(off, t), cache) in segments.iter().zip(caches.iter_mut()) {
             let qkv = qkv.narrow(1, off, t)?;
@@ -221,7 +232,8 @@ impl SelfAttention {
         } else {
             Tensor::cat(&ctxs, 1)?
         };
-        self.dense.forward(&ctx).map_err(Error::from)
+        let out = self.dense.forward(&ctx)?;
+        lora::add(lora, layer, Target::Dense, &ctx, out)
     }
 
     /// Causal attention of `q` `[b, nh, t, hd]` (the last `t` positions) over `k`, `v`
@@ -309,14 +321,22 @@ struct Mlp {
 
 impl Mlp {
     #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-    fn forward(&self, x: &Tensor, tuning: &Tuning) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        tuning: &Tuning,
+        layer: usize,
+        lora: Option<&StepLora>,
+    ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && tuning.fused {
+        if x.device().is_cuda() && tuning.fused && lora.is_none() {
             return self.forward_cuda(x);
         }
         let h = self.dense_h_to_4h.forward(x)?;
+        let h = lora::add(lora, layer, Target::DenseHTo4h, x, h)?;
         let h = candle_nn::ops::swiglu(&h)?;
-        Ok(self.dense_4h_to_h.forward(&h)?)
+        let out = self.dense_4h_to_h.forward(&h)?;
+        lora::add(lora, layer, Target::Dense4hToH, &h, out)
     }
 }
 
@@ -333,6 +353,7 @@ struct Block {
 }
 
 impl Block {
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -341,15 +362,16 @@ impl Block {
         caches: &mut [&mut Cache],
         layer: usize,
         tuning: &Tuning,
+        lora: Option<&StepLora>,
     ) -> Result<Tensor> {
         let ln = self.input_layernorm.forward(x)?;
         let attn = self
             .self_attention
-            .forward(&ln, rotary, segments, caches, layer, None, tuning)?;
+            .forward(&ln, rotary, segments, caches, layer, None, tuning, lora)?;
         let residual = if self.residual_post_layernorm { &ln } else { x };
         let ln_input = (residual + attn)?;
         let ln2 = self.post_attention_layernorm.forward(&ln_input)?;
-        let mlp = self.mlp.forward(&ln2, tuning)?;
+        let mlp = self.mlp.forward(&ln2, tuning, layer, lora)?;
         let residual = if self.residual_post_layernorm {
             &ln2
         } else {
@@ -399,6 +421,10 @@ pub struct Glm2Model {
     /// The switches this model was loaded with; the step-time ones (`fused`, `flash`,
     /// `cuda_graph`) are read from here at each step.
     tuning: Tuning,
+    /// LoRA adapters loaded beside the weights, by name ([`Glm2Model::add_adapter`]).
+    adapters: Arc<Vec<Arc<super::UnmergedLora>>>,
+    /// The adapter this view's new caches run with ([`Glm2Model::with_adapter`]).
+    adapter: Option<Arc<super::UnmergedLora>>,
 }
 
 /// Loading progress: `(tensors done, tensors in all)`.
@@ -544,7 +570,7 @@ impl Glm2Model {
             cache.reserve(t)?;
         }
         #[cfg(feature = "cuda")]
-        if which == Logits::Last && n == 1 {
+        if which == Logits::Last && n == 1 && caches[0].adapter().is_none() {
             if let Some(logits) = self.graph_step(flat[0], &mut *caches[0])? {
                 return Ok((logits, segments));
             }
@@ -618,9 +644,11 @@ impl Glm2Model {
     ) -> Result<Tensor> {
         let n = input.dim(1)?;
         let mut x = self.embed(input)?; // [1, n, hidden]
+        let lora = StepLora::of(caches, segments);
         #[cfg(feature = "cuda")]
         let fused = self.device.is_cuda()
             && self.tuning.fused
+            && lora.is_none()
             && !self.config.apply_residual_connection_post_layernorm;
         #[cfg(not(feature = "cuda"))]
         let fused = false;
@@ -632,7 +660,15 @@ impl Glm2Model {
         } else {
             for (i, layer) in self.layers.iter().enumerate() {
                 x = to_other_device(&x, &self.layer_devices[i])?;
-                x = layer.forward(&x, &self.rotary[i], segments, caches, i, &self.tuning)?;
+                x = layer.forward(
+                    &x,
+                    &self.rotary[i],
+                    segments,
+                    caches,
+                    i,
+                    &self.tuning,
+                    lora.as_ref(),
+                )?;
             }
         }
         if which == Logits::Last {

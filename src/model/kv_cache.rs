@@ -4,6 +4,7 @@
 //! written while shared is copied first).
 
 use super::kv_pool::{block_key, KvPool};
+use super::lora::UnmergedLora;
 use crate::error::Result;
 use candle_core::Tensor;
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub struct Cache {
     device_tables: Vec<(Tensor, usize)>,
     /// Backend state tied to the buffers above.
     pub(crate) attached: Attached,
+    /// The LoRA adapter this sequence runs with (unmerged; see [`crate::model::lora`]).
+    adapter: Option<Arc<UnmergedLora>>,
 }
 
 impl Clone for Cache {
@@ -77,6 +80,7 @@ impl Clone for Cache {
             #[cfg(feature = "cuda")]
             device_tables: vec![],
             attached: Attached::default(),
+            adapter: self.adapter.clone(),
         }
     }
 }
@@ -105,6 +109,7 @@ impl Cache {
             #[cfg(feature = "cuda")]
             device_tables: vec![],
             attached: Attached::default(),
+            adapter: None,
         }
     }
 
@@ -130,6 +135,20 @@ impl Cache {
     pub(crate) fn with_salt(mut self, salt: u64) -> Self {
         self.salt = salt;
         self
+    }
+
+    /// Run this sequence with `adapter` (its prefix-cache keys kept apart from other adapters').
+    pub(crate) fn with_adapter(mut self, adapter: Option<Arc<UnmergedLora>>) -> Self {
+        if let Some(a) = &adapter {
+            self.salt ^= a.salt();
+        }
+        self.adapter = adapter;
+        self
+    }
+
+    /// The LoRA adapter this sequence runs with.
+    pub fn adapter(&self) -> Option<&Arc<UnmergedLora>> {
+        self.adapter.as_ref()
     }
 
     /// Take the longest run of cached blocks holding the start of `ids` (the prompt after what

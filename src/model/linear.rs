@@ -226,6 +226,11 @@ impl Linear {
 }
 
 impl Linear {
+    /// The bias `[out]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `x Wᵀ` without the bias, and the bias (for kernels that add it themselves).
     pub fn forward_no_bias(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let y = self.matmul(x)?;

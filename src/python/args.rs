@@ -117,6 +117,7 @@ pub(super) fn gen_config(
                 cfg.sampling.seed = if v.is_none() { None } else { Some(v.extract::<u64>().map_err(|_| bad(&key, &v))?) }
             }
             "logprobs" => cfg.logprobs = count(&key, &v)?,
+            "adapter" => cfg.adapter = v.extract::<Option<String>>().map_err(|_| bad(&key, &v))?,
             "stop_token_ids" => {
                 cfg.stop_token_ids = if v.is_none() { vec![] } else { ids(&v, "stop_token_ids")? };
             }
@@ -134,7 +135,7 @@ pub(super) fn gen_config(
             other => {
                 return Err(InvalidArgumentError::new_err(format!(
                     "unknown keyword {other:?}: use max_new_tokens, max_length, do_sample, temperature, top_p, \
-                     top_k, repetition_penalty, seed, stop_token_ids, stop, logprobs"
+                     top_k, repetition_penalty, seed, stop_token_ids, stop, logprobs, adapter"
                 )))
             }
         }

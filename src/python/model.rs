@@ -79,7 +79,7 @@ impl PyModel {
     #[pyo3(signature = (path, *, device = "cpu", dtype = "auto",
                         quantize = None, prefix_checkpoint = None, chat_format = None, progress = None,
                         num_gpus = 1, kv_cache_memory = None, kv_block_size = 16, prefix_cache = true,
-                        adapter = None))]
+                        adapter = None, adapters = None))]
     #[allow(clippy::too_many_arguments)]
     fn _from_local(
         _cls: &Bound<'_, pyo3::types::PyType>,
@@ -96,6 +96,7 @@ impl PyModel {
         kv_block_size: usize,
         prefix_cache: bool,
         adapter: Option<PathBuf>,
+        adapters: Option<std::collections::BTreeMap<String, PathBuf>>,
     ) -> PyResult<Self> {
         let kv_cache_memory = match kv_cache_memory {
             Some(m) if !m.is_none() => {
@@ -152,11 +153,33 @@ impl PyModel {
                     kv_block_size,
                     prefix_cache,
                     adapter,
+                    adapters: adapters.unwrap_or_default().into_iter().collect(),
                 };
                 Model::load(&path, &opts)
             })
         })?;
         Ok(Self { inner: model })
+    }
+
+    /// The names of the LoRA adapters loaded beside the weights (`adapters=` at load).
+    #[getter]
+    fn adapters(&self) -> Vec<String> {
+        self.inner.adapter_names()
+    }
+
+    /// The adapter this model runs with (a view made by `with_adapter`), or None.
+    #[getter]
+    fn adapter(&self) -> Option<String> {
+        self.inner.model().adapter().map(str::to_string)
+    }
+
+    /// This model (everything shared) running every call with the adapter `name` loaded beside
+    /// the weights; `None`: the base model.
+    #[pyo3(signature = (name))]
+    fn with_adapter(&self, name: Option<&str>) -> PyResult<Self> {
+        Ok(Self {
+            inner: self.inner.with_adapter(name)?,
+        })
     }
 
     /// This model (weights shared, not copied) with other step-time switches of `glm2rs::tuning`

@@ -109,6 +109,8 @@ pub(crate) fn sampling(
 
 /// The fields every completion request shares.
 pub(crate) struct Common {
+    /// The model id the response names (the base model's, or the adapter's).
+    pub model: String,
     pub stream: bool,
     pub include_usage: bool,
     pub max_tokens: Option<usize>,
@@ -231,6 +233,7 @@ fn common(
     };
     let sampling = sampling(o, default_temperature, default_top_p, seed)?;
     Ok(Common {
+        model: String::new(),
         stream,
         include_usage,
         max_tokens,
@@ -270,10 +273,52 @@ fn fit(s: &Shared, prompt_field: &'static str, prompt_len: usize, c: &mut Common
 }
 
 pub async fn models(State(s): State<Shared>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": s.model_name, "object": "model", "created": s.created, "owned_by": "glm2rs"}],
-    }))
+    let mut data = vec![
+        json!({"id": s.model_name, "object": "model", "created": s.created,
+                               "owned_by": "glm2rs", "root": s.model_name, "parent": null}),
+    ];
+    for name in s.engine.model().adapter_names() {
+        data.push(json!({"id": name, "object": "model", "created": s.created,
+                         "owned_by": "glm2rs", "root": name, "parent": s.model_name}));
+    }
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// The request's `model`: an adapter loaded beside the weights runs the request with that
+/// adapter; the base model's id, or any name on a server without adapters (clients send
+/// their own defaults), runs the base model. A server with adapters answers 404 for other
+/// names, so that a misspelt adapter is never served by the base model silently.
+fn pick_model(s: &Shared, o: &Obj, c: &mut Common) -> ApiResult<()> {
+    c.model = s.model_name.clone();
+    let adapters = s.engine.model().adapter_names();
+    let name = match o.get("model") {
+        None | Some(Value::Null) => return Ok(()),
+        Some(Value::String(n)) => n,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "model",
+                format!("model must be a string, got {other}"),
+            ))
+        }
+    };
+    if adapters.contains(name) {
+        c.cfg.adapter = Some(name.clone());
+        c.model = name.clone();
+    } else if !adapters.is_empty() && *name != s.model_name {
+        return Err(ApiError {
+            param: Some("model".into()),
+            ..ApiError::refused(
+                axum::http::StatusCode::NOT_FOUND,
+                Some("model_not_found"),
+                format!(
+                    "The model `{name}` does not exist: this server has {} and the adapters {}",
+                    s.model_name,
+                    adapters.join(", ")
+                ),
+            )
+        });
+    }
+    Ok(())
 }
 
 /// How a completion is presented: chat (post-processed deltas) or plain text.
@@ -287,6 +332,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
     }
     let d = GenerationDefaults::CHAT;
     let mut c = common(&o, d.temperature, d.top_p, true)?;
+    pick_model(&s, &o, &mut c)?;
     c.cfg.logprobs = super::logprobs::chat_request(&o)?;
     let ids = {
         let model = model.clone();
@@ -337,7 +383,7 @@ pub async fn chat_completions(State(s): State<Shared>, body: Bytes) -> ApiResult
         ),
     };
     Ok(Json(json!({
-        "id": id, "object": "chat.completion", "created": now(), "model": s.model_name,
+        "id": id, "object": "chat.completion", "created": now(), "model": c.model,
         "choices": [{"index": 0, "message": message, "logprobs": lp, "finish_reason": finish}],
         "usage": usage(&done),
     }))
@@ -370,6 +416,7 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
     }
     let d = GenerationDefaults::COMPLETIONS;
     let mut c = common(&o, d.temperature, d.top_p, false)?;
+    pick_model(&s, &o, &mut c)?;
     c.cfg.logprobs = super::logprobs::completion_request(&o)?;
     c.max_tokens = c.max_tokens.or(d.max_new_tokens);
     if echo && c.stream {
@@ -386,7 +433,11 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
     // the prompt's own log-probabilities (echo): one forward over it, off the async workers
     let prompt_lp = match (echo, c.cfg.logprobs) {
         (true, Some(k)) => {
-            let (model, ids) = (s.engine.model().clone(), ids.clone());
+            let (model, ids) = (
+                s.engine.model().with_adapter(c.cfg.adapter.as_deref()),
+                ids.clone(),
+            );
+            let model = model.map_err(|e| ApiError::from_engine(e, Some("model")))?;
             Some(
                 off_workers(move || super::logprobs::prompt_logprobs(&model, &ids, k))
                     .await
@@ -424,7 +475,7 @@ pub async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Resp
     };
     let text = if echo { prompt + &text } else { text };
     Ok(Json(json!({
-        "id": id, "object": "text_completion", "created": now(), "model": s.model_name,
+        "id": id, "object": "text_completion", "created": now(), "model": c.model,
         "choices": [{"index": 0, "text": text, "logprobs": lp,
                      "finish_reason": done.reason.as_str()}],
         "usage": usage(&done),

@@ -296,7 +296,7 @@ pub(crate) fn sse(
     c: &Common,
     tools: Option<&ToolSpec>,
 ) -> Response {
-    let (model, include_usage, cut) = (s.model_name.clone(), c.include_usage, s.cut.clone());
+    let (model, include_usage, cut) = (c.model.clone(), c.include_usage, s.cut.clone());
     let logprobs = c.cfg.logprobs.map(|_| s.engine.model().tokenizer().clone());
     let mut st = StreamState {
         rx,

@@ -231,7 +231,7 @@ impl Block {
         };
         let attn = self
             .self_attention
-            .forward(&ln, rotary, segments, caches, layer, table, tuning)?;
+            .forward(&ln, rotary, segments, caches, layer, table, tuning, None)?;
         let (h, ln2) = add_rmsnorm(
             x,
             Some(&attn),

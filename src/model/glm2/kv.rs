@@ -75,7 +75,7 @@ impl Glm2Model {
             Some(p) => Cache::with_prefix(self.kv.clone(), max, p.cache.blocks(), p.cache.len()),
             None => Cache::new(self.kv.clone(), max),
         };
-        c.with_salt(self.kv_salt)
+        c.with_salt(self.kv_salt).with_adapter(self.adapter.clone())
     }
 
     /// A fresh cache for a sequence starting with `ids`, holding already the longest run of

@@ -225,6 +225,8 @@ impl Glm2Model {
             prefix_blocks: None,
             kv_salt: 0,
             tuning,
+            adapters: Default::default(),
+            adapter: None,
         })
     }
 
