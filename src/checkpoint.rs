@@ -350,6 +350,16 @@ impl Checkpoint {
                         format!("not a readable GGUF file ({e}); truncated or corrupt?"),
                     )
                 })?;
+        let mut content = content;
+        // llama.cpp's tensor names (its `chatglm` layout) read as the checkpoint's
+        let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+        for n in names {
+            if let Some(c) = crate::gguf::llama::from_llama(&n) {
+                if let Some(info) = content.tensor_infos.remove(&n) {
+                    content.tensor_infos.insert(c, info);
+                }
+            }
+        }
         let metadata = content.metadata.clone();
         let index = content
             .tensor_infos

@@ -1,6 +1,12 @@
-//! glm2rs's GGUF file: the weights as a model holds them (dense, official int8/int4 rows or
-//! candle's block types), `config.json` and the SentencePiece tokenizer in the metadata, written
-//! by [`crate::pipeline::Model::save_quantized`] and read back by [`crate::pipeline::Model::load`].
+//! GGUF files: glm2rs writes llama.cpp's `chatglm` layout (its tensor names, hyperparameters and
+//! tokenizer fields; see [`llama`]) with the weights as a model holds them (dense, official
+//! int8/int4 rows as GGML blocks, or candle's block types), plus `config.json` and the
+//! SentencePiece model under `glm2rs.*` keys so that glm2rs reads its own files back exactly
+//! ([`crate::pipeline::Model::save_quantized`], [`crate::pipeline::Model::load`]). Files written
+//! by llama.cpp's converter (no `glm2rs.*` keys) are read through [`llama::read_foreign`].
+
+/// llama.cpp's names and metadata for the `chatglm` architecture.
+pub mod llama;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -23,10 +29,25 @@ pub struct GgufModel {
     pub quantization: Option<String>,
 }
 
-/// Open a GGUF file written by [`write`]; a GGUF without glm2rs's metadata is a `CheckpointError`.
+/// Open a GGUF file written by [`write`] or by llama.cpp's converter for ChatGLM2/3.
 pub fn read(path: &Path) -> Result<GgufModel> {
     use candle_core::quantized::gguf_file::Value;
     let (checkpoint, meta) = Checkpoint::open_gguf(path)?;
+    if !meta.contains_key("glm2rs.config") {
+        let shape = |n: &str| {
+            let name = llama::from_llama(n).unwrap_or_else(|| n.to_string());
+            checkpoint.shape(&name)
+        };
+        let (config, tokenizer_model, chatglm3) = llama::read_foreign(&meta, &shape)
+            .map_err(|e| Error::checkpoint(path, format!("not a ChatGLM2/3 GGUF file: {e}")))?;
+        return Ok(GgufModel {
+            checkpoint,
+            config_json: config.to_string(),
+            tokenizer_model,
+            chatglm3,
+            quantization: None,
+        });
+    }
     let text = |k: &str| -> Result<String> {
         meta.get(k)
             .and_then(|v| v.to_string().ok().cloned())
@@ -79,6 +100,11 @@ pub fn write(
     let mut tensors: Vec<(String, Arc<QTensor>)> = vec![];
     for (name, w) in model.export() {
         let qt = match w {
+            // vectors (norms, biases) in float32, as llama.cpp's converter writes them
+            Exported::Dense(t) if t.rank() == 1 => Arc::new(QTensor::quantize(
+                &t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
+                GgmlDType::F32,
+            )?),
             Exported::Dense(t) => Arc::new(QTensor::quantize(
                 &t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?,
                 dense_type,
@@ -88,18 +114,19 @@ pub fn write(
             }
             Exported::Ggml(qt) => qt,
         };
-        tensors.push((name, qt));
+        tensors.push((llama::to_llama(&name).unwrap_or(name), qt));
     }
     let mut cfg = config_json.clone();
     if let Some(obj) = cfg.as_object_mut() {
         // the GGUF layout replaces the official checkpoint layout
         obj.insert("quantization_bit".into(), serde_json::json!(0));
     }
-    let meta: Vec<(&str, gguf_file::Value)> = vec![
-        (
-            "general.architecture",
-            gguf_file::Value::String("chatglm".into()),
-        ),
+    let llama_meta = llama::metadata(model.config(), config_json, tokenizer)?;
+    let mut meta: Vec<(&str, gguf_file::Value)> = llama_meta
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()))
+        .collect();
+    meta.extend([
         ("glm2rs.config", gguf_file::Value::String(cfg.to_string())),
         (
             "glm2rs.tokenizer",
@@ -118,7 +145,7 @@ pub fn write(
             "glm2rs.quantization",
             gguf_file::Value::String(quantization.unwrap_or("none").into()),
         ),
-    ];
+    ]);
     let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors
         .iter()

@@ -254,6 +254,61 @@ impl Tokenizer {
         })
     }
 
+    /// The SentencePiece pieces (text, score, type: 1 normal, 2 unknown, 3 control, 4 user
+    /// defined, 5 unused, 6 byte), whether byte fallback is on and whether a space is put in
+    /// front of the text (`add_dummy_prefix`): what a GGUF file's tokenizer fields carry.
+    pub(crate) fn spm_pieces(&self) -> Result<(Vec<(String, f32, i32)>, bool, bool)> {
+        let proto = spm::ModelProto::decode(&self.spm[..])
+            .map_err(|e| tok_err(format!("not a SentencePiece model ({e})")))?;
+        let pieces = proto
+            .pieces
+            .iter()
+            .map(|p| {
+                let text = p.piece.clone().unwrap_or_default();
+                (text, p.score.unwrap_or(0.0), p.r#type.unwrap_or(1))
+            })
+            .collect();
+        let trainer = proto.trainer_spec.unwrap_or_default();
+        let norm = proto.normalizer_spec.unwrap_or_default();
+        Ok((
+            pieces,
+            trainer.byte_fallback.unwrap_or(false),
+            norm.add_dummy_prefix.unwrap_or(true),
+        ))
+    }
+
+    /// A SentencePiece BPE model (the bytes [`Tokenizer::from_spm_bytes`] reads) made of these
+    /// pieces: the inverse of [`Tokenizer::spm_pieces`] for a tokenizer kept as a piece list.
+    pub(crate) fn spm_from_pieces(
+        pieces: &[(String, f32, i32)],
+        byte_fallback: bool,
+        add_dummy_prefix: bool,
+    ) -> Vec<u8> {
+        let unk = pieces.iter().position(|p| p.2 == 2).unwrap_or(0);
+        spm::ModelProto {
+            pieces: pieces
+                .iter()
+                .map(|(t, s, ty)| spm::SentencePiece {
+                    piece: Some(t.clone()),
+                    score: Some(*s),
+                    r#type: Some(*ty),
+                })
+                .collect(),
+            trainer_spec: Some(spm::TrainerSpec {
+                model_type: Some(2),
+                byte_fallback: Some(byte_fallback),
+                unk_id: Some(unk as i32),
+                unk_piece: Some(pieces.get(unk).map_or("<unk>".into(), |p| p.0.clone())),
+            }),
+            normalizer_spec: Some(spm::NormalizerSpec {
+                name: Some("identity".into()),
+                add_dummy_prefix: Some(add_dummy_prefix),
+                remove_extra_whitespaces: Some(false),
+            }),
+        }
+        .encode_to_vec()
+    }
+
     /// The bytes of the SentencePiece model this tokenizer was built from.
     pub fn spm_bytes(&self) -> &[u8] {
         &self.spm
