@@ -335,8 +335,11 @@ impl Checkpoint {
     }
 
     /// Open a GGUF file written by `save_quantized`; returns its metadata too.
+    /// `rename` gives a tensor's checkpoint name from its name in the file (another program's
+    /// naming, e.g. llama.cpp's); `None` keeps the file's name.
     pub fn open_gguf(
         path: &Path,
+        rename: &dyn Fn(&str) -> Option<String>,
     ) -> Result<(
         Self,
         HashMap<String, candle_core::quantized::gguf_file::Value>,
@@ -351,10 +354,9 @@ impl Checkpoint {
                     )
                 })?;
         let mut content = content;
-        // llama.cpp's tensor names (its `chatglm` layout) read as the checkpoint's
         let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
         for n in names {
-            if let Some(c) = crate::gguf::llama::from_llama(&n) {
+            if let Some(c) = rename(&n) {
                 if let Some(info) = content.tensor_infos.remove(&n) {
                     content.tensor_infos.insert(c, info);
                 }

@@ -32,7 +32,8 @@ pub struct GgufModel {
 /// Open a GGUF file written by [`write`] or by llama.cpp's converter for ChatGLM2/3.
 pub fn read(path: &Path) -> Result<GgufModel> {
     use candle_core::quantized::gguf_file::Value;
-    let (checkpoint, meta) = Checkpoint::open_gguf(path)?;
+    // llama.cpp's tensor names (its `chatglm` layout) read as the checkpoint's
+    let (checkpoint, meta) = Checkpoint::open_gguf(path, &llama::from_llama)?;
     if !meta.contains_key("glm2rs.config") {
         let shape = |n: &str| {
             let name = llama::from_llama(n).unwrap_or_else(|| n.to_string());

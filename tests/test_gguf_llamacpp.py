@@ -12,6 +12,7 @@ llama.cpp -> glm2rs: see test_llamacpp_converter_file_runs_in_glm2rs (the conver
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,37 @@ def test_llamacpp_tokenizer_from_glm2rs_gguf(fx, golden, tmp_path, chat_format):
         assert roles == [[64795], [64796]]
     else:
         assert all(len(r) > 1 for r in roles)  # ChatGLM2 has no role tokens
+
+
+def test_llamacpp_converter_file_runs_in_glm2rs(fx, golden, tmp_path):
+    """A file as llama.cpp's converter writes it for ChatGLM3 (tests/llamacpp_convert.py, checked
+    against the digest of the real converter's file), run by glm2rs: the official model's logits,
+    ChatGLM3's tokenizer (role tokens) and the same answers as llama.cpp from that file."""
+    from llamacpp_convert import convert, digest
+
+    path = tmp_path / "conv.gguf"
+    convert(fx / "model-safetensors", path)
+    recorded = Path(__file__).parent / "data" / "llamacpp_converter.json"
+    assert digest(path) == json.loads(recorded.read_text())["digest"]
+    m = glm2rs.Model.from_pretrained(path, dtype="float32")
+    assert m.chat_format == "chatglm3" and m.quantization is None
+    fwd = golden["forward"]
+    got = m.logits([int(x) for x in fwd["ids_0"]])
+    assert np.abs(got - fwd["logits_0"]).max() < 1e-4
+    for c in golden["tokenizer"]:
+        assert m.tokenizer.encode(c["text"], add_special_tokens=False) == c["ids_no_special"], c["text"]
+        assert m.tokenizer.decode(c["ids_no_special"]) == c["decoded"]
+    assert m.tokenizer.encode("<|user|>", add_special_tokens=False) != [64795]  # text stays text
+    ids = golden["prompts"][1]["input_ids"]
+    ll = llama(path)
+    assert llama_greedy(ll, ids, 16) == m.generate_ids(ids, max_new_tokens=16)
+    # and a GGUF of another model family is refused with the reason
+    import gguf
+    w = gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(glm2rs.CheckpointError, match="general.architecture is \"llama\""):
+        glm2rs.Model.from_pretrained(tmp_path / "llama.gguf")
