@@ -644,7 +644,7 @@ impl Glm2Model {
     ) -> Result<Tensor> {
         let n = input.dim(1)?;
         let mut x = self.embed(input)?; // [1, n, hidden]
-        let lora = StepLora::of(caches, segments);
+        let lora = StepLora::of(caches, segments, input.device())?;
         #[cfg(feature = "cuda")]
         let fused = self.device.is_cuda()
             && self.tuning.fused

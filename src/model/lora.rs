@@ -157,15 +157,21 @@ impl UnmergedLora {
     }
 }
 
-/// The adapters of one step: each with the rows of the step's input that use it (`None`: all).
+/// The adapters of one step: each with the rows of the step's input that use it (`None`: all),
+/// as an index tensor made once for the step (on the device of its input; moved only for layers
+/// on another GPU).
 pub(crate) struct StepLora {
-    groups: Vec<(Arc<UnmergedLora>, Option<Vec<u32>>)>,
+    groups: Vec<(Arc<UnmergedLora>, Option<Tensor>)>,
 }
 
 impl StepLora {
     /// The adapters of `caches` (whose rows are `segments`, as in the model's forward), or
     /// `None` when no sequence of the step uses one.
-    pub(crate) fn of(caches: &[&mut Cache], segments: &[(usize, usize)]) -> Option<Self> {
+    pub(crate) fn of(
+        caches: &[&mut Cache],
+        segments: &[(usize, usize)],
+        device: &Device,
+    ) -> Result<Option<Self>> {
         let n: usize = segments.iter().map(|&(_, t)| t).sum();
         let mut groups: Vec<(Arc<UnmergedLora>, Vec<u32>)> = vec![];
         for (cache, &(off, t)) in caches.iter().zip(segments) {
@@ -177,16 +183,19 @@ impl StepLora {
             }
         }
         if groups.is_empty() {
-            return None;
+            return Ok(None);
         }
         let groups = groups
             .into_iter()
             .map(|(a, rows)| {
-                let all = rows.len() == n;
-                (a, (!all).then_some(rows))
+                let idx = match rows.len() == n {
+                    true => None,
+                    false => Some(Tensor::from_slice(&rows, rows.len(), device)?),
+                };
+                Ok((a, idx))
             })
-            .collect();
-        Some(Self { groups })
+            .collect::<Result<_>>()?;
+        Ok(Some(Self { groups }))
     }
 
     /// `y` (the base projection `target` of layer `layer` of `x`, `[1, n, out]`) with each
@@ -210,8 +219,8 @@ impl StepLora {
             let out_dim = lora.out_dims[target as usize];
             y = match rows {
                 None => (y + update.of(x, out_dim)?)?,
-                Some(rows) => {
-                    let idx = Tensor::from_slice(rows, rows.len(), x.device())?;
+                Some(idx) => {
+                    let idx = idx.to_device(x.device())?; // the same tensor on one device
                     let delta = update.of(&x.index_select(&idx, 1)?, out_dim)?;
                     y.index_add(&idx, &delta, 1)?
                 }
