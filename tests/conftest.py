@@ -67,3 +67,35 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def tokenizer(model):
     return model.tokenizer
+
+
+def start_cli(args: list[str], ready: str, *, env: dict | None = None, python_flags: tuple = ()):
+    """`python -m glm2rs.cli ARGS` in a child process, once a line of its stderr contains `ready`:
+    (process, that line). SIGINT is restored for it (a test run started in the background has it
+    ignored, which the child would inherit); a child that ends first fails the test with its output."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, *python_flags, "-m", "glm2rs.cli", *args], stderr=subprocess.PIPE,
+                         text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    try:
+        while True:
+            line = p.stderr.readline()
+            lines.append(line)
+            assert line or p.poll() is None, f"glm2rs {args[0]} exited:\n" + "".join(lines)[-4000:]
+            if ready in line:
+                return p, line
+    except BaseException:
+        p.kill()
+        p.stderr.close()
+        raise
+
+
+def health(server) -> dict:
+    """A running server's `/health` body."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/health", timeout=30) as r:
+        return json.load(r)

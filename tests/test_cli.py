@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import free_port
+from conftest import free_port, start_cli
 
 
 def test_terminal_chat_ask_clear_stop(fx):
@@ -63,20 +63,13 @@ def test_serve_command_serves_and_stops_on_ctrl_c(fx):
     import json
     import signal
     import socket
-    import time
     import urllib.request
 
     port = free_port()
-    # Ctrl-C is SIGINT; a test run started in the background (`cmd &` without job control) has
-    # SIGINT ignored, which the child would inherit (and Python then leaves it ignored): restore it.
-    p = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "glm2rs.cli", "serve", "--model",
-                          str(fx / "model"), "--port", str(port), "--api-key", "k"], stderr=subprocess.PIPE,
-                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Ctrl-C is SIGINT (start_cli restores it for the child)
+    p, line = start_cli(["serve", "--model", str(fx / "model"), "--port", str(port), "--api-key", "k"], "serving",
+                        python_flags=("-X", "faulthandler"))
     try:
-        line = p.stderr.readline()
-        while "serving" not in line:
-            assert p.poll() is None, "glm2rs serve exited"
-            line = p.stderr.readline()
         assert f"127.0.0.1:{port}" in line
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer k"})
         models = json.load(urllib.request.urlopen(req, timeout=30))
@@ -129,13 +122,8 @@ def test_serve_drains_and_exits_on_sigterm(fx):
     import urllib.request
 
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "serve", "--model", str(fx / "model"), "--port",
-                          str(port)], stderr=subprocess.PIPE, text=True)
+    p, _ = start_cli(["serve", "--model", str(fx / "model"), "--port", str(port)], "serving")
     try:
-        line = p.stderr.readline()
-        while "serving" not in line:
-            assert p.poll() is None, "glm2rs serve exited"
-            line = p.stderr.readline()
         got = {}
 
         def ask():

@@ -23,6 +23,7 @@ import openai
 import pytest
 
 import glm2rs
+from conftest import health
 
 DATA = Path(__file__).parent / "data" / "peft"
 REF = json.loads((DATA / "reference.json").read_text())
@@ -111,13 +112,13 @@ def test_two_adapters_served_side_by_side_batched(served):
             r = cl.completions.create(model=order[i], prompt=text, temperature=0, max_tokens=16)
             out[i] = (r.model, r.choices[0].text)
 
-        steps0 = _health(s)["steps"]
+        steps0 = health(s)["steps"]
         ts = [threading.Thread(target=run, args=(i,)) for i in range(len(order))]
         for t in ts:
             t.start()
         for t in ts:
             t.join(timeout=120)
-        steps = _health(s)["steps"] - steps0
+        steps = health(s)["steps"] - steps0
         for name, got in zip(order, out):
             assert got == (name, want[name])
         assert steps < len(order) * 16 / 2, steps
@@ -129,11 +130,6 @@ def test_two_adapters_served_side_by_side_batched(served):
             cl.completions.create(model="adapter-c", prompt=text, max_tokens=2)
 
 
-def _health(s):
-    import urllib.request
-    return json.loads(urllib.request.urlopen(s.url + "/health").read())
-
-
 def test_serve_command_lora_modules(fx):
     """`glm2rs serve --lora-modules NAME=DIR ...` (vLLM's flag): the adapters are models of the server."""
     import signal
@@ -141,17 +137,13 @@ def test_serve_command_lora_modules(fx):
     import sys
     import urllib.request
 
-    from conftest import free_port
+    from conftest import free_port, start_cli
 
     port = free_port()
     mods = [f"{n}={DATA / n}" for n in NAMES]
-    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "serve", "--model", str(fx / "model"), "--dtype",
-                          "float32", "--port", str(port), "--lora-modules", *mods], stderr=subprocess.PIPE, text=True)
+    p, _ = start_cli(["serve", "--model", str(fx / "model"), "--dtype", "float32", "--port", str(port),
+                      "--lora-modules", *mods], "serving")
     try:
-        line = p.stderr.readline()
-        while "serving" not in line:
-            assert p.poll() is None, "glm2rs serve exited"
-            line = p.stderr.readline()
         models = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=30))
         assert [(m["id"], m["parent"]) for m in models["data"]] == [("model", None)] + [(n, "model") for n in NAMES]
         cl = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)

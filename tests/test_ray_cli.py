@@ -11,7 +11,7 @@ import sys
 import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import free_port, start_cli
 
 try:
     import ray  # noqa: F401
@@ -21,23 +21,9 @@ except ImportError as e:  # pragma: no cover - depends on the machine
     pytest.skip(f"ray[serve] cannot be imported here ({e}): pip install 'glm2rs[ray]'", allow_module_level=True)
 
 
-def start_ray_serve(args: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+def start_ray_serve(args: list[str], env: dict | None = None):
     """`glm2rs ray-serve ARGS` in a child process, once it says it serves: (process, that line)."""
-    # SIGINT restored: a background test run has it ignored, which the child would inherit
-    p = subprocess.Popen([sys.executable, "-m", "glm2rs.cli", "ray-serve", *args], stderr=subprocess.PIPE,
-                         text=True, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = []
-    try:
-        while True:
-            line = p.stderr.readline()
-            lines.append(line)
-            assert line or p.poll() is None, "glm2rs ray-serve exited:\n" + "".join(lines)[-4000:]
-            if "glm2rs on Ray Serve" in line:
-                return p, line
-    except BaseException:
-        p.kill()
-        p.stderr.close()
-        raise
+    return start_cli(["ray-serve", *args], "glm2rs on Ray Serve", env=env)
 
 
 def test_ray_serve_command_serves_and_stops_on_ctrl_c(fx):

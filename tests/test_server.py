@@ -15,6 +15,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 import glm2rs  # noqa: E402
+from conftest import health  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -210,10 +211,6 @@ def test_api_key(model):
         assert good.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
                                             max_tokens=3).usage.completion_tokens == 3
         assert get(s, "/")[0] == 200  # the page itself; its requests carry the key
-
-
-def health(s):
-    return json.loads(get(s, "/health")[1])
 
 
 def wait_for(cond, timeout=30):
