@@ -7,7 +7,7 @@
     python benches/ncu_profile.py summarize raw.csv --layers 28
 
 The workload loads the checkpoint in bfloat16 on cuda, prefills 32 tokens and decodes 400 (decode),
-or runs 2048-token prefills (prefill). GLM2RS_FUSED=0 gives the decode step of candle's own ops.
+or runs four 2048-token prefills (prefill; `run CKPT prefill 32000` for another length). GLM2RS_FUSED=0 gives the decode step of candle's own ops.
 
 Without Nsight Compute, a prefill's kernels side by side with transformers' GLM (SDPA), through
 the PyTorch profiler (CUPTI sees every kernel of the process, glm2rs's too):
@@ -22,11 +22,11 @@ import sys
 from collections import defaultdict
 
 
-def run(ckpt: str, mode: str) -> None:
+def run(ckpt: str, mode: str, length: int = 2048) -> None:
     import glm2rs
 
-    m = glm2rs.Model.from_pretrained(ckpt, device="cuda", dtype="bfloat16")
-    ids = [64790, 64792] + [(7 * i) % 60000 + 100 for i in range(2046)]
+    m = glm2rs.Model.from_pretrained(ckpt, device="cuda", dtype="bfloat16", prefix_cache=False)
+    ids = [64790, 64792] + [(7 * i) % 60000 + 100 for i in range(length - 2)]
     if mode == "decode":
         for _ in m.stream_ids(ids[:32], max_new_tokens=400):
             pass
@@ -113,7 +113,7 @@ def summarize(path: str, layers: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "run":
-        run(sys.argv[2], sys.argv[3])
+        run(sys.argv[2], sys.argv[3], *[int(n) for n in sys.argv[4:5]])
     elif sys.argv[1] == "kineto":
         kineto(sys.argv[2], [int(n) for n in sys.argv[3:]])
     else:

@@ -14,8 +14,9 @@
 # CUDA wheel: built on a machine without a GPU with nvcc 13.0 from PyPI, for every GPU from compute
 # capability 8.0: glm2rs's kernels as machine code for sm_80/86/89/90a (A100, RTX 30, RTX 40/L4,
 # H100/H200 with the wgmma prompt kernel) plus PTX for compute_90 (later GPUs), loaded without JIT;
-# candle's kernels as PTX for compute_80, which every one of them runs (GLM2RS_CUDA_ARCHS and
-# CUDA_COMPUTE_CAP, when set, choose other targets: e.g. GLM2RS_CUDA_ARCHS=90a CUDA_COMPUTE_CAP=90
+# candle's kernels likewise as machine code for those GPUs, PTX for compute_90 (candle patched for
+# this build only: scripts/candle_fatbin.sh), so a new process JIT-compiles nothing (GLM2RS_CUDA_ARCHS
+# and CUDA_COMPUTE_CAP, when set, choose other targets: e.g. GLM2RS_CUDA_ARCHS=90a CUDA_COMPUTE_CAP=90
 # for Hopper alone, in target-cuda). With --tests also the GPU
 # kernel tests (dist-cuda/cuda-decode-test, tests/cuda_decode.rs); with --bench the criterion kernel
 # benches (dist-cuda/kernels-bench, run there as `dist-cuda/kernels-bench --bench gpu_`). On the GPU
@@ -68,16 +69,25 @@ cuda() {
     cargo fetch -q
     python3 scripts/cuda_link_stubs.py "$C/lib"
     export RUSTFLAGS="-L $C/lib"
+    # candle's kernels as machine code too (scripts/candle_fatbin.sh): the same targets, `a` dropped
+    export CANDLE_KERNELS_FATBIN_ARCHS="${CANDLE_KERNELS_FATBIN_ARCHS:-$(echo "$GLM2RS_CUDA_ARCHS" \
+        | tr ',' '\n' | sed 's/[af]$//' | sort -nu | paste -sd,)}"
+    local patched
+    mapfile -t patched < <(bash scripts/candle_fatbin.sh "$CARGO_TARGET_DIR/candle-fatbin")
+    [ "${#patched[@]}" = 4 ] || { echo "error: scripts/candle_fatbin.sh failed" >&2; exit 1; }
+    # the patch points Cargo.lock at the copies; the committed lock file stays as it was
+    cp Cargo.lock "$CARGO_TARGET_DIR/Cargo.lock.orig"
+    trap 'cp "$CARGO_TARGET_DIR/Cargo.lock.orig" Cargo.lock' EXIT
     rm -rf dist-cuda
-    maturin build --release --features cuda,python,server --auditwheel skip -o dist-cuda
+    maturin build --release --features cuda,python,server --auditwheel skip "${patched[@]}" -o dist-cuda
     local exe
     case "${1:-}" in
         --tests)
-            exe=$(cargo test --release --features cuda --test cuda_decode --no-run --message-format=json \
+            exe=$(cargo test --release --features cuda "${patched[@]}" --test cuda_decode --no-run --message-format=json \
                 | python3 -c "import sys, json; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")
             cp "$exe" dist-cuda/cuda-decode-test ;;
         --bench)
-            exe=$(cargo bench --features cuda --bench kernels --no-run --message-format=json \
+            exe=$(cargo bench --features cuda "${patched[@]}" --bench kernels --no-run --message-format=json \
                 | python3 -c "import sys, json; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")
             cp "$exe" dist-cuda/kernels-bench ;;
         "") ;;
