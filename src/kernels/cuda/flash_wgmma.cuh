@@ -8,6 +8,13 @@
 // operands from shared memory (K-major); the online softmax runs on the accumulators in registers
 // (float32, a row's 4 lanes together); the probabilities, rounded to 16 bits, are the register A
 // operand of O += P V, V read as an N-major B (the transpose bit). Output token-major.
+//
+// The kernel is bound by instruction issue (8 warps per SM, each running its tile's softmax and
+// copies in sequence; Nsight Compute: ~42% issue slots busy, 2.5x cuDNN's instructions per FLOP in
+// the first version). Hence: the next tile's copies are issued after S's wgmma (the tensor cores
+// work meanwhile) with 32-bit offsets and all block-table reads up front; the softmax takes no mask
+// tests on tiles without masked keys, one FMA + exp2 per score, and rescales O only when a row's
+// max grew by more than 2^8 (online_softmax in glm2.cu). benches/flash_bench.cu times it alone.
 
 constexpr int FW_BM = 128;                   // query rows per block
 constexpr int FW_BN = 128;                   // keys per tile
@@ -98,16 +105,31 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
         const int r = i >> 4, c = i & 15, row = q0 + r;
         cp_async16(sq + fw_off(r, c), qb + (size_t)min(row, t - 1) * FW_D + c * 8, row < t);
     }
+    // One key and one value tile into `stage`: each thread copies 16-byte chunk tid % 16 of rows
+    // tid / 16 + 16 i. The block-table reads of all 8 rows come first, independent of each other
+    // (one round trip, not one per row pair). Offsets within a slab in 32 bits (a slab is at most
+    // SLAB_BYTES of kv_pool.rs over all layers).
+    const uint32_t* table = reinterpret_cast<const uint32_t*>(seq.blocks);
+    const uint64_t* kslab = reinterpret_cast<const uint64_t*>(seq.k);
+    const uint64_t* vslab = reinterpret_cast<const uint64_t*>(seq.v);
+    const uint32_t in_block = (1u << seq.shift) - 1u, in_slab = (1u << seq.slab_shift) - 1u;
+    const uint32_t r0 = tid >> 4, chunk = (uint32_t)(g * FW_D + (tid & 15) * 8), row_elems = (uint32_t)(groups * FW_D);
+    const uint32_t soff = fw_off(r0, tid & 15);  // + 16 i rows = + 2048 i bytes
     auto load = [&](int tile, int stage) {
-        const int k0 = tile * FW_BN, c = tid & 15;
-        unsigned char* ks = sk + stage * FW_TILE;
-        unsigned char* vs = sv + stage * FW_TILE;
+        const int k0 = tile * FW_BN;
+        unsigned char* ks = sk + stage * FW_TILE + soff;
+        unsigned char* vs = sv + stage * FW_TILE + soff;
+        uint32_t blk[8];
 #pragma unroll
-        for (int r = tid >> 4; r < FW_BN; r += 16) {
-            const int p = k0 + r;
-            const int pc = p < L ? p : L - 1;  // an address that exists (nothing is read from it)
-            cp_async16(ks + fw_off(r, c), kv_at<T>(seq.k, seq, pc, g, groups, FW_D) + c * 8, p < L);
-            cp_async16(vs + fw_off(r, c), kv_at<T>(seq.v, seq, pc, g, groups, FW_D) + c * 8, p < L);
+        for (int i = 0; i < 8; i++) blk[i] = table[(uint32_t)min(k0 + (int)r0 + 16 * i, L - 1) >> seq.shift];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int p = k0 + (int)r0 + 16 * i;
+            // as kv_at: (block in slab, position in block) x groups + g, in the block's slab
+            const uint32_t row = ((blk[i] & in_slab) << seq.shift) + ((uint32_t)min(p, L - 1) & in_block);
+            const uint32_t off = row * row_elems + chunk;
+            cp_async16(ks + 2048 * i, reinterpret_cast<const T*>(kslab[blk[i] >> seq.slab_shift]) + off, p < L);
+            cp_async16(vs + 2048 * i, reinterpret_cast<const T*>(vslab[blk[i] >> seq.slab_shift]) + off, p < L);
         }
     };
     load(0, 0);
@@ -123,8 +145,6 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
         cp_async_wait<0>();
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies seen by the tensor cores
         __syncthreads();  // this tile is in; every warpgroup is done with the other stage
-        if (tile + 1 < ntiles) load(tile + 1, stage ^ 1);
-        cp_async_commit();
         // S = Q K^T (this warpgroup's 64 rows x 128 keys), 8 steps of 16 dimensions
         wg_pin(s);
         wg_fence();
@@ -135,12 +155,15 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
                         fw_desc(ak + stage * FW_TILE + off, 16, 1024), kk > 0);
         }
         wg_commit();
+        // the next tile's copies issued while the tensor cores work on this one's S
+        if (tile + 1 < ntiles) load(tile + 1, stage ^ 1);
+        cp_async_commit();
         wg_wait0();
         wg_pin(s);
         // online softmax (log2 units), masks only on the tiles that reach past a row's position or L
         const int k0 = tile * FW_BN;
         const bool edge = k0 + FW_BN - 1 > past + wrow || k0 + FW_BN > L;
-        online_softmax<16, 16, true>(s, o, m, l, sl2, edge, k0, past + wrow + gr, L, tq);
+        online_softmax<16, 16, true, true>(s, o, m, l, sl2, edge, k0, past + wrow + gr, L, tq);
         // P (16-bit) as the A operand of 8 steps of 16 keys: the accumulator layout of two
         // 8-key column blocks is the A fragment of 16 keys
         uint32_t pa[32];

@@ -503,13 +503,20 @@ template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uin
 // One online-softmax step of a warp's two accumulator rows (its rows gr and gr + 8) over NB blocks
 // of 8 keys, in the accumulator layout of mma.m16n8 and wgmma.m64nN (s[4j + 2rr + e]: row rr, key
 // k0 + 8j + 2tq + e): scores times `scale`, keys after qpos0 + 8rr or from L on masked where
-// `mask`; the running max m and sum l updated (a row's 4 lanes together), the NO 8-column blocks
-// of the output o (same layout) rescaled, s left holding the probabilities. EXP2: `scale` is in
-// log2 units and the exponentials are exp2 (flash_wgmma); else natural exp (flash_prefill).
-template <int NB, int NO, bool EXP2>
-__device__ __forceinline__ void online_softmax(float* s, float* o, float (&m)[2], float (&l)[2], float scale,
-                                               bool mask, int k0, int qpos0, int L, int tq) {
+// `mask`; the running max m (of scaled scores) and sum l updated (a row's 4 lanes together), the
+// NO 8-column blocks of the output o (same layout) rescaled, s left holding the probabilities.
+// EXP2: `scale` is in log2 units and the exponentials are exp2 (flash_wgmma); else natural exp
+// (flash_prefill). The maximum is taken of the raw scores (scale > 0) and each probability is one
+// fused multiply-add and one exponential; a tile without masked keys takes a path without the
+// 2 x NB x 2 position tests (the prompt kernels are bound by instruction issue). LAZY (as
+// FlashAttention-4): a row keeps its running max until a tile's max exceeds it by more than 8
+// (log2 units), so probabilities stay below 2^8 before the final division and most tiles skip
+// rescaling o (a branch the whole warp takes together); the result is the same softmax.
+template <int NB, int NO, bool EXP2, bool MASK, bool LAZY>
+__device__ __forceinline__ void online_softmax_step(float* s, float* o, float (&m)[2], float (&l)[2], float scale,
+                                                    int k0, int qpos0, int L, int tq) {
     auto ex = [](float x) { return EXP2 ? exp2f(x) : __expf(x); };
+    float alphas[2];
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
         const int qpos = qpos0 + 8 * rr;
@@ -518,24 +525,25 @@ __device__ __forceinline__ void online_softmax(float* s, float* o, float (&m)[2]
         for (int j = 0; j < NB; j++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                float x = s[4 * j + 2 * rr + e] * scale;
-                if (mask) {
+                float& x = s[4 * j + 2 * rr + e];
+                if (MASK) {
                     const int key = k0 + 8 * j + 2 * tq + e;
                     if (key > qpos || key >= L) x = -INFINITY;
                 }
-                s[4 * j + 2 * rr + e] = x;
                 mx = fmaxf(mx, x);
             }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float mnew = fmaxf(m[rr], mx);  // finite: key 0 is in the first tile
+        float mnew = fmaxf(m[rr], mx * scale);  // finite: key 0 is in the first tile
+        if (LAZY && mnew <= m[rr] + 8.f) mnew = m[rr];
         const float alpha = ex(m[rr] - mnew);
+        alphas[rr] = alpha;
         float rs = 0.f;
 #pragma unroll
         for (int j = 0; j < NB; j++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
-                const float p = ex(s[4 * j + 2 * rr + e] - mnew);
+                const float p = ex(fmaf(s[4 * j + 2 * rr + e], scale, -mnew));
                 s[4 * j + 2 * rr + e] = p;
                 rs += p;
             }
@@ -543,12 +551,24 @@ __device__ __forceinline__ void online_softmax(float* s, float* o, float (&m)[2]
         rs += __shfl_xor_sync(0xffffffff, rs, 2);
         l[rr] = l[rr] * alpha + rs;
         m[rr] = mnew;
-#pragma unroll
-        for (int d = 0; d < NO; d++) {
-            o[4 * d + 2 * rr] *= alpha;
-            o[4 * d + 2 * rr + 1] *= alpha;
-        }
     }
+    if (LAZY && !__any_sync(0xffffffff, alphas[0] != 1.f || alphas[1] != 1.f)) return;
+#pragma unroll
+    for (int d = 0; d < NO; d++) {
+        o[4 * d] *= alphas[0];
+        o[4 * d + 1] *= alphas[0];
+        o[4 * d + 2] *= alphas[1];
+        o[4 * d + 3] *= alphas[1];
+    }
+}
+
+template <int NB, int NO, bool EXP2, bool LAZY = false>
+__device__ __forceinline__ void online_softmax(float* s, float* o, float (&m)[2], float (&l)[2], float scale,
+                                               bool mask, int k0, int qpos0, int L, int tq) {
+    if (mask)
+        online_softmax_step<NB, NO, EXP2, true, LAZY>(s, o, m, l, scale, k0, qpos0, L, tq);
+    else
+        online_softmax_step<NB, NO, EXP2, false, LAZY>(s, o, m, l, scale, k0, qpos0, L, tq);
 }
 
 constexpr int FA_BQ = 64;  // query rows per block (16 per warp)
