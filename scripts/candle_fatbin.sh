@@ -13,14 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir="$1"
-version=$(python3 - <<'PY'
-import tomllib
-lock = tomllib.load(open("Cargo.lock", "rb"))
-v = {p["name"]: p["version"] for p in lock["package"] if p["name"] in ("candle-core", "candle-kernels")}
-assert v["candle-core"] == v["candle-kernels"], v
-print(v["candle-core"])
-PY
-)
+lock_version() { awk -v n="name = \"$1\"" '$0 == n { getline; gsub(/"/, "", $3); print $3 }' Cargo.lock; }
+version=$(lock_version candle-core)
+[ "$version" = "$(lock_version candle-kernels)" ] || { echo "error: candle-core and candle-kernels differ in Cargo.lock" >&2; exit 1; }
 [ "$version" = 0.11.1 ] || { echo "error: scripts/candle-fatbin.patch is for candle 0.11.1, Cargo.lock has $version" >&2; exit 1; }
 registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
 print_config() {
