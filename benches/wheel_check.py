@@ -86,6 +86,18 @@ def parity(args) -> int:
     return 0 if ok else 1
 
 
+def decode(m, ids: list[int], steps: int) -> tuple[float, list[int]]:
+    """Greedy decode rate after `ids` (timed from the first token on, over `steps` more) and the
+    first 32 ids."""
+    s = m.stream_ids(ids, max_new_tokens=steps + 1, do_sample=False)
+    t_first, n_first = None, 0
+    for _ in s:
+        if t_first is None:
+            t_first, n_first = time.perf_counter(), len(s.token_ids)
+    rate = (len(s.token_ids) - n_first) / max(time.perf_counter() - t_first, 1e-9)
+    return rate, list(s.token_ids)[:32]
+
+
 def speed(args) -> int:
     import numpy as np
 
@@ -100,13 +112,8 @@ def speed(args) -> int:
         t = time.perf_counter()
         m.last_logits([ids])
         prefill = time.perf_counter() - t
-        s = m.stream_ids(ids, max_new_tokens=65, do_sample=False)
-        t_first, n_first = None, 0
-        for _ in s:
-            if t_first is None:
-                t_first, n_first = time.perf_counter(), len(s.token_ids)
-        rate = (len(s.token_ids) - n_first) / max(time.perf_counter() - t_first, 1e-9)
-        out["runs"][str(n)] = {"prefill_s": prefill, "decode_tok_s": rate, "ids": list(s.token_ids)[:32]}
+        rate, out_ids = decode(m, ids, 64)
+        out["runs"][str(n)] = {"prefill_s": prefill, "decode_tok_s": rate, "ids": out_ids}
         print(f"{n}: prefill {prefill:.3f} s, decode {rate:.1f} tok/s", flush=True)
     # int4 (quantized at load): decode after a short prompt
     del m
@@ -114,13 +121,8 @@ def speed(args) -> int:
                                      prefix_cache=False)
     ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, 30)]
     m.generate_ids(ids, max_new_tokens=4)  # warm-up
-    s = m.stream_ids(ids, max_new_tokens=129, do_sample=False)
-    t_first, n_first = None, 0
-    for _ in s:
-        if t_first is None:
-            t_first, n_first = time.perf_counter(), len(s.token_ids)
-    rate = (len(s.token_ids) - n_first) / max(time.perf_counter() - t_first, 1e-9)
-    out["runs"]["int4, 32"] = {"prefill_s": 0.0, "decode_tok_s": rate, "ids": list(s.token_ids)[:32]}
+    rate, out_ids = decode(m, ids, 128)
+    out["runs"]["int4, 32"] = {"prefill_s": 0.0, "decode_tok_s": rate, "ids": out_ids}
     print(f"int4, 32: decode {rate:.1f} tok/s", flush=True)
     with open(args.out, "w") as f:
         json.dump(out, f)
