@@ -79,8 +79,12 @@ int main(int argc, char** argv) {
     const int w_smem = FW_SMEM, m_smem = 2 * 2 * 64 * (D + 8) * 2;
     CK(cudaFuncSetAttribute(flash_wgmma_bf16_d128, cudaFuncAttributeMaxDynamicSharedMemorySize, w_smem));
     CK(cudaFuncSetAttribute(flash_prefill_paged_bf16_d128, cudaFuncAttributeMaxDynamicSharedMemorySize, m_smem));
+    cudaFuncAttributes fa;  // its __launch_bounds__: 384 threads (256 in copies before session 12)
+    CK(cudaFuncGetAttributes(&fa, flash_wgmma_bf16_d128));
+    const int w_threads = fa.maxThreadsPerBlock;
+    const dim3 w_grid((t + 127) / 128, heads);
     auto wgmma = [&] {
-        flash_wgmma_bf16_d128<<<dim3((t + 127) / 128, heads), 256, w_smem>>>(q, out_w, seq, t, heads, groups, scale);
+        flash_wgmma_bf16_d128<<<w_grid, w_threads, w_smem>>>(q, out_w, seq, t, heads, groups, scale);
     };
     auto mma = [&] {
         flash_prefill_paged_bf16_d128<<<dim3((t + 63) / 64, heads), 128, m_smem>>>(q, out_m, seq, t, heads, groups, scale);

@@ -496,3 +496,148 @@ fn fused_prefill_matches_float64() {
         }
     }
 }
+
+/// `x` rounded to `dtype` (float32 stays as it is).
+fn round_to(dtype: DType, x: f32) -> f32 {
+    match dtype {
+        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
+/// `v` on the GPU as a contiguous `shape` tensor starting `offset` elements into its buffer
+/// (offset 1: not 16-byte aligned, the kernels' element-wise path).
+fn on_gpu_at(dev: &Device, v: &[f32], shape: &[usize], offset: usize, dtype: DType) -> Tensor {
+    let mut buf = vec![0f32; offset];
+    buf.extend_from_slice(v);
+    Tensor::from_vec(buf, v.len() + offset, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+        .narrow(0, offset, v.len())
+        .unwrap()
+        .reshape(shape)
+        .unwrap()
+}
+
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// The SwiGLU and add + RMSNorm kernels, 16-byte accesses (aligned rows of a multiple of 16
+/// bytes) and element by element (an odd width, or a buffer offset by one element), against the
+/// rounding they document, computed here: swiglu rounds silu(gate) to the dtype before the
+/// product (as candle's silu then mul); add_rmsnorm rounds h = a + b, then y = h / rms(h) * w
+/// (statistics in float32). Both paths must give the same values where the data are the same.
+#[test]
+fn swiglu_and_add_rmsnorm_match_their_rounding() {
+    let dev = glm2rs::parse_device("cuda").expect("a CUDA device");
+    let ulp = |dtype: DType| match dtype {
+        DType::BF16 => 1.0 / 128.0,
+        DType::F16 => 1.0 / 1024.0,
+        _ => 1e-6,
+    };
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        candle_core::Device::Cpu.set_seed(7).ok();
+        // swiglu: (rows, f)
+        for &(rows, f) in &[(37usize, 1024usize), (5, 1001), (3, 13696)] {
+            let x: Vec<f32> = host_f32(
+                &Tensor::randn(0f32, 2f32, rows * 2 * f, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            let mut outs = vec![];
+            for offset in [0, 1] {
+                let t = on_gpu_at(&dev, &x, &[rows, 2 * f], offset, dtype);
+                let y = t.apply_op1_no_bwd(&glm2rs::kernels::cuda::SwiGlu).unwrap();
+                assert_eq!(y.dims(), &[rows, f]);
+                outs.push(host_f32(&y));
+            }
+            assert_eq!(
+                outs[0], outs[1],
+                "{dtype:?} swiglu {rows}x{f}: vector and element paths differ"
+            );
+            for r in 0..rows {
+                for c in 0..f {
+                    let (g, u) = (x[r * 2 * f + c], x[r * 2 * f + f + c]);
+                    let sa = round_to(dtype, g / (1.0 + (-g).exp()));
+                    let want = round_to(dtype, sa * u);
+                    let got = outs[0][r * f + c];
+                    // __expf may move silu by one rounding step of the dtype
+                    let tol = 2.0 * ulp(dtype) * want.abs().max(sa.abs() * u.abs()) + 1e-6;
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{dtype:?} swiglu {rows}x{f} [{r},{c}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+        // add_rmsnorm: (rows, n); n / 8 > 1024 reads rows back
+        for &(rows, n) in &[(6usize, 4096usize), (3, 1001), (2, 16384)] {
+            let rnd = |v: Vec<f32>| {
+                host_f32(
+                    &Tensor::from_vec(v, n * rows, &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap(),
+                )
+            };
+            let a = rnd(host_f32(
+                &Tensor::randn(0f32, 1f32, rows * n, &Device::Cpu).unwrap(),
+            ));
+            let b = rnd(host_f32(
+                &Tensor::randn(0f32, 1f32, rows * n, &Device::Cpu).unwrap(),
+            ));
+            let w: Vec<f32> = host_f32(
+                &Tensor::randn(1f32, 0.1f32, n, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            );
+            let wt = on_gpu_at(&dev, &w, &[n], 0, dtype);
+            let mut outs = vec![];
+            for offset in [0, 1] {
+                let at = on_gpu_at(&dev, &a, &[rows, n], offset, dtype);
+                let bt = on_gpu_at(&dev, &b, &[rows, n], 0, dtype);
+                let (h, y) = glm2rs::kernels::cuda::add_rmsnorm(&at, Some(&bt), &wt, 1e-5).unwrap();
+                outs.push((host_f32(&h), host_f32(&y)));
+            }
+            assert_eq!(
+                outs[0].0, outs[1].0,
+                "{dtype:?} add_rmsnorm {rows}x{n}: h differs between the paths"
+            );
+            for r in 0..rows {
+                let h: Vec<f32> = (0..n)
+                    .map(|i| round_to(dtype, a[r * n + i] + b[r * n + i]))
+                    .collect();
+                let ms = h.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+                let inv = 1.0 / (ms + 1e-5).sqrt();
+                for (k, (hs, ys)) in outs.iter().enumerate() {
+                    for i in 0..n {
+                        assert_eq!(
+                            hs[r * n + i],
+                            h[i],
+                            "{dtype:?} add_rmsnorm {rows}x{n} path {k}: h[{r},{i}]"
+                        );
+                        let want = h[i] as f64 * inv * w[i] as f64;
+                        let got = ys[r * n + i] as f64;
+                        let tol = ulp(dtype) as f64 * want.abs() + 1e-5 * want.abs() + 1e-7;
+                        assert!(
+                            (got - want).abs() <= tol,
+                            "{dtype:?} add_rmsnorm {rows}x{n} path {k}: y[{r},{i}] {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

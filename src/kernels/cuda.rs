@@ -498,6 +498,18 @@ impl DecodeAttention<'_> {
     }
 }
 
+/// Elements of `dtype` per 16-byte access for rows of `n` elements at the device addresses
+/// `ptrs` (0: absent): 16 / size when `n` is a multiple of it and every pointer 16-byte aligned,
+/// else 1 (the kernels' element-wise path).
+fn vector_width(dtype: DType, n: usize, ptrs: &[u64]) -> usize {
+    let per = 16 / dtype.size_in_bytes();
+    if n % per == 0 && ptrs.iter().all(|p| p % 16 == 0) {
+        per
+    } else {
+        1
+    }
+}
+
 /// `silu(x[.., :f]) * x[.., f:]` for contiguous `[.., 2f]` inputs.
 pub struct SwiGlu;
 
@@ -518,21 +530,27 @@ impl CustomOp1 for SwiGlu {
         let dev = &s.device;
         let func = load(dev, &format!("swiglu_{}", suffix(s.dtype())?))?;
         let n = rows * f;
+        let src = addr(s, o1)?;
+        let (slice, out) = alloc(dev, s.dtype(), n)?;
+        // 16-byte accesses where the rows allow them
+        let vec = vector_width(s.dtype(), f, &[src, out]);
         let threads = 256u32;
-        let blocks = (n as u32).div_ceil(threads).clamp(1, 65535);
         let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
+            grid_dim: (
+                ((f / vec) as u32).div_ceil(threads).max(1),
+                (rows as u32).clamp(1, 65535),
+                1,
+            ),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows_i, f_i) = (rows as i32, f as i32);
-        let src = addr(s, o1)?;
-        let (slice, out) = alloc(dev, s.dtype(), n)?;
+        let (rows_i, f_i, vec_i) = (rows as i32, f as i32, vec as i32);
         let mut b = func.builder();
         b.arg(&src);
         b.arg(&out);
         b.arg(&rows_i);
         b.arg(&f_i);
+        b.arg(&vec_i);
         unsafe { b.launch(cfg) }.w()?;
         let mut out_dims = dims;
         let last = out_dims.len() - 1;
@@ -605,20 +623,22 @@ impl candle_core::CustomOp3 for AddRmsNorm {
         let (w0, _) = contiguous(lw, "add_rmsnorm")?;
         let dev = &sa.device;
         let func = load(dev, &format!("add_rmsnorm_{}", suffix(sa.dtype())?))?;
-        // about 8 elements a thread (kept in registers), at most 1024 threads
-        let threads = (n.div_ceil(8).div_ceil(32) * 32).clamp(32, 1024) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (rows_i, n_i, eps) = (rows as i32, n as i32, self.eps);
         let has_b = self.has_b;
         same_dtype(&[sa, sb, sw], "add_rmsnorm")?;
         let a = addr(sa, a0)?;
         let b = if has_b { addr(sb, b0)? } else { 0u64 };
         let w = addr(sw, w0)?;
         let (slice, out) = alloc(dev, sa.dtype(), 2 * rows * n)?;
+        // 16-byte accesses where the rows allow them (h and y rows start at multiples of n)
+        let vec = vector_width(sa.dtype(), n, &[a, b, w, out]);
+        // one access a thread (kept in registers), at most 1024 threads
+        let threads = ((n / vec).div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (rows_i, n_i, eps, vec_i) = (rows as i32, n as i32, self.eps, vec as i32);
         let mut bld = func.builder();
         bld.arg(&a);
         bld.arg(&b);
@@ -627,6 +647,7 @@ impl candle_core::CustomOp3 for AddRmsNorm {
         bld.arg(&rows_i);
         bld.arg(&n_i);
         bld.arg(&eps);
+        bld.arg(&vec_i);
         unsafe { bld.launch(cfg) }.w()?;
         let mut out = vec![2];
         out.extend(dims);
@@ -935,10 +956,13 @@ fn is_sm90(dev: &CudaDevice) -> Result<bool> {
     Ok(compute_capability(dev)? == (9, 0))
 }
 
+/// Key and value tiles in flight in `flash_wgmma` (FW_STAGES in flash_wgmma.cuh).
+const WGMMA_STAGES: u32 = 3;
+
 /// Dynamic shared memory of a `flash_wgmma` block (FW_SMEM in flash_wgmma.cuh: the query tile,
-/// two stages of key and value tiles of 128 x 128, 1024 bytes for alignment), allowed for `func`.
+/// WGMMA_STAGES key and value tiles of 128 x 128, 1024 bytes for alignment), allowed for `func`.
 fn wgmma_smem(func: &cudarc::driver::CudaFunction) -> Result<u32> {
-    let bytes = (5 * 128 * 128 * 2 + 1024) as u32;
+    let bytes = (1 + 2 * WGMMA_STAGES) * 128 * 128 * 2 + 1024;
     func.set_attribute(
         cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
         bytes as i32,
@@ -973,10 +997,10 @@ impl CustomOp1 for FlashPrefillPaged {
         bl.arg(&ng_i);
         bl.arg(&self.scale);
         let cfg = if wgmma {
-            // 128 query rows per block, two warpgroups
+            // 128 query rows per block: a producer warpgroup and two consumers
             LaunchConfig {
                 grid_dim: ((t as u32).div_ceil(128), nh as u32, 1),
-                block_dim: (256, 1, 1),
+                block_dim: (384, 1, 1),
                 shared_mem_bytes: wgmma_smem(&func)?,
             }
         } else {

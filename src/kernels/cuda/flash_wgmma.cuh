@@ -1,27 +1,31 @@
 // flash_wgmma: the paged prompt attention of flash_prefill on Hopper's warpgroup matrix
 // instructions (wgmma, sm_90a; compiled when the PTX targets compute_90a, else the kernel traps and
-// is never launched: see cuda.rs). head_dim 128, 16-bit. A block takes 128 query rows of one head,
-// two warpgroups of 64; the key and value tiles (128 positions, read through the sequence's block
-// table) go through shared memory in two stages (cp.async, the next tile copied while the current
-// one is used), in the 128-byte swizzled layout the instructions read: row r's 16-byte chunk c at
-// chunk c ^ (r % 8), each half of the 128 dimensions its own 128-row block. S = Q K^T reads both
-// operands from shared memory (K-major); the online softmax runs on the accumulators in registers
-// (float32, a row's 4 lanes together); the probabilities, rounded to 16 bits, are the register A
-// operand of O += P V, V read as an N-major B (the transpose bit). Output token-major.
+// is never launched: see cuda.rs). head_dim 128, 16-bit. A block takes 128 query rows of one head
+// in three warpgroups, specialized as FlashAttention-3's: a producer copies the query tile and
+// then the key and value tiles (128 positions, read through the sequence's block table with
+// cp.async) into FW_STAGES stages of shared memory, each stage guarded by mbarriers (full: its
+// copies landed; empty: both consumers are done with it); two consumer warpgroups of 64 query rows
+// each run the products and the softmax. Tiles are in the 128-byte swizzled layout the
+// instructions read: row r's 16-byte chunk c at chunk c ^ (r % 8), each half of the 128
+// dimensions its own 128-row block. S = Q K^T reads both operands from shared memory (K-major);
+// the online softmax runs on the accumulators in registers (float32, a row's 4 lanes together);
+// the probabilities, rounded to 16 bits, are the register A operand of O += P V, V read as an
+// N-major B (the transpose bit). Output token-major.
 //
-// The kernel is bound by instruction issue (8 warps per SM, each running its tile's softmax and
-// copies in sequence; Nsight Compute: ~42% issue slots busy, 2.5x cuDNN's instructions per FLOP in
-// the first version). Hence: the next tile's copies are issued after S's wgmma (the tensor cores
-// work meanwhile) with 32-bit offsets and all block-table reads up front; the softmax takes no mask
-// tests on tiles without masked keys, one FMA + exp2 per score, and rescales O only when a row's
-// max grew by more than 2^8 (online_softmax in glm2.cu). benches/flash_bench.cu times it alone.
+// The consumers keep the tensor cores busy while they run the softmax (the kernel was bound by
+// instruction issue and by each warpgroup waiting for its own products, docs/benchmarks.md
+// sessions 11-12): within a warpgroup, tile j's S = Q K^T is issued together with tile j-1's
+// O += P V and the softmax of S runs while P V does; the two warpgroups interleave on their own
+// (FlashAttention-3's turn-taking barriers measured 1% slower here). The softmax
+// takes no mask tests on tiles without masked keys, one FMA + exp2 per score, and rescales O only
+// when a row's max grew by more than 2^8 (softmax_rows in glm2.cu). setmaxnreg moves registers
+// from the producer to the consumers. benches/flash_bench.cu times the kernel alone.
 
 constexpr int FW_BM = 128;                   // query rows per block
 constexpr int FW_BN = 128;                   // keys per tile
 constexpr int FW_D = 128;                    // head_dim
 constexpr int FW_TILE = FW_BN * FW_D * 2;    // bytes of one tile (Q, a K or a V stage)
 constexpr int FW_HALF = 128 * 128;           // bytes of one 64-dimension half of a tile
-constexpr int FW_SMEM = 5 * FW_TILE + 1024;  // Q, two K and two V stages, 1024-byte alignment
 
 // Byte offset of 16-byte chunk c (0..15) of row r in a swizzled tile.
 __device__ __forceinline__ uint32_t fw_off(int r, int c) {
@@ -80,93 +84,152 @@ template <> __device__ __forceinline__ void wgmma_rs<__half>(float (&d)[64], con
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
 }
 
+// mbarriers (shared::cta) and the proxy fence of the warp-specialized kernel.
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// The barrier's phase completes (for this thread) once its earlier cp.async copies have landed.
+__device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+constexpr int FW_STAGES = 3;                                  // key and value tiles in flight
+constexpr int FW_THREADS = 384;                               // a producer and two consumer warpgroups
+constexpr int FW_SMEM = (1 + 2 * FW_STAGES) * FW_TILE + 1024;  // Q, the stages, 1024-byte alignment
+constexpr int FW_PRODUCER_REGS = 56, FW_CONSUMER_REGS = 224;   // 128 x 56 + 256 x 224 <= 65536
+
 template <typename T>
 __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const SeqInfo& seq, int t, int heads,
                             int groups, float scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char fw_raw[];
+    // full: a stage's copies landed (128 producer arrivals); empty: both consumer warpgroups are
+    // done with it (256 arrivals); q: the query tile landed
+    __shared__ __align__(8) uint64_t fw_bars[4 * FW_STAGES + 1];
     const uint32_t raw = (uint32_t)__cvta_generic_to_shared(fw_raw);
     unsigned char* base = fw_raw + ((1024 - (raw & 1023)) & 1023);  // the swizzle repeats every 1024 bytes
-    unsigned char* sq = base;
-    unsigned char* sk = base + FW_TILE;      // [2 stages]
-    unsigned char* sv = base + 3 * FW_TILE;  // [2 stages]
-    const uint32_t aq = (uint32_t)__cvta_generic_to_shared(sq);
-    const uint32_t ak = aq + FW_TILE, av = aq + 3 * FW_TILE;
+    const uint32_t aq = (uint32_t)__cvta_generic_to_shared(base);
+    const uint32_t ak = aq + FW_TILE, av = aq + (1 + FW_STAGES) * FW_TILE;  // [FW_STAGES] each
+    const uint32_t bars = (uint32_t)__cvta_generic_to_shared(fw_bars);
+    auto full_k = [&](int st) { return bars + 8 * st; };
+    auto full_v = [&](int st) { return bars + 8 * (FW_STAGES + st); };
+    auto empty_k = [&](int st) { return bars + 8 * (2 * FW_STAGES + st); };
+    auto empty_v = [&](int st) { return bars + 8 * (3 * FW_STAGES + st); };
+    const uint32_t full_q = bars + 8 * 4 * FW_STAGES;
     const int past = seq.len, L = seq.len + t;
     const int qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y;  // the longest rows first
     const int g = h / (heads / groups);
-    const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
-    const int gr = lane >> 2, tq = lane & 3;
+    const int tid = threadIdx.x, wg = tid >> 7;
     const int q0 = qt * FW_BM;
     const int nkeys = min(past + min(q0 + FW_BM, t), L);  // keys the block's last row sees
     const int ntiles = (nkeys + FW_BN - 1) / FW_BN;
-    const T* qb = q + (size_t)h * t * FW_D;
-    for (int i = tid; i < FW_BM * 16; i += 256) {
-        const int r = i >> 4, c = i & 15, row = q0 + r;
-        cp_async16(sq + fw_off(r, c), qb + (size_t)min(row, t - 1) * FW_D + c * 8, row < t);
-    }
-    // One key and one value tile into `stage`: each thread copies 16-byte chunk tid % 16 of rows
-    // tid / 16 + 16 i. The block-table reads of all 8 rows come first, independent of each other
-    // (one round trip, not one per row pair). Offsets within a slab in 32 bits (a slab is at most
-    // SLAB_BYTES of kv_pool.rs over all layers).
-    const uint32_t* table = reinterpret_cast<const uint32_t*>(seq.blocks);
-    const uint64_t* kslab = reinterpret_cast<const uint64_t*>(seq.k);
-    const uint64_t* vslab = reinterpret_cast<const uint64_t*>(seq.v);
-    const uint32_t in_block = (1u << seq.shift) - 1u, in_slab = (1u << seq.slab_shift) - 1u;
-    const uint32_t r0 = tid >> 4, chunk = (uint32_t)(g * FW_D + (tid & 15) * 8), row_elems = (uint32_t)(groups * FW_D);
-    const uint32_t soff = fw_off(r0, tid & 15);  // + 16 i rows = + 2048 i bytes
-    auto load = [&](int tile, int stage) {
-        const int k0 = tile * FW_BN;
-        unsigned char* ks = sk + stage * FW_TILE + soff;
-        unsigned char* vs = sv + stage * FW_TILE + soff;
-        uint32_t blk[8];
-#pragma unroll
-        for (int i = 0; i < 8; i++) blk[i] = table[(uint32_t)min(k0 + (int)r0 + 16 * i, L - 1) >> seq.shift];
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const int p = k0 + (int)r0 + 16 * i;
-            // as kv_at: (block in slab, position in block) x groups + g, in the block's slab
-            const uint32_t row = ((blk[i] & in_slab) << seq.shift) + ((uint32_t)min(p, L - 1) & in_block);
-            const uint32_t off = row * row_elems + chunk;
-            cp_async16(ks + 2048 * i, reinterpret_cast<const T*>(kslab[blk[i] >> seq.slab_shift]) + off, p < L);
-            cp_async16(vs + 2048 * i, reinterpret_cast<const T*>(vslab[blk[i] >> seq.slab_shift]) + off, p < L);
+    if (tid == 0) {
+        for (int st = 0; st < FW_STAGES; st++) {
+            mbar_init(full_k(st), 128);
+            mbar_init(full_v(st), 128);
+            mbar_init(empty_k(st), 256);
+            mbar_init(empty_v(st), 256);
         }
-    };
-    load(0, 0);
-    cp_async_commit();
-    float o[64], s[64];
+        mbar_init(full_q, 128);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Producer: the query tile, then each key and value tile into its stage once both consumer
+        // warpgroups released it. Warp w copies rows 32 w .. 32 w + 31 of a tile: lane l finds row
+        // 32 w + l's key and value addresses through the block table (for the next tile while
+        // this one's copies wait for their stage), then the warp copies two rows per step, lane l
+        // chunk l % 16 of row 2 i + l / 16 (the row's addresses from its lane by shuffles).
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FW_PRODUCER_REGS));
+        const int pw = tid >> 5, lane = tid & 31, c = lane & 15, hi = lane >> 4;
+        const T* qb = q + (size_t)h * t * FW_D;
+        for (int i = tid; i < FW_BM * 16; i += 128) {
+            const int r = i >> 4, row = q0 + r;
+            cp_async16(base + fw_off(r, i & 15), qb + (size_t)min(row, t - 1) * FW_D + (i & 15) * 8, row < t);
+        }
+        mbar_arrive_cp_async(full_q);
+        const uint32_t* table = reinterpret_cast<const uint32_t*>(seq.blocks);
+        const uint64_t* kslab = reinterpret_cast<const uint64_t*>(seq.k);
+        const uint64_t* vslab = reinterpret_cast<const uint64_t*>(seq.v);
+        const uint32_t in_block = (1u << seq.shift) - 1u, in_slab = (1u << seq.slab_shift) - 1u;
+        const uint32_t row_bytes = (uint32_t)(groups * FW_D * sizeof(T)), gbytes = (uint32_t)(g * FW_D * sizeof(T));
+        // row 32 w + l of `tile` (as kv_at; offsets within a slab in 32 bits: a slab is at most
+        // SLAB_BYTES of kv_pool.rs over all layers)
+        auto rows = [&](int tile, uint64_t& ka, uint64_t& va) {
+            const uint32_t p = (uint32_t)min(tile * FW_BN + pw * 32 + lane, L - 1);
+            const uint32_t blk = table[p >> seq.shift];
+            const uint32_t off = (((blk & in_slab) << seq.shift) + (p & in_block)) * row_bytes + gbytes;
+            ka = kslab[blk >> seq.slab_shift] + off;
+            va = vslab[blk >> seq.slab_shift] + off;
+        };
+        auto copy = [&](uint64_t a, unsigned char* dst, int k0) {
 #pragma unroll
-    for (int i = 0; i < 64; i++) o[i] = s[i] = 0.f;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units: exp2
-    const int wrow = q0 + wg * 64 + warp * 16;       // the warp's first query row
-    for (int tile = 0; tile < ntiles; tile++) {
-        const int stage = tile & 1;
+            for (int i = 0; i < 16; i++) {
+                const int r = pw * 32 + 2 * i + hi;
+                const uint64_t src = __shfl_sync(0xffffffff, a, 2 * i + hi) + c * 16;
+                cp_async16(dst + fw_off(r, c), reinterpret_cast<const void*>(src), k0 + r < L);
+            }
+        };
+        uint64_t ka, va, nka = 0, nva = 0;
+        rows(0, ka, va);
+        for (int tile = 0; tile < ntiles; tile++) {
+            const int st = tile % FW_STAGES;
+            const uint32_t par = ((tile / FW_STAGES) & 1) ^ 1;
+            if (tile + 1 < ntiles) rows(tile + 1, nka, nva);
+            mbar_wait(empty_k(st), par);
+            copy(ka, base + FW_TILE * (1 + st), tile * FW_BN);
+            mbar_arrive_cp_async(full_k(st));
+            mbar_wait(empty_v(st), par);
+            copy(va, base + FW_TILE * (1 + FW_STAGES + st), tile * FW_BN);
+            mbar_arrive_cp_async(full_v(st));
+            ka = nka;
+            va = nva;
+        }
         cp_async_wait<0>();
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // copies seen by the tensor cores
-        __syncthreads();  // this tile is in; every warpgroup is done with the other stage
-        // S = Q K^T (this warpgroup's 64 rows x 128 keys), 8 steps of 16 dimensions
+        return;
+    }
+
+    // Consumers: warpgroup cw takes query rows q0 + 64 cw ... Within a warpgroup tile j's
+    // S = Q K^T is issued together with tile j-1's O += P V, and the softmax of S runs while P V
+    // does (FlashAttention-3's overlap); the two warpgroups interleave on their own.
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(FW_CONSUMER_REGS));
+    const int cw = wg - 1, warp = (tid >> 5) & 3, lane = tid & 31;
+    const int gr = lane >> 2, tq = lane & 3;
+    const int wrow = q0 + cw * 64 + warp * 16;  // the warp's first query row
+    const float sl2 = scale * 1.4426950408889634f;  // scores in log2 units: exp2
+    auto issue_s = [&](float (&s)[64], int st) {
         wg_pin(s);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {
             const uint32_t off = (kk >> 2) * FW_HALF + (kk & 3) * 32;
-            wgmma_ss<T>(s, fw_desc(aq + wg * 64 * 128 + off, 16, 1024),
-                        fw_desc(ak + stage * FW_TILE + off, 16, 1024), kk > 0);
+            wgmma_ss<T>(s, fw_desc(aq + cw * 64 * 128 + off, 16, 1024), fw_desc(ak + st * FW_TILE + off, 16, 1024), kk > 0);
         }
         wg_commit();
-        // the next tile's copies issued while the tensor cores work on this one's S
-        if (tile + 1 < ntiles) load(tile + 1, stage ^ 1);
-        cp_async_commit();
-        wg_wait0();
-        wg_pin(s);
-        // online softmax (log2 units), masks only on the tiles that reach past a row's position or L
-        const int k0 = tile * FW_BN;
-        const bool edge = k0 + FW_BN - 1 > past + wrow || k0 + FW_BN > L;
-        online_softmax<16, 16, true, true>(s, o, m, l, sl2, edge, k0, past + wrow + gr, L, tq);
-        // P (16-bit) as the A operand of 8 steps of 16 keys: the accumulator layout of two
-        // 8-key column blocks is the A fragment of 16 keys
-        uint32_t pa[32];
+    };
+    // O += P V: V N-major (its rows are keys, dimensions contiguous): leading offset = the other
+    // 64-dimension half, stride offset = the next 8 keys; 16 keys = 2048 bytes on
+    auto issue_pv = [&](float (&o)[64], const uint32_t (&pa)[32], int st) {
+        wg_pin(o);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < 8; kk++) wgmma_rs<T>(o, pa + 4 * kk, fw_desc(av + st * FW_TILE + kk * 2048, FW_HALF, 1024), 1);
+        wg_commit();
+    };
+    // P (16-bit) as the A operand of 8 steps of 16 keys: the accumulator layout of two 8-key
+    // column blocks is the A fragment of 16 keys
+    auto to_p = [&](const float (&s)[64], uint32_t (&pa)[32]) {
 #pragma unroll
         for (int kk = 0; kk < 8; kk++) {
             pa[4 * kk + 0] = pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -174,16 +237,56 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
             pa[4 * kk + 2] = pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
             pa[4 * kk + 3] = pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
         }
-        // O += P V: V N-major (its rows are keys, dimensions contiguous): leading offset = the
-        // other 64-dimension half, stride offset = the next 8 keys; 16 keys = 2048 bytes on
-        wg_pin(o);
-        wg_fence();
+    };
+    // masks only on the tiles that reach past a row's position or L
+    auto edge = [&](int k0) { return k0 + FW_BN - 1 > past + wrow || k0 + FW_BN > L; };
+    float o[64], s[64];
+    uint32_t pa[32];
 #pragma unroll
-        for (int kk = 0; kk < 8; kk++)
-            wgmma_rs<T>(o, pa + 4 * kk, fw_desc(av + stage * FW_TILE + kk * 2048, FW_HALF, 1024), 1);
-        wg_commit();
+    for (int i = 0; i < 64; i++) o[i] = 0.f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alphas[2];
+    mbar_wait(full_q, 0);
+    // tile 0: S alone
+    mbar_wait(full_k(0), 0);
+    fence_async_shared();
+    issue_s(s, 0);
+    wg_wait0();
+    wg_pin(s);
+    mbar_arrive(empty_k(0));
+    if (edge(0))
+        softmax_rows<16, true, true, true>(s, m, l, alphas, sl2, 0, past + wrow + gr, L, tq);
+    else
+        softmax_rows<16, true, false, true>(s, m, l, alphas, sl2, 0, past + wrow + gr, L, tq);
+    to_p(s, pa);
+    for (int tile = 1; tile < ntiles; tile++) {
+        const int st = tile % FW_STAGES, pst = (tile - 1) % FW_STAGES;
+        mbar_wait(full_k(st), (tile / FW_STAGES) & 1);
+        mbar_wait(full_v(pst), ((tile - 1) / FW_STAGES) & 1);
+        fence_async_shared();
+        issue_s(s, st);
+        issue_pv(o, pa, pst);
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S landed, P V may run on
+        wg_pin(s);
+        mbar_arrive(empty_k(st));
+        const int k0 = tile * FW_BN;
+        if (edge(k0))
+            softmax_rows<16, true, true, true>(s, m, l, alphas, sl2, k0, past + wrow + gr, L, tq);
+        else
+            softmax_rows<16, true, false, true>(s, m, l, alphas, sl2, k0, past + wrow + gr, L, tq);
         wg_wait0();
         wg_pin(o);
+        mbar_arrive(empty_v(pst));
+        rescale_o<16, true>(o, alphas);
+        to_p(s, pa);
+    }
+    {
+        const int pst = (ntiles - 1) % FW_STAGES;
+        mbar_wait(full_v(pst), ((ntiles - 1) / FW_STAGES) & 1);
+        fence_async_shared();
+        issue_pv(o, pa, pst);
+        wg_wait0();
+        wg_pin(o);
+        mbar_arrive(empty_v(pst));
     }
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
@@ -201,7 +304,7 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
 }
 
 #define FLASH_WGMMA(T, NAME)                                                                              \
-    extern "C" __global__ void __launch_bounds__(256, 1) flash_wgmma_##NAME##_d128(                          \
+    extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) flash_wgmma_##NAME##_d128(                          \
         const T* q, T* out, const __grid_constant__ SeqInfo seq, int t, int heads, int groups, float scale) { \
         flash_wgmma<T>(q, out, seq, t, heads, groups, scale);                                                 \
     }

@@ -200,12 +200,30 @@ __device__ __forceinline__ T swiglu_pair(float g, float u) {
     return from_f<T>(sa * b);
 }
 
+// grid: (column blocks, rows or 65535); vec: elements per 16-byte access (when f is a multiple of
+// it and both pointers are 16-byte aligned, as the launcher checks) or 1.
 template <typename T>
-__device__ void swiglu(const T* __restrict__ x, T* __restrict__ out, int rows, int f) {
-    const size_t n = (size_t)rows * f;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t rr = i / f, c = i % f;
-        out[i] = swiglu_pair<T>(to_f(x[rr * 2 * f + c]), to_f(x[rr * 2 * f + f + c]));
+__device__ void swiglu(const T* __restrict__ x, T* __restrict__ out, int rows, int f, int vec) {
+    constexpr int V = 16 / sizeof(T);
+    const int stride = gridDim.x * blockDim.x, c0 = blockIdx.x * blockDim.x + threadIdx.x;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* xr = x + (size_t)r * 2 * f;
+        T* orow = out + (size_t)r * f;
+        if (vec == V) {
+            for (int c = c0; c < f / V; c += stride) {
+                const uint4 gv = reinterpret_cast<const uint4*>(xr)[c];
+                const uint4 uv = reinterpret_cast<const uint4*>(xr + f)[c];
+                const T* g = reinterpret_cast<const T*>(&gv);
+                const T* u = reinterpret_cast<const T*>(&uv);
+                uint4 ov;
+                T* o = reinterpret_cast<T*>(&ov);
+#pragma unroll
+                for (int i = 0; i < V; i++) o[i] = swiglu_pair<T>(to_f(g[i]), to_f(u[i]));
+                reinterpret_cast<uint4*>(orow)[c] = ov;
+            }
+        } else {
+            for (int c = c0; c < f; c += stride) orow[c] = swiglu_pair<T>(to_f(xr[c]), to_f(xr[f + c]));
+        }
     }
 }
 
@@ -231,8 +249,8 @@ struct SeqTable {
         decode_attention<T>(qkv, bias, table.s, cos_t, sin_t, out, heads, groups, head_dim,          \
                             rot_half, scale);                                                        \
     }                                                                                                \
-    extern "C" __global__ void swiglu_##NAME(const T* x, T* out, int rows, int f) {                  \
-        swiglu<T>(x, out, rows, f);                                                                  \
+    extern "C" __global__ void swiglu_##NAME(const T* x, T* out, int rows, int f, int vec) {         \
+        swiglu<T>(x, out, rows, f, vec);                                                             \
     }
 
 INSTANTIATE(float, f32)
@@ -244,35 +262,54 @@ INSTANTIATE(__nv_bfloat16, bf16)
 // ---------------------------------------------------------------------------------------------
 // add_rmsnorm: h = a + b (rounded to T, as candle's add), y = rmsnorm(h) * w (statistics in
 // float32, result rounded to T). `b` may be null (plain RMSNorm of a). out: [2, rows, n]
-// (h, then y). One block per row.
-template <typename T>
-__device__ void add_rmsnorm(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w,
-                            T* __restrict__ out, int rows, int n, float eps) {
-    const int r = blockIdx.x;
-    const T* ar = a + (size_t)r * n;
-    const T* br = b ? b + (size_t)r * n : nullptr;
-    T* hr = out + (size_t)r * n;
-    T* yr = out + (size_t)rows * n + (size_t)r * n;
-    // the first 8 elements of each thread stay in registers; the rest (n > 8 * blockDim) is read back
-    float hv[8];
-    float ss = 0.f;
+// (h, then y). One block per row; each thread takes `vec` consecutive elements at a time (16
+// bytes, where n is a multiple and all pointers are 16-byte aligned, as the launcher checks; else
+// 1), the first group kept in registers, the rest (n > vec * blockDim) read back.
+// The type of one access of V elements of T: T itself or 16 bytes.
+template <int V, typename T> struct VecOf { using type = uint4; };
+template <typename T> struct VecOf<1, T> { using type = T; };
+
+template <typename T, int V>
+__device__ __forceinline__ void add_rmsnorm_v(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w,
+                                              T* __restrict__ out, int rows, int n, float eps) {
+    using Vec = typename VecOf<V, T>::type;
+    const int r = blockIdx.x, nv = n / V;
+    const Vec* ar = reinterpret_cast<const Vec*>(a + (size_t)r * n);
+    const Vec* br = b ? reinterpret_cast<const Vec*>(b + (size_t)r * n) : nullptr;
+    const Vec* wv = reinterpret_cast<const Vec*>(w);
+    Vec* hr = reinterpret_cast<Vec*>(out + (size_t)r * n);
+    Vec* yr = reinterpret_cast<Vec*>(out + (size_t)rows * n + (size_t)r * n);
+    // h of group c (rounded to T), stored, its squares summed
+    auto load_h = [&](int c, float (&h)[V], float& ss) {
+        Vec av = ar[c], bv, hv;
+        if (br) bv = br[c];
+        const T* ae = reinterpret_cast<const T*>(&av);
+        const T* be = reinterpret_cast<const T*>(&bv);
+        T* he = reinterpret_cast<T*>(&hv);
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const int i = threadIdx.x + j * blockDim.x;
-        float h = 0.f;
-        if (i < n) {
-            h = to_f(ar[i]);
-            if (br) h = to_f(from_f<T>(h + to_f(br[i])));
-            hr[i] = from_f<T>(h);
+        for (int i = 0; i < V; i++) {
+            float x = to_f(ae[i]);
+            if (br) x = to_f(from_f<T>(x + to_f(be[i])));
+            he[i] = from_f<T>(x);
+            h[i] = x;
+            ss += x * x;
         }
-        hv[j] = h;
-        ss += h * h;
-    }
-    for (int i = threadIdx.x + 8 * blockDim.x; i < n; i += blockDim.x) {
-        float h = to_f(ar[i]);
-        if (br) h = to_f(from_f<T>(h + to_f(br[i])));
-        hr[i] = from_f<T>(h);
-        ss += h * h;
+        hr[c] = hv;
+    };
+    auto store_y = [&](int c, const float (&h)[V], float inv) {
+        Vec wl = wv[c], yv;
+        const T* we = reinterpret_cast<const T*>(&wl);
+        T* ye = reinterpret_cast<T*>(&yv);
+#pragma unroll
+        for (int i = 0; i < V; i++) ye[i] = from_f<T>(h[i] * inv * to_f(we[i]));
+        yr[c] = yv;
+    };
+    float h0[V], ss = 0.f;
+    const int c0 = threadIdx.x;
+    if (c0 < nv) load_h(c0, h0, ss);
+    for (int c = c0 + blockDim.x; c < nv; c += blockDim.x) {
+        float h[V];
+        load_h(c, h, ss);
     }
     __shared__ float red[32];
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
@@ -285,15 +322,25 @@ __device__ void add_rmsnorm(const T* __restrict__ a, const T* __restrict__ b, co
     }
     __syncthreads();
     const float inv = rsqrtf(red[0] / n + eps);
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-        const int i = threadIdx.x + j * blockDim.x;
-        if (i < n) yr[i] = from_f<T>(hv[j] * inv * to_f(w[i]));
-    }
-    for (int i = threadIdx.x + 8 * blockDim.x; i < n; i += blockDim.x) {
+    if (c0 < nv) store_y(c0, h0, inv);
+    for (int c = c0 + blockDim.x; c < nv; c += blockDim.x) {
         // reads back what this thread wrote: same thread, same index
-        yr[i] = from_f<T>(to_f(hr[i]) * inv * to_f(w[i]));
+        Vec hv = hr[c];
+        const T* he = reinterpret_cast<const T*>(&hv);
+        float h[V];
+#pragma unroll
+        for (int i = 0; i < V; i++) h[i] = to_f(he[i]);
+        store_y(c, h, inv);
     }
+}
+
+template <typename T>
+__device__ void add_rmsnorm(const T* __restrict__ a, const T* __restrict__ b, const T* __restrict__ w,
+                            T* __restrict__ out, int rows, int n, float eps, int vec) {
+    if (vec == 16 / (int)sizeof(T))
+        add_rmsnorm_v<T, 16 / sizeof(T)>(a, b, w, out, rows, n, eps);
+    else
+        add_rmsnorm_v<T, 1>(a, b, w, out, rows, n, eps);
 }
 
 // argmax of each row of float32 logits (the lowest index among equal maxima).
@@ -445,8 +492,8 @@ __device__ void gemv_swiglu(const T* __restrict__ x, const T* __restrict__ w, T*
 
 #define INSTANTIATE2(T, NAME)                                                                          \
     extern "C" __global__ void add_rmsnorm_##NAME(const T* a, const T* b, const T* w, T* out, int rows, \
-                                                  int n, float eps) {                                  \
-        add_rmsnorm<T>(a, b, w, out, rows, n, eps);                                                    \
+                                                  int n, float eps, int vec) {                         \
+        add_rmsnorm<T>(a, b, w, out, rows, n, eps, vec);                                               \
     }                                                                                                  \
     extern "C" __global__ void causal_softmax_##NAME(const float* x, T* out, int cols, int tc,         \
                                                      int first_q, float scale) {                       \
@@ -503,20 +550,20 @@ template <> __device__ __forceinline__ void mma16816<__half>(float* d, const uin
 // One online-softmax step of a warp's two accumulator rows (its rows gr and gr + 8) over NB blocks
 // of 8 keys, in the accumulator layout of mma.m16n8 and wgmma.m64nN (s[4j + 2rr + e]: row rr, key
 // k0 + 8j + 2tq + e): scores times `scale`, keys after qpos0 + 8rr or from L on masked where
-// `mask`; the running max m (of scaled scores) and sum l updated (a row's 4 lanes together), the
-// NO 8-column blocks of the output o (same layout) rescaled, s left holding the probabilities.
+// `mask`; the running max m (of scaled scores) and sum l updated (a row's 4 lanes together), s left
+// holding the probabilities and `alphas` the factors the output rows take (rescale_o;
+// online_softmax_step does both, flash_wgmma rescales after its P V product landed).
 // EXP2: `scale` is in log2 units and the exponentials are exp2 (flash_wgmma); else natural exp
 // (flash_prefill). The maximum is taken of the raw scores (scale > 0) and each probability is one
 // fused multiply-add and one exponential; a tile without masked keys takes a path without the
 // 2 x NB x 2 position tests (the prompt kernels are bound by instruction issue). LAZY (as
 // FlashAttention-4): a row keeps its running max until a tile's max exceeds it by more than 8
 // (log2 units), so probabilities stay below 2^8 before the final division and most tiles skip
-// rescaling o (a branch the whole warp takes together); the result is the same softmax.
-template <int NB, int NO, bool EXP2, bool MASK, bool LAZY>
-__device__ __forceinline__ void online_softmax_step(float* s, float* o, float (&m)[2], float (&l)[2], float scale,
-                                                    int k0, int qpos0, int L, int tq) {
+// rescaling o; the result is the same softmax.
+template <int NB, bool EXP2, bool MASK, bool LAZY>
+__device__ __forceinline__ void softmax_rows(float* s, float (&m)[2], float (&l)[2], float (&alphas)[2], float scale,
+                                             int k0, int qpos0, int L, int tq) {
     auto ex = [](float x) { return EXP2 ? exp2f(x) : __expf(x); };
-    float alphas[2];
 #pragma unroll
     for (int rr = 0; rr < 2; rr++) {
         const int qpos = qpos0 + 8 * rr;
@@ -552,6 +599,12 @@ __device__ __forceinline__ void online_softmax_step(float* s, float* o, float (&
         l[rr] = l[rr] * alpha + rs;
         m[rr] = mnew;
     }
+}
+
+// The NO 8-column blocks of o rescaled by the rows' alphas (softmax_rows); LAZY: skipped when no
+// row of the warp changed its max (a branch the whole warp takes together).
+template <int NO, bool LAZY>
+__device__ __forceinline__ void rescale_o(float* o, const float (&alphas)[2]) {
     if (LAZY && !__any_sync(0xffffffff, alphas[0] != 1.f || alphas[1] != 1.f)) return;
 #pragma unroll
     for (int d = 0; d < NO; d++) {
@@ -560,6 +613,14 @@ __device__ __forceinline__ void online_softmax_step(float* s, float* o, float (&
         o[4 * d + 2] *= alphas[1];
         o[4 * d + 3] *= alphas[1];
     }
+}
+
+template <int NB, int NO, bool EXP2, bool MASK, bool LAZY>
+__device__ __forceinline__ void online_softmax_step(float* s, float* o, float (&m)[2], float (&l)[2], float scale,
+                                                    int k0, int qpos0, int L, int tq) {
+    float alphas[2];
+    softmax_rows<NB, EXP2, MASK, LAZY>(s, m, l, alphas, scale, k0, qpos0, L, tq);
+    rescale_o<NO, LAZY>(o, alphas);
 }
 
 template <int NB, int NO, bool EXP2, bool LAZY = false>
