@@ -86,28 +86,21 @@ def parity(args) -> int:
     return 0 if ok else 1
 
 
-def decode(m, ids: list[int], steps: int) -> tuple[float, list[int]]:
-    """Greedy decode rate after `ids` (timed from the first token on, over `steps` more) and the
-    first 32 ids."""
-    s = m.stream_ids(ids, max_new_tokens=steps + 1, do_sample=False)
-    t_first, n_first = None, 0
-    for _ in s:
-        if t_first is None:
-            t_first, n_first = time.perf_counter(), len(s.token_ids)
-    rate = (len(s.token_ids) - n_first) / max(time.perf_counter() - t_first, 1e-9)
-    return rate, list(s.token_ids)[:32]
-
-
 def speed(args) -> int:
     import numpy as np
 
     import glm2rs
+    from long_context import decode_rate, prompt  # benches/ is on the path of a script run from it
+
+    def decode(m, ids: list[int], steps: int) -> tuple[float, list[int]]:
+        rate, out_ids = decode_rate(m, ids, steps)
+        return rate, out_ids[:32]
 
     m = glm2rs.Model.from_pretrained(args.ckpt, device="cuda", dtype="bfloat16", progress=False, prefix_cache=False)
     rng = np.random.default_rng(0)
     out = {"build": glm2rs.build_info()["features"], "runs": {}}
     for n in (32, 2048, 8192):
-        ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, n - 2)]
+        ids = prompt(rng, n)
         m.last_logits([ids])  # warm-up (and the graph capture)
         t = time.perf_counter()
         m.last_logits([ids])
@@ -119,7 +112,7 @@ def speed(args) -> int:
     del m
     m = glm2rs.Model.from_pretrained(args.ckpt, device="cuda", dtype="bfloat16", quantize=4, progress=False,
                                      prefix_cache=False)
-    ids = [64790, 64792] + [int(x) for x in rng.integers(100, 60000, 30)]
+    ids = prompt(rng, 32)
     m.generate_ids(ids, max_new_tokens=4)  # warm-up
     rate, out_ids = decode(m, ids, 128)
     out["runs"]["int4, 32"] = {"prefill_s": 0.0, "decode_tok_s": rate, "ids": out_ids}

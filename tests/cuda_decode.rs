@@ -148,9 +148,13 @@ fn attend(dev: &Device, case: &Case, qkv: &Tensor, seqs: &[DecodeSeq], split: bo
         head_dim: case.head_dim,
         split,
     };
-    qkv.apply_op1_no_bwd(&op)
-        .unwrap()
-        .to_dtype(DType::F32)
+    host(&qkv.apply_op1_no_bwd(&op).unwrap())
+}
+
+/// `t`'s values on the host, flattened, as `E` (f64 for the references, f32 where the kernels'
+/// own rounding is compared).
+fn host<E: candle_core::WithDType>(t: &Tensor) -> Vec<E> {
+    t.to_dtype(E::DTYPE)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -159,12 +163,7 @@ fn attend(dev: &Device, case: &Case, qkv: &Tensor, seqs: &[DecodeSeq], split: bo
 }
 
 fn to64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    host(t)
 }
 
 #[test]
@@ -523,15 +522,6 @@ fn on_gpu_at(dev: &Device, v: &[f32], shape: &[usize], offset: usize, dtype: DTy
         .unwrap()
 }
 
-fn host_f32(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// The SwiGLU and add + RMSNorm kernels, 16-byte accesses (aligned rows of a multiple of 16
 /// bytes) and element by element (an odd width, or a buffer offset by one element), against the
 /// rounding they document, computed here: swiglu rounds silu(gate) to the dtype before the
@@ -549,7 +539,7 @@ fn swiglu_and_add_rmsnorm_match_their_rounding() {
         candle_core::Device::Cpu.set_seed(7).ok();
         // swiglu: (rows, f)
         for &(rows, f) in &[(37usize, 1024usize), (5, 1001), (3, 13696)] {
-            let x: Vec<f32> = host_f32(
+            let x: Vec<f32> = host::<f32>(
                 &Tensor::randn(0f32, 2f32, rows * 2 * f, &Device::Cpu)
                     .unwrap()
                     .to_dtype(dtype)
@@ -560,7 +550,7 @@ fn swiglu_and_add_rmsnorm_match_their_rounding() {
                 let t = on_gpu_at(&dev, &x, &[rows, 2 * f], offset, dtype);
                 let y = t.apply_op1_no_bwd(&glm2rs::kernels::cuda::SwiGlu).unwrap();
                 assert_eq!(y.dims(), &[rows, f]);
-                outs.push(host_f32(&y));
+                outs.push(host::<f32>(&y));
             }
             assert_eq!(
                 outs[0], outs[1],
@@ -584,20 +574,20 @@ fn swiglu_and_add_rmsnorm_match_their_rounding() {
         // add_rmsnorm: (rows, n); n / 8 > 1024 reads rows back
         for &(rows, n) in &[(6usize, 4096usize), (3, 1001), (2, 16384)] {
             let rnd = |v: Vec<f32>| {
-                host_f32(
+                host::<f32>(
                     &Tensor::from_vec(v, n * rows, &Device::Cpu)
                         .unwrap()
                         .to_dtype(dtype)
                         .unwrap(),
                 )
             };
-            let a = rnd(host_f32(
+            let a = rnd(host::<f32>(
                 &Tensor::randn(0f32, 1f32, rows * n, &Device::Cpu).unwrap(),
             ));
-            let b = rnd(host_f32(
+            let b = rnd(host::<f32>(
                 &Tensor::randn(0f32, 1f32, rows * n, &Device::Cpu).unwrap(),
             ));
-            let w: Vec<f32> = host_f32(
+            let w: Vec<f32> = host::<f32>(
                 &Tensor::randn(1f32, 0.1f32, n, &Device::Cpu)
                     .unwrap()
                     .to_dtype(dtype)
@@ -609,7 +599,7 @@ fn swiglu_and_add_rmsnorm_match_their_rounding() {
                 let at = on_gpu_at(&dev, &a, &[rows, n], offset, dtype);
                 let bt = on_gpu_at(&dev, &b, &[rows, n], 0, dtype);
                 let (h, y) = glm2rs::kernels::cuda::add_rmsnorm(&at, Some(&bt), &wt, 1e-5).unwrap();
-                outs.push((host_f32(&h), host_f32(&y)));
+                outs.push((host::<f32>(&h), host::<f32>(&y)));
             }
             assert_eq!(
                 outs[0].0, outs[1].0,
