@@ -3,8 +3,8 @@
 // (32 query heads, 2 key/value groups, head_dim 128, bfloat16, blocks of 16 positions in shuffled
 // order) and check the two agree. Built beside the kernels, no Rust needed:
 //
-//   nvcc -O3 -std=c++17 --use_fast_math -arch=sm_90a -o /tmp/flash_bench benches/flash_bench.cu
-//   /tmp/flash_bench 32000 [past] [repeats]
+//   nvcc -O3 -std=c++17 --use_fast_math -arch=sm_90a -o /tmp/flash_bench benches/flash_bench.cu -lcuda
+//   /tmp/flash_bench 32000 [past] [repeats] [log2 block size] [log2 blocks per slab] [order: 1 shuffled, 0 in order, 2 mixed]
 //
 // Prints ms per launch (one layer) and TFLOP/s of causal attention (2 * 2 * t * (past + t/2) * 128
 // * heads FLOP), and the largest difference between the two kernels' outputs.
@@ -12,6 +12,8 @@
 #define GLM2_CU "../src/kernels/cuda/glm2.cu"
 #endif
 #include GLM2_CU
+
+#include <cuda.h>  // cuTensorMapEncodeTiled: link with -lcuda
 
 #include <algorithm>
 #include <cstdio>
@@ -34,12 +36,14 @@ int main(int argc, char** argv) {
     const int t = argc > 1 ? atoi(argv[1]) : 32000;
     const int past = argc > 2 ? atoi(argv[2]) : 0;
     const int reps = argc > 3 ? atoi(argv[3]) : 10;
-    const int heads = 32, groups = 2, D = 128, shift = 4, bs = 1 << shift;
+    const int shift = argc > 4 ? atoi(argv[4]) : 4;  // log2 of the block size
+    const int heads = 32, groups = 2, D = 128, bs = 1 << shift;
     const int L = past + t, nblocks = (L + bs - 1) / bs + 1;
-    int slab_shift = 0;
-    while ((1 << slab_shift) < nblocks) slab_shift++;
-    // one slab per keys / values: [block][position in block][group][D]
-    const size_t kv_elems = ((size_t)1 << slab_shift) * bs * groups * D;
+    int total_shift = 0;  // the blocks in one allocation, cut into slabs of 2^slab_shift blocks
+    while ((1 << total_shift) < nblocks) total_shift++;
+    const int slab_shift = argc > 5 ? std::min(atoi(argv[5]), total_shift) : total_shift;
+    const int nslabs = 1 << (total_shift - slab_shift);
+    const size_t kv_elems = ((size_t)1 << total_shift) * bs * groups * D, slab_elems = kv_elems >> (total_shift - slab_shift);
     std::mt19937 rng(1);
     std::normal_distribution<float> nd(0.f, 1.f);
     auto fill = [&](size_t n) {
@@ -55,16 +59,23 @@ int main(int argc, char** argv) {
     bf* v = fill(kv_elems);
     std::vector<uint32_t> table(nblocks);
     for (int i = 0; i < nblocks; i++) table[i] = i;
-    std::shuffle(table.begin(), table.end(), rng);
+    const int order = argc > 6 ? atoi(argv[6]) : 1;  // 1: shuffled, 0: in order, 2: in order but 1 in 16 swapped
+    if (order == 1) std::shuffle(table.begin(), table.end(), rng);
+    if (order == 2)
+        for (int i = 0; i < nblocks; i += 16) std::swap(table[i], table[rng() % nblocks]);
     uint32_t* dtable;
     uint64_t *kslabs, *vslabs;
     CK(cudaMalloc(&dtable, nblocks * 4));
     CK(cudaMemcpy(dtable, table.data(), nblocks * 4, cudaMemcpyHostToDevice));
-    CK(cudaMalloc(&kslabs, 8));
-    CK(cudaMalloc(&vslabs, 8));
-    uint64_t ka = (uint64_t)k, va = (uint64_t)v;
-    CK(cudaMemcpy(kslabs, &ka, 8, cudaMemcpyHostToDevice));
-    CK(cudaMemcpy(vslabs, &va, 8, cudaMemcpyHostToDevice));
+    CK(cudaMalloc(&kslabs, 8 * nslabs));
+    CK(cudaMalloc(&vslabs, 8 * nslabs));
+    std::vector<uint64_t> ka(nslabs), va(nslabs);
+    for (int i = 0; i < nslabs; i++) {
+        ka[i] = (uint64_t)(k + i * slab_elems);
+        va[i] = (uint64_t)(v + i * slab_elems);
+    }
+    CK(cudaMemcpy(kslabs, ka.data(), 8 * nslabs, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(vslabs, va.data(), 8 * nslabs, cudaMemcpyHostToDevice));
     SeqInfo seq = {};
     seq.k = (uint64_t)kslabs;
     seq.v = (uint64_t)vslabs;
@@ -83,9 +94,33 @@ int main(int argc, char** argv) {
     CK(cudaFuncGetAttributes(&fa, flash_wgmma_bf16_d128));
     const int w_threads = fa.maxThreadsPerBlock;
     const dim3 w_grid((t + 127) / 128, heads);
+#ifdef FW_TMA
+    // the slab's tensor maps, as kv_pool.rs encodes them: rows of groups * D elements, boxes of
+    // 64 x min(block size, 128) and 64 x 128, 128-byte swizzle
+    std::vector<CUtensorMap> hmaps(4 * nslabs);  // per slab key, value in blocks, then in boxes of 128
+    for (int i = 0; i < 4 * nslabs; i++) {
+        const cuuint64_t dims[2] = {(cuuint64_t)groups * D, ((cuuint64_t)1 << slab_shift) * bs};
+        const cuuint64_t strides[1] = {(cuuint64_t)groups * D * sizeof(bf)};
+        const cuuint32_t box[2] = {64, (cuuint32_t)((i & 2) ? 128 : std::min(bs, 128))}, estr[2] = {1, 1};
+        CUresult r = cuTensorMapEncodeTiled(&hmaps[i], CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, (void*)((i & 1) ? va[i / 4] : ka[i / 4]),
+                                            dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+        if (r != CUDA_SUCCESS) {
+            fprintf(stderr, "cuTensorMapEncodeTiled: %d\n", (int)r);
+            return 1;
+        }
+    }
+    void* dmaps;
+    CK(cudaMalloc(&dmaps, hmaps.size() * sizeof(CUtensorMap)));
+    CK(cudaMemcpy(dmaps, hmaps.data(), hmaps.size() * sizeof(CUtensorMap), cudaMemcpyHostToDevice));
+    auto wgmma = [&] {
+        flash_wgmma_bf16_d128<<<w_grid, w_threads, w_smem>>>(q, out_w, seq, (uint64_t)dmaps, t, heads, groups, scale);
+    };
+#else
     auto wgmma = [&] {
         flash_wgmma_bf16_d128<<<w_grid, w_threads, w_smem>>>(q, out_w, seq, t, heads, groups, scale);
     };
+#endif
     auto mma = [&] {
         flash_prefill_paged_bf16_d128<<<dim3((t + 63) / 64, heads), 128, m_smem>>>(q, out_m, seq, t, heads, groups, scale);
     };

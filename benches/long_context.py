@@ -144,11 +144,13 @@ def glm2rs_figures(d: Path, contexts: list[int], steps: int, batch: list[tuple[i
         old, ids_old = decode_rate(one_block, ids, steps)
         r = {"prefill_s": min(ts), "prefill_chunk": chunk, "prefill_whole_s": t_whole, "prefill_blocked_s": blocked, "prefill_mma_sync_s": t_mma,
              "decode_tok_s": split, "decode_one_block_tok_s": old, "allocated_peak_gib": peak,
-             "allocated_peak_whole_gib": peak_whole, "ids_equal": ids_split == ids_old}
+             "allocated_peak_whole_gib": peak_whole, "ids_equal": ids_split == ids_old,
+             "ids_common_prefix": next((i for i, (a, b) in enumerate(zip(ids_split, ids_old)) if a != b), len(ids_split))}
         RESULTS.setdefault("glm2rs", {})[str(n)] = r
         log(f"glm2rs bf16 {n}: prefill {r['prefill_s']:.3f} s (chunks of {chunk}; in one pass {t_whole:.3f} s, "
             f"peak {peak_whole:.2f} GiB; flash=False: {blocked:.3f} s; mma.sync flash kernel {t_mma:.3f} s), decode {split:.1f} tok/s "
-            f"(one-block kernel {old:.1f}), allocated peak {peak:.2f} GiB, ids equal {r['ids_equal']}")
+            f"(one-block kernel {old:.1f}), allocated peak {peak:.2f} GiB, ids equal {r['ids_equal']} "
+            f"(the first {r['ids_common_prefix']} of {len(ids_split)} new ids)")
     if chunked:
         ids = prompt(rng, 8192)
         mc = m.with_tuning(prefill_chunk=chunked)

@@ -79,10 +79,11 @@ fn paged(
     dtype: DType,
     kv: &[(Tensor, Tensor)],
     block_size: usize,
+    max_bytes: Option<u64>,
 ) -> Vec<Cache> {
     let opts = PoolOptions {
         block_size,
-        max_bytes: None,
+        max_bytes,
         ..Default::default()
     };
     let pool =
@@ -222,8 +223,8 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
             let (nh, ng, hd) = (case.heads, case.groups, case.head_dim);
             let (qkv, kv) = inputs(&dev, case, dtype);
             // the same inputs through both kernels, each in its own pool
-            let mut split_caches = paged(&dev, case, dtype, &kv, 16);
-            let mut one_caches = paged(&dev, case, dtype, &kv, 64);
+            let mut split_caches = paged(&dev, case, dtype, &kv, 16, None);
+            let mut one_caches = paged(&dev, case, dtype, &kv, 64, None);
             let split = attend(
                 &dev,
                 case,
@@ -318,15 +319,18 @@ fn split_decode_matches_the_one_block_kernel_and_float64() {
 #[test]
 fn fused_prefill_matches_float64() {
     let dev = glm2rs::parse_device("cuda").expect("a CUDA device");
-    // (heads, groups, head_dim, past, t)
+    // (heads, groups, head_dim, past, t, block size): blocks of 16 and 64 are one bulk copy each
+    // per key tile half in flash_wgmma, of 256 a copy takes half a block
     let cases = [
-        (32, 2, 128, 0, 300),
-        (32, 2, 128, 250, 130),
-        (32, 2, 128, 1000, 1),
-        (4, 2, 64, 37, 70),
+        (32, 2, 128, 0, 300, 16),
+        (32, 2, 128, 250, 130, 16),
+        (32, 2, 128, 1000, 1, 16),
+        (4, 2, 64, 37, 70, 16),
+        (32, 2, 128, 200, 333, 64),
+        (32, 2, 128, 300, 400, 256),
     ];
     for dtype in [DType::BF16, DType::F16] {
-        for (ci, &(nh, ng, hd, past, t)) in cases.iter().enumerate() {
+        for (ci, &(nh, ng, hd, past, t, bs)) in cases.iter().enumerate() {
             candle_core::Device::Cpu.set_seed(100 + ci as u64).ok();
             let case = Case {
                 heads: nh,
@@ -335,7 +339,9 @@ fn fused_prefill_matches_float64() {
                 lens: vec![past, 45],
             };
             let (_, kv) = inputs(&dev, &case, dtype);
-            let mut caches = paged(&dev, &case, dtype, &kv, 16);
+            // a pool of 8 MiB: slabs of 64 blocks of 16 (4 of 256), so a sequence spans several
+            // slabs (each with its own tensor maps in flash_wgmma)
+            let mut caches = paged(&dev, &case, dtype, &kv, bs, Some(8 << 20));
             let cache = &mut caches[0];
             cache.reserve(t).unwrap();
             let mut seq = cache.decode_seq(0, &dev).unwrap();

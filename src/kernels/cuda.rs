@@ -277,6 +277,10 @@ unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for SeqTable {
 pub struct DecodeSeq {
     pub k_slabs: u64,
     pub v_slabs: u64,
+    /// This layer's slab tensor maps for `flash_wgmma` ([`kv_tensor_map`]: per slab the key and
+    /// the value map in boxes of a block, then in boxes of 128 positions, 128 bytes each) on the
+    /// device; 0: none (the prompt then takes the mma.sync kernel).
+    pub maps: u64,
     pub blocks: u64,
     pub block_size: usize,
     pub slab_blocks: usize,
@@ -925,14 +929,17 @@ pub fn flash_prefill_paged(
     let q = q.contiguous()?;
     Ok(Some(q.apply_op1_no_bwd(&FlashPrefillPaged {
         info: SeqInfo::of(seq, 0)?,
+        maps: seq.maps,
         groups,
         scale,
-        wgmma: wgmma && d == 128 && cfg!(glm2rs_wgmma),
+        wgmma: wgmma && d == 128 && seq.maps != 0 && cfg!(glm2rs_wgmma),
     })?))
 }
 
 struct FlashPrefillPaged {
     info: SeqInfo,
+    /// The slabs' tensor maps (`DecodeSeq::maps`), for `flash_wgmma`.
+    maps: u64,
     groups: usize,
     scale: f32,
     wgmma: bool,
@@ -954,6 +961,74 @@ pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
 /// Whether `dev` is a compute capability 9.0 GPU (Hopper: H100, H200), for the sm_90a kernels.
 fn is_sm90(dev: &CudaDevice) -> Result<bool> {
     Ok(compute_capability(dev)? == (9, 0))
+}
+
+/// Whether `flash_wgmma` can run on `d` (a Hopper GPU and this build has the kernel): the KV
+/// pool then keeps tensor maps of its slabs ([`kv_tensor_map`]).
+pub fn wgmma_device(d: &candle_core::Device) -> bool {
+    match d {
+        candle_core::Device::Cuda(cd) => cfg!(glm2rs_wgmma) && is_sm90(cd).unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// Words of one tensor map ([`kv_tensor_map`]).
+pub const TENSOR_MAP_WORDS: usize = 32;
+
+/// The 2D tensor map (a TMA descriptor) through which `flash_wgmma` copies key or value tiles
+/// of one slab `t` (`[rows, groups, head_dim]`, 16-bit, head_dim 128): rows of `groups * head_dim`
+/// elements, boxes of 64 elements (one 64-dimension half of a position's key, 128 bytes) by
+/// `box_rows` positions (a block of the pool, at most 128), swizzled in 128 bytes as the kernel's
+/// tiles. As the words the kernel reads from a device table.
+pub fn kv_tensor_map(t: &Tensor, box_rows: usize) -> Result<[u32; TENSOR_MAP_WORDS]> {
+    use cudarc::driver::sys;
+    let (rows, groups, hd) = t.dims3()?;
+    if t.dtype().size_in_bytes() != 2 || hd != 128 || !(8..=128).contains(&box_rows) {
+        bail!(
+            "kv tensor map: a 16-bit slab of head_dim 128 in boxes of 8 to 128 rows, not {:?} head_dim {hd} boxes {box_rows}",
+            t.dtype()
+        );
+    }
+    {
+        let (storage, _) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else {
+            bail!("kv tensor map: expected a CUDA tensor")
+        };
+        cs.device.cuda_stream().context().bind_to_thread().w()?;
+    }
+    let dims = [(groups * hd) as u64, rows as u64];
+    let strides = [(groups * hd * 2) as u64];
+    let boxes = [64u32, box_rows as u32];
+    let steps = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: the arrays outlive the call, which only writes `map`; the address is the slab's
+    let r = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+            2,
+            tensor_addr(t)? as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            steps.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        bail!("kv tensor map: cuTensorMapEncodeTiled failed ({r:?})");
+    }
+    // SAFETY: written by the successful call above (zeroed before)
+    let map = unsafe { map.assume_init() };
+    let mut w = [0u32; TENSOR_MAP_WORDS];
+    for (i, x) in map.opaque.iter().enumerate() {
+        w[2 * i] = *x as u32;
+        w[2 * i + 1] = (*x >> 32) as u32;
+    }
+    Ok(w)
 }
 
 /// Key and value tiles in flight in `flash_wgmma` (FW_STAGES in flash_wgmma.cuh).
@@ -992,6 +1067,9 @@ impl CustomOp1 for FlashPrefillPaged {
         bl.arg(&qp);
         bl.arg(&out);
         bl.arg(&self.info);
+        if wgmma {
+            bl.arg(&self.maps);
+        }
         bl.arg(&t_i);
         bl.arg(&nh_i);
         bl.arg(&ng_i);

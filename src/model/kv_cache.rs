@@ -441,6 +441,7 @@ impl Cache {
         Ok(crate::kernels::cuda::DecodeSeq {
             k_slabs,
             v_slabs,
+            maps: pool.tensor_maps(layer)?,
             blocks,
             block_size: pool.block_size(),
             slab_blocks: pool.slab_blocks(),

@@ -132,6 +132,15 @@ pub struct KvPool {
     /// Per distinct CUDA device: `[layers, 2, max_slabs]` slab addresses (u64 as two u32 words).
     #[cfg(feature = "cuda")]
     slab_tables: Vec<Tensor>,
+    /// Per CUDA device where `flash_wgmma` runs (16-bit, head_dim 128): `[layers, max_slabs, 4]`
+    /// tensor maps of the slabs' keys and values (`kernels::cuda::kv_tensor_map`, 128 bytes
+    /// each: keys and values in boxes of a block, then in boxes of 128 positions; 56 MiB for 28
+    /// layers of a pool without a byte limit).
+    #[cfg(feature = "cuda")]
+    tensor_maps: Vec<Tensor>,
+    /// A slab's tensor map could not be encoded: the prompts take the mma.sync kernel.
+    #[cfg(feature = "cuda")]
+    maps_failed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for KvPool {
@@ -190,6 +199,21 @@ impl KvPool {
             }
             t
         };
+        #[cfg(feature = "cuda")]
+        let tensor_maps = {
+            let mut t = vec![];
+            if head_dim == 128 && dtype.size_in_bytes() == 2 {
+                for d in &layer_devices {
+                    if crate::kernels::cuda::wgmma_device(d)
+                        && !t.iter().any(|x: &Tensor| x.device().same_device(d))
+                    {
+                        let words = layers * max_slabs * 4 * crate::kernels::cuda::TENSOR_MAP_WORDS;
+                        t.push(Tensor::zeros(words, DType::U32, d)?);
+                    }
+                }
+            }
+            t
+        };
         Ok(Self {
             block_size: bs,
             slab_blocks,
@@ -204,6 +228,10 @@ impl KvPool {
             stats: PrefixStats::default(),
             #[cfg(feature = "cuda")]
             slab_tables,
+            #[cfg(feature = "cuda")]
+            tensor_maps,
+            #[cfg(feature = "cuda")]
+            maps_failed: Default::default(),
         })
     }
 
@@ -353,6 +381,34 @@ impl KvPool {
                     let at = ((l * 2 + kv) * max_slabs + i) * 2;
                     let words = Tensor::from_vec(vec![a as u32, (a >> 32) as u32], 2, d)?;
                     table.slice_set(&words, 0, at)?;
+                }
+            }
+        }
+        #[cfg(feature = "cuda")]
+        for table in &self.tensor_maps {
+            let max_slabs = self.slabs.len();
+            let words = crate::kernels::cuda::TENSOR_MAP_WORDS;
+            let box_rows = self.block_size.min(128);
+            for (l, d) in self.layer_devices.iter().enumerate() {
+                if !d.same_device(table.device()) {
+                    continue;
+                }
+                let maps = [box_rows, 128]
+                    .into_iter()
+                    .flat_map(|rows| [(&k[l], rows), (&v[l], rows)])
+                    .map(|(t, rows)| crate::kernels::cuda::kv_tensor_map(t, rows))
+                    .collect::<candle_core::Result<Vec<_>>>()
+                    .map(|m| m.concat());
+                match maps {
+                    Ok(m) => {
+                        let at = (l * max_slabs + i) * 4 * words;
+                        table.slice_set(&Tensor::from_vec(m, 4 * words, d)?, 0, at)?;
+                    }
+                    Err(e) => {
+                        if !self.maps_failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            eprintln!("glm2rs: {e}; prompts take the mma.sync attention kernel");
+                        }
+                    }
                 }
             }
         }

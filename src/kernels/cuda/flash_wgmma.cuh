@@ -1,26 +1,30 @@
 // flash_wgmma: the paged prompt attention of flash_prefill on Hopper's warpgroup matrix
 // instructions (wgmma, sm_90a; compiled when the PTX targets compute_90a, else the kernel traps and
 // is never launched: see cuda.rs). head_dim 128, 16-bit. A block takes 128 query rows of one head
-// in three warpgroups, specialized as FlashAttention-3's: a producer copies the query tile and
-// then the key and value tiles (128 positions, read through the sequence's block table with
-// cp.async) into FW_STAGES stages of shared memory, each stage guarded by mbarriers (full: its
-// copies landed; empty: both consumers are done with it); two consumer warpgroups of 64 query rows
-// each run the products and the softmax. Tiles are in the 128-byte swizzled layout the
-// instructions read: row r's 16-byte chunk c at chunk c ^ (r % 8), each half of the 128
-// dimensions its own 128-row block. S = Q K^T reads both operands from shared memory (K-major);
-// the online softmax runs on the accumulators in registers (float32, a row's 4 lanes together);
-// the probabilities, rounded to 16 bits, are the register A operand of O += P V, V read as an
-// N-major B (the transpose bit). Output token-major.
+// in three warpgroups, specialized as FlashAttention-3's: a producer copies the query tile
+// (cp.async) and then the key and value tiles (128 positions, found through the sequence's block
+// table, copied by the tensor memory accelerator: one bulk tensor copy per 64-dimension half of
+// the tile when its blocks follow each other in one slab, else per block and half, through the
+// slab's tensor maps that kv_pool.rs encodes) into FW_STAGES stages
+// of shared memory, each stage guarded by mbarriers (full: its bytes landed; empty: both consumers
+// are done with it); two consumer warpgroups of 64 query rows each run the products and the
+// softmax. Tiles are in the 128-byte swizzled layout the instructions read (and the copies
+// write): row r's 16-byte chunk c at chunk c ^ (r % 8), each half of the 128 dimensions its own
+// 128-row block. S = Q K^T reads both operands from shared memory (K-major); the online softmax
+// runs on the accumulators in registers (float32, a row's 4 lanes together); the probabilities,
+// rounded to 16 bits, are the register A operand of O += P V, V read as an N-major B (the
+// transpose bit). Output token-major.
 //
 // The consumers keep the tensor cores busy while they run the softmax (the kernel was bound by
 // instruction issue and by each warpgroup waiting for its own products, docs/benchmarks.md
-// sessions 11-12): within a warpgroup, tile j's S = Q K^T is issued together with tile j-1's
+// sessions 11-13): within a warpgroup, tile j's S = Q K^T is issued together with tile j-1's
 // O += P V and the softmax of S runs while P V does; the two warpgroups interleave on their own
 // (FlashAttention-3's turn-taking barriers measured 1% slower here). The softmax
 // takes no mask tests on tiles without masked keys, one FMA + exp2 per score, and rescales O only
 // when a row's max grew by more than 2^8 (softmax_rows in glm2.cu). setmaxnreg moves registers
 // from the producer to the consumers. benches/flash_bench.cu times the kernel alone.
 
+#define FW_TMA 1                             // takes the slabs' tensor maps (benches/flash_bench.cu)
 constexpr int FW_BM = 128;                   // query rows per block
 constexpr int FW_BN = 128;                   // keys per tile
 constexpr int FW_D = 128;                    // head_dim
@@ -101,6 +105,32 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void mbar_arrive_cp_async(uint32_t bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+// The next phase of `bar` completes once `bytes` more have landed (and its other arrivals came).
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// A bulk tensor copy (TMA) of the box at (x, y) of the 2D tensor map at global address `map` to
+// shared memory `dst`, completing its bytes on `bar`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, uint64_t map, int x, int y, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(map), "r"(x), "r"(y), "r"(bar)
+        : "memory");
+}
+// Orders the host's copy of the tensor map at `map` (global memory) before this thread's bulk
+// tensor copies through it (CUDA programming guide: a map written by cudaMemcpy, scope sys).
+#ifndef FW_FENCE
+#define FW_FENCE 2
+#endif
+__device__ __forceinline__ void tensormap_acquire(uint64_t map) {
+#if FW_FENCE == 2
+    asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;\n" ::"l"(map) : "memory");
+#elif FW_FENCE == 1
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(map) : "memory");
+#elif FW_FENCE == 3
+    asm volatile("prefetch.tensormap [%0];\n" ::"l"(map) : "memory");
+#endif
+}
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 constexpr int FW_STAGES = 3;                                  // key and value tiles in flight
@@ -109,11 +139,11 @@ constexpr int FW_SMEM = (1 + 2 * FW_STAGES) * FW_TILE + 1024;  // Q, the stages,
 constexpr int FW_PRODUCER_REGS = 56, FW_CONSUMER_REGS = 224;   // 128 x 56 + 256 x 224 <= 65536
 
 template <typename T>
-__device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const SeqInfo& seq, int t, int heads,
-                            int groups, float scale) {
+__device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const SeqInfo& seq, uint64_t maps, int t,
+                            int heads, int groups, float scale) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     extern __shared__ __align__(1024) unsigned char fw_raw[];
-    // full: a stage's copies landed (128 producer arrivals); empty: both consumer warpgroups are
+    // full: a stage's copies landed (the producer's arrival with the bytes expected); empty: both consumer warpgroups are
     // done with it (256 arrivals); q: the query tile landed
     __shared__ __align__(8) uint64_t fw_bars[4 * FW_STAGES + 1];
     const uint32_t raw = (uint32_t)__cvta_generic_to_shared(fw_raw);
@@ -135,8 +165,8 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
     const int ntiles = (nkeys + FW_BN - 1) / FW_BN;
     if (tid == 0) {
         for (int st = 0; st < FW_STAGES; st++) {
-            mbar_init(full_k(st), 128);
-            mbar_init(full_v(st), 128);
+            mbar_init(full_k(st), 1);
+            mbar_init(full_v(st), 1);
             mbar_init(empty_k(st), 256);
             mbar_init(empty_v(st), 256);
         }
@@ -146,55 +176,74 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
     __syncthreads();
 
     if (wg == 0) {
-        // Producer: the query tile, then each key and value tile into its stage once both consumer
-        // warpgroups released it. Warp w copies rows 32 w .. 32 w + 31 of a tile: lane l finds row
-        // 32 w + l's key and value addresses through the block table (for the next tile while
-        // this one's copies wait for their stage), then the warp copies two rows per step, lane l
-        // chunk l % 16 of row 2 i + l / 16 (the row's addresses from its lane by shuffles).
+        // Producer: the query tile (cp.async, all 128 threads), then the first warp issues each
+        // key and value tile as bulk tensor copies (TMA) into its stage once both consumer
+        // warpgroups released it, one copy per 64-dimension half of a box, through the slab's
+        // tensor maps (`maps`: per slab and layer four maps of 128 bytes: key and value in boxes
+        // of min(block_size, 128) positions, then key and value in boxes of 128; 128-byte swizzle,
+        // the layout the products read).
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FW_PRODUCER_REGS));
-        const int pw = tid >> 5, lane = tid & 31, c = lane & 15, hi = lane >> 4;
         const T* qb = q + (size_t)h * t * FW_D;
         for (int i = tid; i < FW_BM * 16; i += 128) {
             const int r = i >> 4, row = q0 + r;
             cp_async16(base + fw_off(r, i & 15), qb + (size_t)min(row, t - 1) * FW_D + (i & 15) * 8, row < t);
         }
         mbar_arrive_cp_async(full_q);
-        const uint32_t* table = reinterpret_cast<const uint32_t*>(seq.blocks);
-        const uint64_t* kslab = reinterpret_cast<const uint64_t*>(seq.k);
-        const uint64_t* vslab = reinterpret_cast<const uint64_t*>(seq.v);
-        const uint32_t in_block = (1u << seq.shift) - 1u, in_slab = (1u << seq.slab_shift) - 1u;
-        const uint32_t row_bytes = (uint32_t)(groups * FW_D * sizeof(T)), gbytes = (uint32_t)(g * FW_D * sizeof(T));
-        // row 32 w + l of `tile` (as kv_at; offsets within a slab in 32 bits: a slab is at most
-        // SLAB_BYTES of kv_pool.rs over all layers)
-        auto rows = [&](int tile, uint64_t& ka, uint64_t& va) {
-            const uint32_t p = (uint32_t)min(tile * FW_BN + pw * 32 + lane, L - 1);
-            const uint32_t blk = table[p >> seq.shift];
-            const uint32_t off = (((blk & in_slab) << seq.shift) + (p & in_block)) * row_bytes + gbytes;
-            ka = kslab[blk >> seq.slab_shift] + off;
-            va = vslab[blk >> seq.slab_shift] + off;
-        };
-        auto copy = [&](uint64_t a, unsigned char* dst, int k0) {
+        if (tid < 32) {
+            // lane i < nb looks up block i of each tile; a tile whose blocks (up to the last key)
+            // follow each other in one slab, the common case of a long prompt (the pool hands out
+            // its lowest free block first), is one 128-position box per half, issued by lane 0;
+            // otherwise lane i copies block i as its own box
+            const int lane = tid;
+            const uint32_t* table = reinterpret_cast<const uint32_t*>(seq.blocks);
+            const uint32_t in_block = (1u << seq.shift) - 1u, in_slab = (1u << seq.slab_shift) - 1u;
+            const int lbox = min(seq.shift, 7), nb = FW_BN >> lbox;  // blocks of 2^lbox positions per tile
+            const int x0 = g * FW_D;
+            uint64_t fenced = 0;
+            uint32_t last = 0xffffffffu;
+            // the maps were written by copies from the host: each lane acquires a slab's four
+            // maps before its first copy through them (slabs 0..63 remembered, others whenever
+            // the slab changes)
+            auto acquire = [&](uint32_t slab) {
+                if (slab != last && !(slab < 64 && ((fenced >> slab) & 1))) {
 #pragma unroll
-            for (int i = 0; i < 16; i++) {
-                const int r = pw * 32 + 2 * i + hi;
-                const uint64_t src = __shfl_sync(0xffffffff, a, 2 * i + hi) + c * 16;
-                cp_async16(dst + fw_off(r, c), reinterpret_cast<const void*>(src), k0 + r < L);
+                    for (int j = 0; j < 4; j++) tensormap_acquire(maps + (uint64_t)slab * 512 + 128 * j);
+                    if (slab < 64) fenced |= 1ull << slab;
+                }
+                last = slab;
+            };
+            for (int tile = 0; tile < ntiles; tile++) {
+                const int st = tile % FW_STAGES;
+                const uint32_t par = ((tile / FW_STAGES) & 1) ^ 1;
+                const uint32_t dk = ak + st * FW_TILE, dv = av + st * FW_TILE;
+                // this lane's block: its first position (a block past the last key: the last key's
+                // block, finite values; those keys are masked), its row in its slab
+                const int p0 = tile * FW_BN + (min(lane, nb - 1) << lbox);
+                const uint32_t p = (uint32_t)min(p0, L - 1) >> lbox << lbox;
+                const uint32_t blk = table[p >> seq.shift], slab = blk >> seq.slab_shift;
+                const int row = (int)(((blk & in_slab) << seq.shift) + (p & in_block));
+                const uint32_t blk0 = __shfl_sync(0xffffffffu, blk, 0);
+                const bool whole = __all_sync(0xffffffffu, lane >= nb || p0 >= L ||
+                                                               (blk == blk0 + lane && slab == (blk0 >> seq.slab_shift)));
+                const bool issues = whole ? lane == 0 : lane < nb;
+                const int at = whole ? 0 : (lane << lbox) * 128;  // bytes into each half of the stage
+                const uint64_t km = maps + (uint64_t)slab * 512 + (whole ? 256 : 0);  // key map; the value map follows
+                if (issues) acquire(slab);
+                mbar_wait(empty_k(st), par);
+                if (lane == 0) mbar_expect_tx(full_k(st), FW_TILE);
+                __syncwarp();
+                if (issues) {
+                    tma_load_2d(dk + at, km, x0, row, full_k(st));
+                    tma_load_2d(dk + FW_HALF + at, km, x0 + 64, row, full_k(st));
+                }
+                mbar_wait(empty_v(st), par);
+                if (lane == 0) mbar_expect_tx(full_v(st), FW_TILE);
+                __syncwarp();
+                if (issues) {
+                    tma_load_2d(dv + at, km + 128, x0, row, full_v(st));
+                    tma_load_2d(dv + FW_HALF + at, km + 128, x0 + 64, row, full_v(st));
+                }
             }
-        };
-        uint64_t ka, va, nka = 0, nva = 0;
-        rows(0, ka, va);
-        for (int tile = 0; tile < ntiles; tile++) {
-            const int st = tile % FW_STAGES;
-            const uint32_t par = ((tile / FW_STAGES) & 1) ^ 1;
-            if (tile + 1 < ntiles) rows(tile + 1, nka, nva);
-            mbar_wait(empty_k(st), par);
-            copy(ka, base + FW_TILE * (1 + st), tile * FW_BN);
-            mbar_arrive_cp_async(full_k(st));
-            mbar_wait(empty_v(st), par);
-            copy(va, base + FW_TILE * (1 + FW_STAGES + st), tile * FW_BN);
-            mbar_arrive_cp_async(full_v(st));
-            ka = nka;
-            va = nva;
         }
         cp_async_wait<0>();
         return;
@@ -246,9 +295,9 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
     for (int i = 0; i < 64; i++) o[i] = 0.f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alphas[2];
     mbar_wait(full_q, 0);
+    fence_async_shared();  // the query tile came by cp.async (the key and value tiles by TMA need none)
     // tile 0: S alone
     mbar_wait(full_k(0), 0);
-    fence_async_shared();
     issue_s(s, 0);
     wg_wait0();
     wg_pin(s);
@@ -262,7 +311,6 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
         const int st = tile % FW_STAGES, pst = (tile - 1) % FW_STAGES;
         mbar_wait(full_k(st), (tile / FW_STAGES) & 1);
         mbar_wait(full_v(pst), ((tile - 1) / FW_STAGES) & 1);
-        fence_async_shared();
         issue_s(s, st);
         issue_pv(o, pa, pst);
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");  // S landed, P V may run on
@@ -282,7 +330,6 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
     {
         const int pst = (ntiles - 1) % FW_STAGES;
         mbar_wait(full_v(pst), ((ntiles - 1) / FW_STAGES) & 1);
-        fence_async_shared();
         issue_pv(o, pa, pst);
         wg_wait0();
         wg_pin(o);
@@ -305,7 +352,7 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
 
 #define FLASH_WGMMA(T, NAME)                                                                              \
     extern "C" __global__ void __launch_bounds__(FW_THREADS, 1) flash_wgmma_##NAME##_d128(                          \
-        const T* q, T* out, const __grid_constant__ SeqInfo seq, int t, int heads, int groups, float scale) { \
-        flash_wgmma<T>(q, out, seq, t, heads, groups, scale);                                                 \
+        const T* q, T* out, const __grid_constant__ SeqInfo seq, uint64_t maps, int t, int heads, int groups, float scale) { \
+        flash_wgmma<T>(q, out, seq, maps, t, heads, groups, scale);                                            \
     }
 FLASH_WGMMA(__nv_bfloat16, bf16) FLASH_WGMMA(__half, f16)

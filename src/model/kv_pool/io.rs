@@ -155,4 +155,23 @@ impl KvPool {
         let base = crate::kernels::cuda::tensor_addr(t)?;
         Ok(base + (layer * 2 * self.slabs.len() * 8) as u64)
     }
+
+    /// The device address of `layer`'s slab tensor maps (per slab four: `DecodeSeq::maps`), 0 where the pool keeps none (not a Hopper GPU, not head_dim 128,
+    /// or encoding failed).
+    #[cfg(feature = "cuda")]
+    pub fn tensor_maps(&self, layer: usize) -> Result<u64> {
+        let d = &self.layer_devices[layer];
+        let Some(t) = self
+            .tensor_maps
+            .iter()
+            .find(|t| t.device().same_device(d))
+        else {
+            return Ok(0);
+        };
+        if self.maps_failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(0);
+        }
+        let words = crate::kernels::cuda::TENSOR_MAP_WORDS;
+        Ok(crate::kernels::cuda::tensor_addr(t)? + (layer * self.slabs.len() * 4 * words * 4) as u64)
+    }
 }
