@@ -405,7 +405,10 @@ impl KvPool {
                         table.slice_set(&Tensor::from_vec(m, 4 * words, d)?, 0, at)?;
                     }
                     Err(e) => {
-                        if !self.maps_failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        if !self
+                            .maps_failed
+                            .swap(true, std::sync::atomic::Ordering::Relaxed)
+                        {
                             eprintln!("glm2rs: {e}; prompts take the mma.sync attention kernel");
                         }
                     }

@@ -112,7 +112,10 @@ impl SelfAttention {
     /// through one kernel that adds the bias, turns queries and keys and writes keys and values
     /// into the sequence's blocks, then the flash kernel reading every key and value through the
     /// block table (no gathered copy; on Hopper the wgmma kernel where [`Tuning::wgmma`]).
-    /// Returns `[1, t, heads * head_dim]`, or `None` where the flash kernel does not apply.
+    /// Returns `[1, t, heads * head_dim]` (`last_only`: `[1, 1, heads * head_dim]`, the last
+    /// query's, through the decode attention kernel), or `None` where the flash kernel does not
+    /// apply.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn prefill_paged_cuda(
         &self,
         qkv: &Tensor,
@@ -121,9 +124,42 @@ impl SelfAttention {
         cache: &mut Cache,
         layer: usize,
         tuning: &Tuning,
+        last_only: bool,
     ) -> Result<Option<Tensor>> {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         let seq = cache.decode_seq(layer, qkv.device())?;
+        let t = qkv.dim(0)?;
+        if last_only && t > 1 && hd <= crate::kernels::cuda::MAX_HEAD_DIM {
+            // every row but the last: keys and values into the cache (their queries unused);
+            // the last row as a decoding step, its attention split over the GPU
+            crate::kernels::cuda::prefill_qkv(
+                &qkv.narrow(0, 0, t - 1)?,
+                bias,
+                &rotary.cos,
+                &rotary.sin,
+                &seq,
+                nh,
+                ng,
+                hd,
+            )?;
+            let mut last = seq;
+            last.len += t - 1;
+            last.rot += t - 1;
+            last.reach = last.reach.max((last.len + 1).next_power_of_two());
+            let op = crate::kernels::cuda::DecodeAttention {
+                seqs: std::slice::from_ref(&last),
+                table: None,
+                bias,
+                cos: &rotary.cos,
+                sin: &rotary.sin,
+                heads: nh,
+                groups: ng,
+                head_dim: hd,
+                split: tuning.split_decode,
+            };
+            let ctx = qkv.narrow(0, t - 1, 1)?.apply_op1_no_bwd(&op)?; // [1, nh hd]
+            return Ok(Some(ctx.reshape((1, 1, nh * hd))?));
+        }
         let q = crate::kernels::cuda::prefill_qkv(
             qkv,
             bias,
@@ -202,7 +238,8 @@ impl Block {
     /// [`Block::forward`] with each residual add fused into the RMSNorm after it (CUDA; not for
     /// `apply_residual_connection_post_layernorm`). `normed` is this block's input norm when
     /// the previous block computed it; with `next_norm` the output comes with the next block's
-    /// input norm.
+    /// input norm. `last_only`: see [`SelfAttention::forward`] (the output is the last row of
+    /// each segment).
     #[allow(clippy::too_many_arguments)]
     fn forward_fused(
         &self,
@@ -215,6 +252,7 @@ impl Block {
         layer: usize,
         table: Option<&Tensor>,
         tuning: &Tuning,
+        last_only: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         use crate::kernels::cuda::add_rmsnorm;
         let ln = match normed {
@@ -229,9 +267,14 @@ impl Block {
                 .1
             }
         };
-        let attn = self
-            .self_attention
-            .forward(&ln, rotary, segments, caches, layer, table, tuning, None)?;
+        let attn = self.self_attention.forward(
+            &ln, rotary, segments, caches, layer, table, tuning, None, last_only,
+        )?;
+        let x = if last_only {
+            &super::last_rows(x, segments)?
+        } else {
+            x
+        };
         let (h, ln2) = add_rmsnorm(
             x,
             Some(&attn),
@@ -253,12 +296,15 @@ impl Glm2Model {
     /// Every block over `x`, each residual add fused into the RMSNorm after it; the next block's
     /// input norm is fused in when it lives on the same device. `table`: every layer's decode
     /// attention table on the device, one after another ([`Glm2Model::graph_step`]).
+    /// `last_only`: the last block computes only the last row of each segment past its keys
+    /// and values ([`SelfAttention::forward`]).
     pub(super) fn layers_fused(
         &self,
         mut x: Tensor,
         segments: &[(usize, usize)],
         caches: &mut [&mut Cache],
         table: Option<&Tensor>,
+        last_only: bool,
     ) -> Result<Tensor> {
         use crate::kernels::cuda::SEQ_INFO_WORDS;
         let mut normed: Option<Tensor> = None;
@@ -286,6 +332,7 @@ impl Glm2Model {
                 i,
                 table.as_ref(),
                 &self.tuning,
+                last_only && i + 1 == self.layers.len(),
             )?;
             x = out;
             normed = n;

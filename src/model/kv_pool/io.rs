@@ -161,17 +161,14 @@ impl KvPool {
     #[cfg(feature = "cuda")]
     pub fn tensor_maps(&self, layer: usize) -> Result<u64> {
         let d = &self.layer_devices[layer];
-        let Some(t) = self
-            .tensor_maps
-            .iter()
-            .find(|t| t.device().same_device(d))
-        else {
+        let Some(t) = self.tensor_maps.iter().find(|t| t.device().same_device(d)) else {
             return Ok(0);
         };
         if self.maps_failed.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(0);
         }
         let words = crate::kernels::cuda::TENSOR_MAP_WORDS;
-        Ok(crate::kernels::cuda::tensor_addr(t)? + (layer * self.slabs.len() * 4 * words * 4) as u64)
+        Ok(crate::kernels::cuda::tensor_addr(t)?
+            + (layer * self.slabs.len() * 4 * words * 4) as u64)
     }
 }
