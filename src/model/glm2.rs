@@ -25,6 +25,8 @@ mod kv;
 /// Reading each layer from a checkpoint (weight names as the checkpoint keys), and writing them
 /// back out for a GGUF file.
 mod load;
+/// A step's inputs checked and run: batches of sequences, chunked prompts, the CUDA graph step.
+mod run;
 
 /// Longest query block whose attention scores are materialised at once during prefill.
 const ATTENTION_SCORE_BUDGET: usize = 64 << 20; // f32 elements per block
@@ -566,113 +568,6 @@ impl Glm2Model {
     /// (still on the model's device).
     pub fn forward_last(&self, inputs: &[&[u32]], caches: &mut [&mut Cache]) -> Result<Tensor> {
         Ok(self.run(inputs, caches, Logits::Last)?.0)
-    }
-
-    fn run(
-        &self,
-        inputs: &[&[u32]],
-        caches: &mut [&mut Cache],
-        which: Logits,
-    ) -> Result<(Tensor, Vec<(usize, usize)>)> {
-        if inputs.len() != caches.len() {
-            return Err(Error::invalid(format!(
-                "{} inputs but {} caches",
-                inputs.len(),
-                caches.len()
-            )));
-        }
-        if inputs.is_empty() {
-            return Err(Error::invalid("forward needs at least one sequence"));
-        }
-        let vocab = self.config.padded_vocab_size;
-        let mut segments = Vec::with_capacity(inputs.len());
-        let mut flat = Vec::with_capacity(inputs.iter().map(|i| i.len()).sum());
-        for (ids, cache) in inputs.iter().zip(caches.iter()) {
-            if ids.is_empty() {
-                return Err(Error::invalid("forward needs at least one token"));
-            }
-            if cache.position() + ids.len() > self.config.seq_length {
-                return Err(Error::invalid(format!(
-                    "sequence of {} tokens exceeds the model context of {} (seq_length)",
-                    cache.position() + ids.len(),
-                    self.config.seq_length
-                )));
-            }
-            if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-                return Err(Error::invalid(format!(
-                    "token id {bad} is outside the vocabulary (padded_vocab_size {vocab})"
-                )));
-            }
-            segments.push((flat.len(), ids.len()));
-            flat.extend_from_slice(ids);
-        }
-        let chunk = self.tuning.prefill_chunk;
-        if chunk > 0 && inputs.iter().any(|i| i.len() > chunk) {
-            let logits = self.run_in_chunks(inputs, caches, which, chunk)?;
-            return Ok((logits, segments));
-        }
-        let n = flat.len();
-        for (cache, &(_, t)) in caches.iter_mut().zip(&segments) {
-            cache.reserve(t)?;
-        }
-        #[cfg(feature = "cuda")]
-        if which == Logits::Last && n == 1 && caches[0].adapter().is_none() {
-            if let Some(logits) = self.graph_step(flat[0], &mut *caches[0])? {
-                return Ok((logits, segments));
-            }
-        }
-        let input = Tensor::from_vec(flat, (1, n), &self.device)?;
-        let logits = self.forward_ids(&input, &segments, caches, which, None)?;
-        for (cache, ids) in caches.iter_mut().zip(inputs) {
-            cache.advance_tokens(ids);
-        }
-        Ok((logits, segments))
-    }
-
-    /// [`Glm2Model::run`] for inputs of which some are longer than `chunk`: passes that each take
-    /// the next `chunk` ids (at most) of every sequence with ids left, so no pass holds the
-    /// activations of more than `chunk` positions of one sequence (a 32K prompt in 8K pieces
-    /// reading the earlier pieces from its cache). The logits rows are those of one pass.
-    fn run_in_chunks(
-        &self,
-        inputs: &[&[u32]],
-        caches: &mut [&mut Cache],
-        which: Logits,
-        chunk: usize,
-    ) -> Result<Tensor> {
-        let mut done = vec![0usize; inputs.len()];
-        let mut rows: Vec<Vec<Tensor>> = vec![vec![]; inputs.len()];
-        loop {
-            let idx: Vec<usize> = (0..inputs.len())
-                .filter(|&i| done[i] < inputs[i].len())
-                .collect();
-            if idx.is_empty() {
-                break;
-            }
-            let pieces: Vec<&[u32]> = idx
-                .iter()
-                .map(|&i| &inputs[i][done[i]..(done[i] + chunk).min(inputs[i].len())])
-                .collect();
-            let mut sub: Vec<&mut Cache> = caches
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| idx.contains(i))
-                .map(|(_, c)| &mut **c)
-                .collect();
-            let (logits, segs) = self.run(&pieces, &mut sub, which)?;
-            let mut row = 0;
-            for (&i, &(_, t)) in idx.iter().zip(&segs) {
-                let n = if which == Logits::Last { 1 } else { t };
-                let last = done[i] + t == inputs[i].len();
-                if which == Logits::All || last {
-                    rows[i].push(logits.narrow(0, row, n)?);
-                }
-                row += n;
-                done[i] += t;
-            }
-        }
-        let rows: Vec<Tensor> = rows.into_iter().flatten().collect();
-        Ok(Tensor::cat(&rows, 0)?)
     }
 
     /// The forward pass of `input` (`[1, n]` ids on the model's device, `segments` as in
