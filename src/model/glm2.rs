@@ -596,7 +596,7 @@ impl Glm2Model {
         // the rest (attention, dense, MLP) for the last row of each segment alone, the only
         // rows the output reads (a 32K prompt: 1/28 of chatglm2-6b's work). Not with adapters
         // (their rows follow the segments).
-        let last_only = which == Logits::Last && lora.is_none();
+        let last_only = which == Logits::Last && lora.is_none() && !self.layers.is_empty();
         let last = self.layers.len().saturating_sub(1);
         if fused {
             #[cfg(feature = "cuda")]
@@ -618,7 +618,7 @@ impl Glm2Model {
                 )?;
             }
         }
-        if which == Logits::Last && !(last_only && !self.layers.is_empty()) {
+        if which == Logits::Last && !last_only {
             x = last_rows(&x, segments)?;
         }
         if let Some(norm) = &self.final_layernorm {

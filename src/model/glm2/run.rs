@@ -8,6 +8,10 @@ use crate::model::kv_cache::Cache;
 use candle_core::Tensor;
 
 impl Glm2Model {
+    /// One step of every sequence's next ids (each continuing its cache): the inputs checked,
+    /// prompts longer than `Tuning::prefill_chunk` in pieces, a single token through the CUDA
+    /// graph where it applies; the caches advance. The logits (`which`) and each sequence's
+    /// `(first row, rows)` in the step.
     pub(super) fn run(
         &self,
         inputs: &[&[u32]],
