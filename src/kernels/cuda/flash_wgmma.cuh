@@ -118,18 +118,10 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, uint64_t map, int x, i
         : "memory");
 }
 // Orders the host's copy of the tensor map at `map` (global memory) before this thread's bulk
-// tensor copies through it (CUDA programming guide: a map written by cudaMemcpy, scope sys).
-#ifndef FW_FENCE
-#define FW_FENCE 2
-#endif
+// tensor copies through it (CUDA programming guide: a map written by cudaMemcpy, scope sys; the
+// .gpu scope, a prefetch or no fence measured within 1%, docs/benchmarks.md session 13).
 __device__ __forceinline__ void tensormap_acquire(uint64_t map) {
-#if FW_FENCE == 2
     asm volatile("fence.proxy.tensormap::generic.acquire.sys [%0], 128;\n" ::"l"(map) : "memory");
-#elif FW_FENCE == 1
-    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(map) : "memory");
-#elif FW_FENCE == 3
-    asm volatile("prefetch.tensormap [%0];\n" ::"l"(map) : "memory");
-#endif
 }
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -229,20 +221,18 @@ __device__ void flash_wgmma(const T* __restrict__ q, T* __restrict__ out, const 
                 const int at = whole ? 0 : (lane << lbox) * 128;  // bytes into each half of the stage
                 const uint64_t km = maps + (uint64_t)slab * 512 + (whole ? 256 : 0);  // key map; the value map follows
                 if (issues) acquire(slab);
-                mbar_wait(empty_k(st), par);
-                if (lane == 0) mbar_expect_tx(full_k(st), FW_TILE);
-                __syncwarp();
-                if (issues) {
-                    tma_load_2d(dk + at, km, x0, row, full_k(st));
-                    tma_load_2d(dk + FW_HALF + at, km, x0 + 64, row, full_k(st));
-                }
-                mbar_wait(empty_v(st), par);
-                if (lane == 0) mbar_expect_tx(full_v(st), FW_TILE);
-                __syncwarp();
-                if (issues) {
-                    tma_load_2d(dv + at, km + 128, x0, row, full_v(st));
-                    tma_load_2d(dv + FW_HALF + at, km + 128, x0 + 64, row, full_v(st));
-                }
+                // once both consumers released the stage: its bytes expected, both halves copied
+                auto copy = [&](uint32_t dst, uint64_t map, uint32_t full, uint32_t empty) {
+                    mbar_wait(empty, par);
+                    if (lane == 0) mbar_expect_tx(full, FW_TILE);
+                    __syncwarp();
+                    if (issues) {
+                        tma_load_2d(dst + at, map, x0, row, full);
+                        tma_load_2d(dst + FW_HALF + at, map, x0 + 64, row, full);
+                    }
+                };
+                copy(dk, km, full_k(st), empty_k(st));
+                copy(dv, km + 128, full_v(st), empty_v(st));
             }
         }
         cp_async_wait<0>();

@@ -129,22 +129,24 @@ impl SelfAttention {
         let (nh, ng, hd) = (self.num_heads, self.num_groups, self.head_dim);
         let seq = cache.decode_seq(layer, qkv.device())?;
         let t = qkv.dim(0)?;
-        if last_only && t > 1 && hd <= crate::kernels::cuda::MAX_HEAD_DIM {
-            // every row but the last: keys and values into the cache (their queries unused);
-            // the last row as a decoding step, its attention split over the GPU
-            crate::kernels::cuda::prefill_qkv(
-                &qkv.narrow(0, 0, t - 1)?,
-                bias,
-                &rotary.cos,
-                &rotary.sin,
-                &seq,
-                nh,
-                ng,
-                hd,
-            )?;
+        // last_only: every row but the last through prefill_qkv (keys and values into the cache,
+        // their queries unused), the last row as a decoding step, its attention split over the GPU
+        let last_only = last_only && t > 1 && hd <= crate::kernels::cuda::MAX_HEAD_DIM;
+        let rows = if last_only { t - 1 } else { t };
+        let q = crate::kernels::cuda::prefill_qkv(
+            &qkv.narrow(0, 0, rows)?,
+            bias,
+            &rotary.cos,
+            &rotary.sin,
+            &seq,
+            nh,
+            ng,
+            hd,
+        )?;
+        if last_only {
             let mut last = seq;
-            last.len += t - 1;
-            last.rot += t - 1;
+            last.len += rows;
+            last.rot += rows;
             last.reach = last.reach.max((last.len + 1).next_power_of_two());
             let op = crate::kernels::cuda::DecodeAttention {
                 seqs: std::slice::from_ref(&last),
@@ -157,19 +159,9 @@ impl SelfAttention {
                 head_dim: hd,
                 split: tuning.split_decode,
             };
-            let ctx = qkv.narrow(0, t - 1, 1)?.apply_op1_no_bwd(&op)?; // [1, nh hd]
+            let ctx = qkv.narrow(0, rows, 1)?.apply_op1_no_bwd(&op)?; // [1, nh hd]
             return Ok(Some(ctx.reshape((1, 1, nh * hd))?));
         }
-        let q = crate::kernels::cuda::prefill_qkv(
-            qkv,
-            bias,
-            &rotary.cos,
-            &rotary.sin,
-            &seq,
-            nh,
-            ng,
-            hd,
-        )?;
         let scale = 1.0 / (hd as f32).sqrt();
         crate::kernels::cuda::flash_prefill_paged(&q, &seq, ng, scale, tuning.wgmma)
             .map_err(Into::into)
